@@ -1,0 +1,213 @@
+"""Every error the library raises on purpose.
+
+One class per failure. Errors about invalid data also derive from :class:`ValueError`, a missing
+route also from :class:`LookupError`, a refused privilege from :class:`PermissionError` and an
+unreachable database from :class:`ConnectionError`, so callers can catch them either way::
+
+    DistributionError
+    ├── CatalogStoreRequiredError
+    ├── EngineRequiredError
+    ├── CatalogVersionMismatchError
+    ├── CatalogVersionOverflowError
+    ├── CatalogRouteIDOverflowError
+    ├── CatalogSnapshotTooOldError
+    ├── CatalogVersionAheadError
+    ├── EngineSnapshotVersionStaleError
+    ├── CatalogRouteNotFoundError             (+ LookupError)
+    ├── CatalogPermissionError                (+ PermissionError)
+    ├── CatalogUnavailableError               (+ ConnectionError)
+    ├── CatalogRouteIDRequiredError           (+ ValueError, and every class below)
+    ├── CatalogGroupIDRequiredError
+    ├── CatalogDuplicateRouteIDError
+    ├── CatalogInvalidRouteRangeError
+    ├── CatalogInvalidRouteStateError
+    ├── CatalogRouteOverlapError
+    ├── CatalogInvalidVersionRecordError
+    ├── CatalogInvalidNextRouteIDError
+    ├── CatalogInvalidRouteRecordError
+    ├── CatalogInvalidRouteKeyError
+    ├── CatalogRouteKeyIDMismatchError
+    ├── CatalogSplitKeyAtBoundaryError
+    ├── CatalogInvalidSplitKeyError
+    ├── CatalogRoutesNotAdjacentError
+    ├── CatalogRouteGroupMismatchError
+    ├── CatalogRouteNotActiveError
+    ├── CatalogInvalidStateTransitionError
+    ├── CatalogRouteNotFencedError
+    ├── EngineSnapshotDuplicateIDError
+    ├── EngineSnapshotRouteOverlapError
+    └── EngineSnapshotRouteOrderError
+
+Arguments of the wrong type raise the built-in :class:`TypeError`; integers outside the unsigned
+64-bit range raise the built-in :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CatalogDuplicateRouteIDError",
+    "CatalogGroupIDRequiredError",
+    "CatalogInvalidNextRouteIDError",
+    "CatalogInvalidRouteKeyError",
+    "CatalogInvalidRouteRangeError",
+    "CatalogInvalidRouteRecordError",
+    "CatalogInvalidRouteStateError",
+    "CatalogInvalidSplitKeyError",
+    "CatalogInvalidStateTransitionError",
+    "CatalogInvalidVersionRecordError",
+    "CatalogPermissionError",
+    "CatalogRouteGroupMismatchError",
+    "CatalogRouteIDOverflowError",
+    "CatalogRouteIDRequiredError",
+    "CatalogRouteKeyIDMismatchError",
+    "CatalogRouteNotActiveError",
+    "CatalogRouteNotFencedError",
+    "CatalogRouteNotFoundError",
+    "CatalogRouteOverlapError",
+    "CatalogRoutesNotAdjacentError",
+    "CatalogSnapshotTooOldError",
+    "CatalogSplitKeyAtBoundaryError",
+    "CatalogStoreRequiredError",
+    "CatalogUnavailableError",
+    "CatalogVersionAheadError",
+    "CatalogVersionMismatchError",
+    "CatalogVersionOverflowError",
+    "DistributionError",
+    "EngineRequiredError",
+    "EngineSnapshotDuplicateIDError",
+    "EngineSnapshotRouteOrderError",
+    "EngineSnapshotRouteOverlapError",
+    "EngineSnapshotVersionStaleError",
+]
+
+
+class DistributionError(Exception):
+    """Base class of every error the library raises on purpose."""
+
+
+class CatalogStoreRequiredError(DistributionError):
+    """A catalog store is required and none was given."""
+
+
+class EngineRequiredError(DistributionError):
+    """An Engine is required and none was given."""
+
+
+class CatalogVersionMismatchError(DistributionError):
+    """The optimistic version check of a write failed: someone else wrote first."""
+
+
+class CatalogVersionOverflowError(DistributionError):
+    """The next catalog version would exceed ``2**64 - 1``."""
+
+
+class CatalogRouteIDOverflowError(DistributionError):
+    """The next route id would exceed ``2**64 - 1``."""
+
+
+class CatalogSnapshotTooOldError(DistributionError):
+    """The requested version is older than the history the catalog keeps."""
+
+
+class CatalogVersionAheadError(DistributionError):
+    """The requested version is newer than the catalog has reached (a lagging replica, say)."""
+
+
+class EngineSnapshotVersionStaleError(DistributionError):
+    """A snapshot or change is older than the version the Engine already holds."""
+
+
+class CatalogRouteNotFoundError(DistributionError, LookupError):
+    """No live route has the given id."""
+
+
+class CatalogPermissionError(DistributionError, PermissionError):
+    """The database refused the operation for lack of a privilege."""
+
+
+class CatalogUnavailableError(DistributionError, ConnectionError):
+    """The catalog database could not be reached or dropped the connection."""
+
+
+class CatalogRouteIDRequiredError(DistributionError, ValueError):
+    """A route has ``route_id == 0``."""
+
+
+class CatalogGroupIDRequiredError(DistributionError, ValueError):
+    """A route has ``group_id == 0``."""
+
+
+class CatalogDuplicateRouteIDError(DistributionError, ValueError):
+    """Two routes share a ``route_id``."""
+
+
+class CatalogInvalidRouteRangeError(DistributionError, ValueError):
+    """A route's range is empty or inverted: ``end is not None and start >= end``."""
+
+
+class CatalogInvalidRouteStateError(DistributionError, ValueError):
+    """A route state is outside the four :class:`~distribution.RouteState` values."""
+
+
+class CatalogRouteOverlapError(DistributionError, ValueError):
+    """Two routes of a catalog would overlap."""
+
+
+class CatalogInvalidVersionRecordError(DistributionError, ValueError):
+    """A catalog version record is malformed."""
+
+
+class CatalogInvalidNextRouteIDError(DistributionError, ValueError):
+    """A next-route-id record is malformed or zero."""
+
+
+class CatalogInvalidRouteRecordError(DistributionError, ValueError):
+    """A route record is malformed (truncated, trailing bytes, bad flags or lengths)."""
+
+
+class CatalogInvalidRouteKeyError(DistributionError, ValueError):
+    """A catalog route key is malformed."""
+
+
+class CatalogRouteKeyIDMismatchError(DistributionError, ValueError):
+    """A route key names another route id than the record stored under it."""
+
+
+class CatalogSplitKeyAtBoundaryError(DistributionError, ValueError):
+    """A split key equals the route's start or end, which would leave an empty child."""
+
+
+class CatalogInvalidSplitKeyError(DistributionError, ValueError):
+    """A split key lies outside the route being split."""
+
+
+class CatalogRoutesNotAdjacentError(DistributionError, ValueError):
+    """Routes to merge are not adjacent (``left.end != right.start``)."""
+
+
+class CatalogRouteGroupMismatchError(DistributionError, ValueError):
+    """Routes to merge belong to different groups."""
+
+
+class CatalogRouteNotActiveError(DistributionError, ValueError):
+    """The operation needs an ACTIVE route."""
+
+
+class CatalogInvalidStateTransitionError(DistributionError, ValueError):
+    """The requested route state change is not an allowed transition."""
+
+
+class CatalogRouteNotFencedError(DistributionError, ValueError):
+    """The operation needs a WRITE_FENCED route."""
+
+
+class EngineSnapshotDuplicateIDError(DistributionError, ValueError):
+    """A snapshot repeats a route id."""
+
+
+class EngineSnapshotRouteOverlapError(DistributionError, ValueError):
+    """Two routes given to an Engine overlap."""
+
+
+class EngineSnapshotRouteOrderError(DistributionError, ValueError):
+    """Two routes share a start, or an unbounded route is followed by another."""

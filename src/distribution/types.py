@@ -1,0 +1,201 @@
+"""The immutable values the library passes around, and the checks that make them valid.
+
+Constructing a value never validates it: a descriptor with ``state=4`` can exist, for example to
+be refused by an encoder. Validation happens where values are used.
+
+Route values are :class:`typing.NamedTuple` subclasses: immutable, hashable, keyword
+constructible, and cheap enough to build by the million (an Engine holds one per route).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from distribution.errors import (
+    CatalogGroupIDRequiredError,
+    CatalogInvalidRouteRangeError,
+    CatalogInvalidRouteStateError,
+    CatalogRouteIDRequiredError,
+)
+
+__all__ = [
+    "UINT64_MAX",
+    "CatalogChange",
+    "CatalogChangeSet",
+    "CatalogSnapshot",
+    "CatalogWriteResult",
+    "Route",
+    "RouteDescriptor",
+    "RouteState",
+    "check_key",
+    "check_u64",
+    "validate_route_descriptor",
+]
+
+#: The largest id, version or timestamp: every one is an unsigned 64-bit integer.
+UINT64_MAX = 2**64 - 1
+
+
+class RouteState(enum.IntEnum):
+    """The control-plane state of a route."""
+
+    #: A normal serving route.
+    ACTIVE = 0
+    #: Writes are blocked during a cutover.
+    WRITE_FENCED = 1
+    #: The range's data is being copied out.
+    MIGRATING_SOURCE = 2
+    #: The range's data is being copied in.
+    MIGRATING_TARGET = 3
+
+
+#: Maps every valid state value (plain ints included) to its member.
+_STATE_BY_VALUE: dict[int, RouteState] = {int(s): s for s in RouteState}
+
+
+class RouteDescriptor(NamedTuple):
+    """The durable representation of a route: ``[start, end)`` served by ``group_id``.
+
+    ``end is None`` means unbounded; ``end == b""`` is an (invalid) empty end.
+
+    >>> RouteDescriptor(route_id=1, start=b"a", end=None, group_id=2)
+    RouteDescriptor(route_id=1, start=b'a', end=None, group_id=2, state=<RouteState.ACTIVE: 0>, parent_route_id=0)
+    """
+
+    route_id: int
+    start: bytes
+    end: bytes | None
+    group_id: int
+    state: RouteState = RouteState.ACTIVE
+    parent_route_id: int = 0
+
+
+class Route(NamedTuple):
+    """A route as the Engine serves it; ``route_id == 0`` marks an ephemeral route.
+
+    ``load`` counts the accesses recorded on the route. On a route returned by a lookup it may
+    already be out of date: :meth:`distribution.Engine.stats` gives exact loads.
+    """
+
+    route_id: int
+    start: bytes
+    end: bytes | None
+    group_id: int
+    state: RouteState
+    load: int
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogSnapshot:
+    """A consistent point-in-time view of the catalog.
+
+    ``read_ts`` is the catalog version the snapshot was read at.
+    """
+
+    version: int
+    routes: tuple[RouteDescriptor, ...]
+    read_ts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogChange:
+    """What one write did to the catalog: from ``previous_version`` to ``version``.
+
+    ``upserts`` carries the new descriptor of every created or changed route, ``deletes`` the id of
+    every retired route.
+    """
+
+    previous_version: int
+    version: int
+    upserts: tuple[RouteDescriptor, ...]
+    deletes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogChangeSet:
+    """The answer of ``changes_since``: either ``reset`` (a full snapshot) or ``changes``."""
+
+    changes: tuple[CatalogChange, ...] = ()
+    reset: CatalogSnapshot | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogWriteResult:
+    """What a catalog operation did: the version it produced, what it created and retired."""
+
+    version: int
+    created: tuple[RouteDescriptor, ...]
+    retired: tuple[int, ...]
+
+
+def check_u64(name: str, value: object) -> int:
+    """Return ``value`` if it is an unsigned 64-bit integer.
+
+    Raises :class:`TypeError` for a non-integer and :class:`ValueError` outside ``0..2**64-1``.
+
+    >>> check_u64("version", 2**64)
+    Traceback (most recent call last):
+    ...
+    ValueError: version must be in 0..2**64-1, got 18446744073709551616
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value <= UINT64_MAX:
+        raise ValueError(f"{name} must be in 0..2**64-1, got {value}")
+    return value
+
+
+def check_key(name: str, value: object) -> bytes:
+    """Return ``value`` if it is ``bytes``; keys are never encoded implicitly.
+
+    >>> check_key("key", "a")
+    Traceback (most recent call last):
+    ...
+    TypeError: key must be bytes, got str (encode text keys explicitly)
+    """
+    if value.__class__ is not bytes:
+        hint = " (encode text keys explicitly)" if isinstance(value, str) else ""
+        raise TypeError(f"{name} must be bytes, got {type(value).__name__}{hint}")
+    return value  # type: ignore[return-value]
+
+
+def validate_route_descriptor(route: RouteDescriptor) -> RouteDescriptor:
+    """Check that ``route`` is a valid descriptor and return it with its state as a RouteState.
+
+    Types are checked first (``TypeError``, ``ValueError`` for ids outside u64), then, in order:
+    ``route_id != 0``, ``group_id != 0``, a known state, ``end is None or start < end``.
+
+    >>> validate_route_descriptor(RouteDescriptor(route_id=1, start=b"b", end=b"a", group_id=1))
+    Traceback (most recent call last):
+    ...
+    distribution.errors.CatalogInvalidRouteRangeError: catalog route range is invalid: route 1 has start b'b' >= end b'a'
+    """
+    check_u64("route_id", route.route_id)
+    check_key("start", route.start)
+    if route.end is not None:
+        check_key("end", route.end)
+    check_u64("group_id", route.group_id)
+    check_u64("parent_route_id", route.parent_route_id)
+    if not isinstance(route.state, int):
+        raise TypeError(f"state must be a RouteState, got {type(route.state).__name__}")
+    if route.route_id == 0:
+        raise CatalogRouteIDRequiredError("catalog route id is required")
+    if route.group_id == 0:
+        raise CatalogGroupIDRequiredError(
+            f"catalog group id is required: route {route.route_id} has group 0"
+        )
+    state = _STATE_BY_VALUE.get(route.state)
+    if state is None:
+        raise CatalogInvalidRouteStateError(
+            f"catalog route state is invalid: route {route.route_id} has state {int(route.state)}"
+        )
+    if route.end is not None and route.start >= route.end:
+        raise CatalogInvalidRouteRangeError(
+            f"catalog route range is invalid: route {route.route_id} has start "
+            f"{route.start!r} >= end {route.end!r}"
+        )
+    if state is not route.state:
+        return route._replace(state=state)
+    return route
