@@ -9,9 +9,12 @@ constructible, and cheap enough to build by the million (an Engine holds one per
 
 from __future__ import annotations
 
+import datetime
 import enum
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, NamedTuple
 
 from distribution.errors import (
     CatalogGroupIDRequiredError,
@@ -24,15 +27,16 @@ __all__ = [
     "UINT64_MAX",
     "CatalogChange",
     "CatalogChangeSet",
+    "CatalogHistoryEntry",
     "CatalogSnapshot",
     "CatalogWriteResult",
     "Route",
     "RouteDescriptor",
     "RouteState",
-    "check_key",
-    "check_u64",
     "validate_route_descriptor",
 ]
+# check_u64 and check_key are shared with the other modules of the package but are not public API
+# (SPEC.md does not name them, and the package does not export them), so they stay out of __all__.
 
 #: The largest id, version or timestamp: every one is an unsigned 64-bit integer.
 UINT64_MAX = 2**64 - 1
@@ -130,6 +134,54 @@ class CatalogWriteResult:
     retired: tuple[int, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class CatalogHistoryEntry:
+    """The audit record of one catalog write."""
+
+    #: The version the write produced.
+    version: int
+    #: ``save``, ``split_route``, ``merge_routes``, ``set_route_state`` or ``move_route``.
+    operation: str
+    #: The operation's arguments (for ``save``: how many routes, opened and retired).
+    arguments: dict[str, Any] = field(hash=False)
+    #: Who asked for the write, as the caller said; None when not said.
+    actor: str | None
+    #: When the write's transaction started, as the database saw it.
+    committed_at: datetime.datetime
+
+
+_new_descriptor = partial(tuple.__new__, RouteDescriptor)
+
+
+def make_descriptors(
+    route_ids: Iterable[int],
+    starts: Iterable[bytes],
+    ends: Iterable[bytes | None],
+    group_ids: Iterable[int],
+    states: Iterable[int],
+    parent_route_ids: Iterable[int],
+) -> tuple[RouteDescriptor, ...]:
+    """Build descriptors from columns, with no Python code run per route; O(n).
+
+    Loading a large catalog is dominated by building its objects, so this stays in C-level
+    ``map``/``zip`` loops. States may be plain ints; they become RouteState members (an unknown
+    state raises KeyError: the values are meant to be trusted, from the database).
+
+    >>> make_descriptors([1], [b"a"], [None], [2], [1], [0])
+    (RouteDescriptor(route_id=1, start=b'a', end=None, group_id=2, state=<RouteState.WRITE_FENCED: 1>, parent_route_id=0),)
+    """
+    columns = zip(
+        route_ids,
+        starts,
+        ends,
+        group_ids,
+        map(_STATE_BY_VALUE.__getitem__, states),
+        parent_route_ids,
+        strict=True,
+    )
+    return tuple(map(_new_descriptor, columns))
+
+
 def check_u64(name: str, value: object) -> int:
     """Return ``value`` if it is an unsigned 64-bit integer.
 
@@ -161,6 +213,24 @@ def check_key(name: str, value: object) -> bytes:
     return value  # type: ignore[return-value]
 
 
+def check_route_state(value: object) -> RouteState:
+    """Return the RouteState of ``value`` (a member or its int value).
+
+    >>> check_route_state(1)
+    <RouteState.WRITE_FENCED: 1>
+    >>> check_route_state(4)
+    Traceback (most recent call last):
+    ...
+    distribution.errors.CatalogInvalidRouteStateError: catalog route state is invalid: 4
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"state must be a RouteState, got {type(value).__name__}")
+    state = _STATE_BY_VALUE.get(value)
+    if state is None:
+        raise CatalogInvalidRouteStateError(f"catalog route state is invalid: {int(value)}")
+    return state
+
+
 def validate_route_descriptor(route: RouteDescriptor) -> RouteDescriptor:
     """Check that ``route`` is a valid descriptor and return it with its state as a RouteState.
 
@@ -178,7 +248,8 @@ def validate_route_descriptor(route: RouteDescriptor) -> RouteDescriptor:
         check_key("end", route.end)
     check_u64("group_id", route.group_id)
     check_u64("parent_route_id", route.parent_route_id)
-    if not isinstance(route.state, int):
+    # A bool is an int, but ``state=True`` is a mistake, not WRITE_FENCED (as with check_u64).
+    if not isinstance(route.state, int) or isinstance(route.state, bool):
         raise TypeError(f"state must be a RouteState, got {type(route.state).__name__}")
     if route.route_id == 0:
         raise CatalogRouteIDRequiredError("catalog route id is required")

@@ -1,0 +1,118 @@
+"""Connecting to the catalog database: URLs, SQLAlchemy engines, and error translation.
+
+Everything that talks to PostgreSQL goes through psycopg 3. A database error never leaks raw out
+of the library: :func:`translate_error` maps it to the library's own errors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import psycopg
+import psycopg.errors
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from distribution.errors import (
+    CatalogDuplicateRouteIDError,
+    CatalogGroupIDRequiredError,
+    CatalogInvalidRouteRangeError,
+    CatalogInvalidRouteStateError,
+    CatalogInvalidSplitKeyError,
+    CatalogInvalidStateTransitionError,
+    CatalogPermissionError,
+    CatalogRouteGroupMismatchError,
+    CatalogRouteIDOverflowError,
+    CatalogRouteIDRequiredError,
+    CatalogRouteNotActiveError,
+    CatalogRouteNotFencedError,
+    CatalogRouteNotFoundError,
+    CatalogRouteOverlapError,
+    CatalogRoutesNotAdjacentError,
+    CatalogSplitKeyAtBoundaryError,
+    CatalogUnavailableError,
+    CatalogVersionMismatchError,
+    CatalogVersionOverflowError,
+    DistributionError,
+)
+
+__all__ = [
+    "DATABASE_URL_ENV",
+    "create_engine",
+    "sqlalchemy_url",
+    "translate_error",
+]
+
+#: The environment variable naming the shared catalog database.
+DATABASE_URL_ENV = "DISTRIBUTION_DATABASE_URL"
+
+# The SQLSTATEs the catalog's SQL functions raise (class "UD", which PostgreSQL leaves to users).
+_SQLSTATE_ERRORS: Mapping[str, type[DistributionError]] = {
+    "UD001": CatalogVersionMismatchError,
+    "UD002": CatalogVersionOverflowError,
+    "UD003": CatalogRouteIDOverflowError,
+    "UD004": CatalogRouteNotFoundError,
+    "UD005": CatalogSplitKeyAtBoundaryError,
+    "UD006": CatalogInvalidSplitKeyError,
+    "UD007": CatalogRoutesNotAdjacentError,
+    "UD008": CatalogRouteGroupMismatchError,
+    "UD009": CatalogRouteNotActiveError,
+    "UD010": CatalogInvalidStateTransitionError,
+    "UD011": CatalogRouteNotFencedError,
+}
+
+# Integrity constraints of the schema (see distribution.models) and the errors they mean.
+_CONSTRAINT_ERRORS: Mapping[str, type[DistributionError]] = {
+    "ck_distribution_routes_route_id_nonzero": CatalogRouteIDRequiredError,
+    "ck_distribution_routes_group_id_nonzero": CatalogGroupIDRequiredError,
+    "ck_distribution_routes_state_known": CatalogInvalidRouteStateError,
+    "ck_distribution_routes_range_nonempty": CatalogInvalidRouteRangeError,
+    "ix_distribution_routes_live_route_id": CatalogDuplicateRouteIDError,
+    "ix_distribution_routes_live_start": CatalogRouteOverlapError,
+    "distribution_routes_no_overlap": CatalogRouteOverlapError,
+}
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Return ``url`` with the psycopg 3 driver named, as SQLAlchemy needs it.
+
+    >>> sqlalchemy_url("postgresql://postgres@127.0.0.1/test")
+    'postgresql+psycopg://postgres@127.0.0.1/test'
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() not in ("postgresql", "postgres"):
+        raise ValueError(f"the catalog needs a postgresql:// URL, got {parsed.drivername}://")
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def create_engine(url: str | None = None, **options: object) -> sa.Engine:
+    """Create a SQLAlchemy engine on psycopg 3 for ``url``, or for ``$DISTRIBUTION_DATABASE_URL``."""
+    url = url or os.environ.get(DATABASE_URL_ENV)
+    if not url:
+        raise ValueError(f"no database URL given and {DATABASE_URL_ENV} is not set")
+    return sa.create_engine(sqlalchemy_url(url), **options)  # type: ignore[arg-type]
+
+
+def translate_error(exc: psycopg.Error) -> DistributionError:
+    """Return the library error that stands for the psycopg error ``exc``.
+
+    The caller raises it ``from exc``, so the original stays reachable as ``__cause__``.
+    """
+    sqlstate = exc.sqlstate or ""
+    message = exc.diag.message_primary or str(exc).strip()
+    error_class = _SQLSTATE_ERRORS.get(sqlstate)
+    if error_class is not None:
+        return error_class(message)
+    if isinstance(exc, psycopg.errors.IntegrityError):
+        constraint = exc.diag.constraint_name or ""
+        return _CONSTRAINT_ERRORS.get(constraint, CatalogRouteOverlapError)(
+            f"the catalog database refused the write ({constraint or sqlstate}): {message}"
+        )
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return CatalogPermissionError(f"the catalog database refused the operation: {message}")
+    if isinstance(exc, psycopg.errors.SerializationFailure):
+        return CatalogVersionMismatchError(f"a concurrent write won: {message}")
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return CatalogUnavailableError(f"the catalog database is unavailable: {message}")
+    return DistributionError(f"the catalog database failed ({sqlstate or 'no sqlstate'}): {message}")

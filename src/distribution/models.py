@@ -1,0 +1,179 @@
+"""SQLAlchemy models of the catalog's tables, the single source of their schema.
+
+Unsigned 64-bit values (ids, versions) are stored in ``BIGINT`` shifted down by ``2**63``: the
+whole u64 range fits, and order is preserved, so ``valid_from <= :version`` means what it says.
+:class:`U64` hides the shift from SQLAlchemy code; raw SQL goes through :func:`u64_to_db` and
+:func:`u64_from_db`. So version 0 is stored as ``-9223372036854775808``.
+
+Route rows are versioned: a write never updates a route in place. It closes the live row
+(``valid_to`` = the new version) and opens a new one (``valid_from`` = the new version), so any
+version inside the history window can be read back exactly.
+
+The invariants the database enforces itself, whoever writes:
+
+* ``distribution_meta`` holds exactly one row (a check on its key, and a trigger that refuses
+  deleting it);
+* route ids and group ids are non-zero, states are the four known, ``start < end``;
+* a live route id appears once and two live routes never share a start (partial unique indexes);
+* live routes never overlap: a statement-level trigger (in the migrations) checks each new live
+  row against its two neighbours through the live-start index, so the cost stays flat with the
+  catalog size. Writers serialize on the metadata row.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Index,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "U64",
+    "U64_DB_MAX",
+    "U64_DB_ZERO",
+    "Base",
+    "CatalogMeta",
+    "HistoryRecord",
+    "RouteRecord",
+    "u64_from_db",
+    "u64_to_db",
+]
+
+_SHIFT = 2**63
+#: How u64 ``0`` is stored.
+U64_DB_ZERO = -_SHIFT
+#: How u64 ``2**64 - 1`` is stored.
+U64_DB_MAX = _SHIFT - 1
+
+
+def u64_to_db(value: int) -> int:
+    """Return the stored form of the u64 ``value``.
+
+    >>> u64_to_db(0), u64_to_db(2**63), u64_to_db(2**64 - 1)
+    (-9223372036854775808, 0, 9223372036854775807)
+    """
+    return value - _SHIFT
+
+
+def u64_from_db(stored: int) -> int:
+    """Return the u64 whose stored form is ``stored``.
+
+    >>> u64_from_db(-9223372036854775808)
+    0
+    """
+    return stored + _SHIFT
+
+
+class U64(TypeDecorator[int]):
+    """An unsigned 64-bit integer kept in a ``BIGINT`` shifted by ``2**63``."""
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> int | None:
+        return None if value is None else value - _SHIFT
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
+        return None if value is None else int(value) + _SHIFT
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the catalog's models."""
+
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class CatalogMeta(Base):
+    """The single metadata row: the catalog version, the route id counter, the history floor."""
+
+    __tablename__ = "distribution_meta"
+    __table_args__ = (
+        CheckConstraint("id = 1", name="single_row"),
+        CheckConstraint(f"next_route_id <> {U64_DB_ZERO}", name="next_route_id_nonzero"),
+        CheckConstraint("history_floor <= version", name="history_floor_reached"),
+    )
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default=text("1"))
+    #: The catalog version; every write moves it by exactly one.
+    version: Mapped[int] = mapped_column(U64, nullable=False)
+    #: The next route id to allocate; it never goes down, so ids are never reused.
+    next_route_id: Mapped[int] = mapped_column(U64, nullable=False)
+    #: The oldest version that can still be read back exactly.
+    history_floor: Mapped[int] = mapped_column(U64, nullable=False)
+
+
+class RouteRecord(Base):
+    """One version of one route: live from ``valid_from`` until ``valid_to`` (None: still live)."""
+
+    __tablename__ = "distribution_routes"
+    __table_args__ = (
+        CheckConstraint(f"route_id <> {U64_DB_ZERO}", name="route_id_nonzero"),
+        CheckConstraint(f"group_id <> {U64_DB_ZERO}", name="group_id_nonzero"),
+        CheckConstraint("state BETWEEN 0 AND 3", name="state_known"),
+        CheckConstraint('"end" IS NULL OR start < "end"', name="range_nonempty"),
+        CheckConstraint("valid_to IS NULL OR valid_to > valid_from", name="validity_ordered"),
+        Index(
+            "ix_distribution_routes_live_route_id",
+            "route_id",
+            unique=True,
+            postgresql_where=text("valid_to IS NULL"),
+        ),
+        Index(
+            "ix_distribution_routes_live_start",
+            "start",
+            unique=True,
+            postgresql_where=text("valid_to IS NULL"),
+        ),
+        Index("ix_distribution_routes_valid_from", "valid_from"),
+        Index(
+            "ix_distribution_routes_valid_to",
+            "valid_to",
+            postgresql_where=text("valid_to IS NOT NULL"),
+        ),
+    )
+
+    route_id: Mapped[int] = mapped_column(U64, primary_key=True)
+    valid_from: Mapped[int] = mapped_column(U64, primary_key=True)
+    valid_to: Mapped[int | None] = mapped_column(U64, nullable=True)
+    start: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    end: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    group_id: Mapped[int] = mapped_column(U64, nullable=False)
+    state: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    parent_route_id: Mapped[int] = mapped_column(U64, nullable=False)
+
+
+class HistoryRecord(Base):
+    """The audit entry of one write: what was done, by whom, and what it produced."""
+
+    __tablename__ = "distribution_history"
+
+    version: Mapped[int] = mapped_column(U64, primary_key=True)
+    operation: Mapped[str] = mapped_column(Text, nullable=False)
+    arguments: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    actor: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: The route id counter after the write, so ``next_route_id_at`` answers exactly.
+    next_route_id: Mapped[int] = mapped_column(U64, nullable=False)
+    committed_at: Mapped[datetime.datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )

@@ -1,0 +1,49 @@
+"""Upgrading a database to the catalog schema with the Alembic migrations shipped in the package."""
+
+from __future__ import annotations
+
+from importlib.resources import as_file, files
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+from distribution.database import create_engine
+
+__all__ = ["MIGRATION_LOCK_KEY", "VERSION_TABLE", "alembic_config", "migrate"]
+
+#: The table in which Alembic records the catalog schema's revision.
+VERSION_TABLE = "distribution_alembic_version"
+#: The advisory lock key migrations hold (``'distmigr'`` as a big-endian int64).
+MIGRATION_LOCK_KEY = int.from_bytes(b"distmigr", "big", signed=True)
+
+
+def alembic_config(connection: sa.Connection | None = None) -> Config:
+    """Return an Alembic ``Config`` over the packaged migration scripts.
+
+    With ``connection``, the migrations run on it (``migrations/env.py`` picks it up).
+    """
+    config = Config()
+    with as_file(files("distribution.migrations")) as location:
+        config.set_main_option("script_location", str(location))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def migrate(url_or_engine: str | sa.Engine) -> None:
+    """Upgrade the database to the newest catalog schema.
+
+    Idempotent, and safe when several processes start together: the migrations run under an
+    advisory lock, so the later processes wait and then find the schema up to date.
+    """
+    engine = create_engine(url_or_engine, poolclass=sa.NullPool) if isinstance(
+        url_or_engine, str
+    ) else url_or_engine
+    try:
+        with engine.connect() as connection:
+            command.upgrade(alembic_config(connection), "head")
+            connection.commit()
+    finally:
+        if engine is not url_or_engine:
+            engine.dispose()

