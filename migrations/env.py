@@ -1,9 +1,9 @@
 """Alembic environment of the catalog schema.
 
-The database is the connection handed over by :func:`distribution.migrate`, or else
-``$DISTRIBUTION_DATABASE_URL``. Every run takes a transaction-scoped advisory lock before reading
-the schema's revision, so processes that migrate at the same time queue and the later ones find
-nothing left to do.
+The database is the connection (or engine) handed over in ``config.attributes["connection"]``
+by :func:`distribution.migrate` or pytest-alembic, or else ``$DISTRIBUTION_DATABASE_URL``. Every
+run takes a transaction-scoped advisory lock before reading the schema's revision, so processes
+that migrate at the same time queue and the later ones find nothing left to do.
 """
 
 from __future__ import annotations
@@ -29,17 +29,22 @@ def _run(connection: sa.Connection) -> None:
 
 
 def _run_online() -> None:
-    connection = context.config.attributes.get("connection")
-    if connection is not None:
-        _run(connection)
+    # A Connection (distribution.migrate) is used as it is; an Engine (what pytest-alembic and
+    # other tools hand over as "connection") is connected to; without either, the URL.
+    connectable = context.config.attributes.get("connection")
+    if isinstance(connectable, sa.Connection):
+        _run(connectable)
         return
-    engine = create_engine(poolclass=sa.NullPool)
+    engine = connectable if isinstance(connectable, sa.Engine) else None
+    if engine is None:
+        engine = create_engine(poolclass=sa.NullPool)
     try:
         with engine.connect() as connection:
             _run(connection)
             connection.commit()
     finally:
-        engine.dispose()
+        if engine is not connectable:
+            engine.dispose()
 
 
 if context.is_offline_mode():

@@ -14,11 +14,14 @@ server-side function each, whatever the catalog's size.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from itertools import chain, repeat
+from dataclasses import dataclass
+from itertools import chain, pairwise, repeat
 from operator import attrgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -28,7 +31,7 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from psycopg import IsolationLevel
 
-from distribution.codec import next_route_id_floor
+from distribution.codec import decode_route_descriptor, next_route_id_floor
 from distribution.database import create_engine, translate_error
 from distribution.errors import (
     CatalogDuplicateRouteIDError,
@@ -60,7 +63,16 @@ from distribution.types import (
 if TYPE_CHECKING:
     from distribution.engine import Engine
 
-__all__ = ["DEFAULT_HISTORY_VERSIONS", "NOTIFY_CHANNEL", "CatalogStore", "ensure_catalog_snapshot"]
+__all__ = [
+    "DEFAULT_CHANGES_LIMIT",
+    "DEFAULT_HISTORY_VERSIONS",
+    "NOTIFY_CHANNEL",
+    "CatalogListener",
+    "CatalogNotification",
+    "CatalogStore",
+    "ensure_catalog_snapshot",
+    "parse_notification",
+]
 
 #: The channel every catalog write notifies, on commit.
 NOTIFY_CHANNEL = "distribution_catalog"
@@ -193,8 +205,7 @@ class CatalogStore:
         catalog has not reached. O(routes changed in the versions returned).
         """
         check_u64("version", version)
-        if not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be a positive int, got {limit!r}")
+        _check_count("limit", limit, minimum=1)
         with self._transaction(read_only=True) as cursor:
             current, floor, _ = _fetch_one(cursor, _META)
             current, floor = _from_db(current), _from_db(floor)
@@ -231,6 +242,7 @@ class CatalogStore:
         )
         params: list[Any] = [u64_to_db(since)]
         if limit is not None:
+            _check_count("limit", limit, minimum=0)
             query += " LIMIT %s"
             params.append(limit)
         with self._transaction(read_only=True) as cursor:
@@ -375,8 +387,7 @@ class CatalogStore:
         The floor is the oldest version still readable exactly. Safe while watchers run: a
         watcher behind the floor gets a reset from :meth:`changes_since`. O(rows dropped).
         """
-        if not isinstance(keep_versions, int) or keep_versions < 1:
-            raise ValueError(f"keep_versions must be a positive int, got {keep_versions!r}")
+        _check_count("keep_versions", keep_versions, minimum=1)
         with self._transaction() as cursor:
             current, floor, _ = _fetch_one(cursor, _META + " FOR UPDATE")
             new_floor = max(floor, current - keep_versions + 1)
@@ -385,6 +396,30 @@ class CatalogStore:
                 cursor.execute("DELETE FROM distribution_history WHERE version < %s", [new_floor])
                 cursor.execute("UPDATE distribution_meta SET history_floor = %s", [new_floor])
         return u64_from_db(new_floor)
+
+    def listen(self) -> CatalogListener:
+        """Open a dedicated connection that LISTENs for catalog writes.
+
+        The connection is taken out of the pool for good and closed with the listener. Raises
+        :class:`~distribution.CatalogUnavailableError` when the database cannot be reached.
+        """
+        try:
+            pooled = self._engine.raw_connection()
+        except sqlalchemy.exc.DBAPIError as exc:
+            raise _translate(exc.orig) from exc.orig
+        except psycopg.Error as exc:  # the pool lets connection errors through unwrapped
+            raise translate_error(exc) from exc
+        # Read the driver connection first: once detached, the fairy no longer reports it.
+        connection: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
+        pooled.detach()
+        try:
+            connection.rollback()
+            connection.autocommit = True
+            connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        except psycopg.Error as exc:
+            connection.close()
+            raise translate_error(exc) from exc
+        return CatalogListener(connection)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -429,6 +464,8 @@ class CatalogStore:
             pooled = self._engine.raw_connection()
         except sqlalchemy.exc.DBAPIError as exc:
             raise _translate(exc.orig) from exc.orig
+        except psycopg.Error as exc:  # the pool lets connection errors through unwrapped
+            raise translate_error(exc) from exc
         connection: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
         committed = False
         try:
@@ -442,10 +479,85 @@ class CatalogStore:
         except psycopg.Error as exc:
             raise translate_error(exc) from exc
         finally:
-            _finish(pooled, connection, committed, read_only)
+            _finish(self._engine, pooled, connection, committed, read_only)
 
 
-def _finish(pooled: Any, connection: psycopg.Connection[Any], committed: bool, read_only: bool) -> None:
+@dataclass(frozen=True, slots=True)
+class CatalogNotification:
+    """A catalog write announced by NOTIFY: its version and, when it was small, the change."""
+
+    version: int
+    change: CatalogChange | None
+
+
+def parse_notification(payload: str) -> CatalogNotification:
+    """Parse a ``distribution_catalog`` payload: the version in decimal, then maybe the change.
+
+    The change, when present, is JSON: ``previous`` (the version before the write), ``upserts``
+    (base64 seed route records) and ``deletes`` (route ids). Raises ValueError when malformed.
+
+    >>> parse_notification("7")
+    CatalogNotification(version=7, change=None)
+    >>> parse_notification('7 {"previous": 6, "upserts": [], "deletes": [3]}').change
+    CatalogChange(previous_version=6, version=7, upserts=(), deletes=(3,))
+    """
+    head, _, body = payload.partition(" ")
+    version = check_u64("version", int(head))
+    if not body:
+        return CatalogNotification(version, None)
+    try:
+        fields = json.loads(body)
+        upserts = tuple(decode_route_descriptor(base64.b64decode(r)) for r in fields["upserts"])
+        deletes = tuple(check_u64("route_id", i) for i in fields["deletes"])
+        previous = check_u64("previous", fields["previous"])
+    except (KeyError, TypeError, binascii.Error) as exc:
+        raise ValueError(f"malformed catalog notification: {payload[:200]!r}") from exc
+    return CatalogNotification(version, CatalogChange(previous, version, upserts, deletes))
+
+
+class CatalogListener:
+    """A dedicated connection listening on :data:`NOTIFY_CHANNEL`; see :meth:`CatalogStore.listen`."""
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        self._connection = connection
+
+    def wait(self, timeout: float) -> list[CatalogNotification]:
+        """Wait up to ``timeout`` seconds for notifications; return those that arrived.
+
+        Returns as soon as one arrives, with any others already received. Raises
+        :class:`~distribution.CatalogUnavailableError` when the connection is lost.
+        """
+        try:
+            received = list(self._connection.notifies(timeout=timeout, stop_after=1))
+            if received:
+                received += self._connection.notifies(timeout=0)
+        except psycopg.Error as exc:
+            raise translate_error(exc) from exc
+        return [parse_notification(n.payload) for n in received]
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._connection.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _finish(
+    engine: sa.Engine,
+    pooled: Any,
+    connection: psycopg.Connection[Any],
+    committed: bool,
+    read_only: bool,
+) -> None:
     """Return a connection to the pool clean, or throw it away when it broke."""
     try:
         if not committed:
@@ -457,6 +569,9 @@ def _finish(pooled: Any, connection: psycopg.Connection[Any], committed: bool, r
         pass
     if connection.broken or connection.closed:
         pooled.invalidate()
+        # As SQLAlchemy does on a disconnect: the other pooled connections are presumed dead too
+        # (a server restart kills them all), so the pool is replaced and only one call fails.
+        engine.dispose(close=False)
     else:
         pooled.close()
 
@@ -465,6 +580,14 @@ def _translate(exc: BaseException | None) -> Exception:
     if isinstance(exc, psycopg.Error):
         return translate_error(exc)
     return CatalogUnavailableError(f"the catalog database is unavailable: {exc}")
+
+
+def _check_count(name: str, value: object, *, minimum: int) -> None:
+    """Refuse a count argument: TypeError unless an int, ValueError below ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not minimum <= value <= 2**63 - 1:
+        raise ValueError(f"{name} must be in {minimum}..2**63-1, got {value}")
 
 
 def _fetch_one(cursor: psycopg.Cursor[Any], query: str, params: Sequence[Any] = ()) -> Any:
@@ -536,7 +659,7 @@ def _catalog_table(routes: Iterable[RouteDescriptor]) -> tuple[RouteDescriptor, 
                 )
             seen.add(route.route_id)
     table.sort(key=attrgetter("start"))
-    for previous, following in zip(table, table[1:]):
+    for previous, following in pairwise(table):
         if previous.end is None or previous.end > following.start:
             raise CatalogRouteOverlapError(
                 f"catalog routes {previous.route_id} and {following.route_id} overlap"
@@ -573,7 +696,7 @@ def _copy_data(table: Sequence[RouteDescriptor]) -> bytes:
         repeat(8),
         map(_to_db, map(attrgetter("parent_route_id"), table)),
     )
-    rows = zip(heads, starts, map(_COPY_LENGTH.pack, end_lengths), ends, tails)
+    rows = zip(heads, starts, map(_COPY_LENGTH.pack, end_lengths), ends, tails, strict=True)
     return b"".join(chain((_COPY_HEADER,), chain.from_iterable(rows), (_COPY_TRAILER,)))
 
 

@@ -91,7 +91,7 @@ def create_engine(url: str | None = None, **options: object) -> sa.Engine:
     url = url or os.environ.get(DATABASE_URL_ENV)
     if not url:
         raise ValueError(f"no database URL given and {DATABASE_URL_ENV} is not set")
-    return sa.create_engine(sqlalchemy_url(url), **options)  # type: ignore[arg-type]
+    return sa.create_engine(sqlalchemy_url(url), **options)
 
 
 def translate_error(exc: psycopg.Error) -> DistributionError:
@@ -106,7 +106,7 @@ def translate_error(exc: psycopg.Error) -> DistributionError:
         return error_class(message)
     if isinstance(exc, psycopg.errors.IntegrityError):
         constraint = exc.diag.constraint_name or ""
-        return _CONSTRAINT_ERRORS.get(constraint, CatalogRouteOverlapError)(
+        return _CONSTRAINT_ERRORS.get(constraint, DistributionError)(
             f"the catalog database refused the write ({constraint or sqlstate}): {message}"
         )
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
