@@ -143,21 +143,18 @@ END
 $$;
 
 -- The notification payload of a write: the new version in decimal, then, when the change is
--- small enough to fit, a JSON object with the previous version, the upserted routes as base64
--- seed route records, and the deleted route ids.
-CREATE FUNCTION distribution_change_payload(written bigint) RETURNS text
+-- known (upserts not NULL) and small enough to fit, a JSON object with the previous version, the
+-- upserted routes as base64 seed route records, and the deleted route ids. Built from the rows
+-- the write holds, not read back from the table.
+CREATE FUNCTION distribution_change_payload(
+    written bigint, upserts distribution_routes[], deletes bigint[]
+) RETURNS text
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     head text := distribution_u64(written)::text;
-    changed integer;
     payload text;
 BEGIN
-    SELECT count(*) INTO changed FROM (
-        SELECT 1 FROM distribution_routes WHERE valid_from = written
-        UNION ALL
-        SELECT 1 FROM distribution_routes WHERE valid_to = written
-        LIMIT 201) c;
-    IF changed > 200 THEN
+    IF upserts IS NULL THEN
         RETURN head;
     END IF;
     payload := head || ' ' || json_build_object(
@@ -165,12 +162,9 @@ BEGIN
         'upserts', (SELECT coalesce(json_agg(translate(encode(distribution_encode_route(
                         u.route_id, u.start, u."end", u.group_id, u.state, u.parent_route_id),
                         'base64'), E'\\n', '') ORDER BY u.start), '[]')
-                    FROM distribution_routes u WHERE u.valid_from = written),
-        'deletes', (SELECT coalesce(json_agg(distribution_u64(d.route_id) ORDER BY d.route_id), '[]')
-                    FROM distribution_routes d
-                    WHERE d.valid_to = written AND NOT EXISTS (
-                        SELECT 1 FROM distribution_routes u
-                        WHERE u.valid_from = written AND u.route_id = d.route_id)))::text;
+                    FROM unnest(upserts) u),
+        'deletes', (SELECT coalesce(json_agg(distribution_u64(d) ORDER BY d), '[]')
+                    FROM unnest(deletes) d))::text;
     IF octet_length(payload) >= 8000 THEN
         RETURN head;
     END IF;
@@ -180,13 +174,15 @@ $$;
 
 -- The end of every write: the audit entry, then the notification (delivered on commit only).
 CREATE FUNCTION distribution_finish_write(
-    written bigint, operation text, arguments jsonb, actor text
+    written bigint, operation text, arguments jsonb, actor text,
+    upserts distribution_routes[], deletes bigint[]
 ) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO distribution_history (version, operation, arguments, actor, next_route_id)
     SELECT written, operation, arguments, actor, m.next_route_id FROM distribution_meta m;
-    PERFORM pg_notify('distribution_catalog', distribution_change_payload(written));
+    PERFORM pg_notify('distribution_catalog',
+                      distribution_change_payload(written, upserts, deletes));
 END
 $$;
 
@@ -199,6 +195,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     retired integer;
     opened integer;
+    upserted distribution_routes[];
+    deleted bigint[];
 BEGIN
     ANALYZE pg_temp.distribution_desired;
     UPDATE distribution_routes r SET valid_to = written
@@ -219,10 +217,20 @@ BEGIN
     UPDATE distribution_meta SET next_route_id = greatest(
         next_route_id, id_floor,
         coalesce((SELECT max(route_id) FROM distribution_routes), {_ZERO}) + 1);
+    -- A change too large for a notification is announced by its version alone.
+    IF opened + retired <= 200 THEN
+        SELECT coalesce(array_agg(r ORDER BY r.start), '{{}}') INTO upserted
+        FROM distribution_routes r WHERE r.valid_from = written;
+        SELECT coalesce(array_agg(c.route_id ORDER BY c.route_id), '{{}}') INTO deleted
+        FROM distribution_routes c
+        WHERE c.valid_to = written AND NOT EXISTS (
+            SELECT 1 FROM distribution_routes u
+            WHERE u.valid_from = written AND u.route_id = c.route_id);
+    END IF;
     PERFORM distribution_finish_write(written, 'save',
         jsonb_build_object('routes', (SELECT count(*) FROM pg_temp.distribution_desired),
                            'opened', opened, 'retired', retired),
-        actor);
+        actor, upserted, deleted);
     RETURN ARRAY[opened, retired];
 END
 $$;
@@ -250,6 +258,7 @@ DECLARE
     written bigint := distribution_begin_write(expected);
     parent distribution_routes := distribution_live_route(parent_id);
     left_id bigint;
+    created distribution_routes[];
 BEGIN
     IF split_key = parent.start OR split_key = parent."end" THEN
         RAISE EXCEPTION 'split key % is a boundary of catalog route %', split_key,
@@ -264,15 +273,19 @@ BEGIN
     left_id := distribution_allocate_route_ids(2);
     UPDATE distribution_routes SET valid_to = written
     WHERE route_id = parent_id AND valid_to IS NULL;
-    RETURN QUERY INSERT INTO distribution_routes
-        (route_id, start, "end", group_id, state, parent_route_id, valid_from)
-    VALUES (left_id, parent.start, split_key, parent.group_id, parent.state, parent_id, written),
-           (left_id + 1, split_key, parent."end", parent.group_id, parent.state, parent_id, written)
-    RETURNING *;
+    WITH inserted (route) AS (
+        INSERT INTO distribution_routes
+            (route_id, start, "end", group_id, state, parent_route_id, valid_from)
+        VALUES (left_id, parent.start, split_key, parent.group_id, parent.state, parent_id, written),
+               (left_id + 1, split_key, parent."end", parent.group_id, parent.state, parent_id,
+                written)
+        RETURNING distribution_routes)
+    SELECT array_agg(route ORDER BY (route).start) INTO created FROM inserted;
     PERFORM distribution_finish_write(written, 'split_route',
         jsonb_build_object('route_id', distribution_u64(parent_id),
                            'split_key', encode(split_key, 'hex')),
-        actor);
+        actor, created, ARRAY[parent_id]);
+    RETURN QUERY SELECT * FROM unnest(created);
 END
 $$;
 
@@ -284,6 +297,7 @@ DECLARE
     written bigint := distribution_begin_write(expected);
     left_route distribution_routes := distribution_live_route(left_id);
     right_route distribution_routes := distribution_live_route(right_id);
+    merged distribution_routes;
 BEGIN
     IF left_route."end" IS NULL OR left_route."end" <> right_route.start THEN
         RAISE EXCEPTION 'catalog routes % and % are not adjacent', distribution_u64(left_id),
@@ -303,30 +317,34 @@ BEGIN
     END IF;
     UPDATE distribution_routes SET valid_to = written
     WHERE route_id IN (left_id, right_id) AND valid_to IS NULL;
-    RETURN QUERY INSERT INTO distribution_routes
+    INSERT INTO distribution_routes
         (route_id, start, "end", group_id, state, parent_route_id, valid_from)
     VALUES (distribution_allocate_route_ids(1), left_route.start, right_route."end",
             left_route.group_id, 0, left_id, written)
-    RETURNING *;
+    RETURNING * INTO merged;
     PERFORM distribution_finish_write(written, 'merge_routes',
         jsonb_build_object('left_route_id', distribution_u64(left_id),
                            'right_route_id', distribution_u64(right_id)),
-        actor);
+        actor, ARRAY[merged], ARRAY[left_id, right_id]);
+    RETURN NEXT merged;
 END
 $$;
 
 -- Replaces a live route by a copy with another state or group, under the same id.
 CREATE FUNCTION distribution_replace_route(
     written bigint, old distribution_routes, new_state smallint, new_group bigint
-) RETURNS SETOF distribution_routes
+) RETURNS distribution_routes
 LANGUAGE plpgsql AS $$
+DECLARE
+    replaced distribution_routes;
 BEGIN
     UPDATE distribution_routes SET valid_to = written
     WHERE route_id = old.route_id AND valid_to IS NULL;
-    RETURN QUERY INSERT INTO distribution_routes
+    INSERT INTO distribution_routes
         (route_id, start, "end", group_id, state, parent_route_id, valid_from)
     VALUES (old.route_id, old.start, old."end", new_group, new_state, old.parent_route_id, written)
-    RETURNING *;
+    RETURNING * INTO replaced;
+    RETURN replaced;
 END
 $$;
 
@@ -339,6 +357,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     written bigint := distribution_begin_write(expected);
     old distribution_routes := distribution_live_route(target_id);
+    replaced distribution_routes;
 BEGIN
     IF (old.state, new_state) NOT IN ((0, 1), (1, 0), (1, 2), (1, 3), (2, 0), (2, 1), (3, 0), (3, 1))
     THEN
@@ -346,11 +365,12 @@ BEGIN
                 distribution_u64(target_id), old.state, new_state
             USING ERRCODE = 'UD010';
     END IF;
-    RETURN QUERY SELECT * FROM distribution_replace_route(written, old, new_state, old.group_id);
+    replaced := distribution_replace_route(written, old, new_state, old.group_id);
     PERFORM distribution_finish_write(written, 'set_route_state',
         jsonb_build_object('route_id', distribution_u64(target_id), 'from', old.state,
                            'to', new_state),
-        actor);
+        actor, ARRAY[replaced], '{{}}');
+    RETURN NEXT replaced;
 END
 $$;
 
@@ -361,18 +381,20 @@ LANGUAGE plpgsql AS $$
 DECLARE
     written bigint := distribution_begin_write(expected);
     old distribution_routes := distribution_live_route(target_id);
+    replaced distribution_routes;
 BEGIN
     IF old.state <> 1 THEN
         RAISE EXCEPTION 'catalog route % must be WRITE_FENCED to move (state %)',
                 distribution_u64(target_id), old.state
             USING ERRCODE = 'UD011';
     END IF;
-    RETURN QUERY SELECT * FROM distribution_replace_route(written, old, old.state, new_group);
+    replaced := distribution_replace_route(written, old, old.state, new_group);
     PERFORM distribution_finish_write(written, 'move_route',
         jsonb_build_object('route_id', distribution_u64(target_id),
                            'from_group', distribution_u64(old.group_id),
                            'to_group', distribution_u64(new_group)),
-        actor);
+        actor, ARRAY[replaced], '{{}}');
+    RETURN NEXT replaced;
 END
 $$;
 

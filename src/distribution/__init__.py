@@ -10,6 +10,12 @@ Layers, each importing only those above it:
 
 from __future__ import annotations
 
+from distribution.catalog import (
+    CatalogListener,
+    CatalogNotification,
+    CatalogStore,
+    ensure_catalog_snapshot,
+)
 from distribution.codec import (
     catalog_next_route_id_key,
     catalog_route_id_from_key,
@@ -25,6 +31,7 @@ from distribution.codec import (
     is_catalog_route_key,
     next_route_id_floor,
 )
+from distribution.engine import Engine
 from distribution.errors import (
     CatalogDuplicateRouteIDError,
     CatalogGroupIDRequiredError,
@@ -58,12 +65,15 @@ from distribution.errors import (
     EngineSnapshotDuplicateIDError,
     EngineSnapshotRouteOrderError,
     EngineSnapshotRouteOverlapError,
+    EngineSnapshotVersionGapError,
     EngineSnapshotVersionStaleError,
 )
+from distribution.schema import migrate
 from distribution.types import (
     UINT64_MAX,
     CatalogChange,
     CatalogChangeSet,
+    CatalogHistoryEntry,
     CatalogSnapshot,
     CatalogWriteResult,
     Route,
@@ -71,6 +81,7 @@ from distribution.types import (
     RouteState,
     validate_route_descriptor,
 )
+from distribution.watcher import CatalogWatcher, run_catalog_watcher
 
 __all__ = [
     "UINT64_MAX",
@@ -78,6 +89,7 @@ __all__ = [
     "CatalogChangeSet",
     "CatalogDuplicateRouteIDError",
     "CatalogGroupIDRequiredError",
+    "CatalogHistoryEntry",
     "CatalogInvalidNextRouteIDError",
     "CatalogInvalidRouteKeyError",
     "CatalogInvalidRouteRangeError",
@@ -86,6 +98,8 @@ __all__ = [
     "CatalogInvalidSplitKeyError",
     "CatalogInvalidStateTransitionError",
     "CatalogInvalidVersionRecordError",
+    "CatalogListener",
+    "CatalogNotification",
     "CatalogPermissionError",
     "CatalogRouteGroupMismatchError",
     "CatalogRouteIDOverflowError",
@@ -99,17 +113,21 @@ __all__ = [
     "CatalogSnapshot",
     "CatalogSnapshotTooOldError",
     "CatalogSplitKeyAtBoundaryError",
+    "CatalogStore",
     "CatalogStoreRequiredError",
     "CatalogUnavailableError",
     "CatalogVersionAheadError",
     "CatalogVersionMismatchError",
     "CatalogVersionOverflowError",
+    "CatalogWatcher",
     "CatalogWriteResult",
     "DistributionError",
+    "Engine",
     "EngineRequiredError",
     "EngineSnapshotDuplicateIDError",
     "EngineSnapshotRouteOrderError",
     "EngineSnapshotRouteOverlapError",
+    "EngineSnapshotVersionGapError",
     "EngineSnapshotVersionStaleError",
     "Route",
     "RouteDescriptor",
@@ -125,7 +143,10 @@ __all__ = [
     "encode_catalog_next_route_id",
     "encode_catalog_version",
     "encode_route_descriptor",
+    "ensure_catalog_snapshot",
     "is_catalog_route_key",
+    "migrate",
     "next_route_id_floor",
+    "run_catalog_watcher",
     "validate_route_descriptor",
 ]

@@ -31,6 +31,7 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from psycopg import IsolationLevel
 
+from distribution.bulk import make_descriptors, paused_gc
 from distribution.codec import decode_route_descriptor, next_route_id_floor
 from distribution.database import create_engine, translate_error
 from distribution.errors import (
@@ -56,7 +57,6 @@ from distribution.types import (
     check_key,
     check_route_state,
     check_u64,
-    make_descriptors,
     validate_route_descriptor,
 )
 
@@ -158,7 +158,7 @@ class CatalogStore:
         """
         with self._transaction(read_only=True) as cursor:
             version = _from_db(_fetch_one(cursor, _META)[0])
-            routes = _descriptors(cursor.execute(_LIVE_ROUTES).fetchall())
+            routes = _fetch_routes(cursor, _LIVE_ROUTES)
         return CatalogSnapshot(version=version, routes=routes, read_ts=version)
 
     def snapshot_at(self, read_ts: int) -> CatalogSnapshot:
@@ -170,8 +170,8 @@ class CatalogStore:
         check_u64("read_ts", read_ts)
         with self._transaction(read_only=True) as cursor:
             self._check_readable(cursor, read_ts)
-            rows = cursor.execute(_ROUTES_AT, {"v": u64_to_db(read_ts)}).fetchall()
-        return CatalogSnapshot(version=read_ts, routes=_descriptors(rows), read_ts=read_ts)
+            routes = _fetch_routes(cursor, _ROUTES_AT, {"v": u64_to_db(read_ts)})
+        return CatalogSnapshot(version=read_ts, routes=routes, read_ts=read_ts)
 
     def version(self) -> int:
         """Read the catalog version; O(1)."""
@@ -212,7 +212,7 @@ class CatalogStore:
             if version > current:
                 raise _ahead(version, current)
             if version < floor:
-                routes = _descriptors(cursor.execute(_LIVE_ROUTES).fetchall())
+                routes = _fetch_routes(cursor, _LIVE_ROUTES)
                 return CatalogChangeSet(
                     reset=CatalogSnapshot(version=current, routes=routes, read_ts=current)
                 )
@@ -600,6 +600,14 @@ def _ahead(version: int, current: int) -> CatalogVersionAheadError:
     return CatalogVersionAheadError(
         f"catalog version {version} has not been reached: the catalog is at version {current}"
     )
+
+
+def _fetch_routes(
+    cursor: psycopg.Cursor[Any], query: str, params: dict[str, Any] | None = None
+) -> tuple[RouteDescriptor, ...]:
+    """Run a query of route rows and build their descriptors, the GC paused (see bulk)."""
+    with paused_gc():
+        return _descriptors(cursor.execute(query, params).fetchall())
 
 
 def _descriptors(rows: Sequence[tuple[Any, ...]]) -> tuple[RouteDescriptor, ...]:

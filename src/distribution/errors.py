@@ -13,6 +13,7 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── CatalogSnapshotTooOldError
     ├── CatalogVersionAheadError
     ├── EngineSnapshotVersionStaleError
+    ├── EngineSnapshotVersionGapError
     ├── CatalogRouteNotFoundError             (+ LookupError)
     ├── CatalogPermissionError                (+ PermissionError)
     ├── CatalogUnavailableError               (+ ConnectionError)
@@ -77,6 +78,7 @@ __all__ = [
     "EngineSnapshotDuplicateIDError",
     "EngineSnapshotRouteOrderError",
     "EngineSnapshotRouteOverlapError",
+    "EngineSnapshotVersionGapError",
     "EngineSnapshotVersionStaleError",
 ]
 
@@ -115,6 +117,10 @@ class CatalogVersionAheadError(DistributionError):
 
 class EngineSnapshotVersionStaleError(DistributionError):
     """A snapshot or change is older than the version the Engine already holds."""
+
+
+class EngineSnapshotVersionGapError(DistributionError):
+    """Changes do not continue from the Engine's version: fall back to a full snapshot."""
 
 
 class CatalogRouteNotFoundError(DistributionError, LookupError):

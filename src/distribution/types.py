@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import datetime
 import enum
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, NamedTuple
 
 from distribution.errors import (
@@ -150,38 +148,6 @@ class CatalogHistoryEntry:
     committed_at: datetime.datetime
 
 
-_new_descriptor = partial(tuple.__new__, RouteDescriptor)
-
-
-def make_descriptors(
-    route_ids: Iterable[int],
-    starts: Iterable[bytes],
-    ends: Iterable[bytes | None],
-    group_ids: Iterable[int],
-    states: Iterable[int],
-    parent_route_ids: Iterable[int],
-) -> tuple[RouteDescriptor, ...]:
-    """Build descriptors from columns, with no Python code run per route; O(n).
-
-    Loading a large catalog is dominated by building its objects, so this stays in C-level
-    ``map``/``zip`` loops. States may be plain ints; they become RouteState members (an unknown
-    state raises KeyError: the values are meant to be trusted, from the database).
-
-    >>> make_descriptors([1], [b"a"], [None], [2], [1], [0])
-    (RouteDescriptor(route_id=1, start=b'a', end=None, group_id=2, state=<RouteState.WRITE_FENCED: 1>, parent_route_id=0),)
-    """
-    columns = zip(
-        route_ids,
-        starts,
-        ends,
-        group_ids,
-        map(_STATE_BY_VALUE.__getitem__, states),
-        parent_route_ids,
-        strict=True,
-    )
-    return tuple(map(_new_descriptor, columns))
-
-
 def check_u64(name: str, value: object) -> int:
     """Return ``value`` if it is an unsigned 64-bit integer.
 
@@ -210,7 +176,7 @@ def check_key(name: str, value: object) -> bytes:
     if value.__class__ is not bytes:
         hint = " (encode text keys explicitly)" if isinstance(value, str) else ""
         raise TypeError(f"{name} must be bytes, got {type(value).__name__}{hint}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def check_route_state(value: object) -> RouteState:

@@ -1,0 +1,264 @@
+"""Engine benchmarks: lookups, batch grouping, snapshot and change application, memory.
+
+Engines of 1,000 / 100,000 / 1,000,000 routes over random 8-byte keys, generated then sorted, so
+that the keys a snapshot carries are scattered in memory, as a service's keys are. Each route is
+``[key[i], key[i + 1])``, the last one unbounded. Every figure is the median of interleaved
+repetitions, beside a baseline measured in the same run:
+
+* ``get_route``: ns per key, beside the floor: a bare ``bisect_right`` over a plain list of the
+  snapshot's start keys and one indexing, in a loop of the same shape;
+* ``group_keys``: ns per key on 1,000-key batches, uniform random keys, and clustered keys (about
+  ten keys in each of a hundred routes, shuffled), beside a ``get_route`` loop on the same keys;
+* ``apply_snapshot``: ms to apply the whole snapshot to a new Engine (the process has not frozen
+  objects with ``gc.freeze()``: see ``distribution.engine._gc_paused``);
+* ``apply_changes``: ms to apply a one-route change (a split: delete 1, upsert 2) to the full
+  Engine, beside ``apply_snapshot``;
+* memory: bytes per route the Engine allocates (tracemalloc) applying a pre-built snapshot.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import time
+import tracemalloc
+from bisect import bisect_right
+from dataclasses import dataclass
+
+from benchmarks.harness import Case, Row, progress, run_interleaved, summarize
+from distribution import CatalogChange, CatalogSnapshot, Engine, RouteDescriptor
+
+__all__ = ["run"]
+
+FULL_SIZES = (1_000, 100_000, 1_000_000)
+QUICK_SIZES = (1_000, 10_000)
+
+_BATCH = 1_000
+_PER_ROUTE = 10
+
+
+@dataclass
+class _Fixture:
+    size: int
+    keys: list[bytes]
+    snapshot: CatalogSnapshot
+    engine: Engine
+    lookups: list[bytes]
+    uniform: list[list[bytes]]
+    clustered: list[list[bytes]]
+
+
+def _fixture(size: int, rng: random.Random, lookups: int, batches: int) -> _Fixture:
+    unique: set[bytes] = set()
+    while len(unique) < size:
+        unique.add(rng.randbytes(8))
+    keys = sorted(unique)
+    routes = tuple(
+        RouteDescriptor(
+            route_id=i + 1,
+            start=keys[i],
+            end=keys[i + 1] if i + 1 < size else None,
+            group_id=1 + i % 16,
+        )
+        for i in range(size)
+    )
+    snapshot = CatalogSnapshot(version=1, routes=routes)
+    engine = Engine()
+    engine.apply_snapshot(snapshot)
+
+    def inside(i: int) -> bytes:
+        low = int.from_bytes(keys[i], "big")
+        high = int.from_bytes(keys[i + 1], "big")
+        return rng.randrange(low, high).to_bytes(8, "big")
+
+    clustered: list[list[bytes]] = []
+    for _ in range(batches):
+        batch = [
+            inside(i)
+            for i in rng.sample(range(size - 1), _BATCH // _PER_ROUTE)
+            for _ in range(_PER_ROUTE)
+        ]
+        rng.shuffle(batch)
+        clustered.append(batch)
+    return _Fixture(
+        size=size,
+        keys=keys,
+        snapshot=snapshot,
+        engine=engine,
+        lookups=[rng.randbytes(8) for _ in range(lookups)],
+        uniform=[[rng.randbytes(8) for _ in range(_BATCH)] for _ in range(batches)],
+        clustered=clustered,
+    )
+
+
+def _per_key_ns(seconds: float, keys: int) -> float:
+    return seconds / keys * 1e9
+
+
+def _floor_case(fixture: _Fixture) -> Case:
+    starts = [route.start for route in fixture.snapshot.routes]
+    objs = list(fixture.snapshot.routes)
+    lookups = fixture.lookups
+
+    def case() -> float:
+        begin = time.perf_counter()
+        for key in lookups:
+            i = bisect_right(starts, key) - 1
+            _obj = objs[i]
+        return _per_key_ns(time.perf_counter() - begin, len(lookups))
+
+    return case
+
+
+def _get_route_case(engine: Engine, batches: list[list[bytes]]) -> Case:
+    total = sum(map(len, batches))
+
+    def case() -> float:
+        get = engine.get_route
+        begin = time.perf_counter()
+        for batch in batches:
+            for key in batch:
+                _obj = get(key)
+        return _per_key_ns(time.perf_counter() - begin, total)
+
+    return case
+
+
+def _group_keys_case(engine: Engine, batches: list[list[bytes]]) -> Case:
+    total = sum(map(len, batches))
+
+    def case() -> float:
+        group = engine.group_keys
+        begin = time.perf_counter()
+        for batch in batches:
+            group(batch)
+        return _per_key_ns(time.perf_counter() - begin, total)
+
+    return case
+
+
+def _apply_snapshot_case(snapshot: CatalogSnapshot) -> Case:
+    def case() -> float:
+        engine = Engine()
+        begin = time.perf_counter()
+        engine.apply_snapshot(snapshot)
+        return (time.perf_counter() - begin) * 1e3
+
+    return case
+
+
+def _apply_changes_case(fixture: _Fixture, rng: random.Random) -> Case:
+    engine = fixture.engine
+    next_id = [fixture.size + 1]
+
+    def split() -> CatalogChange:
+        while True:
+            route = engine.get_route(rng.choice(fixture.keys))
+            if route is None or route.end is None:
+                continue
+            low = int.from_bytes(route.start, "big")
+            high = int.from_bytes(route.end, "big")
+            if high - low < 2:
+                continue
+            middle = ((low + high) // 2).to_bytes(8, "big")
+            left, right = next_id[0], next_id[0] + 1
+            next_id[0] += 2
+            version = engine.version
+            return CatalogChange(
+                previous_version=version,
+                version=version + 1,
+                upserts=(
+                    RouteDescriptor(left, route.start, middle, route.group_id),
+                    RouteDescriptor(right, middle, route.end, route.group_id),
+                ),
+                deletes=(route.route_id,),
+            )
+
+    def case() -> float:
+        change = split()
+        begin = time.perf_counter()
+        engine.apply_changes([change])
+        return (time.perf_counter() - begin) * 1e3
+
+    return case
+
+
+def _memory_per_route(snapshot: CatalogSnapshot) -> float:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        engine = Engine()
+        engine.apply_snapshot(snapshot)
+        current, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del engine
+    return current / len(snapshot.routes)
+
+
+def _size_rows(size: int, quick: bool) -> list[Row]:
+    rng = random.Random(size)
+    repeats = 3 if quick else 7
+    progress(f"engine: building {size:,} routes")
+    fixture = _fixture(size, rng, lookups=5_000 if quick else 20_000, batches=3 if quick else 10)
+    cases: dict[str, Case] = {
+        "floor": _floor_case(fixture),
+        "get_route": _get_route_case(fixture.engine, [fixture.lookups]),
+        "group uniform": _group_keys_case(fixture.engine, fixture.uniform),
+        "get_route uniform": _get_route_case(fixture.engine, fixture.uniform),
+        "group clustered": _group_keys_case(fixture.engine, fixture.clustered),
+        "get_route clustered": _get_route_case(fixture.engine, fixture.clustered),
+        "apply_snapshot": _apply_snapshot_case(fixture.snapshot),
+        "apply_changes": _apply_changes_case(fixture, rng),
+    }
+    progress(f"engine: measuring {size:,} routes ({repeats} interleaved repetitions)")
+    results = {
+        name: summarize(values).median for name, values in run_interleaved(cases, repeats).items()
+    }
+    progress(f"engine: measuring memory of {size:,} routes")
+    memory = _memory_per_route(fixture.snapshot)
+    label = f"{size:,} routes"
+    return [
+        Row(
+            "engine get_route",
+            label,
+            results["get_route"],
+            "ns/key",
+            "bisect floor",
+            results["floor"],
+        ),
+        Row(
+            "engine group_keys uniform",
+            label,
+            results["group uniform"],
+            "ns/key",
+            "get_route loop",
+            results["get_route uniform"],
+        ),
+        Row(
+            "engine group_keys clustered",
+            label,
+            results["group clustered"],
+            "ns/key",
+            "get_route loop",
+            results["get_route clustered"],
+        ),
+        Row("engine apply_snapshot", label, results["apply_snapshot"], "ms"),
+        Row(
+            "engine apply_changes split",
+            label,
+            results["apply_changes"],
+            "ms",
+            "apply_snapshot",
+            results["apply_snapshot"],
+        ),
+        Row("engine memory", label, memory, "B/route"),
+    ]
+
+
+def run(quick: bool) -> list[Row]:
+    """Measure the Engine at every size (smaller sizes, fewer repetitions when ``quick``)."""
+    rows: list[Row] = []
+    for size in QUICK_SIZES if quick else FULL_SIZES:
+        rows += _size_rows(size, quick)
+    return rows

@@ -1,0 +1,289 @@
+"""Mirroring the shared catalog into a service's Engine: :class:`CatalogWatcher`.
+
+The watcher LISTENs for the notification every catalog write sends on commit. A small write
+carries its change in the payload and is applied with no query at all; otherwise the watcher
+asks :meth:`~distribution.CatalogStore.changes_since` for what it missed and applies it
+incrementally, falling back to a full snapshot (a reset) when the history no longer reaches back
+far enough or the changes do not continue from the Engine's version. Polling stays as the safety
+net, since notifications are lost while disconnected: at most once a second while listening, every
+``interval`` while not. A lost connection is retried with capped exponential backoff.
+
+The Engine never goes back: a watcher pointed at a lagging replica applies nothing older.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self
+
+from distribution.catalog import (
+    DEFAULT_CHANGES_LIMIT,
+    CatalogListener,
+    CatalogNotification,
+    CatalogStore,
+)
+from distribution.engine import Engine
+from distribution.errors import (
+    CatalogStoreRequiredError,
+    CatalogVersionAheadError,
+    DistributionError,
+    EngineRequiredError,
+    EngineSnapshotVersionGapError,
+    EngineSnapshotVersionStaleError,
+)
+from distribution.types import CatalogSnapshot
+
+__all__ = ["DEFAULT_INTERVAL", "CatalogWatcher", "run_catalog_watcher"]
+
+_logger = logging.getLogger(__name__)
+
+#: How often the watcher polls while it cannot listen, in seconds (the seed's 100 ms).
+DEFAULT_INTERVAL = 0.1
+#: How often the watcher polls while listening: the safety net for lost notifications.
+LISTENING_POLL_INTERVAL = 1.0
+#: The longest wait between two attempts to reconnect the listener.
+MAX_RECONNECT_BACKOFF = 5.0
+# How long one wait for notifications lasts at most, so that a stop is seen promptly.
+_WAIT_SLICE = 0.2
+
+
+class CatalogWatcher:
+    """Keeps an Engine in step with a CatalogStore.
+
+    Observability, readable at any time from any thread: :attr:`applied_version`,
+    :attr:`catalog_version` (the newest version seen), :attr:`lag`, :attr:`last_error`,
+    :attr:`listening`, and the counters :attr:`syncs` (catalog reads), :attr:`resets` (full
+    snapshots applied) and :attr:`notifications` (notifications received).
+    """
+
+    def __init__(
+        self,
+        catalog: CatalogStore | None,
+        engine: Engine | None,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        logger: logging.Logger | None = None,
+        listen: bool = True,
+    ) -> None:
+        if catalog is None:
+            raise CatalogStoreRequiredError("catalog store is required")
+        if engine is None:
+            raise EngineRequiredError("engine is required")
+        if not interval > 0:
+            raise ValueError(f"interval must be positive, got {interval!r}")
+        self._catalog = catalog
+        self._engine = engine
+        self._interval = float(interval)
+        self._logger = logger or _logger
+        self._listen = listen
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.catalog_version = 0
+        self.last_error: BaseException | None = None
+        self.listening = False
+        self.syncs = 0
+        self.resets = 0
+        self.notifications = 0
+
+    @property
+    def logger(self) -> logging.Logger:
+        """The logger in use: the one given, else this module's."""
+        return self._logger
+
+    @property
+    def interval(self) -> float:
+        """Seconds between polls while the watcher cannot listen."""
+        return self._interval
+
+    @property
+    def applied_version(self) -> int:
+        """The catalog version the Engine holds."""
+        return self._engine.version
+
+    @property
+    def lag(self) -> int:
+        """How many versions the Engine is behind the newest version seen."""
+        return max(0, self.catalog_version - self._engine.version)
+
+    def sync_once(self) -> None:
+        """Apply what the catalog has that the Engine lacks; do nothing at all when up to date.
+
+        One catalog read when nothing changed (loads are kept). Changes are applied
+        incrementally; a reset applies a full snapshot. A race with another writer of the Engine
+        (a stale snapshot) is not an error; catalog errors propagate.
+        """
+        while True:
+            version = self._engine.version
+            self.syncs += 1
+            if version == 0:
+                # A fresh Engine takes the catalog whole rather than replaying its history.
+                snapshot = self._catalog.snapshot()
+                if snapshot.version > 0:
+                    self._apply_snapshot(snapshot, reset=False)
+                return
+            try:
+                answer = self._catalog.changes_since(version, limit=DEFAULT_CHANGES_LIMIT)
+            except CatalogVersionAheadError:
+                # The catalog is behind the Engine (a lagging replica): never go back.
+                return
+            if answer.reset is not None:
+                self._apply_snapshot(answer.reset, reset=True)
+                return
+            if not answer.changes:
+                self.catalog_version = max(self.catalog_version, version)
+                return
+            self.catalog_version = max(self.catalog_version, answer.changes[-1].version)
+            try:
+                self._engine.apply_changes(answer.changes)
+            except EngineSnapshotVersionStaleError:
+                return
+            except EngineSnapshotVersionGapError:
+                # Another writer of the Engine moved it meanwhile: start over from a snapshot.
+                self.syncs += 1
+                self._apply_snapshot(self._catalog.snapshot(), reset=True)
+                return
+            if len(answer.changes) < DEFAULT_CHANGES_LIMIT:
+                return
+
+    def run(self, stop: threading.Event) -> None:
+        """Sync at once, then keep the Engine in step until ``stop`` is set, then return.
+
+        Read and apply failures are logged, recorded in :attr:`last_error`, and retried; they
+        never end the loop.
+        """
+        self._guarded(self.sync_once)
+        listener: CatalogListener | None = None
+        backoff = self._interval
+        next_connect = 0.0
+        next_poll = time.monotonic() + LISTENING_POLL_INTERVAL
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                if self._listen and listener is None and now >= next_connect:
+                    listener = self._connect()
+                    if listener is None:
+                        next_connect = now + backoff
+                        backoff = min(backoff * 2, MAX_RECONNECT_BACKOFF)
+                    else:
+                        backoff = self._interval
+                        self._guarded(self.sync_once)  # catch up on what was missed meanwhile
+                        next_poll = time.monotonic() + LISTENING_POLL_INTERVAL
+                if listener is None:
+                    stop.wait(self._interval)
+                    self._guarded(self.sync_once)
+                    continue
+                try:
+                    received = listener.wait(min(_WAIT_SLICE, max(0.0, next_poll - now)))
+                except DistributionError as exc:
+                    self._record(exc, "lost the catalog notification connection")
+                    self._disconnect(listener)
+                    listener = None
+                    continue
+                for notification in received:
+                    self._guarded(self._on_notification, notification)
+                if time.monotonic() >= next_poll:
+                    self._guarded(self.sync_once)
+                    next_poll = time.monotonic() + LISTENING_POLL_INTERVAL
+        finally:
+            if listener is not None:
+                self._disconnect(listener)
+
+    def start(self) -> None:
+        """Run the watcher on a background thread named ``distribution-catalog-watcher``."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("the watcher is already running")
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self.run, args=(self._stop,), name="distribution-catalog-watcher", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the background thread and wait for it (up to ``timeout`` seconds)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _on_notification(self, notification: CatalogNotification) -> None:
+        self.notifications += 1
+        self.catalog_version = max(self.catalog_version, notification.version)
+        if notification.version <= self._engine.version:
+            return
+        change = notification.change
+        if change is not None and change.previous_version == self._engine.version:
+            try:
+                self._engine.apply_changes([change])
+                return
+            except (EngineSnapshotVersionStaleError, EngineSnapshotVersionGapError):
+                pass
+        self.sync_once()
+
+    def _apply_snapshot(self, snapshot: CatalogSnapshot, *, reset: bool) -> None:
+        self.catalog_version = max(self.catalog_version, snapshot.version)
+        try:
+            self._engine.apply_snapshot(snapshot)
+        except EngineSnapshotVersionStaleError:
+            return
+        if reset:
+            self.resets += 1
+            self._logger.info("catalog watcher reset the engine to version %d", snapshot.version)
+
+    def _connect(self) -> CatalogListener | None:
+        try:
+            listener = self._catalog.listen()
+        except DistributionError as exc:
+            self._record(exc, "cannot listen for catalog notifications")
+            return None
+        self.listening = True
+        self._logger.info("catalog watcher connected: listening for catalog notifications")
+        return listener
+
+    def _disconnect(self, listener: CatalogListener) -> None:
+        self.listening = False
+        listener.close()
+        self._logger.info("catalog watcher disconnected: polling every %.3fs", self._interval)
+
+    def _guarded(self, step: Callable[..., None], *args: object) -> None:
+        """Run one step of the loop; log and record a failure instead of ending the loop."""
+        lag_before = self.lag
+        try:
+            step(*args)
+        except Exception as exc:
+            self._record(exc, "catalog sync failed; will retry")
+            return
+        if self.last_error is not None or (lag_before and not self.lag):
+            self._logger.info("catalog watcher caught up at version %d", self.applied_version)
+        self.last_error = None
+
+    def _record(self, exc: BaseException, what: str) -> None:
+        first = self.last_error is None
+        self.last_error = exc
+        # The first failure of a run of them is a warning; repeats of an outage stay quiet.
+        self._logger.log(logging.WARNING if first else logging.DEBUG, "%s: %s", what, exc)
+
+
+def run_catalog_watcher(
+    catalog: CatalogStore | None,
+    engine: Engine | None,
+    logger: logging.Logger | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run a :class:`CatalogWatcher` in the calling thread until ``stop`` is set (or forever)."""
+    CatalogWatcher(catalog, engine, logger=logger).run(stop or threading.Event())

@@ -1,0 +1,1187 @@
+"""Tests of distribution.Engine: every contract behaviour, against a naive model, and threads."""
+
+from __future__ import annotations
+
+import gc
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import pairwise
+
+import pytest
+
+import distribution.engine as engine_module
+from distribution import (
+    UINT64_MAX,
+    CatalogChange,
+    CatalogGroupIDRequiredError,
+    CatalogInvalidRouteRangeError,
+    CatalogInvalidRouteStateError,
+    CatalogRouteIDRequiredError,
+    CatalogSnapshot,
+    DistributionError,
+    Engine,
+    EngineSnapshotDuplicateIDError,
+    EngineSnapshotRouteOrderError,
+    EngineSnapshotRouteOverlapError,
+    EngineSnapshotVersionGapError,
+    EngineSnapshotVersionStaleError,
+    Route,
+    RouteDescriptor,
+    RouteState,
+    validate_route_descriptor,
+)
+
+ACTIVE = RouteState.ACTIVE
+FENCED = RouteState.WRITE_FENCED
+
+
+def rd(
+    route_id: int,
+    start: bytes,
+    end: bytes | None,
+    group_id: int = 1,
+    state: int = ACTIVE,
+    parent_route_id: int = 0,
+) -> RouteDescriptor:
+    return RouteDescriptor(route_id, start, end, group_id, state, parent_route_id)  # type: ignore[arg-type]
+
+
+def snap(version: int, *routes: RouteDescriptor) -> CatalogSnapshot:
+    return CatalogSnapshot(version=version, routes=routes)
+
+
+def change(
+    previous: int,
+    version: int,
+    upserts: tuple[RouteDescriptor, ...] = (),
+    deletes: tuple[int, ...] = (),
+) -> CatalogChange:
+    return CatalogChange(
+        previous_version=previous, version=version, upserts=upserts, deletes=deletes
+    )
+
+
+def shape(engine: Engine) -> list[tuple[int, bytes, bytes | None, int, RouteState, int]]:
+    engine._check()
+    return [tuple(r) for r in engine.stats()]  # type: ignore[misc]
+
+
+@pytest.fixture(params=[2, 1024], ids=["tiny-chunks", "default-chunks"])
+def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run a test with tiny chunks and blocks too, so multi-chunk code paths are exercised."""
+    size: int = request.param
+    monkeypatch.setattr(engine_module, "_CHUNK", size)
+    monkeypatch.setattr(engine_module, "_BLOCK", max(size, 3))
+    return size
+
+
+ABC = snap(
+    1,
+    rd(1, b"", b"b", 1),
+    rd(2, b"b", b"d", 2),
+    rd(3, b"d", None, 3),
+)
+
+
+# -- construction --------------------------------------------------------------------------------
+
+
+def test_new_engine_is_empty() -> None:
+    engine = Engine()
+    assert engine.version == 0
+    assert engine.get_route(b"") is None
+    assert engine.get_route(b"k") is None
+    assert engine.stats() == []
+    assert engine.get_intersecting_routes(b"", None) == []
+    assert engine.group_keys([b"a"]) == []
+    engine.record_access(b"a")
+    engine._check()
+
+
+@pytest.mark.parametrize("threshold", [-1, 2**64])
+def test_threshold_out_of_range(threshold: int) -> None:
+    with pytest.raises(ValueError):
+        Engine(hotspot_threshold=threshold)
+
+
+def test_threshold_wrong_type() -> None:
+    with pytest.raises(TypeError):
+        Engine(hotspot_threshold="1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Engine(hotspot_threshold=True)
+
+
+def test_with_default_route() -> None:
+    engine = Engine.with_default_route()
+    assert shape(engine) == [(0, b"", None, 1, ACTIVE, 0)]
+    assert engine.get_route(b"") == Route(0, b"", None, 1, ACTIVE, 0)
+    assert engine.get_route(b"\xff" * 20) is not None
+    assert engine.version == 0
+    hot = Engine.with_default_route(hotspot_threshold=5)
+    for _ in range(5):
+        hot.record_access(b"x")
+    # Unbounded: the load is reset, not split.
+    assert shape(hot) == [(0, b"", None, 1, ACTIVE, 0)]
+
+
+@pytest.mark.parametrize("bad", ["k", bytearray(b"k"), memoryview(b"k"), 1, None])
+def test_keys_must_be_bytes_even_on_an_empty_engine(bad: object) -> None:
+    for engine in (Engine(), Engine.with_default_route()):
+        with pytest.raises(TypeError):
+            engine.get_route(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            engine.record_access(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            engine.group_keys([b"a", bad])  # type: ignore[list-item]
+        with pytest.raises(TypeError):
+            engine.get_intersecting_routes(bad, None)  # type: ignore[arg-type]
+        if bad is not None:
+            with pytest.raises(TypeError):
+                engine.get_intersecting_routes(b"", bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            engine.update_route(bad, None, 1)  # type: ignore[arg-type]
+
+
+def test_str_key_message_suggests_encoding() -> None:
+    with pytest.raises(TypeError, match="encode text keys explicitly"):
+        Engine().get_route("k")  # type: ignore[arg-type]
+
+
+def test_bytes_subclass_is_refused() -> None:
+    class Key(bytes):
+        pass
+
+    with pytest.raises(TypeError):
+        Engine().get_route(Key(b"a"))
+    with pytest.raises(TypeError):
+        Engine().apply_snapshot(snap(1, rd(1, Key(b"a"), None)))
+
+
+# -- apply_snapshot ------------------------------------------------------------------------------
+
+
+def test_apply_snapshot_and_lookups(chunk: int) -> None:
+    engine = Engine()
+    engine.apply_snapshot(ABC)
+    assert engine.version == 1
+    assert shape(engine) == [
+        (1, b"", b"b", 1, ACTIVE, 0),
+        (2, b"b", b"d", 2, ACTIVE, 0),
+        (3, b"d", None, 3, ACTIVE, 0),
+    ]
+    route = engine.get_route(b"")
+    assert route is not None and route.route_id == 1
+    assert engine.get_route(b"a\xff").route_id == 1  # type: ignore[union-attr]
+    assert engine.get_route(b"b").route_id == 2  # type: ignore[union-attr]
+    assert engine.get_route(b"c").route_id == 2  # type: ignore[union-attr]
+    assert engine.get_route(b"d").route_id == 3  # type: ignore[union-attr]
+    assert engine.get_route(b"\xff\xff").route_id == 3  # type: ignore[union-attr]
+    assert type(engine.get_route(b"b")) is Route
+
+
+def test_gaps_are_allowed(chunk: int) -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(1, rd(2, b"m", b"p", 2), rd(1, b"c", b"f"), rd(3, b"x", b"z")))
+    engine._check()
+    assert [r.route_id for r in engine.stats()] == [1, 2, 3]
+    assert engine.get_route(b"a") is None
+    assert engine.get_route(b"c").route_id == 1  # type: ignore[union-attr]
+    assert engine.get_route(b"f") is None
+    assert engine.get_route(b"p") is None
+    assert engine.get_route(b"y").route_id == 3  # type: ignore[union-attr]
+    assert engine.get_route(b"z") is None
+
+
+def test_stale_snapshot_changes_nothing() -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(2, rd(1, b"", None)))
+    engine.record_access(b"k")
+    before = shape(engine)
+    with pytest.raises(EngineSnapshotVersionStaleError) as info:
+        engine.apply_snapshot(snap(1, rd(5, b"", None, 5)))
+    message = str(info.value)
+    assert "snapshot version 1" in message and "engine catalog version 2" in message
+    assert not isinstance(info.value, ValueError)
+    assert isinstance(info.value, DistributionError)
+    assert engine.version == 2
+    assert shape(engine) == before
+
+
+def test_same_version_is_a_silent_noop_not_validated() -> None:
+    engine = Engine()
+    engine.apply_snapshot(ABC)
+    engine.record_access(b"c")
+    before = shape(engine)
+    engine.apply_snapshot(snap(1, rd(0, b"z", b"a", 0, 9)))
+    assert shape(engine) == before
+    # Version 0 on a new engine is the same version too.
+    fresh = Engine()
+    fresh.apply_snapshot(snap(0, rd(0, b"", None)))
+    assert fresh.stats() == []
+
+
+def test_newer_empty_snapshot_clears_everything() -> None:
+    engine = Engine.with_default_route()
+    engine.apply_snapshot(ABC)
+    engine.apply_snapshot(snap(5))
+    assert engine.version == 5
+    assert shape(engine) == []
+    assert engine.get_route(b"a") is None
+
+
+def test_snapshot_resets_loads_and_drops_ephemeral_routes() -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(1, rd(1, b"a", b"c")))
+    engine.update_route(b"x", None, 4)
+    engine.record_access(b"a")
+    engine.record_access(b"x")
+    engine.apply_snapshot(snap(2, rd(1, b"a", b"c")))
+    assert shape(engine) == [(1, b"a", b"c", 1, ACTIVE, 0)]
+
+
+@pytest.mark.parametrize("version", [-1, 2**64])
+def test_snapshot_version_out_of_range(version: int) -> None:
+    with pytest.raises(ValueError):
+        Engine().apply_snapshot(snap(version))
+
+
+def test_snapshot_version_full_u64_range() -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(UINT64_MAX, rd(UINT64_MAX, b"", None, UINT64_MAX)))
+    assert engine.version == UINT64_MAX
+    assert shape(engine) == [(UINT64_MAX, b"", None, UINT64_MAX, ACTIVE, 0)]
+
+
+@pytest.mark.parametrize(
+    ("route", "error"),
+    [
+        (rd(0, b"a", b"b"), CatalogRouteIDRequiredError),
+        (rd(1, b"a", b"b", 0), CatalogGroupIDRequiredError),
+        (rd(1, b"a", b"b", 1, 4), CatalogInvalidRouteStateError),
+        (rd(1, b"a", b"b", 1, -1), CatalogInvalidRouteStateError),
+        (rd(1, b"b", b"a"), CatalogInvalidRouteRangeError),
+        (rd(1, b"a", b"a"), CatalogInvalidRouteRangeError),
+        (rd(1, b"a", b""), CatalogInvalidRouteRangeError),
+        (rd(1, b"", b""), CatalogInvalidRouteRangeError),
+        (rd(2**64, b"a", b"b"), ValueError),
+        (rd(1, b"a", b"b", 2**64), ValueError),
+        (rd(1, b"a", b"b", 1, ACTIVE, -1), ValueError),
+        (rd(True, b"a", b"b"), TypeError),
+        (rd(1, "a", b"b"), TypeError),  # type: ignore[arg-type]
+        (rd(1, b"a", "b"), TypeError),  # type: ignore[arg-type]
+        (rd(1, b"a", bytearray(b"b")), TypeError),  # type: ignore[arg-type]
+        (rd(1, b"a", b"b", 1.0), TypeError),  # type: ignore[arg-type]
+        (rd(1, b"a", b"b", 1, 0.0), TypeError),  # type: ignore[arg-type]
+        (rd(1, b"a", b"b", 1, ACTIVE, None), TypeError),  # type: ignore[arg-type]
+    ],
+)
+def test_invalid_route_in_snapshot(
+    route: RouteDescriptor, error: type[Exception], chunk: int
+) -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(1, rd(9, b"x", None)))
+    good = [rd(10, b"0", b"1"), rd(11, b"1", b"2")]
+    with pytest.raises(error):
+        engine.apply_snapshot(snap(2, *good, route))
+    assert engine.version == 1
+    assert shape(engine) == [(9, b"x", None, 1, ACTIVE, 0)]
+
+
+def test_descriptor_checks_run_in_order() -> None:
+    with pytest.raises(CatalogRouteIDRequiredError):
+        Engine().apply_snapshot(snap(1, rd(0, b"b", b"a", 0, 9)))
+    with pytest.raises(CatalogGroupIDRequiredError):
+        Engine().apply_snapshot(snap(1, rd(1, b"b", b"a", 0, 9)))
+    with pytest.raises(CatalogInvalidRouteStateError):
+        Engine().apply_snapshot(snap(1, rd(1, b"b", b"a", 1, 9)))
+
+
+def test_snapshot_checks_run_in_order(chunk: int) -> None:
+    # Each route is validated (in input order) before ids are compared...
+    with pytest.raises(CatalogGroupIDRequiredError):
+        Engine().apply_snapshot(snap(1, rd(1, b"a", b"b"), rd(1, b"a", b"b"), rd(2, b"c", b"d", 0)))
+    with pytest.raises(CatalogGroupIDRequiredError):
+        Engine().apply_snapshot(snap(1, rd(1, b"c", b"d", 0), rd(0, b"a", b"b")))
+    with pytest.raises(CatalogRouteIDRequiredError):
+        Engine().apply_snapshot(snap(1, rd(0, b"a", b"b"), rd(1, b"c", b"d", 0)))
+    # ...ids before order and overlap...
+    with pytest.raises(EngineSnapshotDuplicateIDError, match="route 1"):
+        Engine().apply_snapshot(snap(1, rd(1, b"a", b"z"), rd(2, b"a", b"c"), rd(1, b"x", None)))
+    # ...and adjacent pairs in start order: the first failing pair decides.
+    with pytest.raises(EngineSnapshotRouteOverlapError):
+        Engine().apply_snapshot(snap(1, rd(3, b"x", None), rd(2, b"c", b"e"), rd(1, b"a", b"d")))
+    with pytest.raises(EngineSnapshotRouteOrderError):
+        Engine().apply_snapshot(snap(1, rd(3, b"x", b"y"), rd(2, b"x", b"z"), rd(1, b"a", b"d")))
+    with pytest.raises(EngineSnapshotRouteOrderError):
+        Engine().apply_snapshot(
+            snap(1, rd(4, b"y", b"z"), rd(3, b"x", b"z"), rd(2, b"a", b"b"), rd(1, b"a", b"c"))
+        )
+    with pytest.raises(EngineSnapshotRouteOverlapError):
+        Engine().apply_snapshot(
+            snap(1, rd(4, b"x", b"z"), rd(3, b"x", b"y"), rd(2, b"c", b"e"), rd(1, b"a", b"d"))
+        )
+
+
+def test_order_errors(chunk: int) -> None:
+    with pytest.raises(EngineSnapshotRouteOrderError):
+        Engine().apply_snapshot(snap(1, rd(1, b"a", b"c"), rd(2, b"a", b"b")))
+    with pytest.raises(EngineSnapshotRouteOrderError):
+        Engine().apply_snapshot(snap(1, rd(1, b"a", None), rd(2, b"b", b"c")))
+    with pytest.raises(EngineSnapshotRouteOrderError):
+        Engine().apply_snapshot(snap(1, rd(1, b"a", None), rd(2, b"b", None)))
+    with pytest.raises(EngineSnapshotRouteOverlapError):
+        Engine().apply_snapshot(snap(1, rd(1, b"a", b"c"), rd(2, b"b", b"d")))
+    with pytest.raises(EngineSnapshotRouteOverlapError):
+        Engine().apply_snapshot(snap(1, rd(2, b"b", b"d"), rd(1, b"a", b"z")))
+    for error in (
+        EngineSnapshotRouteOrderError,
+        EngineSnapshotRouteOverlapError,
+        EngineSnapshotDuplicateIDError,
+    ):
+        assert issubclass(error, ValueError)
+
+
+def test_unsorted_snapshot_is_sorted(chunk: int) -> None:
+    routes = [rd(i + 1, bytes([i]), bytes([i + 1]), i + 1) for i in range(20)]
+    random.Random(3).shuffle(routes)
+    engine = Engine()
+    engine.apply_snapshot(snap(1, *routes))
+    assert [r[0] for r in shape(engine)] == list(range(1, 21))
+
+
+def test_plain_int_states_are_normalized(chunk: int) -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(1, rd(1, b"a", b"b", 1, 1), rd(2, b"b", None, 1, 3)))
+    states = [r.state for r in engine.stats()]
+    assert states == [RouteState.WRITE_FENCED, RouteState.MIGRATING_TARGET]
+    assert all(type(s) is RouteState for s in states)
+    engine._check()
+
+
+def test_duck_typed_descriptors_are_accepted() -> None:
+    @dataclass
+    class Loose:
+        route_id: int
+        start: bytes
+        end: bytes | None
+        group_id: int
+        state: RouteState = ACTIVE
+        parent_route_id: int = 0
+
+    engine = Engine()
+    engine.apply_snapshot(CatalogSnapshot(1, (Loose(1, b"a", None, 2),)))  # type: ignore[arg-type]
+    assert shape(engine) == [(1, b"a", None, 2, ACTIVE, 0)]
+
+
+def test_distinct_but_equal_boundary_keys(chunk: int) -> None:
+    # Keys decoded from a database are equal, not identical, across adjacent routes.
+    routes = [rd(i + 1, b"k%03d" % i, b"k%03d" % (i + 1)) for i in range(10)]
+    engine = Engine()
+    engine.apply_snapshot(snap(1, *routes))
+    assert len(shape(engine)) == 10
+    assert engine.get_route(b"k005").route_id == 6  # type: ignore[union-attr]
+    assert engine.get_route(b"k010") is None
+
+
+def test_snapshot_with_gaps_and_shared_keys(chunk: int) -> None:
+    starts = [b"%02d" % i for i in range(0, 40, 2)]
+    routes = []
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i % 3 == 0 and i + 1 < len(starts) else start + b"5"
+        routes.append(rd(i + 1, start, end))
+    engine = Engine()
+    engine.apply_snapshot(snap(1, *routes))
+    model = Model()
+    model.apply_snapshot(snap(1, *routes))
+    model.compare(engine)
+
+
+# -- update_route ----------------------------------------------------------------------------------
+
+
+def test_update_route(chunk: int) -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(3, rd(1, b"c", b"f")))
+    engine.record_access(b"c")
+    engine.update_route(b"a", b"c", 7)
+    engine.update_route(b"f", None, 8)
+    assert engine.version == 3
+    assert shape(engine) == [
+        (0, b"a", b"c", 7, ACTIVE, 0),
+        (1, b"c", b"f", 1, ACTIVE, 1),
+        (0, b"f", None, 8, ACTIVE, 0),
+    ]
+
+
+def test_update_route_overlap_changes_nothing(chunk: int) -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(3, rd(1, b"c", b"f")))
+    engine.record_access(b"d")
+    before = shape(engine)
+    for start, end in [(b"a", b"d"), (b"e", None), (b"c", b"f"), (b"d", b"e"), (b"", None)]:
+        with pytest.raises(EngineSnapshotRouteOverlapError):
+            engine.update_route(start, end, 2)
+        assert shape(engine) == before
+
+
+def test_update_route_validation() -> None:
+    engine = Engine()
+    with pytest.raises(CatalogGroupIDRequiredError):
+        engine.update_route(b"b", b"a", 0)
+    with pytest.raises(CatalogInvalidRouteRangeError):
+        engine.update_route(b"b", b"a", 1)
+    with pytest.raises(CatalogInvalidRouteRangeError):
+        engine.update_route(b"a", b"", 1)
+    with pytest.raises(ValueError):
+        engine.update_route(b"a", None, 2**64)
+    with pytest.raises(TypeError):
+        engine.update_route(b"a", None, "1")  # type: ignore[arg-type]
+    assert shape(engine) == []
+
+
+# -- lookups ---------------------------------------------------------------------------------------
+
+
+def test_get_intersecting_routes(chunk: int) -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(1, rd(1, b"b", b"d"), rd(2, b"d", b"f"), rd(3, b"h", None)))
+
+    def ids(start: bytes, end: bytes | None) -> list[int]:
+        return [r.route_id for r in engine.get_intersecting_routes(start, end)]
+
+    assert ids(b"", None) == [1, 2, 3]
+    assert ids(b"", b"b") == []
+    assert ids(b"", b"b\x00") == [1]
+    assert ids(b"c", b"e") == [1, 2]
+    assert ids(b"d", b"e") == [2]
+    assert ids(b"f", b"h") == []
+    assert ids(b"f", b"h\x00") == [3]
+    assert ids(b"z", None) == [3]
+    assert ids(b"c", b"c") == []
+    assert ids(b"e", b"c") == []
+    assert ids(b"a", b"") == []
+
+
+def test_group_keys(chunk: int) -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(1, rd(1, b"b", b"d"), rd(2, b"d", b"f"), rd(3, b"h", None)))
+    keys = [b"z", b"c", b"a", b"d", b"b", b"c", b"g", b"h", b"e", b"\xff"]
+    grouped = engine.group_keys(iter(keys))
+    assert [(r.route_id, ks) for r, ks in grouped] == [
+        (1, [b"b", b"c", b"c"]),
+        (2, [b"d", b"e"]),
+        (3, [b"h", b"z", b"\xff"]),
+    ]
+    assert engine.group_keys([]) == []
+    assert engine.group_keys([b"a", b"g"]) == []
+
+
+# -- loads and hotspots ----------------------------------------------------------------------------
+
+
+def test_record_access_and_stats(chunk: int) -> None:
+    engine = Engine()
+    engine.apply_snapshot(ABC)
+    for key in [b"a", b"a", b"c", b"zz", b"d"]:
+        engine.record_access(key)
+    assert [r.load for r in engine.stats()] == [2, 1, 2]
+    # Lookups carry the load the route was built with, not the current one.
+    assert engine.get_route(b"a").load == 0  # type: ignore[union-attr]
+
+
+def test_record_access_without_route_does_nothing() -> None:
+    engine = Engine(hotspot_threshold=1)
+    engine.apply_snapshot(snap(1, rd(1, b"b", b"c")))
+    engine.record_access(b"a")
+    engine.record_access(b"c")
+    assert shape(engine) == [(1, b"b", b"c", 1, ACTIVE, 0)]
+
+
+def test_hotspot_split(chunk: int) -> None:
+    engine = Engine(hotspot_threshold=3)
+    engine.apply_snapshot(ABC)
+    engine.record_access(b"e")
+    engine.record_access(b"a")
+    engine.record_access(b"c")
+    engine.record_access(b"c")
+    assert [r.load for r in engine.stats()] == [1, 2, 1]
+    engine.record_access(b"b")
+    assert shape(engine) == [
+        (1, b"", b"b", 1, ACTIVE, 1),
+        (0, b"b", b"b\x00", 2, ACTIVE, 0),
+        (0, b"b\x00", b"d", 2, ACTIVE, 0),
+        (3, b"d", None, 3, ACTIVE, 1),
+    ]
+    # The pieces split again, in turn.
+    for _ in range(3):
+        engine.record_access(b"c")
+    assert [(r.start, r.end) for r in engine.stats()][1:4] == [
+        (b"b", b"b\x00"),
+        (b"b\x00", b"b\x00\x00"),
+        (b"b\x00\x00", b"d"),
+    ]
+    engine._check()
+
+
+def test_hotspot_narrow_or_unbounded_resets(chunk: int) -> None:
+    engine = Engine(hotspot_threshold=2)
+    engine.apply_snapshot(snap(1, rd(1, b"a", b"a\x00"), rd(2, b"b", None)))
+    for key in [b"a", b"a", b"b", b"b", b"b"]:
+        engine.record_access(key)
+    assert shape(engine) == [(1, b"a", b"a\x00", 1, ACTIVE, 0), (2, b"b", None, 1, ACTIVE, 1)]
+
+
+@pytest.mark.parametrize(
+    "state", [RouteState.WRITE_FENCED, RouteState.MIGRATING_SOURCE, RouteState.MIGRATING_TARGET]
+)
+def test_fenced_and_migrating_routes_never_split(state: RouteState) -> None:
+    engine = Engine(hotspot_threshold=2)
+    engine.apply_snapshot(snap(1, rd(1, b"a", b"z", 1, state)))
+    for _ in range(5):
+        engine.record_access(b"m")
+    assert shape(engine) == [(1, b"a", b"z", 1, state, 5)]
+
+
+def test_threshold_one_splits_at_once() -> None:
+    engine = Engine(hotspot_threshold=1)
+    engine.update_route(b"a", b"c", 1)
+    engine.record_access(b"b")
+    assert shape(engine) == [(0, b"a", b"a\x00", 1, ACTIVE, 0), (0, b"a\x00", b"c", 1, ACTIVE, 0)]
+
+
+# -- apply_changes ---------------------------------------------------------------------------------
+
+
+def test_apply_changes_split_keeps_other_loads(chunk: int) -> None:
+    engine = Engine()
+    engine.apply_snapshot(ABC)
+    for key in [b"a", b"c", b"c", b"x"]:
+        engine.record_access(key)
+    engine.apply_changes([change(1, 2, (rd(4, b"b", b"c", 2), rd(5, b"c", b"d", 4)), (2,))])
+    assert engine.version == 2
+    assert shape(engine) == [
+        (1, b"", b"b", 1, ACTIVE, 1),
+        (4, b"b", b"c", 2, ACTIVE, 0),
+        (5, b"c", b"d", 4, ACTIVE, 0),
+        (3, b"d", None, 3, ACTIVE, 1),
+    ]
+    # Merge back, move, fence, delete, several versions at once.
+    engine.apply_changes(
+        [
+            change(2, 3, (rd(6, b"b", b"d", 2),), (4, 5)),
+            change(3, 4, (rd(3, b"d", None, 9, FENCED),)),
+            change(4, 5, (), (1,)),
+        ]
+    )
+    assert engine.version == 5
+    assert shape(engine) == [(6, b"b", b"d", 2, ACTIVE, 0), (3, b"d", None, 9, FENCED, 0)]
+
+
+def test_apply_changes_already_applied_is_a_noop() -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(3, rd(1, b"a", None)))
+    engine.record_access(b"a")
+    before = shape(engine)
+    engine.apply_changes([])
+    engine.apply_changes([change(1, 2, (rd(0, b"", b"", 0),)), change(2, 3)])
+    assert shape(engine) == before
+    assert engine.version == 3
+
+
+def test_apply_changes_mixed_starts_from_engine_version() -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(2, rd(1, b"a", None)))
+    engine.apply_changes([change(1, 2, (rd(0, b"", b"", 0),)), change(2, 3, (rd(2, b"", b"a"),))])
+    assert engine.version == 3
+    assert [r[0] for r in shape(engine)] == [2, 1]
+
+
+def test_apply_changes_gap_and_stale() -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(4, rd(1, b"a", None)))
+    with pytest.raises(EngineSnapshotVersionGapError):
+        engine.apply_changes([change(5, 6)])
+    with pytest.raises(EngineSnapshotVersionStaleError) as info:
+        engine.apply_changes([change(3, 5)])
+    assert "3" in str(info.value) and "4" in str(info.value)
+    with pytest.raises(EngineSnapshotVersionGapError):
+        engine.apply_changes([change(4, 5), change(6, 7)])
+    with pytest.raises(EngineSnapshotVersionGapError):
+        engine.apply_changes([change(4, 4)])
+    with pytest.raises(ValueError):
+        engine.apply_changes([change(4, 2**64)])
+    assert issubclass(EngineSnapshotVersionGapError, DistributionError)
+    assert not issubclass(EngineSnapshotVersionGapError, ValueError)
+    assert engine.version == 4
+    assert shape(engine) == [(1, b"a", None, 1, ACTIVE, 0)]
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (change(1, 2, (rd(0, b"x", b"y"),)), CatalogRouteIDRequiredError),
+        (change(1, 2, (rd(7, b"y", b"x"),)), CatalogInvalidRouteRangeError),
+        (change(1, 2, (rd(7, "x", None),)), TypeError),  # type: ignore[arg-type]
+        (change(1, 2, (), ("1",)), TypeError),  # type: ignore[arg-type]
+        (change(1, 2, (), (-1,)), ValueError),
+        (change(1, 2, (rd(7, b"x", b"y"), rd(7, b"y", b"z"))), EngineSnapshotDuplicateIDError),
+        (change(1, 2, (rd(7, b"c", b"e"),)), EngineSnapshotRouteOverlapError),
+        (change(1, 2, (rd(7, b"a", b"b"),)), EngineSnapshotRouteOverlapError),
+        (change(1, 2, (rd(7, b"b", b"c"),)), EngineSnapshotRouteOrderError),
+        (change(1, 2, (rd(7, b"e", None),)), EngineSnapshotRouteOrderError),
+        (change(1, 2, (rd(2, b"a", b"d"),)), EngineSnapshotRouteOverlapError),
+        (change(1, 2, (rd(7, b"x", b"y"), rd(8, b"x", b"z"))), EngineSnapshotRouteOrderError),
+        (
+            change(1, 2, (rd(7, b"x", b"z"), rd(8, b"y", None)), (3,)),
+            EngineSnapshotRouteOverlapError,
+        ),
+    ],
+)
+def test_apply_changes_errors_change_nothing(
+    bad: CatalogChange, error: type[Exception], chunk: int
+) -> None:
+    engine = Engine()
+    engine.apply_snapshot(ABC)
+    engine.record_access(b"c")
+    before = shape(engine)
+    with pytest.raises(error):
+        engine.apply_changes([change(0, 1), bad, change(2, 3)])
+    assert engine.version == 1
+    assert shape(engine) == before
+
+
+def test_apply_changes_validates_before_duplicates_and_placement() -> None:
+    engine = Engine()
+    engine.apply_snapshot(ABC)
+    with pytest.raises(CatalogGroupIDRequiredError):
+        engine.apply_changes(
+            [
+                change(1, 2, (rd(7, b"c", b"e"), rd(7, b"x", b"y"))),
+                change(2, 3, (rd(8, b"q", b"r", 0),)),
+            ]
+        )
+
+
+def test_apply_changes_upsert_replaces_and_unknown_delete_is_ignored(chunk: int) -> None:
+    engine = Engine()
+    engine.apply_snapshot(ABC)
+    engine.record_access(b"a")
+    engine.apply_changes([change(1, 2, (rd(2, b"b", b"c", 5),), (42,))])
+    assert shape(engine) == [
+        (1, b"", b"b", 1, ACTIVE, 1),
+        (2, b"b", b"c", 5, ACTIVE, 0),
+        (3, b"d", None, 3, ACTIVE, 0),
+    ]
+    # Delete and re-create an id in one change: upserts come after deletes.
+    engine.apply_changes([change(2, 3, (rd(2, b"b", b"d", 6),), (2,))])
+    assert shape(engine)[1] == (2, b"b", b"d", 6, ACTIVE, 0)
+
+
+def test_apply_changes_catalog_wins_over_ephemeral_routes(chunk: int) -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(1, rd(1, b"a", b"c")))
+    engine.update_route(b"m", b"p", 9)
+    engine.update_route(b"x", None, 9)
+    engine.record_access(b"x")
+    engine.apply_changes([change(1, 2, (rd(2, b"n", b"o"),))])
+    assert shape(engine) == [
+        (1, b"a", b"c", 1, ACTIVE, 0),
+        (2, b"n", b"o", 1, ACTIVE, 0),
+        (0, b"x", None, 9, ACTIVE, 1),
+    ]
+
+
+def test_apply_changes_on_a_hotspot_split_route(chunk: int) -> None:
+    engine = Engine(hotspot_threshold=2)
+    engine.apply_snapshot(snap(1, rd(1, b"a", b"m"), rd(2, b"m", None)))
+    engine.record_access(b"b")
+    engine.record_access(b"b")
+    assert [r[0] for r in shape(engine)] == [0, 0, 2]
+    # The shadowed route still blocks an overlapping upsert...
+    with pytest.raises(EngineSnapshotRouteOverlapError):
+        engine.apply_changes([change(1, 2, (rd(3, b"", b"b"),))])
+    with pytest.raises(EngineSnapshotRouteOrderError):
+        engine.apply_changes([change(1, 2, (rd(3, b"a", b"b"),))])
+    # ...and deleting it removes its pieces.
+    engine.apply_changes([change(1, 2, (), (1,))])
+    assert shape(engine) == [(2, b"m", None, 1, ACTIVE, 0)]
+    engine.record_access(b"x")
+    engine.apply_changes([change(2, 3, (rd(1, b"a", b"m"),))])
+    engine.record_access(b"c")
+    engine.record_access(b"c")
+    engine.apply_changes([change(3, 4, (rd(1, b"a", b"m", 4),))])
+    assert shape(engine) == [(1, b"a", b"m", 4, ACTIVE, 0), (2, b"m", None, 1, ACTIVE, 1)]
+
+
+# -- next_timestamp --------------------------------------------------------------------------------
+
+
+def test_next_timestamp_increases() -> None:
+    engine = Engine()
+    values = [engine.next_timestamp() for _ in range(1000)]
+    assert all(map(int.__lt__, values, values[1:]))
+    assert values[0] > 10**18  # nanoseconds since the epoch
+
+
+# -- threads ---------------------------------------------------------------------------------------
+
+
+def run_threads(count: int, target: Callable[[int], object]) -> None:
+    barrier = threading.Barrier(count)
+    errors: list[BaseException] = []
+
+    def body(index: int) -> None:
+        try:
+            barrier.wait()
+            target(index)
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_threads_count_exactly() -> None:
+    engine = Engine()
+    engine.apply_snapshot(ABC)
+    per_thread = 3000
+    keys = [b"a", b"c", b"e", b"zz"]
+
+    def worker(index: int) -> None:
+        for j in range(per_thread):
+            engine.record_access(keys[(index + j) % 4])
+
+    run_threads(8, worker)
+    stats = shape(engine)
+    assert sum(r[5] for r in stats) == 8 * per_thread
+    assert [r[5] for r in stats] == [6000, 6000, 12000]
+
+
+def test_threads_split_a_hotspot_exactly_once() -> None:
+    threshold = 1000
+    engine = Engine(hotspot_threshold=threshold)
+    engine.apply_snapshot(snap(1, rd(1, b"", b"m"), rd(2, b"m", None)))
+
+    def worker(_index: int) -> None:
+        for _ in range(threshold // 10):
+            engine.record_access(b"g")
+
+    run_threads(10, worker)
+    assert shape(engine) == [
+        (0, b"", b"\x00", 1, ACTIVE, 0),
+        (0, b"\x00", b"m", 1, ACTIVE, 0),
+        (2, b"m", None, 1, ACTIVE, 0),
+    ]
+
+
+def test_lookups_keep_answering_while_snapshots_are_applied() -> None:
+    size = 2000
+    keys = sorted({random.Random(5).randbytes(6) for _ in range(size)} | {b""})
+
+    def snapshot(version: int) -> CatalogSnapshot:
+        shift = version % 2
+        routes = [
+            rd(i + 1, keys[i], keys[i + 1] if i + 1 < len(keys) else None, 1 + (i + shift) % 3)
+            for i in range(len(keys))
+        ]
+        return CatalogSnapshot(version=version, routes=tuple(routes))
+
+    engine = Engine()
+    engine.apply_snapshot(snapshot(1))
+    snapshots = [snapshot(v) for v in range(2, 12)]
+    stop = threading.Event()
+    lookups = [0]
+
+    def reader(index: int) -> None:
+        rng = random.Random(index)
+        while not stop.is_set():
+            key = rng.randbytes(rng.randrange(8))
+            route = engine.get_route(key)
+            assert route is not None and route.start <= key
+            assert route.end is None or key < route.end
+            assert engine.group_keys([key, key])[0][0].start <= key
+            lookups[0] += 1
+
+    def writer(index: int) -> None:
+        try:
+            if index == 0:
+                for s in snapshots:
+                    engine.apply_snapshot(s)
+            else:
+                reader(index)
+        finally:
+            stop.set()
+
+    run_threads(3, writer)
+    assert engine.version == 11
+    assert lookups[0] > 0
+    engine._check()
+
+
+def test_next_timestamp_across_threads() -> None:
+    engine = Engine()
+    results: dict[int, list[int]] = {}
+
+    def worker(index: int) -> None:
+        results[index] = [engine.next_timestamp() for _ in range(2000)]
+
+    run_threads(8, worker)
+    everything = [t for values in results.values() for t in values]
+    assert len(set(everything)) == len(everything)
+    for values in results.values():
+        assert all(map(int.__lt__, values, values[1:]))
+
+
+# -- randomized comparison with a naive model ------------------------------------------------------
+
+
+def by_start(route: Route) -> bytes:
+    return route.start
+
+
+@dataclass
+class Model:
+    """A deliberately simple Engine: a sorted list of routes carrying their exact loads."""
+
+    threshold: int = 0
+    version: int = 0
+    table: list[Route] = field(default_factory=list)
+    catalog: dict[int, Route] = field(default_factory=dict)
+
+    def find(self, key: bytes) -> int | None:
+        for i, r in enumerate(self.table):
+            if r.start <= key and (r.end is None or key < r.end):
+                return i
+        return None
+
+    def apply_snapshot(self, snapshot: CatalogSnapshot) -> None:
+        if snapshot.version < self.version:
+            raise EngineSnapshotVersionStaleError("stale")
+        if snapshot.version == self.version:
+            return
+        valid = check_catalog(list(snapshot.routes))
+        self.table = [to_route(d) for d in valid]
+        self.catalog = {r.route_id: r for r in self.table}
+        self.version = snapshot.version
+
+    def update_route(self, start: bytes, end: bytes | None, group: int) -> None:
+        if group == 0:
+            raise CatalogGroupIDRequiredError("group")
+        if end is not None and start >= end:
+            raise CatalogInvalidRouteRangeError("range")
+        for r in self.table:
+            if intersects(r.start, r.end, start, end):
+                raise EngineSnapshotRouteOverlapError("overlap")
+        self.table.append(Route(0, start, end, group, ACTIVE, 0))
+        self.table.sort(key=by_start)
+
+    def record_access(self, key: bytes) -> None:
+        i = self.find(key)
+        if i is None:
+            return
+        route = self.table[i]
+        load = route.load + 1
+        if not self.threshold or load < self.threshold or route.state != ACTIVE:
+            self.table[i] = route._replace(load=load)
+            return
+        middle = route.start + b"\x00"
+        if route.end is None or middle >= route.end:
+            self.table[i] = route._replace(load=0)
+            return
+        self.table[i : i + 1] = [
+            Route(0, route.start, middle, route.group_id, ACTIVE, 0),
+            Route(0, middle, route.end, route.group_id, ACTIVE, 0),
+        ]
+
+    def apply_changes(self, changes: list[CatalogChange]) -> None:
+        for a, b in pairwise(changes):
+            if b.previous_version != a.version:
+                raise EngineSnapshotVersionGapError("gap")
+        if not changes or changes[-1].version <= self.version:
+            return
+        starts = [c.previous_version for c in changes]
+        if self.version not in starts:
+            if starts[0] > self.version:
+                raise EngineSnapshotVersionGapError("gap")
+            raise EngineSnapshotVersionStaleError("stale")
+        pending = changes[starts.index(self.version) :]
+        for c in pending:
+            for u in c.upserts:
+                validate_route_descriptor(u)
+        net: dict[int, RouteDescriptor | None] = {}
+        for c in pending:
+            ids = [u.route_id for u in c.upserts]
+            if len(set(ids)) != len(ids):
+                raise EngineSnapshotDuplicateIDError("dup")
+            net.update(dict.fromkeys(c.deletes))
+            net.update({u.route_id: validate_route_descriptor(u) for u in c.upserts})
+        survivors = [r for i, r in self.catalog.items() if i not in net]
+        added = [to_route(d) for d in net.values() if d is not None]
+        # The resulting catalog must be a valid snapshot.
+        check_catalog(
+            [rd(r.route_id, r.start, r.end, r.group_id, r.state) for r in survivors + added]
+        )
+        changed = [(self.catalog[i].start, self.catalog[i].end) for i in net if i in self.catalog]
+        changed += [(r.start, r.end) for r in added]
+        kept = [
+            r
+            for r in self.table
+            if not (r.route_id and r.route_id in net)
+            and not (not r.route_id and any(intersects(r.start, r.end, s, e) for s, e in changed))
+        ]
+        self.table = sorted(kept + added, key=by_start)
+        for i in net:
+            self.catalog.pop(i, None)
+        self.catalog.update({r.route_id: r for r in added})
+        self.version = pending[-1].version
+
+    def compare(self, engine: Engine, rng: random.Random | None = None) -> None:
+        assert shape(engine) == [tuple(r) for r in self.table]
+        assert engine.version == self.version
+        probes = [r.start for r in self.table] + [r.end for r in self.table if r.end is not None]
+        if rng is not None:
+            probes += [random_key(rng) for _ in range(30)]
+        for key in probes:
+            i = self.find(key)
+            got = engine.get_route(key)
+            if i is None:
+                assert got is None, key
+            else:
+                assert got is not None and got[:5] == self.table[i][:5], key
+        grouped = engine.group_keys(probes)
+        expected_groups: dict[int, list[bytes]] = {}
+        for key in probes:
+            i = self.find(key)
+            if i is not None:
+                expected_groups.setdefault(i, []).append(key)
+        assert [(r[:5], ks) for r, ks in grouped] == [
+            (self.table[i][:5], sorted(ks)) for i, ks in sorted(expected_groups.items())
+        ]
+        if rng is not None:
+            for _ in range(5):
+                a, b = sorted([random_key(rng), random_key(rng)])
+                end = None if rng.random() < 0.3 else b
+                want = [r[:5] for r in self.table if intersects(r.start, r.end, a, end)]
+                if end is not None and a >= end:
+                    want = []
+                assert [r[:5] for r in engine.get_intersecting_routes(a, end)] == want
+
+
+def intersects(s1: bytes, e1: bytes | None, s2: bytes, e2: bytes | None) -> bool:
+    return (e2 is None or s1 < e2) and (e1 is None or s2 < e1)
+
+
+def to_route(d: RouteDescriptor) -> Route:
+    return Route(d.route_id, d.start, d.end, d.group_id, RouteState(d.state), 0)
+
+
+def check_catalog(routes: list[RouteDescriptor]) -> list[RouteDescriptor]:
+    valid = [validate_route_descriptor(r) for r in routes]
+    ids = [r.route_id for r in valid]
+    if len(set(ids)) != len(ids):
+        raise EngineSnapshotDuplicateIDError("dup")
+    valid.sort(key=lambda r: r.start)
+    for a, b in pairwise(valid):
+        if a.start == b.start or a.end is None:
+            raise EngineSnapshotRouteOrderError("order")
+        if a.end > b.start:
+            raise EngineSnapshotRouteOverlapError("overlap")
+    return valid
+
+
+def random_key(rng: random.Random) -> bytes:
+    return bytes(rng.choice(b"\x00abcd") for _ in range(rng.randrange(4)))
+
+
+def random_layout(rng: random.Random, first_id: int) -> list[RouteDescriptor]:
+    """Random routes: mostly valid (gaps, shared ends, one unbounded), sometimes broken."""
+    keys = sorted({random_key(rng) for _ in range(rng.randrange(0, 14))})
+    routes = []
+    next_id = first_id
+    for i, start in enumerate(keys):
+        if rng.random() < 0.2:
+            continue
+        if i + 1 < len(keys):
+            end: bytes | None = keys[i + 1] if rng.random() < 0.7 else start + b"\x00"
+            if end is not None and end > keys[i + 1]:
+                end = keys[i + 1]
+        else:
+            end = None if rng.random() < 0.5 else start + b"z"
+        state = rng.choice(list(RouteState))
+        routes.append(rd(next_id, start, end, rng.randrange(1, 4), state))
+        next_id += 1
+    if routes and rng.random() < 0.15:
+        victim = rng.randrange(len(routes))
+        kind = rng.randrange(5)
+        r = routes[victim]
+        if kind == 0:
+            routes[victim] = r._replace(route_id=routes[0].route_id if victim else 0)
+        elif kind == 1:
+            routes[victim] = r._replace(group_id=0)
+        elif kind == 2:
+            routes[victim] = r._replace(end=r.start)
+        elif kind == 3:
+            routes[victim] = r._replace(end=None)
+        else:
+            routes[victim] = r._replace(state=7)  # type: ignore[arg-type]
+    rng.shuffle(routes)
+    return routes
+
+
+def random_change(rng: random.Random, model: Model, next_id: int) -> tuple[CatalogChange, int]:
+    routes = sorted(model.catalog.values(), key=lambda r: r.start)
+    upserts: list[RouteDescriptor] = []
+    deletes: list[int] = []
+    for _ in range(rng.randrange(1, 4)):
+        kind = rng.randrange(6)
+        if kind == 0 and routes:  # split
+            r = rng.choice(routes)
+            middle = r.start + rng.choice([b"\x00", b"b", b"c"])
+            if r.end is None or middle < r.end:
+                deletes.append(r.route_id)
+                upserts.append(rd(next_id, r.start, middle, r.group_id))
+                upserts.append(rd(next_id + 1, middle, r.end, r.group_id))
+                next_id += 2
+        elif kind == 1 and len(routes) > 1:  # merge neighbours
+            i = rng.randrange(len(routes) - 1)
+            a, b = routes[i], routes[i + 1]
+            deletes += [a.route_id, b.route_id]
+            upserts.append(rd(next_id, a.start, b.end, a.group_id))
+            next_id += 1
+        elif kind == 2 and routes:  # move / change state
+            r = rng.choice(routes)
+            upserts.append(
+                rd(r.route_id, r.start, r.end, rng.randrange(1, 5), rng.choice(list(RouteState)))
+            )
+        elif kind == 3 and routes:
+            deletes.append(rng.choice(routes).route_id)
+        else:  # a random new route, often overlapping something
+            low, high = sorted([random_key(rng), random_key(rng) + b"\x01"])
+            upserts.append(
+                rd(
+                    next_id,
+                    low,
+                    None if rng.random() < 0.2 else high,
+                    rng.randrange(0 if rng.random() < 0.05 else 1, 4),
+                )
+            )
+            next_id += 1
+    previous = model.version
+    return change(previous, previous + 1, tuple(upserts), tuple(deletes)), next_id
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_operations_match_the_model(seed: int, chunk: int) -> None:
+    rng = random.Random(seed)
+    threshold = rng.choice([0, 2, 3, 5])
+    engine = Engine(hotspot_threshold=threshold)
+    model = Model(threshold=threshold)
+    next_id = 1
+    for _step in range(300):
+        op = rng.random()
+        action: tuple[Callable[[], None], Callable[[], None]]
+        if op < 0.08:
+            version = model.version + rng.choice([-1, 0, 1, 1, 1, 2])
+            snapshot = CatalogSnapshot(max(version, 0), tuple(random_layout(rng, next_id)))
+            next_id += 20
+            action = (
+                partial(engine.apply_snapshot, snapshot),
+                partial(model.apply_snapshot, snapshot),
+            )
+        elif op < 0.35:
+            c, next_id = random_change(rng, model, next_id)
+            batch = [c]
+            if c.previous_version and rng.random() < 0.2:
+                batch.insert(0, change(c.previous_version - 1, c.previous_version))
+            if rng.random() < 0.05:
+                batch = [change(c.previous_version + 1, c.version + 1)]
+            action = (partial(engine.apply_changes, batch), partial(model.apply_changes, batch))
+        elif op < 0.45:
+            low, high = sorted([random_key(rng), random_key(rng) + b"\x01"])
+            args = (
+                low,
+                None if rng.random() < 0.2 else high,
+                rng.randrange(0 if rng.random() < 0.05 else 1, 4),
+            )
+            action = (partial(engine.update_route, *args), partial(model.update_route, *args))
+        else:
+            key = random_key(rng)
+            action = (partial(engine.record_access, key), partial(model.record_access, key))
+        expected_error: type[Exception] | None = None
+        try:
+            action[1]()
+        except (DistributionError, ValueError, TypeError) as error:
+            expected_error = type(error)
+        if expected_error is None:
+            action[0]()
+        else:
+            with pytest.raises(expected_error):
+                action[0]()
+        model.compare(engine, rng)
+
+
+def test_large_snapshot_and_changes_match_the_model() -> None:
+    rng = random.Random(11)
+    keys = sorted({rng.randbytes(rng.randrange(1, 5)) for _ in range(5000)})
+    routes = []
+    for i, start in enumerate(keys[:-1]):
+        end = keys[i + 1] if rng.random() < 0.9 else start + b"\x00"
+        end = min(end, keys[i + 1])
+        routes.append(rd(i + 1, start, end, 1 + i % 5))
+    engine = Engine(hotspot_threshold=3)
+    model = Model(threshold=3)
+    snapshot = CatalogSnapshot(1, tuple(routes))
+    engine.apply_snapshot(snapshot)
+    model.apply_snapshot(snapshot)
+    model.compare(engine)
+    next_id = len(routes) + 1
+    for _ in range(40):
+        c, next_id = random_change(rng, model, next_id)
+        for _ in range(20):
+            key = rng.choice(keys)
+            engine.record_access(key)
+            model.record_access(key)
+        try:
+            model.apply_changes([c])
+        except (DistributionError, ValueError) as error:
+            with pytest.raises(type(error)):
+                engine.apply_changes([c])
+        else:
+            engine.apply_changes([c])
+    model.compare(engine, rng)
+
+
+# -- the garbage collector around bulk builds ------------------------------------------------------
+
+
+def test_snapshot_restores_the_garbage_collector() -> None:
+    engine = Engine()
+    assert gc.isenabled()
+    engine.apply_snapshot(ABC)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        engine.apply_snapshot(snap(2, rd(1, b"", None)))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(EngineSnapshotRouteOrderError):
+        engine.apply_snapshot(snap(3, rd(1, b"a", None), rd(2, b"b", None)))
+    assert gc.isenabled()
+
+
+def test_snapshot_keeps_the_applications_frozen_objects_frozen() -> None:
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        Engine().apply_snapshot(ABC)
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
