@@ -21,8 +21,7 @@ import gc
 import os
 import random
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import psycopg
@@ -30,6 +29,7 @@ import psycopg
 from benchmarks.database import BenchServer, bench_server
 from benchmarks.harness import Case, Measurement, Row, progress, run_interleaved, summarize
 from distribution import RouteDescriptor
+from distribution.bulk import paused_gc
 from distribution.catalog import CatalogStore
 
 __all__ = ["FULL", "QUICK", "Plan", "make_routes", "run"]
@@ -80,21 +80,9 @@ QUICK = Plan(
 # -- catalogs --------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Building a million small objects: the cyclic GC would rescan them over and over."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def make_routes(count: int) -> list[RouteDescriptor]:
     """``count`` contiguous routes over random, unique, sorted 8-byte keys, the last unbounded."""
-    with _gc_paused():
+    with paused_gc():
         keys: set[bytes] = set()
         while len(keys) < count - 1:
             missing = count - 1 - len(keys)

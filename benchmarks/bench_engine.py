@@ -10,7 +10,7 @@ repetitions, beside a baseline measured in the same run:
 * ``group_keys``: ns per key on 1,000-key batches, uniform random keys, and clustered keys (about
   ten keys in each of a hundred routes, shuffled), beside a ``get_route`` loop on the same keys;
 * ``apply_snapshot``: ms to apply the whole snapshot to a new Engine (the process has not frozen
-  objects with ``gc.freeze()``: see ``distribution.engine._gc_paused``);
+  objects with ``gc.freeze()``: see ``distribution.bulk.paused_gc``);
 * ``apply_changes``: ms to apply a one-route change (a split: delete 1, upsert 2) to the full
   Engine, beside ``apply_snapshot``;
 * memory: bytes per route the Engine allocates (tracemalloc) applying a pre-built snapshot.

@@ -1258,7 +1258,9 @@ def test_a_notification_is_sent_only_on_commit(
     # The library's notifying function itself, run in a transaction we roll back: nothing.
     with psycopg.connect(database_url) as other:
         other.execute("SELECT distribution_begin_write(%s)", [u64_to_db(1)])
-        other.execute("SELECT distribution_finish_write(%s, 'test', '{}', NULL)", [u64_to_db(2)])
+        other.execute(
+            "SELECT distribution_finish_write(%s, 'test', '{}', NULL, '{}', '{}')", [u64_to_db(2)]
+        )
         other.rollback()
     store.save(1, chain(3))
     assert parse_payload(next_payload(listener))[0] == 2

@@ -26,8 +26,12 @@ _new_descriptor = partial(tuple.__new__, RouteDescriptor)
 def paused_gc() -> Iterator[None]:
     """Pause the cyclic garbage collector for a bulk build; restore it in ``finally``.
 
-    Left alone if the caller had disabled it. Reference counting still frees everything that
-    is not part of a cycle.
+    On resuming, the new objects (which live until the next snapshot) go straight to the oldest
+    generation: otherwise the next young collection walks every one of them (~0.3 s per million
+    routes), and a middle-generation one does again soon after. ``gc.freeze()`` then
+    ``gc.unfreeze()`` does that move in O(1); it is skipped when the application keeps frozen
+    objects of its own, which ``unfreeze()`` would release. The switch is process-wide, and left
+    alone if the collector was already off (by the application, or another thread's build).
 
     >>> import gc
     >>> with paused_gc():
@@ -41,6 +45,9 @@ def paused_gc() -> Iterator[None]:
     try:
         yield
     finally:
+        if not gc.get_freeze_count():
+            gc.freeze()
+            gc.unfreeze()
         gc.enable()
 
 
