@@ -1584,3 +1584,32 @@ def test_database_errors_reach_callers_as_library_errors(
         base.split_route(1, b"c", 1)
     assert isinstance(overflow.value.__cause__, psycopg.Error)
     assert db_state(raw) == before
+
+
+def test_an_autocommit_engine_still_writes_in_one_transaction(database_url: str) -> None:
+    """The store sets the caller's AUTOCOMMIT aside: a save stays one transaction."""
+    from distribution.database import create_engine as make_engine
+
+    with CatalogStore(make_engine(database_url, isolation_level="AUTOCOMMIT")) as autocommit:
+        first = autocommit.save(0, chain(3))
+        again = autocommit.save(first.version, first.routes)
+        assert again.version == 2
+        assert autocommit.snapshot().routes == first.routes
+        with pytest.raises(CatalogVersionMismatchError):
+            autocommit.save(0, chain(2))
+        assert autocommit.snapshot().routes == first.routes
+        with autocommit.engine.connect() as connection:
+            assert connection.connection.driver_connection.autocommit  # restored
+
+
+def test_save_refuses_a_non_text_actor(store: CatalogStore) -> None:
+    with pytest.raises(TypeError):
+        store.save(0, chain(1), actor=7)  # type: ignore[arg-type]
+    assert store.version() == 0
+
+
+def test_store_refuses_an_engine_on_another_driver() -> None:
+    import sqlalchemy as sa
+
+    with pytest.raises(TypeError):
+        CatalogStore(sa.create_engine("sqlite://"))

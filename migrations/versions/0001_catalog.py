@@ -126,14 +126,28 @@ BEGIN
 END
 $$;
 
+-- The floor of the route id counter: above every id ever used, so none is reused.
+CREATE FUNCTION distribution_route_id_floor() RETURNS bigint
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    highest bigint;
+BEGIN
+    SELECT max(route_id) INTO highest FROM distribution_routes;
+    IF highest = {_MAX} THEN
+        RAISE EXCEPTION 'catalog route id overflow' USING ERRCODE = 'UD003';
+    END IF;
+    RETURN coalesce(highest, {_ZERO}) + 1;
+END
+$$;
+
 -- Allocates count route ids: never below the counter, never below any id ever used.
 CREATE FUNCTION distribution_allocate_route_ids(count integer) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     first bigint;
 BEGIN
-    SELECT greatest(m.next_route_id, coalesce((SELECT max(route_id) FROM distribution_routes), {_ZERO}) + 1)
-    INTO first FROM distribution_meta m;
+    SELECT greatest(m.next_route_id, distribution_route_id_floor()) INTO first
+    FROM distribution_meta m;
     IF first > {_MAX} - count THEN
         RAISE EXCEPTION 'catalog route id overflow' USING ERRCODE = 'UD003';
     END IF;
@@ -188,8 +202,8 @@ $$;
 
 -- Applies the routes staged in the temporary table distribution_desired as version `written`:
 -- closes the live rows that changed or went away, opens rows for the new and changed routes,
--- raises the id counter to the floor. Unchanged rows are not touched.
-CREATE FUNCTION distribution_save_desired(written bigint, id_floor bigint, actor text)
+-- raises the id counter to the floor of every id ever used. Unchanged rows are not touched.
+CREATE FUNCTION distribution_save_desired(written bigint, actor text)
 RETURNS integer[]
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -214,9 +228,8 @@ BEGIN
         SELECT 1 FROM distribution_routes r
         WHERE r.valid_to IS NULL AND r.route_id = d.route_id);
     GET DIAGNOSTICS opened = ROW_COUNT;
-    UPDATE distribution_meta SET next_route_id = greatest(
-        next_route_id, id_floor,
-        coalesce((SELECT max(route_id) FROM distribution_routes), {_ZERO}) + 1);
+    UPDATE distribution_meta
+    SET next_route_id = greatest(next_route_id, distribution_route_id_floor());
     -- A change too large for a notification is announced by its version alone.
     IF opened + retired <= 200 THEN
         SELECT coalesce(array_agg(r ORDER BY r.start), '{{}}') INTO upserted
@@ -414,7 +427,8 @@ _DROP_FUNCTIONS = """
 DROP FUNCTION distribution_move_route, distribution_set_route_state, distribution_replace_route,
     distribution_merge_routes, distribution_split_route, distribution_live_route,
     distribution_save_desired, distribution_finish_write, distribution_change_payload,
-    distribution_allocate_route_ids, distribution_begin_write, distribution_routes_no_overlap,
+    distribution_allocate_route_ids, distribution_route_id_floor, distribution_begin_write,
+    distribution_routes_no_overlap,
     distribution_meta_keep, distribution_encode_route, distribution_u64_bytes,
     distribution_u64_stored, distribution_u64;
 """

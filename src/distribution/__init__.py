@@ -70,6 +70,7 @@ from distribution.errors import (
 )
 from distribution.schema import migrate
 from distribution.types import (
+    ROUTE_STATES,
     UINT64_MAX,
     CatalogChange,
     CatalogChangeSet,
@@ -84,6 +85,7 @@ from distribution.types import (
 from distribution.watcher import CatalogWatcher, run_catalog_watcher
 
 __all__ = [
+    "ROUTE_STATES",
     "UINT64_MAX",
     "CatalogChange",
     "CatalogChangeSet",

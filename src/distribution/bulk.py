@@ -14,11 +14,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
-from distribution.types import RouteDescriptor, RouteState
+from distribution.types import ROUTE_STATES, RouteDescriptor
 
 __all__ = ["make_descriptors", "paused_gc"]
 
-_STATE_BY_VALUE: dict[int, RouteState] = {int(s): s for s in RouteState}
 _new_descriptor = partial(tuple.__new__, RouteDescriptor)
 
 
@@ -73,7 +72,7 @@ def make_descriptors(
         starts,
         ends,
         group_ids,
-        map(_STATE_BY_VALUE.__getitem__, states),
+        map(ROUTE_STATES.__getitem__, states),
         parent_route_ids,
         strict=True,
     )

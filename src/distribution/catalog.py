@@ -17,14 +17,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import pairwise, repeat
-from operator import attrgetter
+from itertools import repeat
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 import psycopg
 import sqlalchemy as sa
@@ -34,6 +34,7 @@ from psycopg import IsolationLevel
 from distribution.bulk import make_descriptors, paused_gc
 from distribution.codec import decode_route_descriptor, next_route_id_floor
 from distribution.database import create_engine, translate_error
+from distribution.engine import Engine
 from distribution.errors import (
     CatalogDuplicateRouteIDError,
     CatalogGroupIDRequiredError,
@@ -57,11 +58,8 @@ from distribution.types import (
     check_key,
     check_route_state,
     check_u64,
-    validate_route_descriptor,
+    validate_route_table,
 )
-
-if TYPE_CHECKING:
-    from distribution.engine import Engine
 
 __all__ = [
     "DEFAULT_CHANGES_LIMIT",
@@ -70,9 +68,12 @@ __all__ = [
     "CatalogListener",
     "CatalogNotification",
     "CatalogStore",
+    "check_catalog_and_engine",
     "ensure_catalog_snapshot",
     "parse_notification",
 ]
+
+_logger = logging.getLogger(__name__)
 
 #: The channel every catalog write notifies, on commit.
 NOTIFY_CHANNEL = "distribution_catalog"
@@ -94,8 +95,6 @@ _DESIRED_TABLE = (
     "parent_route_id bigint) ON COMMIT DELETE ROWS"
 )
 
-_to_db = (-(2**63)).__add__
-_from_db = (2**63).__add__
 
 # Binary COPY framing (PostgreSQL's "PGCOPY" format): header, tuples, trailer.
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
@@ -118,6 +117,11 @@ class CatalogStore:
             raise CatalogStoreRequiredError("catalog store is required: no SQLAlchemy engine given")
         if not isinstance(engine, sa.Engine):
             raise TypeError(f"engine must be a SQLAlchemy Engine, got {type(engine).__name__}")
+        if engine.dialect.name != "postgresql" or engine.dialect.driver != "psycopg":
+            raise TypeError(
+                "the catalog needs a PostgreSQL engine on the psycopg 3 driver "
+                f"(postgresql+psycopg://), got {engine.dialect.name}+{engine.dialect.driver}"
+            )
         self._engine = engine
         self._owns_engine = False
 
@@ -157,7 +161,7 @@ class CatalogStore:
         Routes are sorted by start. An empty catalog gives version 0, no routes, ``read_ts`` 0.
         """
         with self._transaction(read_only=True) as cursor:
-            version = _from_db(_fetch_one(cursor, _META)[0])
+            version = u64_from_db(_fetch_one(cursor, _META)[0])
             routes = _fetch_routes(cursor, _LIVE_ROUTES)
         return CatalogSnapshot(version=version, routes=routes, read_ts=version)
 
@@ -208,7 +212,7 @@ class CatalogStore:
         _check_count("limit", limit, minimum=1)
         with self._transaction(read_only=True) as cursor:
             current, floor, _ = _fetch_one(cursor, _META)
-            current, floor = _from_db(current), _from_db(floor)
+            current, floor = u64_from_db(current), u64_from_db(floor)
             if version > current:
                 raise _ahead(version, current)
             if version < floor:
@@ -279,10 +283,11 @@ class CatalogStore:
         snapshot. O(n) in the number of routes, with little Python work per route.
         """
         check_u64("expected_version", expected_version)
+        _check_actor(actor)
         with paused_gc():
             table = _catalog_table(routes)
             copy_data = _copy_data(table)
-        id_floor = next_route_id_floor(table)
+        next_route_id_floor(table)  # a route id of 2**64 - 1 leaves no id to allocate
         with self._transaction() as cursor:
             written = _fetch_one(
                 cursor, "SELECT distribution_begin_write(%s)", [u64_to_db(expected_version)]
@@ -290,10 +295,7 @@ class CatalogStore:
             cursor.execute(_DESIRED_TABLE)
             with cursor.copy("COPY pg_temp.distribution_desired FROM STDIN (FORMAT BINARY)") as copy:
                 copy.write(copy_data)
-            cursor.execute(
-                "SELECT distribution_save_desired(%s, %s, %s)",
-                [written, u64_to_db(id_floor), actor],
-            )
+            cursor.execute("SELECT distribution_save_desired(%s, %s)", [written, actor])
         version = u64_from_db(written)
         return CatalogSnapshot(version=version, routes=table, read_ts=version)
 
@@ -405,14 +407,7 @@ class CatalogStore:
         The connection is taken out of the pool for good and closed with the listener. Raises
         :class:`~distribution.CatalogUnavailableError` when the database cannot be reached.
         """
-        try:
-            pooled = self._engine.raw_connection()
-        except sqlalchemy.exc.DBAPIError as exc:
-            raise _translate(exc.orig) from exc.orig
-        except psycopg.Error as exc:  # the pool lets connection errors through unwrapped
-            raise translate_error(exc) from exc
-        # Read the driver connection first: once detached, the fairy no longer reports it.
-        connection: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
+        pooled, connection = self._checkout()
         pooled.detach()
         try:
             connection.rollback()
@@ -436,8 +431,7 @@ class CatalogStore:
     ) -> CatalogWriteResult:
         """Run one server-side catalog operation: a single round trip, whatever the size."""
         check_u64("expected_version", expected_version)
-        if actor is not None and not isinstance(actor, str):
-            raise TypeError(f"actor must be a str, got {type(actor).__name__}")
+        _check_actor(actor)
         with self._transaction() as cursor:
             rows = cursor.execute(
                 f"SELECT valid_from, {_ROUTE_COLUMNS} FROM {function}(%s, %s, %s, %s)",
@@ -451,7 +445,7 @@ class CatalogStore:
 
     def _check_readable(self, cursor: psycopg.Cursor[Any], read_ts: int) -> None:
         current, floor, _ = _fetch_one(cursor, _META)
-        current, floor = _from_db(current), _from_db(floor)
+        current, floor = u64_from_db(current), u64_from_db(floor)
         if read_ts > current:
             raise _ahead(read_ts, current)
         if read_ts < floor:
@@ -461,16 +455,16 @@ class CatalogStore:
 
     @contextmanager
     def _transaction(self, *, read_only: bool = False) -> Iterator[psycopg.Cursor[Any]]:
-        """Run one transaction on a pooled connection, translating every database error."""
-        try:
-            pooled = self._engine.raw_connection()
-        except sqlalchemy.exc.DBAPIError as exc:
-            raise _translate(exc.orig) from exc.orig
-        except psycopg.Error as exc:  # the pool lets connection errors through unwrapped
-            raise translate_error(exc) from exc
-        connection: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
+        """Run one transaction on a pooled connection, translating every database error.
+
+        The connection's own settings (an engine made with ``isolation_level="AUTOCOMMIT"``, say)
+        are set aside for the transaction and restored after it.
+        """
+        pooled, connection = self._checkout()
+        settings = (connection.autocommit, connection.isolation_level, connection.read_only)
         committed = False
         try:
+            connection.autocommit = False
             if read_only:
                 connection.isolation_level = IsolationLevel.REPEATABLE_READ
                 connection.read_only = True
@@ -481,7 +475,21 @@ class CatalogStore:
         except psycopg.Error as exc:
             raise translate_error(exc) from exc
         finally:
-            _finish(self._engine, pooled, connection, committed, read_only)
+            _finish(self._engine, pooled, connection, committed, settings)
+
+    def _checkout(self) -> tuple[Any, psycopg.Connection[Any]]:
+        """A pooled connection and its psycopg connection; pool failures are unavailability."""
+        try:
+            pooled = self._engine.raw_connection()
+        except sqlalchemy.exc.DBAPIError as exc:
+            raise _translate(exc.orig) from exc.orig
+        except sqlalchemy.exc.SQLAlchemyError as exc:  # a pool timeout, say
+            raise CatalogUnavailableError(f"no catalog connection available: {exc}") from exc
+        except psycopg.Error as exc:  # the pool lets connection errors through unwrapped
+            raise translate_error(exc) from exc
+        # Read the driver connection now: once detached, the pooled proxy no longer reports it.
+        connection: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
+        return pooled, connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,7 +512,10 @@ def parse_notification(payload: str) -> CatalogNotification:
     CatalogChange(previous_version=6, version=7, upserts=(), deletes=(3,))
     """
     head, _, body = payload.partition(" ")
-    version = check_u64("version", int(head))
+    try:
+        version = check_u64("version", int(head))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"malformed catalog notification: {payload[:200]!r}") from exc
     if not body:
         return CatalogNotification(version, None)
     try:
@@ -526,7 +537,8 @@ class CatalogListener:
     def wait(self, timeout: float) -> list[CatalogNotification]:
         """Wait up to ``timeout`` seconds for notifications; return those that arrived.
 
-        Returns as soon as one arrives, with any others already received. Raises
+        Returns as soon as one arrives, with any others already received; payloads that are not
+        the catalog's are logged and skipped. Raises
         :class:`~distribution.CatalogUnavailableError` when the connection is lost.
         """
         try:
@@ -535,7 +547,14 @@ class CatalogListener:
                 received += self._connection.notifies(timeout=0)
         except psycopg.Error as exc:
             raise translate_error(exc) from exc
-        return [parse_notification(n.payload) for n in received]
+        parsed = []
+        for notify in received:
+            try:
+                parsed.append(parse_notification(notify.payload))
+            except ValueError as exc:
+                # Anyone may NOTIFY the channel: a payload that is not ours is skipped.
+                _logger.warning("ignored a malformed catalog notification: %s", exc)
+        return parsed
 
     def close(self) -> None:
         """Close the connection."""
@@ -558,15 +577,13 @@ def _finish(
     pooled: Any,
     connection: psycopg.Connection[Any],
     committed: bool,
-    read_only: bool,
+    settings: tuple[bool, IsolationLevel | None, bool | None],
 ) -> None:
-    """Return a connection to the pool clean, or throw it away when it broke."""
+    """Return a connection to the pool as it was lent, or throw it away when it broke."""
     try:
         if not committed:
             connection.rollback()
-        if read_only:
-            connection.isolation_level = None
-            connection.read_only = None
+        connection.autocommit, connection.isolation_level, connection.read_only = settings
     except psycopg.Error:
         pass
     if connection.broken or connection.closed:
@@ -582,6 +599,11 @@ def _translate(exc: BaseException | None) -> Exception:
     if isinstance(exc, psycopg.Error):
         return translate_error(exc)
     return CatalogUnavailableError(f"the catalog database is unavailable: {exc}")
+
+
+def _check_actor(actor: object) -> None:
+    if actor is not None and not isinstance(actor, str):
+        raise TypeError(f"actor must be a str, got {type(actor).__name__}")
 
 
 def _check_count(name: str, value: object, *, minimum: int) -> None:
@@ -618,12 +640,12 @@ def _descriptors(rows: Sequence[tuple[Any, ...]]) -> tuple[RouteDescriptor, ...]
         return ()
     route_ids, starts, ends, group_ids, states, parents = zip(*rows, strict=True)
     return make_descriptors(
-        map(_from_db, route_ids),
+        map(u64_from_db, route_ids),
         starts,
         ends,
-        map(_from_db, group_ids),
+        map(u64_from_db, group_ids),
         states,
-        map(_from_db, parents),
+        map(u64_from_db, parents),
     )
 
 
@@ -633,10 +655,10 @@ def _changes(
     """Group opened and closed route rows into one change per version in ``(after, last]``."""
     upserts: dict[int, list[tuple[Any, ...]]] = {}
     for row in opened:
-        upserts.setdefault(_from_db(row[0]), []).append(row[1:])
+        upserts.setdefault(u64_from_db(row[0]), []).append(row[1:])
     retired: dict[int, list[int]] = {}
     for version, route_id in closed:
-        retired.setdefault(_from_db(version), []).append(_from_db(route_id))
+        retired.setdefault(u64_from_db(version), []).append(u64_from_db(route_id))
     changes = []
     for version in range(after + 1, last + 1):
         opened_here = _descriptors(upserts.get(version, []))
@@ -647,34 +669,22 @@ def _changes(
 
 
 def _catalog_table(routes: Iterable[RouteDescriptor]) -> tuple[RouteDescriptor, ...]:
-    """Validate a whole catalog and return it sorted by start.
-
-    Each route is validated in order; then ids must be unique and, in key order, no route may
-    share a start with, or reach past the start of, the next.
-    """
+    """Validate a whole catalog and return it sorted by start (the Engine's rules, see
+    :func:`~distribution.types.validate_route_table`, with the catalog's errors)."""
     if isinstance(routes, (str, bytes)):
         raise TypeError("routes must be an iterable of RouteDescriptor")
-    table = []
-    for route in routes:
+    table = list(routes)
+    for route in table:
         if not isinstance(route, RouteDescriptor):
             raise TypeError(f"routes must hold RouteDescriptor values, got {type(route).__name__}")
-        table.append(validate_route_descriptor(route))
-    ids = set(map(attrgetter("route_id"), table))
-    if len(ids) != len(table):
-        seen: set[int] = set()
-        for route in table:
-            if route.route_id in seen:
-                raise CatalogDuplicateRouteIDError(
-                    f"catalog route id must be unique: {route.route_id} repeats"
-                )
-            seen.add(route.route_id)
-    table.sort(key=attrgetter("start"))
-    for previous, following in pairwise(table):
-        if previous.end is None or previous.end > following.start:
-            raise CatalogRouteOverlapError(
-                f"catalog routes {previous.route_id} and {following.route_id} overlap"
-            )
-    return tuple(table)
+    return tuple(
+        validate_route_table(
+            table,
+            duplicate=CatalogDuplicateRouteIDError,
+            order=CatalogRouteOverlapError,
+            overlap=CatalogRouteOverlapError,
+        )
+    )
 
 
 def _copy_data(table: Sequence[RouteDescriptor]) -> bytes:
@@ -697,7 +707,7 @@ def _copy_data(table: Sequence[RouteDescriptor]) -> bytes:
     fields = 5
     parts: list[bytes] = [b""] * (fields * len(table))
     parts[0::fields] = map(
-        _COPY_ROW_HEAD.pack, repeat(6), repeat(8), map(_to_db, route_ids), map(len, starts)
+        _COPY_ROW_HEAD.pack, repeat(6), repeat(8), map(u64_to_db, route_ids), map(len, starts)
     )
     parts[1::fields] = starts
     parts[2::fields] = map(_COPY_LENGTH.pack, end_lengths)
@@ -705,13 +715,27 @@ def _copy_data(table: Sequence[RouteDescriptor]) -> bytes:
     parts[4::fields] = map(
         _COPY_ROW_TAIL.pack,
         repeat(8),
-        map(_to_db, group_ids),
+        map(u64_to_db, group_ids),
         repeat(2),
         states,
         repeat(8),
-        map(_to_db, parents),
+        map(u64_to_db, parents),
     )
     return b"".join((_COPY_HEADER, *parts, _COPY_TRAILER))
+
+
+def check_catalog_and_engine(catalog: object, engine: object) -> tuple[CatalogStore, Engine]:
+    """Refuse a missing catalog store or Engine with the library's errors, a mistyped one with
+    TypeError (shared by everything that takes the two)."""
+    if catalog is None:
+        raise CatalogStoreRequiredError("catalog store is required")
+    if engine is None:
+        raise EngineRequiredError("engine is required")
+    if not isinstance(catalog, CatalogStore):
+        raise TypeError(f"catalog must be a CatalogStore, got {type(catalog).__name__}")
+    if not isinstance(engine, Engine):
+        raise TypeError(f"engine must be an Engine, got {type(engine).__name__}")
+    return catalog, engine
 
 
 def ensure_catalog_snapshot(catalog: CatalogStore | None, engine: Engine | None) -> CatalogSnapshot:
@@ -722,10 +746,7 @@ def ensure_catalog_snapshot(catalog: CatalogStore | None, engine: Engine | None)
     alone. When two services seed at once, one wins and the other adopts the winner's catalog.
     Either way the result is applied to the Engine.
     """
-    if catalog is None:
-        raise CatalogStoreRequiredError("catalog store is required")
-    if engine is None:
-        raise EngineRequiredError("engine is required")
+    catalog, engine = check_catalog_and_engine(catalog, engine)
     snapshot = catalog.snapshot()
     if snapshot.version == 0 and not snapshot.routes:
         seed = [

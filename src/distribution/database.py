@@ -39,10 +39,14 @@ from distribution.errors import (
 
 __all__ = [
     "DATABASE_URL_ENV",
+    "DEFAULT_CONNECT_TIMEOUT",
     "create_engine",
     "sqlalchemy_url",
     "translate_error",
 ]
+
+#: Seconds to wait for a connection before calling the database unavailable.
+DEFAULT_CONNECT_TIMEOUT = 10
 
 #: The environment variable naming the shared catalog database.
 DATABASE_URL_ENV = "DISTRIBUTION_DATABASE_URL"
@@ -91,7 +95,11 @@ def create_engine(url: str | None = None, **options: object) -> sa.Engine:
     url = url or os.environ.get(DATABASE_URL_ENV)
     if not url:
         raise ValueError(f"no database URL given and {DATABASE_URL_ENV} is not set")
-    return sa.create_engine(sqlalchemy_url(url), **options)
+    # Without a connect timeout, an unreachable server can hold a caller (or a watcher's
+    # shutdown) for minutes.
+    connect_args = {"connect_timeout": DEFAULT_CONNECT_TIMEOUT}
+    connect_args.update(options.pop("connect_args", None) or {})  # type: ignore[call-overload]
+    return sa.create_engine(sqlalchemy_url(url), connect_args=connect_args, **options)
 
 
 def translate_error(exc: psycopg.Error) -> DistributionError:

@@ -56,6 +56,7 @@ from distribution.errors import (
     EngineSnapshotVersionStaleError,
 )
 from distribution.types import (
+    ROUTE_STATES,
     UINT64_MAX,
     CatalogChange,
     CatalogSnapshot,
@@ -63,8 +64,10 @@ from distribution.types import (
     RouteDescriptor,
     RouteState,
     check_key,
+    check_route_pair,
     check_u64,
     validate_route_descriptor,
+    validate_route_table,
 )
 
 __all__ = ["Engine"]
@@ -84,7 +87,6 @@ _Loads: TypeAlias = list[list[int]]
 #: A key range ``[start, end)``; ``end is None`` means unbounded.
 _Range: TypeAlias = tuple[bytes, bytes | None]
 
-_STATE_OF: dict[int, RouteState] = {int(s): s for s in RouteState}
 _ONLY_DESCRIPTORS = frozenset({RouteDescriptor})
 _ONLY_BYTES = frozenset({bytes})
 _BYTES_OR_NONE = frozenset({bytes, type(None)})
@@ -145,9 +147,9 @@ def _columns(block: Sequence[RouteDescriptor]) -> _Columns | None:
     ):
         return None
     if not _ONLY_STATES.issuperset(map(type, states)):
-        if not (_STATE_TYPES.issuperset(map(type, states)) and _STATE_OF.keys() >= set(states)):
+        if not (_STATE_TYPES.issuperset(map(type, states)) and ROUTE_STATES.keys() >= set(states)):
             return None
-        states = tuple(map(_STATE_OF.__getitem__, states))
+        states = tuple(map(ROUTE_STATES.__getitem__, states))
     return ids, starts, ends, groups, states, parents
 
 
@@ -304,17 +306,12 @@ def _layout_with_gaps(
 
 def _sorted_valid(routes: Iterable[RouteDescriptor]) -> list[RouteDescriptor]:
     """The exact snapshot checks, in the contract's order; returns normalized, sorted routes."""
-    valid = [validate_route_descriptor(route) for route in routes]
-    seen: set[int] = set()
-    for route in valid:
-        if route.route_id in seen:
-            raise EngineSnapshotDuplicateIDError(
-                f"engine snapshot route id is duplicated: route {route.route_id} appears twice"
-            )
-        seen.add(route.route_id)
-    valid.sort(key=_route_start)
-    for prev, cur in pairwise(valid):
-        _check_pair(prev, cur)
+    valid = validate_route_table(
+        routes,
+        duplicate=EngineSnapshotDuplicateIDError,
+        order=EngineSnapshotRouteOrderError,
+        overlap=EngineSnapshotRouteOverlapError,
+    )
     # Duck-typed descriptors become real ones, so the C-level layout accepts them.
     return [
         r
@@ -325,22 +322,10 @@ def _sorted_valid(routes: Iterable[RouteDescriptor]) -> list[RouteDescriptor]:
 
 
 def _check_pair(prev: RouteDescriptor | Route, cur: RouteDescriptor | Route) -> None:
-    """Raise the order or overlap error for two routes adjacent in start order, if any."""
-    if prev.start == cur.start:
-        raise EngineSnapshotRouteOrderError(
-            f"engine snapshot routes are out of order: route {prev.route_id} and route "
-            f"{cur.route_id} share start {cur.start!r}"
-        )
-    if prev.end is None:
-        raise EngineSnapshotRouteOrderError(
-            f"engine snapshot routes are out of order: unbounded route {prev.route_id} is "
-            f"followed by route {cur.route_id}"
-        )
-    if prev.end > cur.start:
-        raise EngineSnapshotRouteOverlapError(
-            f"engine snapshot routes overlap: route {prev.route_id} ends at {prev.end!r}, "
-            f"after route {cur.route_id} starts at {cur.start!r}"
-        )
+    """Raise the Engine's order or overlap error for two routes adjacent in start order."""
+    check_route_pair(
+        prev, cur, order=EngineSnapshotRouteOrderError, overlap=EngineSnapshotRouteOverlapError
+    )
 
 
 def _build(routes: Sequence[RouteDescriptor]) -> tuple[_Table, _Loads, dict[int, Route]]:

@@ -23,6 +23,7 @@ The invariants the database enforces itself, whoever writes:
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
@@ -61,22 +62,13 @@ U64_DB_ZERO = -_SHIFT
 U64_DB_MAX = _SHIFT - 1
 
 
-def u64_to_db(value: int) -> int:
-    """Return the stored form of the u64 ``value``.
-
-    >>> u64_to_db(0), u64_to_db(2**63), u64_to_db(2**64 - 1)
-    (-9223372036854775808, 0, 9223372036854775807)
-    """
-    return value - _SHIFT
-
-
-def u64_from_db(stored: int) -> int:
-    """Return the u64 whose stored form is ``stored``.
-
-    >>> u64_from_db(-9223372036854775808)
-    0
-    """
-    return stored + _SHIFT
+#: Return the stored form of a u64 (a C-level bound method: cheap inside ``map``).
+#:
+#: >>> u64_to_db(0), u64_to_db(2**63), u64_to_db(2**64 - 1)
+#: (-9223372036854775808, 0, 9223372036854775807)
+u64_to_db: Callable[[int], int] = (-_SHIFT).__add__
+#: Return the u64 whose stored form is given: ``u64_from_db(-2**63) == 0``.
+u64_from_db: Callable[[int], int] = _SHIFT.__add__
 
 
 class U64(TypeDecorator[int]):

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import datetime
 import enum
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
+from operator import attrgetter
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from distribution.errors import (
@@ -22,6 +26,7 @@ from distribution.errors import (
 )
 
 __all__ = [
+    "ROUTE_STATES",
     "UINT64_MAX",
     "CatalogChange",
     "CatalogChangeSet",
@@ -53,8 +58,8 @@ class RouteState(enum.IntEnum):
     MIGRATING_TARGET = 3
 
 
-#: Maps every valid state value (plain ints included) to its member.
-_STATE_BY_VALUE: dict[int, RouteState] = {int(s): s for s in RouteState}
+#: Every valid state value (plain ints included) mapped to its RouteState member.
+ROUTE_STATES: Mapping[int, RouteState] = MappingProxyType({int(s): s for s in RouteState})
 
 
 class RouteDescriptor(NamedTuple):
@@ -191,7 +196,7 @@ def check_route_state(value: object) -> RouteState:
     """
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"state must be a RouteState, got {type(value).__name__}")
-    state = _STATE_BY_VALUE.get(value)
+    state = ROUTE_STATES.get(value)
     if state is None:
         raise CatalogInvalidRouteStateError(f"catalog route state is invalid: {int(value)}")
     return state
@@ -223,7 +228,7 @@ def validate_route_descriptor(route: RouteDescriptor) -> RouteDescriptor:
         raise CatalogGroupIDRequiredError(
             f"catalog group id is required: route {route.route_id} has group 0"
         )
-    state = _STATE_BY_VALUE.get(route.state)
+    state = ROUTE_STATES.get(route.state)
     if state is None:
         raise CatalogInvalidRouteStateError(
             f"catalog route state is invalid: route {route.route_id} has state {int(route.state)}"
@@ -236,3 +241,76 @@ def validate_route_descriptor(route: RouteDescriptor) -> RouteDescriptor:
     if state is not route.state:
         return route._replace(state=state)
     return route
+
+
+def validate_route_table(
+    routes: Iterable[RouteDescriptor],
+    *,
+    duplicate: type[Exception],
+    order: type[Exception],
+    overlap: type[Exception],
+) -> list[RouteDescriptor]:
+    """Check a whole set of routes and return them validated, sorted by start; O(n log n).
+
+    The checks, in order: each route as :func:`validate_route_descriptor`; unique ids (else
+    ``duplicate``); then, for each pair adjacent by start, :func:`check_route_pair`. The Engine
+    and the catalog share these rules and differ in the error classes they raise.
+
+    >>> from distribution.errors import CatalogRouteOverlapError as Overlap
+    >>> validate_route_table(
+    ...     [RouteDescriptor(route_id=1, start=b"a", end=b"c", group_id=1),
+    ...      RouteDescriptor(route_id=2, start=b"b", end=None, group_id=1)],
+    ...     duplicate=ValueError, order=Overlap, overlap=Overlap)
+    Traceback (most recent call last):
+    ...
+    distribution.errors.CatalogRouteOverlapError: routes overlap: route 1 ends at b'c', after route 2 starts at b'b'
+    """
+    valid = [validate_route_descriptor(route) for route in routes]
+    seen: set[int] = set()
+    for route in valid:
+        if route.route_id in seen:
+            raise duplicate(f"route ids must be unique: route {route.route_id} appears twice")
+        seen.add(route.route_id)
+    valid.sort(key=_start)
+    for previous, following in pairwise(valid):
+        check_route_pair(previous, following, order=order, overlap=overlap)
+    return valid
+
+
+def check_route_pair(
+    previous: RouteDescriptor | Route,
+    following: RouteDescriptor | Route,
+    *,
+    order: type[Exception],
+    overlap: type[Exception],
+) -> None:
+    """Check two routes adjacent in start order; O(1).
+
+    A shared start, or an unbounded route followed by another, raises ``order``;
+    ``previous.end > following.start`` raises ``overlap``. Gaps are fine.
+
+    >>> check_route_pair(Route(1, b"a", None, 1, RouteState.ACTIVE, 0),
+    ...                  Route(2, b"b", None, 1, RouteState.ACTIVE, 0),
+    ...                  order=LookupError, overlap=ValueError)
+    Traceback (most recent call last):
+    ...
+    LookupError: routes are out of order: unbounded route 1 is followed by route 2
+    """
+    if previous.start == following.start:
+        raise order(
+            f"routes are out of order: route {previous.route_id} and route "
+            f"{following.route_id} share start {following.start!r}"
+        )
+    if previous.end is None:
+        raise order(
+            f"routes are out of order: unbounded route {previous.route_id} is followed by "
+            f"route {following.route_id}"
+        )
+    if previous.end > following.start:
+        raise overlap(
+            f"routes overlap: route {previous.route_id} ends at {previous.end!r}, after route "
+            f"{following.route_id} starts at {following.start!r}"
+        )
+
+
+_start = attrgetter("start")

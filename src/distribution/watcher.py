@@ -25,13 +25,11 @@ from distribution.catalog import (
     CatalogListener,
     CatalogNotification,
     CatalogStore,
+    check_catalog_and_engine,
 )
 from distribution.engine import Engine
 from distribution.errors import (
-    CatalogStoreRequiredError,
     CatalogVersionAheadError,
-    DistributionError,
-    EngineRequiredError,
     EngineSnapshotVersionGapError,
     EngineSnapshotVersionStaleError,
 )
@@ -69,10 +67,7 @@ class CatalogWatcher:
         logger: logging.Logger | None = None,
         listen: bool = True,
     ) -> None:
-        if catalog is None:
-            raise CatalogStoreRequiredError("catalog store is required")
-        if engine is None:
-            raise EngineRequiredError("engine is required")
+        catalog, engine = check_catalog_and_engine(catalog, engine)
         if not interval > 0:
             raise ValueError(f"interval must be positive, got {interval!r}")
         self._catalog = catalog
@@ -178,7 +173,7 @@ class CatalogWatcher:
                     continue
                 try:
                     received = listener.wait(min(_WAIT_SLICE, max(0.0, next_poll - now)))
-                except DistributionError as exc:
+                except Exception as exc:
                     self._record(exc, "lost the catalog notification connection")
                     self._disconnect(listener)
                     listener = None
@@ -196,7 +191,8 @@ class CatalogWatcher:
         """Run the watcher on a background thread named ``distribution-catalog-watcher``."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("the watcher is already running")
-        self._stop.clear()
+        # Each run has its own stop event, so a run still winding down is never revived.
+        self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self.run, args=(self._stop,), name="distribution-catalog-watcher", daemon=True
         )
@@ -207,7 +203,8 @@ class CatalogWatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
+            if not self._thread.is_alive():
+                self._thread = None
 
     def __enter__(self) -> Self:
         self.start()
@@ -248,7 +245,7 @@ class CatalogWatcher:
     def _connect(self) -> CatalogListener | None:
         try:
             listener = self._catalog.listen()
-        except DistributionError as exc:
+        except Exception as exc:
             self._record(exc, "cannot listen for catalog notifications")
             return None
         self.listening = True
