@@ -294,17 +294,17 @@ def check_route_pair(
     ...                  order=LookupError, overlap=ValueError)
     Traceback (most recent call last):
     ...
-    LookupError: routes are out of order: unbounded route 1 is followed by route 2
+    LookupError: routes are out of order (they overlap): unbounded route 1 is followed by route 2
     """
     if previous.start == following.start:
         raise order(
-            f"routes are out of order: route {previous.route_id} and route "
+            f"routes are out of order (they overlap): route {previous.route_id} and route "
             f"{following.route_id} share start {following.start!r}"
         )
     if previous.end is None:
         raise order(
-            f"routes are out of order: unbounded route {previous.route_id} is followed by "
-            f"route {following.route_id}"
+            f"routes are out of order (they overlap): unbounded route {previous.route_id} is "
+            f"followed by route {following.route_id}"
         )
     if previous.end > following.start:
         raise overlap(
