@@ -22,15 +22,16 @@ _new_descriptor = partial(tuple.__new__, RouteDescriptor)
 
 
 @contextmanager
-def paused_gc() -> Iterator[None]:
+def paused_gc(*, promote: bool = False) -> Iterator[None]:
     """Pause the cyclic garbage collector for a bulk build; restore it in ``finally``.
 
-    On resuming, the new objects (which live until the next snapshot) go straight to the oldest
-    generation: otherwise the next young collection walks every one of them (~0.3 s per million
-    routes), and a middle-generation one does again soon after. ``gc.freeze()`` then
-    ``gc.unfreeze()`` does that move in O(1); it is skipped when the application keeps frozen
-    objects of its own, which ``unfreeze()`` would release. The switch is process-wide, and left
-    alone if the collector was already off (by the application, or another thread's build).
+    Left alone if the collector was already off (by the application, or another thread's
+    build): the switch is process-wide. With ``promote``, the objects alive on resuming go
+    straight to the oldest generation (``gc.freeze()`` then ``gc.unfreeze()``, O(1)), so the
+    next young collections do not walk a million new long-lived routes one generation at a time.
+    That suits an Engine's table, which lives until the next snapshot; measured, it slows down
+    short-lived builds (a catalog snapshot) in a process that holds many objects. It is skipped
+    when the application keeps frozen objects of its own, which ``unfreeze()`` would release.
 
     >>> import gc
     >>> with paused_gc():
@@ -44,7 +45,7 @@ def paused_gc() -> Iterator[None]:
     try:
         yield
     finally:
-        if not gc.get_freeze_count():
+        if promote and not gc.get_freeze_count():
             gc.freeze()
             gc.unfreeze()
         gc.enable()

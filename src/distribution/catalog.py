@@ -160,9 +160,14 @@ class CatalogStore:
 
         Routes are sorted by start. An empty catalog gives version 0, no routes, ``read_ts`` 0.
         """
-        with self._transaction(read_only=True) as cursor:
-            version = u64_from_db(_fetch_one(cursor, _META)[0])
-            routes = _fetch_routes(cursor, _LIVE_ROUTES)
+        with self._transaction(read_only=True) as cursor, cursor.connection.pipeline():
+            # Pipelined: BEGIN and both queries travel in one round trip.
+            meta = cursor.connection.cursor(binary=True)
+            meta.execute(_META)
+            with paused_gc():
+                cursor.execute(_LIVE_ROUTES)
+                version = u64_from_db(_fetch_one_row(meta)[0])
+                routes = _descriptors(cursor.fetchall())
         return CatalogSnapshot(version=version, routes=routes, read_ts=version)
 
     def snapshot_at(self, read_ts: int) -> CatalogSnapshot:
@@ -615,8 +620,12 @@ def _check_count(name: str, value: object, *, minimum: int) -> None:
 
 
 def _fetch_one(cursor: psycopg.Cursor[Any], query: str, params: Sequence[Any] = ()) -> Any:
-    row = cursor.execute(query, params or None).fetchone()
-    assert row is not None, query
+    return _fetch_one_row(cursor.execute(query, params or None))
+
+
+def _fetch_one_row(cursor: psycopg.Cursor[Any]) -> Any:
+    row = cursor.fetchone()
+    assert row is not None, "a query of the metadata row returned nothing"
     return row
 
 

@@ -330,7 +330,7 @@ def _check_pair(prev: RouteDescriptor | Route, cur: RouteDescriptor | Route) -> 
 
 def _build(routes: Sequence[RouteDescriptor]) -> tuple[_Table, _Loads, dict[int, Route]]:
     """Validate ``routes`` (raising the first error) and build a fresh table, loads and index."""
-    with paused_gc():
+    with paused_gc(promote=True):
         built = _fast_build(routes)
         if built is None:
             # Unsorted but otherwise valid? Sorting is cheaper than the per-route checks.
