@@ -243,6 +243,32 @@ def test_python_m_distribution_and_its_exit_codes(database_url: str) -> None:
     assert "unavailable" in fails(1, "routes", url=UNREACHABLE_URL, sub=True)
 
 
+def test_every_command_in_a_real_process(database_url: str, tmp_path: Path) -> None:
+    """A session of an operator, one ``python -m distribution`` process per command."""
+    url = database_url
+    ok("migrate", url=url, sub=True)
+    assert "4 routes" in ok("init", "--groups", "4", url=url, sub=True)
+    assert '"apple"' in ok("lookup", "apple", "0x41", url=url, sub=True)
+    assert "catalog version 2" in ok("split", "1", "0x20", url=url, sub=True)
+    ok("set-state", "2", "write_fenced", url=url, sub=True)
+    ok("move", "2", "9", "--actor", "ops", url=url, sub=True)
+    ok("set-state", "2", "active", url=url, sub=True)
+    routes = json.loads(ok("routes", "--json", url=url, sub=True))
+    assert routes["version"] == 5
+    assert {r["route_id"]: r["group_id"] for r in routes["routes"]}[2] == 9
+    assert "merged" in ok("merge", "5", "6", url=url, sub=True)
+    assert "4 routes" in ok("routes", "--at", "1", url=url, sub=True)
+    history = ok("history", "--since", "4", url=url, sub=True)
+    assert "set_route_state" in history and "merge_routes" in history
+    exported = tmp_path / "catalog.json"
+    ok("export", str(exported), url=url, sub=True)
+    ok("import", str(exported), url=url, sub=True)
+    assert json.loads(ok("routes", "--json", url=url, sub=True))["routes"] == json.loads(
+        exported.read_text()
+    )["routes"]
+    assert "catalog version" in ok("db", "status", url=url, sub=True)
+
+
 def test_init_routes_and_lookup(database_url: str) -> None:
     url = database_url
     text = ok("init", url=url)
