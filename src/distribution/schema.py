@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from importlib.resources import as_file, files
+from importlib.util import find_spec
 
 import sqlalchemy as sa
 from alembic import command
@@ -24,8 +24,10 @@ def alembic_config(connection: sa.Connection | None = None) -> Config:
     With ``connection``, the migrations run on it (``migrations/env.py`` picks it up).
     """
     config = Config()
-    with as_file(files("distribution.migrations")) as location:
-        config.set_main_option("script_location", str(location))
+    # Alembic reads its scripts from a directory on disk: the installed package's own.
+    spec = find_spec("distribution.migrations")
+    assert spec is not None and spec.submodule_search_locations, "migrations are not installed"
+    config.set_main_option("script_location", next(iter(spec.submodule_search_locations)))
     if connection is not None:
         config.attributes["connection"] = connection
     return config
