@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
+import hashlib
 import importlib
 import json
+import logging
+import operator
+import random
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -45,8 +50,14 @@ from distribution import (
     RouteDescriptor,
     RouteState,
     decode_route_descriptor,
+    encode_route_descriptor,
 )
-from distribution.catalog import NOTIFY_CHANNEL, CatalogStore, ensure_catalog_snapshot
+from distribution.catalog import (
+    NOTIFY_CHANNEL,
+    CatalogStore,
+    _column_descriptors,
+    ensure_catalog_snapshot,
+)
 from distribution.database import create_engine, translate_error
 from distribution.models import u64_to_db
 
@@ -603,6 +614,215 @@ def test_retired_routes_keep_their_history(
         "distribution_u64(valid_to) FROM distribution_routes ORDER BY route_id"
     ).fetchall()
     assert rows == [(1, 1, 2), (1, 2, None), (2, 1, 2), (3, 1, 2)]
+
+
+# --------------------------------------------------------------------------------------------
+# Saves that send only the change, and the digest that guards them
+# --------------------------------------------------------------------------------------------
+
+def test_snapshot_columns_in_any_order_come_back_sorted() -> None:
+    """SQL does not promise the order an aggregate reads its rows in; the snapshot sorts."""
+    stored = u64_to_db
+    columns = (
+        [stored(2), stored(1)],
+        [b"m", b""],
+        [None, b"m"],
+        [stored(3), stored(4)],
+        [0, 1],
+        [stored(0), stored(0)],
+    )
+    assert _column_descriptors(columns) == (
+        RouteDescriptor(route_id=1, start=b"", end=b"m", group_id=4, state=FENCED),
+        RouteDescriptor(route_id=2, start=b"m", end=None, group_id=3),
+    )
+    assert _column_descriptors((None,) * 6) == ()
+
+
+CATALOG_LOGGER = "distribution.catalog"
+
+
+def route_hash(route: RouteDescriptor) -> int:
+    """The digest's hash of one route, computed independently of the SQL: the first 8 bytes of
+    the MD5 of its seed record, as a signed 64-bit integer."""
+    digest = hashlib.md5(encode_route_descriptor(route)).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def expected_digest(routes: Sequence[RouteDescriptor]) -> int:
+    return functools.reduce(operator.xor, map(route_hash, routes), 0)
+
+
+def save_paths(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Which path each save took, from the store's debug log: 'change' or 'all'."""
+    return [
+        "all" if "sent all" in record.getMessage() else "change"
+        for record in caplog.records
+        if record.name == CATALOG_LOGGER and record.getMessage().startswith("save from")
+    ]
+
+
+def test_the_digest_follows_every_kind_of_write(
+    store: CatalogStore, raw: psycopg.Connection[Any]
+) -> None:
+    def check() -> None:
+        routes = store.snapshot().routes
+        assert scalar(raw, "SELECT digest FROM distribution_meta") == expected_digest(routes)
+
+    check()  # empty: 0
+    version = store.save(0, chain(20)).version
+    check()
+    version = store.save(version, replace(chain(20), 7, group_id=3)).version
+    check()
+    split = store.split_route(3, key(2) + b"m", version)  # route 3 is [key(2), key(3))
+    check()
+    merged = store.merge_routes(split.created[0].route_id, split.created[1].route_id, split.version)
+    check()
+    version = store.set_route_state(5, FENCED, merged.version).version
+    version = store.move_route(5, 4, version).version
+    check()
+    version = store.save(version, chain(4, first_id=100)).version  # every route replaced
+    check()
+    store.save(version, [])
+    check()
+    assert scalar(raw, "SELECT digest FROM distribution_meta") == 0
+
+
+def test_a_save_from_the_version_read_sends_only_the_change(
+    store: CatalogStore, raw: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=CATALOG_LOGGER)
+    store.save(0, chain(1000))
+    snapshot = store.snapshot()
+    routes = list(snapshot.routes)
+    routes[500] = routes[500]._replace(group_id=2)
+    del routes[999]
+    routes[998] = routes[998]._replace(end=None)
+    routes.append(RouteDescriptor(route_id=5000, start=b"\xff", end=None, group_id=3))
+    routes[998] = routes[998]._replace(end=b"\xff")
+    saved = store.save(snapshot.version, routes)
+    assert save_paths(caplog) == ["all", "change"]
+    assert "sent 3 new or changed and 1 retired of 1000 routes" in caplog.text
+    v = u64_to_db(saved.version)
+    ids = "SELECT distribution_u64(route_id)::bigint FROM distribution_routes WHERE {} = %s"
+    opened = raw.execute(ids.format("valid_from") + " ORDER BY 1", [v]).fetchall()
+    closed = raw.execute(ids.format("valid_to") + " ORDER BY 1", [v]).fetchall()
+    assert opened == [(501,), (999,), (5000,)]
+    assert closed == [(501,), (999,), (1000,)]
+    assert saved.routes == by_start(routes)
+    assert store.snapshot().routes == by_start(routes)
+    assert store.history()[-1].arguments == {"routes": 1000, "opened": 3, "retired": 3}
+    assert store.next_route_id() == 5001
+
+
+def test_equal_descriptors_are_no_change(
+    store: CatalogStore, raw: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=CATALOG_LOGGER)
+    version = store.save(0, chain(50)).version
+    rows = "SELECT count(*) FROM distribution_routes"
+    saved = store.save(version, list(reversed(chain(50))))  # equal, not identical, unsorted
+    assert save_paths(caplog) == ["all", "change"]
+    assert "sent 0 new or changed and 0 retired of 50 routes" in caplog.text
+    assert scalar(raw, rows) == 50
+    assert saved.version == version + 1
+    assert saved.routes == tuple(chain(50))
+
+
+@pytest.mark.parametrize("fresh_store", [False, True], ids=["change", "all"])
+def test_both_paths_write_the_same_catalog(
+    database_url: str, raw: psycopg.Connection[Any], fresh_store: bool
+) -> None:
+    rng = random.Random(7)
+    routes = chain(300)
+    next_id = 1000
+    with CatalogStore.from_url(database_url) as kept:
+        version = kept.save(0, routes).version
+        for _ in range(30):
+            # Split one route, merge another pair away, regroup a third.
+            i = rng.randrange(1, len(routes) - 2)
+            left, right = routes[i], routes[i + 1]
+            routes[i : i + 2] = [
+                RouteDescriptor(next_id, left.start, right.end, left.group_id),
+            ]
+            while True:
+                j = rng.randrange(len(routes) - 1)
+                route = routes[j]
+                middle = route.start + bytes([rng.randrange(1, 256)])
+                if route.end is None or middle < route.end:
+                    break
+            routes[j : j + 1] = [
+                route._replace(route_id=next_id + 1, end=middle),
+                route._replace(route_id=next_id + 2, start=middle),
+            ]
+            k = rng.randrange(len(routes))
+            routes[k] = routes[k]._replace(group_id=rng.randrange(1, 9))
+            next_id += 3
+            if fresh_store:
+                with CatalogStore.from_url(database_url) as fresh:
+                    version = fresh.save(version, routes).version
+            else:
+                version = kept.save(version, routes).version
+            assert live_routes(raw) == [(r.route_id, r.start, r.end) for r in routes]
+            assert kept.snapshot().routes == tuple(routes)
+        assert scalar(raw, "SELECT digest FROM distribution_meta") == expected_digest(routes)
+
+
+def test_a_catalog_changed_behind_the_store_is_saved_whole(
+    store: CatalogStore, raw: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A catalog at the known version but holding other routes (restored from a backup, or
+    rebuilt, since the store read it) gets every route: the change alone would keep the
+    stranger's routes."""
+    caplog.set_level(logging.DEBUG, logger=CATALOG_LOGGER)
+    version = store.save(0, chain(100)).version
+    # Another writer rewrites route 5 in place, keeping the version: no library write does that.
+    raw.execute(
+        "UPDATE distribution_routes SET group_id = %s WHERE route_id = %s AND valid_to IS NULL",
+        [u64_to_db(9), u64_to_db(5)],
+    )
+    wanted = replace(chain(100), 7, group_id=2)
+    saved = store.save(version, wanted)
+    assert save_paths(caplog) == ["all", "all"]
+    assert "holds other routes than this store read" in caplog.text
+    assert store.snapshot().routes == saved.routes == tuple(wanted)
+    assert scalar(raw, "SELECT digest FROM distribution_meta") == expected_digest(wanted)
+
+
+def replace_at(routes: list[RouteDescriptor], index: int, **changes: Any) -> list[Any]:
+    return [*routes[:index], routes[index]._replace(**changes), *routes[index + 1 :]]
+
+
+# Index 9 of chain(100) is route 10, [key(9), key(10)).
+CHANGE_PATH_ERRORS = [
+    ("overlap", lambda r: replace_at(r, 9, end=key(12)), CatalogRouteOverlapError),
+    ("shared start", lambda r: replace_at(r, 9, start=key(8)), CatalogRouteOverlapError),
+    ("duplicate id", lambda r: replace_at(r, 9, route_id=11), CatalogDuplicateRouteIDError),
+    ("group 0", lambda r: replace_at(r, 9, group_id=0), CatalogGroupIDRequiredError),
+    ("empty range", lambda r: replace_at(r, 9, end=key(9)), CatalogInvalidRouteRangeError),
+    ("max id", lambda r: replace_at(r, 9, route_id=U64_MAX), CatalogRouteIDOverflowError),
+    ("unbounded in the middle", lambda r: replace_at(r, 9, end=None), CatalogRouteOverlapError),
+    ("a str start", lambda r: replace_at(r, 9, start="k000009"), TypeError),
+    ("not a descriptor", lambda r: [*r[:-1], tuple(r[-1])], TypeError),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [case[1:] for case in CHANGE_PATH_ERRORS],
+    ids=[case[0] for case in CHANGE_PATH_ERRORS],
+)
+def test_bad_changes_get_the_full_checks_and_write_nothing(
+    store: CatalogStore,
+    raw: psycopg.Connection[Any],
+    change: Callable[[list[RouteDescriptor]], list[Any]],
+    error: type[Exception],
+) -> None:
+    version = store.save(0, chain(100)).version
+    before = db_state(raw)
+    with pytest.raises(error):
+        store.save(version, change(chain(100)))
+    assert db_state(raw) == before
+    assert store.snapshot().routes == tuple(chain(100))
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 
 import alembic.config
 import psycopg
+import psycopg.errors
 import pytest
 import sqlalchemy as sa
 from pytest_alembic.config import Config
@@ -37,12 +38,13 @@ import distribution.schema
 from distribution import RouteDescriptor
 from distribution.catalog import CatalogStore
 from distribution.database import create_engine
+from distribution.models import u64_to_db
 from distribution.schema import VERSION_TABLE
 from distribution.schema import alembic_config as packaged_alembic_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 TABLES = {"distribution_meta", "distribution_routes", "distribution_history"}
-HEAD = "0001"
+HEAD = "0002"
 
 
 @pytest.fixture
@@ -109,7 +111,7 @@ def assert_migrated(url: str) -> dict[str, Any]:
     assert objects["meta_rows"] == 1
     assert "distribution_save_desired" in objects["functions"]
     assert len(objects["functions"]) == len(set(objects["functions"]))
-    assert len(objects["triggers"]) == 4
+    assert len(objects["triggers"]) == 7
     with CatalogStore.from_url(url) as store:
         assert store.snapshot().version == 0
         assert store.next_route_id() == 1
@@ -239,6 +241,50 @@ def test_alembic_command_line_upgrade_and_downgrade(empty_database_url: str) -> 
     again = _alembic(empty_database_url, "upgrade", "head")
     assert again.returncode == 0, again.stderr
     assert_migrated(empty_database_url)
+
+
+def test_the_digest_migration_hashes_the_routes_already_there(
+    empty_database_url: str, database_url: str
+) -> None:
+    """0002 computes the digest of the routes already there: the same value the triggers
+    give a catalog saved at head with the same routes (tests/test_catalog.py checks the
+    triggers against an independent Python computation)."""
+    routes = [
+        RouteDescriptor(route_id=1, start=b"", end=b"g", group_id=1),
+        RouteDescriptor(route_id=2, start=b"g", end=b"p", group_id=2),
+        RouteDescriptor(route_id=9, start=b"p", end=None, group_id=1),
+    ]
+    upgrade = _alembic(empty_database_url, "upgrade", "0001")
+    assert upgrade.returncode == 0, upgrade.stderr
+    digest = "SELECT digest FROM distribution_meta"
+    with psycopg.connect(empty_database_url, autocommit=True) as connection:
+        for r in routes:
+            connection.execute(
+                'INSERT INTO distribution_routes (route_id, start, "end", group_id, state, '
+                "parent_route_id, valid_from) VALUES (%s, %s, %s, %s, 0, %s, %s)",
+                [u64_to_db(r.route_id), r.start, r.end, u64_to_db(r.group_id), u64_to_db(0),
+                 u64_to_db(1)],
+            )
+        upgrade = _alembic(empty_database_url, "upgrade", "head")
+        assert upgrade.returncode == 0, upgrade.stderr
+        migrated = connection.execute(digest).fetchone()
+    with CatalogStore.from_url(database_url) as store:
+        store.save(0, routes)
+    with psycopg.connect(database_url) as connection:
+        saved = connection.execute(digest).fetchone()
+    assert migrated == saved
+    assert saved != (0,)
+
+    downgrade = _alembic(empty_database_url, "downgrade", "0001")
+    assert downgrade.returncode == 0, downgrade.stderr
+    objects = schema_objects(empty_database_url)
+    assert "distribution_save_changes" not in objects["functions"]
+    assert len(objects["triggers"]) == 4
+    with (
+        psycopg.connect(empty_database_url) as connection,
+        pytest.raises(psycopg.errors.UndefinedColumn),
+    ):
+        connection.execute(digest)
 
 
 def test_alembic_command_line_needs_a_database_url(empty_database_url: str) -> None:

@@ -22,7 +22,8 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import compress, islice, repeat
+from operator import attrgetter, eq, getitem, le, lt, not_
 from types import TracebackType
 from typing import Any, Self
 
@@ -44,10 +45,12 @@ from distribution.errors import (
     CatalogUnavailableError,
     CatalogVersionAheadError,
     CatalogVersionMismatchError,
+    DistributionError,
     EngineRequiredError,
 )
 from distribution.models import u64_from_db, u64_to_db
 from distribution.types import (
+    UINT64_MAX,
     CatalogChange,
     CatalogChangeSet,
     CatalogHistoryEntry,
@@ -58,6 +61,7 @@ from distribution.types import (
     check_key,
     check_route_state,
     check_u64,
+    validate_route_descriptor,
     validate_route_table,
 )
 
@@ -82,16 +86,32 @@ DEFAULT_HISTORY_VERSIONS = 1024
 #: How many versions one ``changes_since`` call returns at most by default.
 DEFAULT_CHANGES_LIMIT = 1024
 
+_route_id = attrgetter("route_id")
+_route_start = attrgetter("start")
+_route_end = attrgetter("end")
+_ONLY_DESCRIPTORS = frozenset({RouteDescriptor})
+
 _ROUTE_COLUMNS = 'route_id, start, "end", group_id, state, parent_route_id'
-_LIVE_ROUTES = f"SELECT {_ROUTE_COLUMNS} FROM distribution_routes WHERE valid_to IS NULL ORDER BY start"
+_LIVE_ROUTES = (
+    f"SELECT {_ROUTE_COLUMNS} FROM distribution_routes WHERE valid_to IS NULL ORDER BY start"
+)
+#: The live routes as six arrays, one per column. Fetching columns skips building a tuple per row
+#: and transposing the rows afterwards; the six aggregates run in one pass over the same rows, so
+#: the arrays stay aligned whatever order the rows come in.
+_LIVE_COLUMNS = (
+    'SELECT array_agg(route_id), array_agg(start), array_agg("end"), array_agg(group_id), '
+    f"array_agg(state), array_agg(parent_route_id) FROM ({_LIVE_ROUTES}) AS live"
+)
 _ROUTES_AT = (
     f"SELECT {_ROUTE_COLUMNS} FROM distribution_routes "
     "WHERE valid_from <= %(v)s AND (valid_to IS NULL OR valid_to > %(v)s) ORDER BY start"
 )
 _META = "SELECT version, history_floor, next_route_id FROM distribution_meta"
+_VERSION_AND_DIGEST = "SELECT version, digest FROM distribution_meta"
+_DIGEST = "SELECT digest FROM distribution_meta"
 _DESIRED_TABLE = (
     "CREATE TEMP TABLE IF NOT EXISTS distribution_desired ("
-    "route_id bigint, start bytea, \"end\" bytea, group_id bigint, state smallint, "
+    'route_id bigint, start bytea, "end" bytea, group_id bigint, state smallint, '
     "parent_route_id bigint) ON COMMIT DELETE ROWS"
 )
 
@@ -110,6 +130,11 @@ class CatalogStore:
     ``CatalogStore(sa_engine)`` uses the caller's engine; :meth:`from_url` creates one that
     :meth:`close` disposes. The store is thread-safe: each call checks a connection out of the
     engine's pool for the duration of one transaction.
+
+    The store keeps the routes of the last version it read or wrote (the tuple its last
+    snapshot or save returned). A save from that version, of routes mostly taken from it, then
+    sends only the routes that changed, after checking the catalog's digest: the database keeps
+    a hash of its live routes, so the change is applied only to the routes it was computed from.
     """
 
     def __init__(self, engine: sa.Engine | None) -> None:
@@ -124,6 +149,8 @@ class CatalogStore:
             )
         self._engine = engine
         self._owns_engine = False
+        #: The routes of the version this store last read or wrote (replaced in one assignment).
+        self._known: _KnownRoutes | None = None
 
     @classmethod
     def from_url(cls, url: str, **engine_options: Any) -> Self:
@@ -163,12 +190,12 @@ class CatalogStore:
         with self._transaction(read_only=True) as cursor, cursor.connection.pipeline():
             # Pipelined: BEGIN and both queries travel in one round trip.
             meta = cursor.connection.cursor(binary=True)
-            meta.execute(_META)
+            meta.execute(_VERSION_AND_DIGEST)
             with paused_gc():
-                cursor.execute(_LIVE_ROUTES)
-                version = u64_from_db(_fetch_one_row(meta)[0])
-                routes = _descriptors(cursor.fetchall())
-        return CatalogSnapshot(version=version, routes=routes, read_ts=version)
+                cursor.execute(_LIVE_COLUMNS)
+                version, digest = _fetch_one_row(meta)
+                routes = _column_descriptors(_fetch_one_row(cursor))
+        return self._remember(u64_from_db(version), digest, routes)
 
     def snapshot_at(self, read_ts: int) -> CatalogSnapshot:
         """Read the catalog exactly as it was at version ``read_ts``; O(rows kept in history).
@@ -282,27 +309,94 @@ class CatalogStore:
         :class:`~distribution.CatalogRouteOverlapError`, and each descriptor's own errors). Then,
         in one transaction: the compare-and-set on the version
         (:class:`~distribution.CatalogVersionMismatchError`, then
-        :class:`~distribution.CatalogVersionOverflowError`), the routes copied to the server and
-        diffed there, so only the routes that changed are written and the absent ones retired,
-        and the id counter raised to the floor of the old and new routes. Returns the new
-        snapshot. O(n) in the number of routes, with little Python work per route.
+        :class:`~distribution.CatalogVersionOverflowError`), only the routes that changed are
+        written and the absent ones retired, and the id counter is raised to the floor of the
+        old and new routes. Returns the new snapshot (whose routes may be the store's own equal
+        descriptors in place of the given ones).
+
+        What travels depends on what the store knows. Saving from the version this store last
+        read or wrote, it compares ``routes`` with those (C-level, by id) and sends only the
+        routes that changed, once the catalog's digest shows it still holds the routes the
+        comparison was made against. Otherwise, or when many routes changed, every route is
+        copied to the server and diffed there. O(n) in the number of routes either way, with
+        little Python work per route, and O(changes) on the wire and in the database when the
+        store knows the version.
         """
         check_u64("expected_version", expected_version)
         _check_actor(actor)
         with paused_gc():
-            table = _catalog_table(routes)
-            copy_data = _copy_data(table)
+            table = _route_list(routes)
+            known = self._known
+            if known is not None and known.version == expected_version:
+                change = _change_from(known, table)
+                if change is not None:
+                    try:
+                        return self._save_change(expected_version, known, change, actor)
+                    except _KnownRoutesStale:
+                        _logger.info(
+                            "the catalog at version %d holds other routes than this store read "
+                            "(restored or rebuilt since?): sending every route",
+                            expected_version,
+                        )
+            return self._save_all(expected_version, table, actor)
+
+    def _save_all(
+        self, expected_version: int, routes: list[RouteDescriptor], actor: str | None
+    ) -> CatalogSnapshot:
+        """:meth:`save` sending every route: the server diffs them against the live routes."""
+        table = _catalog_table(routes)
+        copy_data = _copy_data(table)
         next_route_id_floor(table)  # a route id of 2**64 - 1 leaves no id to allocate
         with self._transaction() as cursor:
-            written = _fetch_one(
-                cursor, "SELECT distribution_begin_write(%s)", [u64_to_db(expected_version)]
-            )[0]
-            cursor.execute(_DESIRED_TABLE)
-            with cursor.copy("COPY pg_temp.distribution_desired FROM STDIN (FORMAT BINARY)") as copy:
-                copy.write(copy_data)
+            written = self._begin_write(cursor, expected_version)
+            _stage(cursor, copy_data)
             cursor.execute("SELECT distribution_save_desired(%s, %s)", [written, actor])
-        version = u64_from_db(written)
-        return CatalogSnapshot(version=version, routes=table, read_ts=version)
+            digest = _fetch_one(cursor, _DIGEST)[0]
+        _logger.debug("save from version %d: sent all %d routes", expected_version, len(table))
+        return self._remember(u64_from_db(written), digest, table)
+
+    def _save_change(
+        self, expected_version: int, known: _KnownRoutes, change: _Change, actor: str | None
+    ) -> CatalogSnapshot:
+        """:meth:`save` sending only what changed since ``known``, if the catalog still holds it.
+
+        Raises :class:`_KnownRoutesStale`, having written nothing, when the catalog is at the
+        expected version but its digest differs from the one read with ``known`` (the database
+        was restored or rebuilt since, say).
+        """
+        with self._transaction() as cursor:
+            written = self._begin_write(cursor, expected_version)
+            if _fetch_one(cursor, _DIGEST)[0] != known.digest:
+                raise _KnownRoutesStale
+            _stage(cursor, _copy_data(change.upserts))
+            cursor.execute(
+                "SELECT distribution_save_changes(%s, %s, %s, %s)",
+                [written, actor, list(map(u64_to_db, change.deletes)), len(change.table)],
+            )
+            digest = _fetch_one(cursor, _DIGEST)[0]
+        _logger.debug(
+            "save from version %d: sent %d new or changed and %d retired of %d routes",
+            expected_version,
+            len(change.upserts),
+            len(change.deletes),
+            len(change.table),
+        )
+        return self._remember(u64_from_db(written), digest, change.table)
+
+    @staticmethod
+    def _begin_write(cursor: psycopg.Cursor[Any], expected_version: int) -> int:
+        """The compare-and-set every write starts with; returns the stored new version."""
+        written: int = _fetch_one(
+            cursor, "SELECT distribution_begin_write(%s)", [u64_to_db(expected_version)]
+        )[0]
+        return written
+
+    def _remember(
+        self, version: int, digest: int, routes: tuple[RouteDescriptor, ...]
+    ) -> CatalogSnapshot:
+        """Keep ``routes`` as the catalog at ``version`` (for the next save) and return them."""
+        self._known = _KnownRoutes(version, digest, routes)
+        return CatalogSnapshot(version=version, routes=routes, read_ts=version)
 
     def split_route(
         self, route_id: int, split_key: bytes, expected_version: int, *, actor: str | None = None
@@ -381,7 +475,9 @@ class CatalogStore:
         check_u64("route_id", route_id)
         check_u64("group_id", group_id)
         if group_id == 0:
-            raise CatalogGroupIDRequiredError("catalog group id is required: cannot move to group 0")
+            raise CatalogGroupIDRequiredError(
+                "catalog group id is required: cannot move to group 0"
+            )
         return self._operation(
             "distribution_move_route",
             [u64_to_db(route_id), u64_to_db(group_id)],
@@ -644,10 +740,21 @@ def _fetch_routes(
 
 
 def _descriptors(rows: Sequence[tuple[Any, ...]]) -> tuple[RouteDescriptor, ...]:
-    """Turn stored route rows into descriptors, column by column (see ``make_descriptors``)."""
+    """Turn stored route rows into descriptors, column by column."""
     if not rows:
         return ()
-    route_ids, starts, ends, group_ids, states, parents = zip(*rows, strict=True)
+    return _from_columns(*zip(*rows, strict=True))
+
+
+def _from_columns(
+    route_ids: Iterable[int],
+    starts: Iterable[bytes],
+    ends: Iterable[bytes | None],
+    group_ids: Iterable[int],
+    states: Iterable[int],
+    parents: Iterable[int],
+) -> tuple[RouteDescriptor, ...]:
+    """Descriptors from stored columns (u64 values shifted, see ``distribution.models``)."""
     return make_descriptors(
         map(u64_from_db, route_ids),
         starts,
@@ -656,6 +763,19 @@ def _descriptors(rows: Sequence[tuple[Any, ...]]) -> tuple[RouteDescriptor, ...]
         states,
         map(u64_from_db, parents),
     )
+
+
+def _column_descriptors(columns: Sequence[Any]) -> tuple[RouteDescriptor, ...]:
+    """Descriptors from the six column arrays of :data:`_LIVE_COLUMNS`, sorted by start."""
+    if columns[0] is None:  # no live route: every aggregate is NULL
+        return ()
+    routes = _from_columns(*columns)
+    starts = columns[1]
+    # The rows reach the aggregates in index order, but SQL does not promise an aggregate's
+    # input order: check it (one C-level pass) rather than trust it.
+    if all(map(lt, starts, islice(starts, 1, None))):
+        return routes
+    return tuple(sorted(routes, key=_route_start))
 
 
 def _changes(
@@ -677,23 +797,109 @@ def _changes(
     return tuple(changes)
 
 
-def _catalog_table(routes: Iterable[RouteDescriptor]) -> tuple[RouteDescriptor, ...]:
-    """Validate a whole catalog and return it sorted by start (the Engine's rules, see
-    :func:`~distribution.types.validate_route_table`, with the catalog's errors)."""
+def _route_list(routes: Iterable[RouteDescriptor]) -> list[RouteDescriptor]:
+    """``routes`` as a list, each a RouteDescriptor (else TypeError); O(n), C-level when valid."""
     if isinstance(routes, (str, bytes)):
         raise TypeError("routes must be an iterable of RouteDescriptor")
     table = list(routes)
-    for route in table:
-        if not isinstance(route, RouteDescriptor):
-            raise TypeError(f"routes must hold RouteDescriptor values, got {type(route).__name__}")
+    if not _ONLY_DESCRIPTORS.issuperset(map(type, table)):
+        for route in table:
+            if not isinstance(route, RouteDescriptor):
+                raise TypeError(
+                    f"routes must hold RouteDescriptor values, got {type(route).__name__}"
+                )
+    return table
+
+
+def _catalog_table(routes: list[RouteDescriptor]) -> tuple[RouteDescriptor, ...]:
+    """Validate a whole catalog and return it sorted by start (the Engine's rules, see
+    :func:`~distribution.types.validate_route_table`, with the catalog's errors)."""
     return tuple(
         validate_route_table(
-            table,
+            routes,
             duplicate=CatalogDuplicateRouteIDError,
             order=CatalogRouteOverlapError,
             overlap=CatalogRouteOverlapError,
         )
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _KnownRoutes:
+    """The routes of the catalog at ``version``, whose digest was then ``digest``."""
+
+    version: int
+    digest: int
+    routes: tuple[RouteDescriptor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    """What a save changes, against known routes."""
+
+    #: The whole new catalog, validated, sorted by start.
+    table: tuple[RouteDescriptor, ...]
+    #: New routes, and routes whose fields changed.
+    upserts: tuple[RouteDescriptor, ...]
+    #: Ids of the known routes that are gone.
+    deletes: tuple[int, ...]
+
+
+class _KnownRoutesStale(Exception):
+    """The catalog is at the known version but holds other routes; never leaves the store."""
+
+
+#: Above this many changed routes (or this fraction of them), sending every route is as cheap.
+_CHANGE_LIMIT = 1024
+_CHANGE_FRACTION = 8
+
+
+def _change_from(known: _KnownRoutes, table: list[RouteDescriptor]) -> _Change | None:
+    """The change from ``known`` to ``table``, validated, or None to take the full path.
+
+    Known routes are valid and do not overlap: a route of ``table`` equal to the known route
+    with its id needs no check, and the known (canonical) object takes its place. Only the
+    other routes are validated one by one; uniqueness, order and overlap are C-level passes over
+    the whole table. None (for too many changes, or anything unusual) sends the full path's
+    exact checks, which raise the contract's first error.
+    """
+    if not table:
+        return None
+    route_ids = list(map(_route_id, table))
+    known_by_id = dict(zip(map(_route_id, known.routes), known.routes, strict=True))
+    previous = list(map(known_by_id.get, route_ids))
+    same = list(map(eq, table, previous))
+    upserts = tuple(compress(table, map(not_, same)))
+    if len(upserts) > min(_CHANGE_LIMIT, len(table) // _CHANGE_FRACTION + 1):
+        return None
+    try:
+        if any(validate_route_descriptor(route) is not route for route in upserts):
+            return None  # a state given as an int, say: the full path normalizes it
+    except (DistributionError, TypeError):
+        return None
+    if len(set(route_ids)) != len(route_ids) or max(route_ids) == UINT64_MAX:
+        return None
+    # Each pair is (given, known): a route equal to the known one is replaced by it.
+    table = list(map(getitem, zip(table, previous, strict=True), same))  # type: ignore[arg-type]
+    starts = list(map(_route_start, table))
+    if not all(map(lt, starts, islice(starts, 1, None))):
+        table.sort(key=_route_start)
+        starts.sort()
+        if not all(map(lt, starts, islice(starts, 1, None))):
+            return None
+    bounded_ends = list(map(_route_end, table))
+    bounded_ends.pop()
+    if None in bounded_ends or not all(map(le, bounded_ends, islice(starts, 1, None))):
+        return None
+    deletes = tuple(known_by_id.keys() - set(route_ids))
+    return _Change(tuple(table), upserts, deletes)
+
+
+def _stage(cursor: psycopg.Cursor[Any], copy_data: bytes) -> None:
+    """Copy routes (binary COPY data) into the transaction's temporary distribution_desired."""
+    cursor.execute(_DESIRED_TABLE)
+    with cursor.copy("COPY pg_temp.distribution_desired FROM STDIN (FORMAT BINARY)") as copy:
+        copy.write(copy_data)
 
 
 def _copy_data(table: Sequence[RouteDescriptor]) -> bytes:

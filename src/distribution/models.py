@@ -113,6 +113,9 @@ class CatalogMeta(Base):
     next_route_id: Mapped[int] = mapped_column(U64, nullable=False)
     #: The oldest version that can still be read back exactly.
     history_floor: Mapped[int] = mapped_column(U64, nullable=False)
+    #: XOR of a 64-bit hash of every live route, kept by triggers: equal digests at one version
+    #: mean equal routes, which lets a save send only the routes that changed.
+    digest: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
 
 
 class RouteRecord(Base):
