@@ -620,22 +620,39 @@ def test_retired_routes_keep_their_history(
 # Saves that send only the change, and the digest that guards them
 # --------------------------------------------------------------------------------------------
 
+
 def test_snapshot_columns_in_any_order_come_back_sorted() -> None:
-    """SQL does not promise the order an aggregate reads its rows in; the snapshot sorts."""
-    stored = u64_to_db
-    columns = (
-        [stored(2), stored(1)],
-        [b"m", b""],
-        [None, b"m"],
-        [stored(3), stored(4)],
-        [0, 1],
-        [stored(0), stored(0)],
-    )
+    """SQL does not promise the order an aggregate reads its rows in; the snapshot sorts.
+
+    The id columns arrive with the stored values' sign bit flipped: u64 values, negative from
+    2**63 up."""
+    columns = ([2, 1], [b"m", b""], [None, b"m"], [3, -1], [0, 1], [0, -(2**63)])
     assert _column_descriptors(columns) == (
-        RouteDescriptor(route_id=1, start=b"", end=b"m", group_id=4, state=FENCED),
+        RouteDescriptor(
+            route_id=1, start=b"", end=b"m", group_id=U64_MAX, state=FENCED, parent_route_id=2**63
+        ),
         RouteDescriptor(route_id=2, start=b"m", end=None, group_id=3),
     )
     assert _column_descriptors((None,) * 6) == ()
+
+
+@pytest.mark.parametrize("value", [1, 2**63 - 1, 2**63, 2**64 - 2])
+def test_u64_values_keep_their_whole_range(store: CatalogStore, value: int) -> None:
+    routes = [
+        RouteDescriptor(route_id=value, start=b"", end=b"m", group_id=value, parent_route_id=value),
+        RouteDescriptor(
+            route_id=value + 1 if value < 2**64 - 2 else 3,
+            start=b"m",
+            end=None,
+            group_id=U64_MAX,
+            parent_route_id=U64_MAX,
+        ),
+    ]
+    saved = store.save(0, routes)
+    assert saved.routes == tuple(routes)
+    assert store.snapshot().routes == tuple(routes)
+    assert store.snapshot_at(1).routes == tuple(routes)
+    assert store.changes_since(0).changes[0].upserts == tuple(routes)
 
 
 CATALOG_LOGGER = "distribution.catalog"

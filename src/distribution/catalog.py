@@ -19,7 +19,7 @@ import binascii
 import json
 import logging
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import compress, islice, repeat
@@ -98,9 +98,12 @@ _LIVE_ROUTES = (
 #: The live routes as six arrays, one per column. Fetching columns skips building a tuple per row
 #: and transposing the rows afterwards; the six aggregates run in one pass over the same rows, so
 #: the arrays stay aligned whatever order the rows come in.
+#: u64 columns come unshifted: flipping the sign bit of a stored value gives the u64 itself, as
+#: a signed 64-bit integer (negative from 2**63 up), so most values need no Python work at all.
 _LIVE_COLUMNS = (
-    'SELECT array_agg(route_id), array_agg(start), array_agg("end"), array_agg(group_id), '
-    f"array_agg(state), array_agg(parent_route_id) FROM ({_LIVE_ROUTES}) AS live"
+    "SELECT array_agg(route_id # _sign), array_agg(start), array_agg(\"end\"), "
+    "array_agg(group_id # _sign), array_agg(state), array_agg(parent_route_id # _sign) "
+    f"FROM ({_LIVE_ROUTES}) AS live, (SELECT -9223372036854775807 - 1 AS _sign) AS sign_bit"
 )
 _ROUTES_AT = (
     f"SELECT {_ROUTE_COLUMNS} FROM distribution_routes "
@@ -743,33 +746,39 @@ def _descriptors(rows: Sequence[tuple[Any, ...]]) -> tuple[RouteDescriptor, ...]
     """Turn stored route rows into descriptors, column by column."""
     if not rows:
         return ()
-    return _from_columns(*zip(*rows, strict=True))
+    return _from_columns(_shifted, *zip(*rows, strict=True))
+
+
+def _shifted(stored: Sequence[int]) -> Iterable[int]:
+    """The u64 values of a column of stored (shifted) values."""
+    return map(u64_from_db, stored)
+
+
+def _sign_flipped(values: Sequence[int]) -> Iterable[int]:
+    """The u64 values of a column read with its sign bit flipped (see :data:`_LIVE_COLUMNS`)."""
+    if min(values) >= 0:
+        return values
+    return map(UINT64_MAX.__and__, values)
 
 
 def _from_columns(
-    route_ids: Iterable[int],
-    starts: Iterable[bytes],
-    ends: Iterable[bytes | None],
-    group_ids: Iterable[int],
-    states: Iterable[int],
-    parents: Iterable[int],
+    u64s: Callable[[Sequence[int]], Iterable[int]],
+    route_ids: Sequence[int],
+    starts: Sequence[bytes],
+    ends: Sequence[bytes | None],
+    group_ids: Sequence[int],
+    states: Sequence[int],
+    parents: Sequence[int],
 ) -> tuple[RouteDescriptor, ...]:
-    """Descriptors from stored columns (u64 values shifted, see ``distribution.models``)."""
-    return make_descriptors(
-        map(u64_from_db, route_ids),
-        starts,
-        ends,
-        map(u64_from_db, group_ids),
-        states,
-        map(u64_from_db, parents),
-    )
+    """Descriptors from route columns, ``u64s`` turning the id columns into u64 values."""
+    return make_descriptors(u64s(route_ids), starts, ends, u64s(group_ids), states, u64s(parents))
 
 
 def _column_descriptors(columns: Sequence[Any]) -> tuple[RouteDescriptor, ...]:
     """Descriptors from the six column arrays of :data:`_LIVE_COLUMNS`, sorted by start."""
     if columns[0] is None:  # no live route: every aggregate is NULL
         return ()
-    routes = _from_columns(*columns)
+    routes = _from_columns(_sign_flipped, *columns)
     starts = columns[1]
     # The rows reach the aggregates in index order, but SQL does not promise an aggregate's
     # input order: check it (one C-level pass) rather than trust it.
