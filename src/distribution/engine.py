@@ -706,46 +706,37 @@ class Engine:
             for key in batch:
                 check_key("key", key)
         batch.sort()
-        n = len(batch)
         grouped: list[tuple[Route, list[bytes]]] = []
-        if not n:
+        if not batch:
             return grouped
         append = grouped.append
         tops, chunks = self._table
         last = len(tops)
-        # The chunk holding the current key; chunk_end is where it ends (unused in the last one).
-        c = bisect_right(tops, batch[0])
-        bounds, slots = chunks[c]
-        n_bounds = len(bounds)
-        chunk_end = tops[c] if c < last else b""
-        i = 0
-        while i < n:
-            key = batch[i]
-            if c < last and key >= chunk_end:
+        # Above every key of the batch: where the last chunk, and its last slot, end for it.
+        above = batch[-1] + b"\0"
+        # The current slot holds the keys below slot_end, its chunk those below chunk_end.
+        slot_end = chunk_end = b""
+        bounds: list[bytes] = []
+        slots: _Slots = []
+        n_bounds = 0
+        current: list[bytes] = []
+        for key in batch:
+            if key < slot_end:
+                current.append(key)
+                continue
+            if key >= chunk_end:
                 c = bisect_right(tops, key)
                 bounds, slots = chunks[c]
                 n_bounds = len(bounds)
-                chunk_end = tops[c] if c < last else b""
+                chunk_end = tops[c] if c < last else above
+            # A full search, not one from the previous slot: every search then walks the same
+            # midpoints, which stay cached.
             p = bisect_right(bounds, key)
+            slot_end = bounds[p] if p < n_bounds else chunk_end
             route = slots[p]
-            if p < n_bounds:
-                slot_end = bounds[p]
-            elif c < last:
-                slot_end = chunk_end
-            else:
-                # The last slot of the table is unbounded: it holds every remaining key.
-                if route is not None:
-                    append((route, batch[i:]))
-                return grouped
-            # One comparison settles a lone key; a bisect finds the end of a longer run.
-            j = i + 1
-            if j < n and batch[j] < slot_end:
-                j = bisect_left(batch, slot_end, j + 1)
-                if route is not None:
-                    append((route, batch[i:j]))
-            elif route is not None:
-                append((route, [key]))
-            i = j
+            current = [key]
+            if route is not None:
+                append((route, current))
         return grouped
 
     # -- writers -------------------------------------------------------------------------------
