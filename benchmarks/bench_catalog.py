@@ -4,7 +4,9 @@
 * floor B: the bare compare-and-set transaction on a raw psycopg connection (the conditional
   ``UPDATE distribution_meta … WHERE version = %s`` and a commit);
 * ``snapshot()`` beside a bare binary fetch of the same rows as plain tuples (target <= 2x);
-* ``save()`` of the whole catalog with one route changed, beside ``snapshot()`` (target <= 2x);
+* ``save()`` of the whole catalog with one route changed, beside ``snapshot()`` (target <= 2x):
+  from the version the store has just read (it sends only the change), and from stores taking
+  turns (each saves from a version another wrote: it sends every route, the server diffs);
 * ``split_route`` beside floor B (target <= 3x), and flat in the catalog size (the largest
   catalog within 1.2x of the smallest).
 
@@ -18,9 +20,11 @@ measurements see the steady state, not the aftermath of the bulk load.
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import random
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -201,20 +205,47 @@ def snapshot_case(store: CatalogStore) -> Case:
     return case
 
 
-def save_case(catalog: Catalog, seed: int) -> Case:
-    """Save the whole catalog with one route changed (a different route each time)."""
+class _Catalog:
+    """The routes the save cases of one catalog share, with the version they saved last."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.routes = list(catalog.store.snapshot().routes)
+        self.version = catalog.store.version()
+
+    def change_one(self, rng: random.Random) -> None:
+        index = rng.randrange(len(self.routes))
+        route = self.routes[index]
+        self.routes[index] = route._replace(group_id=route.group_id % 9 + 1)
+
+
+def save_case(catalog: Catalog, shared: _Catalog, seed: int) -> Case:
+    """Save the whole catalog with one route changed (a different route each time), as a
+    service does: from the version it has just read, through the store that read it, which
+    then sends only the change."""
     store = catalog.store
-    routes = list(store.snapshot().routes)
-    version = store.version()
     rng = random.Random(seed)
 
     def case() -> float:
-        nonlocal version
-        index = rng.randrange(len(routes))
-        route = routes[index]
-        routes[index] = route._replace(group_id=route.group_id % 9 + 1)
+        shared.version = store.snapshot().version
+        shared.change_one(rng)
         started = time.perf_counter_ns()
-        version = store.save(version, routes, actor="bench").version
+        shared.version = store.save(shared.version, shared.routes, actor="bench").version
+        return _micros(started)
+
+    return case
+
+
+def save_all_case(stores: Sequence[CatalogStore], shared: _Catalog, seed: int) -> Case:
+    """As :func:`save_case`, but the saves take turns among ``stores`` (two or more): each saves
+    from a version another wrote, so it sends every route for the server to diff."""
+    turns = itertools.cycle(stores)
+    rng = random.Random(seed)
+
+    def case() -> float:
+        store = next(turns)
+        shared.change_one(rng)
+        started = time.perf_counter_ns()
+        shared.version = store.save(shared.version, shared.routes, actor="bench").version
         return _micros(started)
 
     return case
@@ -278,7 +309,7 @@ def run(quick: bool) -> list[Row]:
         gc.freeze()
         try:
             rows += _snapshot_rows(plan, catalogs, stack)
-            rows += _save_rows(plan, catalogs)
+            rows += _save_rows(plan, catalogs, stack)
             rows += _split_rows(plan, catalogs, server, stack)
         finally:
             gc.unfreeze()
@@ -317,17 +348,24 @@ def _snapshot_rows(plan: Plan, catalogs: dict[int, Catalog], stack: ExitStack) -
     return rows
 
 
-def _save_rows(plan: Plan, catalogs: dict[int, Catalog]) -> list[Row]:
+def _save_rows(plan: Plan, catalogs: dict[int, Catalog], stack: ExitStack) -> list[Row]:
     rows = []
     for size in plan.save_sizes:
         catalog = catalogs[size]
         repeats = plan.bulk_rounds[size]
         progress(f"catalog: save() of {_label(size)} ({repeats} interleaved repetitions)")
+        shared = _Catalog(catalog)
+        taking_turns = [stack.enter_context(CatalogStore.from_url(catalog.url)) for _ in "ab"]
         result = _measure(
-            {"snapshot": snapshot_case(catalog.store), "save": save_case(catalog, seed=size)},
+            {
+                "snapshot": snapshot_case(catalog.store),
+                "save": save_case(catalog, shared, seed=size),
+                "save all": save_all_case(taking_turns, shared, seed=size + 1),
+            },
             repeats,
             warmup=2,
         )
+        snapshot = result["snapshot"].median / 1000
         rows.append(
             Row(
                 "catalog save(), 1 route changed",
@@ -335,7 +373,17 @@ def _save_rows(plan: Plan, catalogs: dict[int, Catalog]) -> list[Row]:
                 result["save"].median / 1000,
                 "ms",
                 "snapshot() (target <= 2x)",
-                result["snapshot"].median / 1000,
+                snapshot,
+            )
+        )
+        rows.append(
+            Row(
+                "catalog save(), 1 changed, all sent",
+                _label(size),
+                result["save all"].median / 1000,
+                "ms",
+                "snapshot()",
+                snapshot,
             )
         )
     return rows

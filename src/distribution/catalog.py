@@ -876,7 +876,10 @@ def _change_from(known: _KnownRoutes, table: list[RouteDescriptor]) -> _Change |
         return None
     route_ids = list(map(_route_id, table))
     known_by_id = dict(zip(map(_route_id, known.routes), known.routes, strict=True))
-    previous = list(map(known_by_id.get, route_ids))
+    try:
+        previous = list(map(known_by_id.get, route_ids))  # an unhashable id raises TypeError
+    except TypeError:
+        return None
     same = list(map(eq, table, previous))
     upserts = tuple(compress(table, map(not_, same)))
     if len(upserts) > min(_CHANGE_LIMIT, len(table) // _CHANGE_FRACTION + 1):
