@@ -9,7 +9,10 @@ nothing. The version moves by exactly one per write; route rows are versioned (s
 
 The hot paths talk to psycopg directly, over connections from the SQLAlchemy engine's pool: one
 statement per step, binary rows, and the operations (split, merge, state, move) as one call to a
-server-side function each, whatever the catalog's size.
+server-side function each, whatever the catalog's size. A snapshot fetches the routes as six
+column arrays; a save sends only the routes that changed when the store knows the version it
+saves from, and otherwise copies every route to the server, which diffs them (see
+:meth:`CatalogStore.save`).
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ The invariants the database enforces itself, whoever writes:
 * live routes never overlap: a statement-level trigger (in the migrations) checks each new live
   row against its two neighbours through the live-start index, so the cost stays flat with the
   catalog size. Writers serialize on the metadata row.
+
+Triggers also keep ``distribution_meta.digest``, the XOR of a hash of every live route, whoever
+writes: two catalogs at one version hold the same routes exactly when their digests agree.
 """
 
 from __future__ import annotations
