@@ -745,22 +745,28 @@ def test_equal_descriptors_are_no_change(
     assert saved.routes == tuple(chain(50))
 
 
-@pytest.mark.parametrize("fresh_store", [False, True], ids=["change", "all"])
-def test_both_paths_write_the_same_catalog(
-    database_url: str, raw: psycopg.Connection[Any], fresh_store: bool
+@pytest.mark.parametrize("fresh_store", [False, True], ids=["same-store", "fresh-store"])
+@pytest.mark.parametrize("regroup", [1, 60], ids=["few-changes", "many-changes"])
+def test_every_path_writes_the_catalog_it_is_given(
+    database_url: str,
+    raw: psycopg.Connection[Any],
+    caplog: pytest.LogCaptureFixture,
+    fresh_store: bool,
+    regroup: int,
 ) -> None:
+    """Random splits, merges and regroupings, saved through the store that wrote the last
+    version or through a fresh one (which reads the catalog first); with few changes only they
+    travel, with many (over an eighth of the routes) every route does."""
+    caplog.set_level(logging.DEBUG, logger=CATALOG_LOGGER)
     rng = random.Random(7)
     routes = chain(300)
     next_id = 1000
     with CatalogStore.from_url(database_url) as kept:
         version = kept.save(0, routes).version
-        for _ in range(30):
-            # Split one route, merge another pair away, regroup a third.
+        for _ in range(20):
             i = rng.randrange(1, len(routes) - 2)
             left, right = routes[i], routes[i + 1]
-            routes[i : i + 2] = [
-                RouteDescriptor(next_id, left.start, right.end, left.group_id),
-            ]
+            routes[i : i + 2] = [RouteDescriptor(next_id, left.start, right.end, left.group_id)]
             while True:
                 j = rng.randrange(len(routes) - 1)
                 route = routes[j]
@@ -771,8 +777,8 @@ def test_both_paths_write_the_same_catalog(
                 route._replace(route_id=next_id + 1, end=middle),
                 route._replace(route_id=next_id + 2, start=middle),
             ]
-            k = rng.randrange(len(routes))
-            routes[k] = routes[k]._replace(group_id=rng.randrange(1, 9))
+            for k in rng.sample(range(len(routes)), regroup):
+                routes[k] = routes[k]._replace(group_id=routes[k].group_id % 8 + 1)
             next_id += 3
             if fresh_store:
                 with CatalogStore.from_url(database_url) as fresh:
@@ -782,6 +788,8 @@ def test_both_paths_write_the_same_catalog(
             assert live_routes(raw) == [(r.route_id, r.start, r.end) for r in routes]
             assert kept.snapshot().routes == tuple(routes)
         assert scalar(raw, "SELECT digest FROM distribution_meta") == expected_digest(routes)
+    # The first save loads 300 routes: every one travels. Then the path the changes' size says.
+    assert save_paths(caplog) == ["all"] + ["change" if regroup == 1 else "all"] * 20
 
 
 def test_a_catalog_changed_behind_the_store_is_saved_whole(

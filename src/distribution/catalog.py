@@ -138,9 +138,9 @@ class CatalogStore:
     engine's pool for the duration of one transaction.
 
     The store keeps the routes of the last version it read or wrote (the tuple its last
-    snapshot or save returned). A save from that version, of routes mostly taken from it, then
-    sends only the routes that changed, after checking the catalog's digest: the database keeps
-    a hash of its live routes, so the change is applied only to the routes it was computed from.
+    snapshot or save returned): a save compares its routes with those, and sends only the routes
+    that changed, after checking the catalog's digest (the database keeps a hash of its live
+    routes, so a change is applied only to the routes it was computed from).
     """
 
     def __init__(self, engine: sa.Engine | None) -> None:
@@ -193,6 +193,10 @@ class CatalogStore:
 
         Routes are sorted by start. An empty catalog gives version 0, no routes, ``read_ts`` 0.
         """
+        return self._remember(self._read_live())
+
+    def _read_live(self) -> _KnownRoutes:
+        """The version, digest and live routes, read in one REPEATABLE READ transaction."""
         with self._transaction(read_only=True) as cursor, cursor.connection.pipeline():
             # Pipelined: BEGIN and both queries travel in one round trip.
             meta = cursor.connection.cursor(binary=True)
@@ -201,7 +205,7 @@ class CatalogStore:
                 cursor.execute(_LIVE_COLUMNS)
                 version, digest = _fetch_one_row(meta)
                 routes = _column_descriptors(_fetch_one_row(cursor))
-        return self._remember(u64_from_db(version), digest, routes)
+        return _KnownRoutes(u64_from_db(version), digest, routes)
 
     def snapshot_at(self, read_ts: int) -> CatalogSnapshot:
         """Read the catalog exactly as it was at version ``read_ts``; O(rows kept in history).
@@ -320,20 +324,24 @@ class CatalogStore:
         old and new routes. Returns the new snapshot (whose routes may be the store's own equal
         descriptors in place of the given ones).
 
-        What travels depends on what the store knows. Saving from the version this store last
-        read or wrote, it compares ``routes`` with those (C-level, by id) and sends only the
-        routes that changed, once the catalog's digest shows it still holds the routes the
-        comparison was made against. Otherwise, or when many routes changed, every route is
-        copied to the server and diffed there. O(n) in the number of routes either way, with
-        little Python work per route, and O(changes) on the wire and in the database when the
-        store knows the version.
+        What travels: the store compares ``routes`` (C-level, by id) with the catalog at
+        ``expected_version``, as it last read or wrote it, or else as it reads it first, and sends
+        only the routes that changed, once the catalog's digest shows it still holds the routes
+        compared against. When many routes changed, every route is copied to the server and
+        diffed there. O(n) in the number of routes, with little Python work per route, and
+        O(changes) written.
         """
         check_u64("expected_version", expected_version)
         _check_actor(actor)
         with paused_gc():
             table = _route_list(routes)
             known = self._known
-            if known is not None and known.version == expected_version:
+            if known is None or known.version != expected_version:
+                # Reading the live routes and sending what changed costs far less than sending
+                # every route for the server to diff.
+                known = self._read_live()
+                self._known = known
+            if known.version == expected_version:
                 change = _change_from(known, table)
                 if change is not None:
                     try:
@@ -359,7 +367,7 @@ class CatalogStore:
             cursor.execute("SELECT distribution_save_desired(%s, %s)", [written, actor])
             digest = _fetch_one(cursor, _DIGEST)[0]
         _logger.debug("save from version %d: sent all %d routes", expected_version, len(table))
-        return self._remember(u64_from_db(written), digest, table)
+        return self._remember(_KnownRoutes(u64_from_db(written), digest, table))
 
     def _save_change(
         self, expected_version: int, known: _KnownRoutes, change: _Change, actor: str | None
@@ -387,7 +395,7 @@ class CatalogStore:
             len(change.deletes),
             len(change.table),
         )
-        return self._remember(u64_from_db(written), digest, change.table)
+        return self._remember(_KnownRoutes(u64_from_db(written), digest, change.table))
 
     @staticmethod
     def _begin_write(cursor: psycopg.Cursor[Any], expected_version: int) -> int:
@@ -397,12 +405,10 @@ class CatalogStore:
         )[0]
         return written
 
-    def _remember(
-        self, version: int, digest: int, routes: tuple[RouteDescriptor, ...]
-    ) -> CatalogSnapshot:
-        """Keep ``routes`` as the catalog at ``version`` (for the next save) and return them."""
-        self._known = _KnownRoutes(version, digest, routes)
-        return CatalogSnapshot(version=version, routes=routes, read_ts=version)
+    def _remember(self, known: _KnownRoutes) -> CatalogSnapshot:
+        """Keep ``known`` as the catalog this store last read or wrote; return it as a snapshot."""
+        self._known = known
+        return CatalogSnapshot(version=known.version, routes=known.routes, read_ts=known.version)
 
     def split_route(
         self, route_id: int, split_key: bytes, expected_version: int, *, actor: str | None = None
