@@ -792,6 +792,51 @@ def test_every_path_writes_the_catalog_it_is_given(
     assert save_paths(caplog) == ["all"] + ["change" if regroup == 1 else "all"] * 20
 
 
+@pytest.mark.parametrize("fresh_store", [False, True], ids=["same-store", "fresh-store"])
+def test_a_change_given_in_any_order(
+    database_url: str, raw: psycopg.Connection[Any], fresh_store: bool
+) -> None:
+    with CatalogStore.from_url(database_url) as store:
+        version = store.save(0, chain(50)).version
+        # Reversed: the unbounded route comes first; it changes, and so does another.
+        wanted = replace(replace(chain(50), 50, group_id=7), 11, group_id=8)
+        if fresh_store:
+            with CatalogStore.from_url(database_url) as fresh:
+                saved = fresh.save(version, list(reversed(wanted)))
+        else:
+            saved = store.save(version, list(reversed(wanted)))
+        assert saved.routes == tuple(wanted)
+        assert store.snapshot().routes == tuple(wanted)
+        assert scalar(raw, "SELECT count(*) FROM distribution_routes") == 52
+
+
+@pytest.mark.parametrize(
+    "behind_the_store",
+    [
+        "UPDATE distribution_routes SET group_id = group_id + 1 "
+        "WHERE route_id = %s AND valid_to IS NULL",
+        "DELETE FROM distribution_routes WHERE route_id = %s",
+        "TRUNCATE distribution_routes",
+    ],
+    ids=["update", "delete", "truncate"],
+)
+def test_routes_changed_behind_the_store_are_caught_by_the_digest(
+    store: CatalogStore,
+    raw: psycopg.Connection[Any],
+    caplog: pytest.LogCaptureFixture,
+    behind_the_store: str,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=CATALOG_LOGGER)
+    version = store.save(0, chain(10)).version
+    params = [u64_to_db(5)] if "%s" in behind_the_store else []
+    raw.execute(behind_the_store, params)
+    wanted = replace(chain(10), 7, group_id=2)
+    saved = store.save(version, wanted)
+    assert save_paths(caplog) == ["all", "all"]
+    assert store.snapshot().routes == saved.routes == tuple(wanted)
+    assert scalar(raw, "SELECT digest FROM distribution_meta") == expected_digest(wanted)
+
+
 def test_a_catalog_changed_behind_the_store_is_saved_whole(
     store: CatalogStore, raw: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -828,6 +873,13 @@ CHANGE_PATH_ERRORS = [
     ("unbounded in the middle", lambda r: replace_at(r, 9, end=None), CatalogRouteOverlapError),
     ("a str start", lambda r: replace_at(r, 9, start="k000009"), TypeError),
     ("not a descriptor", lambda r: [*r[:-1], tuple(r[-1])], TypeError),
+    # Equal to the stored route, but not of the contract's types.
+    ("a float id", lambda r: replace_at(r, 9, route_id=10.0), TypeError),
+    ("a bool group", lambda r: replace_at(r, 9, group_id=True), TypeError),
+    ("a bytearray start", lambda r: replace_at(r, 9, start=bytearray(key(9))), TypeError),
+    ("a memoryview end", lambda r: replace_at(r, 9, end=memoryview(key(10))), TypeError),
+    ("a bool state", lambda r: replace_at(r, 9, state=False), TypeError),
+    ("a float parent", lambda r: replace_at(r, 9, parent_route_id=0.0), TypeError),
 ]
 
 

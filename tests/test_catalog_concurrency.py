@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from distribution import (
+    CatalogGroupIDRequiredError,
     CatalogPermissionError,
     CatalogSnapshot,
     CatalogUnavailableError,
@@ -330,6 +331,16 @@ def test_an_unreachable_server_is_unavailable(database_url: str) -> None:
                 read()
             assert isinstance(info.value, ConnectionError)
             assert not isinstance(info.value, psycopg.Error)
+
+
+def test_bad_routes_are_refused_before_the_server_is_reached(database_url: str) -> None:
+    url = make_url(database_url).set(host="127.0.0.1", port=1, query={"connect_timeout": "5"})
+    bad = [RouteDescriptor(route_id=1, start=b"", end=None, group_id=0)]
+    with CatalogStore.from_url(url.render_as_string(hide_password=False)) as store:
+        with pytest.raises(CatalogGroupIDRequiredError):
+            store.save(3, bad)
+        with pytest.raises(CatalogUnavailableError):
+            store.save(3, chain(2))
 
 
 def test_a_missing_database_is_unavailable(database_url: str) -> None:

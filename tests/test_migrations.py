@@ -111,7 +111,7 @@ def assert_migrated(url: str) -> dict[str, Any]:
     assert objects["meta_rows"] == 1
     assert "distribution_save_desired" in objects["functions"]
     assert len(objects["functions"]) == len(set(objects["functions"]))
-    assert len(objects["triggers"]) == 7
+    assert len(objects["triggers"]) == 8
     with CatalogStore.from_url(url) as store:
         assert store.snapshot().version == 0
         assert store.next_route_id() == 1
@@ -262,8 +262,14 @@ def test_the_digest_migration_hashes_the_routes_already_there(
             connection.execute(
                 'INSERT INTO distribution_routes (route_id, start, "end", group_id, state, '
                 "parent_route_id, valid_from) VALUES (%s, %s, %s, %s, 0, %s, %s)",
-                [u64_to_db(r.route_id), r.start, r.end, u64_to_db(r.group_id), u64_to_db(0),
-                 u64_to_db(1)],
+                [
+                    u64_to_db(r.route_id),
+                    r.start,
+                    r.end,
+                    u64_to_db(r.group_id),
+                    u64_to_db(0),
+                    u64_to_db(1),
+                ],
             )
         upgrade = _alembic(empty_database_url, "upgrade", "head")
         assert upgrade.returncode == 0, upgrade.stderr

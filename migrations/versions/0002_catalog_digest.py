@@ -66,6 +66,18 @@ CREATE TRIGGER distribution_routes_digest_delete AFTER DELETE ON distribution_ro
 REFERENCING OLD TABLE AS old_routes
 FOR EACH STATEMENT EXECUTE FUNCTION distribution_routes_digest();
 
+-- TRUNCATE has no transition table, and leaves no route: the digest of nothing.
+CREATE FUNCTION distribution_routes_truncated() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE distribution_meta SET digest = 0;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER distribution_routes_digest_truncate AFTER TRUNCATE ON distribution_routes
+FOR EACH STATEMENT EXECUTE FUNCTION distribution_routes_truncated();
+
 -- Applies a change as version `written`: the routes staged in the temporary table
 -- distribution_desired are new or changed (their live rows close, new rows open), the routes
 -- whose ids are in `removed` retire. The caller checked the digest: the catalog holds the routes
@@ -80,9 +92,10 @@ DECLARE
     upserted distribution_routes[];
     deleted bigint[];
 BEGIN
+    -- One array of ids, so the live-route-id index finds the rows (an OR would scan).
     UPDATE distribution_routes r SET valid_to = written
-    WHERE r.valid_to IS NULL AND (r.route_id = ANY (removed) OR r.route_id IN (
-        SELECT d.route_id FROM pg_temp.distribution_desired d));
+    WHERE r.valid_to IS NULL AND r.route_id = ANY (
+        removed || ARRAY(SELECT d.route_id FROM pg_temp.distribution_desired d));
     GET DIAGNOSTICS retired = ROW_COUNT;
     INSERT INTO distribution_routes ({_ROUTE_FIELDS}, valid_from)
     SELECT {_ROUTE_FIELDS}, written FROM pg_temp.distribution_desired;
@@ -108,10 +121,12 @@ $$;
 """
 
 _DROP_FUNCTIONS = """
+DROP TRIGGER distribution_routes_digest_truncate ON distribution_routes;
 DROP TRIGGER distribution_routes_digest_delete ON distribution_routes;
 DROP TRIGGER distribution_routes_digest_update ON distribution_routes;
 DROP TRIGGER distribution_routes_digest_insert ON distribution_routes;
-DROP FUNCTION distribution_save_changes, distribution_routes_digest, distribution_route_hash;
+DROP FUNCTION distribution_save_changes, distribution_routes_truncated, distribution_routes_digest,
+    distribution_route_hash;
 """
 
 

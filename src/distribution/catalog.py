@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import compress, islice, repeat
-from operator import attrgetter, eq, getitem, le, lt, not_
+from operator import attrgetter, le, lt, ne
 from types import TracebackType
 from typing import Any, Self
 
@@ -48,7 +48,6 @@ from distribution.errors import (
     CatalogUnavailableError,
     CatalogVersionAheadError,
     CatalogVersionMismatchError,
-    DistributionError,
     EngineRequiredError,
 )
 from distribution.models import u64_from_db, u64_to_db
@@ -64,7 +63,6 @@ from distribution.types import (
     check_key,
     check_route_state,
     check_u64,
-    validate_route_descriptor,
     validate_route_table,
 )
 
@@ -93,6 +91,10 @@ _route_id = attrgetter("route_id")
 _route_start = attrgetter("start")
 _route_end = attrgetter("end")
 _ONLY_DESCRIPTORS = frozenset({RouteDescriptor})
+_ONLY_INT = frozenset({int})
+_ONLY_BYTES = frozenset({bytes})
+_BYTES_OR_NONE = frozenset({bytes, type(None)})
+_ONLY_STATES = frozenset({RouteState})
 
 _ROUTE_COLUMNS = 'route_id, start, "end", group_id, state, parent_route_id'
 _LIVE_ROUTES = (
@@ -334,33 +336,38 @@ class CatalogStore:
         check_u64("expected_version", expected_version)
         _check_actor(actor)
         with paused_gc():
-            table = _route_list(routes)
-            known = self._known
-            if known is None or known.version != expected_version:
-                # Reading the live routes and sending what changed costs far less than sending
-                # every route for the server to diff.
-                known = self._read_live()
-                self._known = known
-            if known.version == expected_version:
+            given = _route_list(routes)
+            table = _checked_table(given)
+            if table is None:
+                table = _catalog_table(given)  # the exact checks: raise the contract's first error
+                next_route_id_floor(table)  # a route id of 2**64 - 1 leaves no id to allocate
+        known = self._known
+        if known is None or known.version != expected_version:
+            # Reading the live routes and sending what changed costs far less than sending
+            # every route for the server to diff.
+            known = self._read_live()
+            self._known = known
+        if known.version == expected_version:
+            with paused_gc():
                 change = _change_from(known, table)
-                if change is not None:
-                    try:
-                        return self._save_change(expected_version, known, change, actor)
-                    except _KnownRoutesStale:
-                        _logger.info(
-                            "the catalog at version %d holds other routes than this store read "
-                            "(restored or rebuilt since?): sending every route",
-                            expected_version,
-                        )
-            return self._save_all(expected_version, table, actor)
+            if change is not None:
+                try:
+                    return self._save_change(expected_version, known, change, actor)
+                except _KnownRoutesStale:
+                    _logger.info(
+                        "the catalog at version %d holds other routes than this store read "
+                        "(restored or rebuilt since?): sending every route",
+                        expected_version,
+                    )
+        return self._save_all(expected_version, table, actor)
 
     def _save_all(
-        self, expected_version: int, routes: list[RouteDescriptor], actor: str | None
+        self, expected_version: int, table: tuple[RouteDescriptor, ...], actor: str | None
     ) -> CatalogSnapshot:
-        """:meth:`save` sending every route: the server diffs them against the live routes."""
-        table = _catalog_table(routes)
-        copy_data = _copy_data(table)
-        next_route_id_floor(table)  # a route id of 2**64 - 1 leaves no id to allocate
+        """:meth:`save` of a valid ``table`` (sorted by start) sending every route: the server
+        diffs them against the live routes."""
+        with paused_gc():
+            copy_data = _copy_data(table)
         with self._transaction() as cursor:
             written = self._begin_write(cursor, expected_version)
             _stage(cursor, copy_data)
@@ -872,48 +879,68 @@ _CHANGE_LIMIT = 1024
 _CHANGE_FRACTION = 8
 
 
-def _change_from(known: _KnownRoutes, table: list[RouteDescriptor]) -> _Change | None:
-    """The change from ``known`` to ``table``, validated, or None to take the full path.
+def _checked_table(table: list[RouteDescriptor]) -> tuple[RouteDescriptor, ...] | None:
+    """``table`` sorted by start if every check of a catalog passes, else None; O(n), C-level.
 
-    Known routes are valid and do not overlap: a route of ``table`` equal to the known route
-    with its id needs no check, and the known (canonical) object takes its place. Only the
-    other routes are validated one by one; uniqueness, order and overlap are C-level passes over
-    the whole table. None (for too many changes, or anything unusual) sends the full path's
-    exact checks, which raise the contract's first error.
+    Every field must have its exact type (``int``, ``bytes``, a RouteState member) and range, ids
+    must be unique and below ``2**64 - 1``, ranges non-empty, and routes must not overlap. None
+    sends the caller to the exact, per-route checks (:func:`_catalog_table`), which raise the
+    contract's first error, or accept an unusual but valid table (int states, say).
     """
     if not table:
+        return ()
+    route_ids, starts, ends, group_ids, states, parents = zip(*table, strict=True)
+    if not (
+        _ONLY_INT.issuperset(map(type, route_ids))
+        and _ONLY_BYTES.issuperset(map(type, starts))
+        and _BYTES_OR_NONE.issuperset(map(type, ends))
+        and _ONLY_INT.issuperset(map(type, group_ids))
+        and _ONLY_STATES.issuperset(map(type, states))
+        and _ONLY_INT.issuperset(map(type, parents))
+    ):
         return None
-    route_ids = list(map(_route_id, table))
+    groups = set(group_ids)
+    if not (
+        min(route_ids) > 0
+        and max(route_ids) < UINT64_MAX
+        and len(set(route_ids)) == len(route_ids)
+        and min(groups) > 0
+        and max(groups) <= UINT64_MAX
+        and min(parents) >= 0
+        and max(parents) <= UINT64_MAX
+    ):
+        return None
+    if not all(map(lt, starts, islice(starts, 1, None))):
+        table = sorted(table, key=_route_start)
+        starts = tuple(map(_route_start, table))
+        ends = tuple(map(_route_end, table))
+        if not all(map(lt, starts, islice(starts, 1, None))):
+            return None  # two routes share a start
+    # Only the last route may be unbounded; each range is non-empty and ends by the next start.
+    bounded = ends[:-1]
+    if None in bounded or not (
+        all(map(lt, starts, bounded))
+        and all(map(le, bounded, islice(starts, 1, None)))
+        and (ends[-1] is None or starts[-1] < ends[-1])
+    ):
+        return None
+    return tuple(table)
+
+
+def _change_from(known: _KnownRoutes, table: tuple[RouteDescriptor, ...]) -> _Change | None:
+    """The change from ``known`` to a valid ``table``, or None when too many routes changed.
+
+    A route equal to the known route with its id is unchanged (its fields' types were checked,
+    so equal means the same values); C-level passes only.
+    """
     known_by_id = dict(zip(map(_route_id, known.routes), known.routes, strict=True))
-    try:
-        previous = list(map(known_by_id.get, route_ids))  # an unhashable id raises TypeError
-    except TypeError:
-        return None
-    same = list(map(eq, table, previous))
-    upserts = tuple(compress(table, map(not_, same)))
+    route_ids = list(map(_route_id, table))
+    previous = map(known_by_id.get, route_ids)
+    upserts = tuple(compress(table, map(ne, table, previous)))
     if len(upserts) > min(_CHANGE_LIMIT, len(table) // _CHANGE_FRACTION + 1):
         return None
-    try:
-        if any(validate_route_descriptor(route) is not route for route in upserts):
-            return None  # a state given as an int, say: the full path normalizes it
-    except (DistributionError, TypeError):
-        return None
-    if len(set(route_ids)) != len(route_ids) or max(route_ids) == UINT64_MAX:
-        return None
-    # Each pair is (given, known): a route equal to the known one is replaced by it.
-    table = list(map(getitem, zip(table, previous, strict=True), same))  # type: ignore[arg-type]
-    starts = list(map(_route_start, table))
-    if not all(map(lt, starts, islice(starts, 1, None))):
-        table.sort(key=_route_start)
-        starts.sort()
-        if not all(map(lt, starts, islice(starts, 1, None))):
-            return None
-    bounded_ends = list(map(_route_end, table))
-    bounded_ends.pop()
-    if None in bounded_ends or not all(map(le, bounded_ends, islice(starts, 1, None))):
-        return None
     deletes = tuple(known_by_id.keys() - set(route_ids))
-    return _Change(tuple(table), upserts, deletes)
+    return _Change(table, upserts, deletes)
 
 
 def _stage(cursor: psycopg.Cursor[Any], copy_data: bytes) -> None:
