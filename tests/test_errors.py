@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import re
+import subprocess
+import sys
 from types import ModuleType
 
 import pytest
@@ -226,3 +228,26 @@ def test_package_all_is_importable() -> None:
     assert len(distribution.__all__) == len(set(distribution.__all__))
     for name in distribution.__all__:
         assert hasattr(distribution, name), f"distribution.__all__ names missing {name}"
+
+
+def test_the_pure_core_imports_no_sql_library() -> None:
+    """A service that only routes keys loads no SQL library; the catalog's names load on use."""
+    probe = (
+        "import sys\n"
+        "import distribution\n"
+        "from distribution import Engine, RouteDescriptor, encode_route_descriptor\n"
+        "sql = {'sqlalchemy', 'psycopg', 'alembic'}\n"
+        "print(sorted(sql & sys.modules.keys()))\n"
+        "from distribution import CatalogStore, CatalogWatcher, migrate\n"
+        "print(sorted(sql & sys.modules.keys()))\n"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.splitlines()
+    assert shown == ["[]", "['alembic', 'psycopg', 'sqlalchemy']"]
+
+
+def test_an_unknown_name_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'CatalogStor'"):
+        distribution.CatalogStor  # noqa: B018
+    assert "CatalogStore" in dir(distribution)

@@ -6,16 +6,16 @@ Layers, each importing only those above it:
 * ``models``, ``catalog`` (and the Alembic ``migrations``): the durable catalog;
 * ``watcher``: mirrors the catalog into an Engine;
 * ``cli``: the ``distribution`` command.
+
+The durable layers' names load on first use (``distribution.CatalogStore``, say), so that a
+service that only routes keys imports no SQL library.
 """
 
 from __future__ import annotations
 
-from distribution.catalog import (
-    CatalogListener,
-    CatalogNotification,
-    CatalogStore,
-    ensure_catalog_snapshot,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from distribution.codec import (
     catalog_next_route_id_key,
     catalog_route_id_from_key,
@@ -68,7 +68,6 @@ from distribution.errors import (
     EngineSnapshotVersionGapError,
     EngineSnapshotVersionStaleError,
 )
-from distribution.schema import migrate
 from distribution.types import (
     ROUTE_STATES,
     UINT64_MAX,
@@ -82,7 +81,28 @@ from distribution.types import (
     RouteState,
     validate_route_descriptor,
 )
-from distribution.watcher import CatalogWatcher, run_catalog_watcher
+
+if TYPE_CHECKING:
+    from distribution.catalog import (
+        CatalogListener,
+        CatalogNotification,
+        CatalogStore,
+        ensure_catalog_snapshot,
+    )
+    from distribution.schema import migrate
+    from distribution.watcher import CatalogWatcher, run_catalog_watcher
+
+#: Names whose modules load SQLAlchemy, psycopg and Alembic: imported on first use, so that a
+#: program using only the pure core (types, errors, codec, engine) does not pay for them.
+_SQL_NAMES = {
+    "CatalogListener": "distribution.catalog",
+    "CatalogNotification": "distribution.catalog",
+    "CatalogStore": "distribution.catalog",
+    "ensure_catalog_snapshot": "distribution.catalog",
+    "migrate": "distribution.schema",
+    "CatalogWatcher": "distribution.watcher",
+    "run_catalog_watcher": "distribution.watcher",
+}
 
 __all__ = [
     "ROUTE_STATES",
@@ -152,3 +172,16 @@ __all__ = [
     "run_catalog_watcher",
     "validate_route_descriptor",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _SQL_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SQL_NAMES})
