@@ -16,10 +16,12 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from alembic import command
 from sqlalchemy.engine import make_url
 
 from distribution.catalog import CatalogStore
-from distribution.schema import migrate
+from distribution.database import create_engine
+from distribution.schema import alembic_config, migrate
 
 TEST_DATABASE_URL_ENV = "DISTRIBUTION_TEST_DATABASE_URL"
 
@@ -95,6 +97,23 @@ def database_url(server_url: str, template_database: str) -> Iterator[str]:
 def empty_database_url(server_url: str) -> Iterator[str]:
     """A fresh database with no schema at all."""
     yield from _fresh_database(server_url, "template0")
+
+
+#: The first schema revision: a catalog without the route digest that later revisions add.
+FIRST_REVISION = "0001"
+
+
+@pytest.fixture
+def outdated_database_url(empty_database_url: str) -> str:
+    """A fresh database whose catalog schema stopped at the first revision."""
+    engine = create_engine(empty_database_url)
+    try:
+        with engine.connect() as connection:
+            command.upgrade(alembic_config(connection), FIRST_REVISION)
+            connection.commit()
+    finally:
+        engine.dispose()
+    return empty_database_url
 
 
 @pytest.fixture

@@ -550,6 +550,15 @@ def test_db_status_of_an_unmigrated_database(empty_database_url: str) -> None:
     assert "migrate" in fails(1, "routes", url=empty_database_url)
 
 
+def test_db_status_of_a_database_behind_the_library(outdated_database_url: str) -> None:
+    url = outdated_database_url
+    assert re.search(r"revision 0001, this library needs \d{4}", ok("db", "status", url=url))
+    assert "distribution migrate" in fails(1, "routes", url=url)
+    ok("migrate", url=url)
+    assert "revision" not in ok("db", "status", url=url)
+    assert ok("routes", url=url)
+
+
 def test_unreachable_database_exits_1() -> None:
     assert "unavailable" in fails(1, "db", "status", url=UNREACHABLE_URL)
     assert "unavailable" in fails(1, "split", "1", "m", url=UNREACHABLE_URL)

@@ -75,6 +75,7 @@ NON_DATA_ERRORS = [
     "CatalogRouteNotFoundError",
     "CatalogPermissionError",
     "CatalogUnavailableError",
+    "CatalogNotMigratedError",
 ]
 
 

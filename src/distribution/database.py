@@ -21,6 +21,7 @@ from distribution.errors import (
     CatalogInvalidRouteStateError,
     CatalogInvalidSplitKeyError,
     CatalogInvalidStateTransitionError,
+    CatalogNotMigratedError,
     CatalogPermissionError,
     CatalogRouteGroupMismatchError,
     CatalogRouteIDOverflowError,
@@ -65,6 +66,14 @@ _SQLSTATE_ERRORS: Mapping[str, type[DistributionError]] = {
     "UD010": CatalogInvalidStateTransitionError,
     "UD011": CatalogRouteNotFencedError,
 }
+
+# The catalog's own SQL names only tables, columns and functions of its schema: when one is missing,
+# the database was never migrated, or not to the revision this library needs.
+_SCHEMA_MISSING = frozenset({
+    psycopg.errors.UndefinedTable.sqlstate,
+    psycopg.errors.UndefinedColumn.sqlstate,
+    psycopg.errors.UndefinedFunction.sqlstate,
+})
 
 # Integrity constraints of the schema (see distribution.models) and the errors they mean.
 _CONSTRAINT_ERRORS: Mapping[str, type[DistributionError]] = {
@@ -112,6 +121,11 @@ def translate_error(exc: psycopg.Error) -> DistributionError:
     error_class = _SQLSTATE_ERRORS.get(sqlstate)
     if error_class is not None:
         return error_class(message)
+    if sqlstate in _SCHEMA_MISSING:
+        return CatalogNotMigratedError(
+            f"the catalog schema is missing or older than this library needs ({message}): "
+            "run distribution.migrate(url) or 'distribution migrate'"
+        )
     if isinstance(exc, psycopg.errors.IntegrityError):
         constraint = exc.diag.constraint_name or ""
         return _CONSTRAINT_ERRORS.get(constraint, DistributionError)(

@@ -17,6 +17,7 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── CatalogRouteNotFoundError             (+ LookupError)
     ├── CatalogPermissionError                (+ PermissionError)
     ├── CatalogUnavailableError               (+ ConnectionError)
+    ├── CatalogNotMigratedError
     ├── CatalogRouteIDRequiredError           (+ ValueError, and every class below)
     ├── CatalogGroupIDRequiredError
     ├── CatalogDuplicateRouteIDError
@@ -56,6 +57,7 @@ __all__ = [
     "CatalogInvalidSplitKeyError",
     "CatalogInvalidStateTransitionError",
     "CatalogInvalidVersionRecordError",
+    "CatalogNotMigratedError",
     "CatalogPermissionError",
     "CatalogRouteGroupMismatchError",
     "CatalogRouteIDOverflowError",
@@ -133,6 +135,13 @@ class CatalogPermissionError(DistributionError, PermissionError):
 
 class CatalogUnavailableError(DistributionError, ConnectionError):
     """The catalog database could not be reached or dropped the connection."""
+
+
+class CatalogNotMigratedError(DistributionError):
+    """The database lacks the catalog schema this library needs, or holds an older revision of it.
+
+    :func:`distribution.migrate` (or ``distribution migrate``) brings it up to date.
+    """
 
 
 class CatalogRouteIDRequiredError(DistributionError, ValueError):

@@ -7,10 +7,11 @@ from importlib.util import find_spec
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 from distribution.database import create_engine
 
-__all__ = ["MIGRATION_LOCK_KEY", "VERSION_TABLE", "alembic_config", "migrate"]
+__all__ = ["MIGRATION_LOCK_KEY", "VERSION_TABLE", "alembic_config", "head_revision", "migrate"]
 
 #: The table in which Alembic records the catalog schema's revision.
 VERSION_TABLE = "distribution_alembic_version"
@@ -31,6 +32,13 @@ def alembic_config(connection: sa.Connection | None = None) -> Config:
     if connection is not None:
         config.attributes["connection"] = connection
     return config
+
+
+def head_revision() -> str:
+    """The newest schema revision the packaged migrations define: the one this library needs."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "the packaged migrations have a single head"
+    return head
 
 
 def migrate(url_or_engine: str | sa.Engine) -> None:

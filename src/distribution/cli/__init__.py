@@ -84,10 +84,6 @@ def _message(exc: BaseException) -> str:
     message = _one_line(exc)
     if isinstance(exc, CatalogVersionMismatchError):
         return f"version conflict: {message} (nothing was written)"
-    if isinstance(exc, DistributionError) and "distribution_" in message and (
-        "does not exist" in message
-    ):
-        return f"{message} (is the database migrated? run 'distribution migrate')"
     if isinstance(exc, OSError) and not isinstance(exc, DistributionError):
         return f"{exc.strerror or type(exc).__name__}: {exc.filename}" if exc.filename else message
     return message

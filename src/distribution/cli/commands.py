@@ -570,16 +570,25 @@ def cmd_import(session: Session) -> int:
 
 def _server_lines(session: Session, url: str) -> list[str]:
     """Describe the server at ``url``: its version, and the catalog's (if migrated)."""
+    from distribution.schema import VERSION_TABLE, head_revision
+
     with session.open_store(url) as store, store.engine.connect() as connection:
         server = connection.exec_driver_sql("SHOW server_version").scalar()
-        migrated = connection.exec_driver_sql(
-            "SELECT to_regclass('distribution_meta') IS NOT NULL"
-        ).scalar()
+        revision = None
+        if connection.exec_driver_sql(f"SELECT to_regclass('{VERSION_TABLE}')").scalar():
+            revision = connection.exec_driver_sql(
+                f"SELECT version_num FROM {VERSION_TABLE}"
+            ).scalar()
         lines = [f"server: PostgreSQL {server}"]
-        if migrated:
-            lines.append(f"catalog version: {store.version()}")
-        else:
-            lines.append("catalog: not migrated (run 'distribution migrate')")
+        if revision is None:
+            return [*lines, "catalog: not migrated (run 'distribution migrate')"]
+        lines.append(f"catalog version: {store.version()}")
+        needed = head_revision()
+        if revision != needed:
+            lines.append(
+                f"catalog schema: revision {revision}, this library needs {needed} "
+                "(run 'distribution migrate')"
+            )
     return lines
 
 
