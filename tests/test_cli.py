@@ -565,10 +565,17 @@ def test_unreachable_database_exits_1() -> None:
     fails(2, "routes", url="mysql://localhost/x")
 
 
+def test_demo_on_a_url_keeps_a_written_catalog_unless_told(database_url: str) -> None:
+    ok("init", "--groups", "8", url=database_url)
+    before = routes_json(database_url)
+    assert "--replace" in fails(3, "demo", url=database_url)
+    assert routes_json(database_url) == before
+
+
 @pytest.mark.slow
 def test_demo_on_a_url(database_url: str) -> None:
-    ok("init", "--groups", "8", url=database_url)  # the demo replaces whatever is there
-    result = cli("demo", url=database_url, sub=True, timeout=60)
+    ok("init", "--groups", "8", url=database_url)
+    result = cli("demo", "--replace", url=database_url, sub=True, timeout=60)
     assert result.returncode == 0, (result.stdout, result.stderr)
     out = result.stdout
     for step in range(7):

@@ -3,7 +3,7 @@
 The demo works on the same catalog as the other commands (the embedded server by default, or the
 given URL), so ``distribution demo && distribution routes`` shows what it left. It **replaces the
 catalog's routes**: it migrates the database, then, in one compare-and-set ``save`` at the current
-version, swaps whatever routes there were for four fresh ones on groups 1-4 (with new ids, taken
+version (on a database named by URL, only with ``--replace`` once the catalog has been written), swaps whatever routes there were for four fresh ones on groups 1-4 (with new ids, taken
 from the catalog's counter, so retired ids are never reused), split at ``"g"``, ``"n"`` and ``"t"``.
 
 Then it starts in-process services (four by default), each an :class:`~distribution.Engine` kept
@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 from distribution.cli.errors import EXIT_OK, CommandError
 from distribution.cli.keys import format_key, format_range
 from distribution.cli.output import routes_table
+from distribution.errors import CatalogVersionMismatchError
 from distribution.types import CatalogWriteResult, RouteDescriptor, RouteState
 
 if TYPE_CHECKING:
@@ -192,14 +193,19 @@ def run_demo(session: Session, url: str, source: str) -> int:
 
     began = time.perf_counter()
     count = session.args.services
+    migrate(url)
+    store = session.store()
+    current = store.version()
+    if current and session.external_url is not None and not session.args.replace:
+        raise CatalogVersionMismatchError(
+            f"the catalog on {session.url_source} has been written (version {current}): the demo "
+            "would replace its routes; pass --replace to let it, or point it at a scratch database"
+        )
     session.print(
         f"distribution demo on {source}: it replaces the catalog's routes",
         "latency: from a write call returning to each service's Engine showing the new version "
         "(0.0 ms: seen before the call returned)",
     )
-    migrate(url)
-    store = session.store()
-    current = store.version()
     seeded = store.save(current, _seed_routes(store.next_route_id()), actor=session.actor())
     session.print(
         f"[0/6] seeded {len(seeded.routes)} routes on groups 1-4: catalog version {seeded.version}",

@@ -280,7 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(an Engine and a CatalogWatcher each) that keep routing keys, then split, fence, move,\n"
         "unfence and merge routes, printing after each step how long every service took to see\n"
         "it. It runs on the same catalog as the other commands (the embedded server by default)\n"
-        "and leaves its catalog there for 'distribution routes' to show.",
+        "and leaves its catalog there for 'distribution routes' to show. On a database named by\n"
+        "URL it refuses (exit code 3) a catalog that has been written, unless --replace.",
+    )
+    demo.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace the routes of a catalog named by URL that has been written",
     )
     demo.add_argument(
         "--services", metavar="N", type=positive_int, default=4, help="in-process services (4)"
