@@ -36,7 +36,6 @@ from distribution import (
     CatalogGroupIDRequiredError,
     CatalogInvalidRouteRangeError,
     CatalogInvalidRouteStateError,
-    CatalogNotMigratedError,
     CatalogRouteIDOverflowError,
     CatalogRouteIDRequiredError,
     CatalogRouteOverlapError,
@@ -61,7 +60,6 @@ from distribution.catalog import (
 )
 from distribution.database import create_engine, translate_error
 from distribution.models import u64_to_db
-from distribution.schema import migrate
 
 ACTIVE = RouteState.ACTIVE
 FENCED = RouteState.WRITE_FENCED
@@ -266,38 +264,6 @@ def test_empty_catalog(store: CatalogStore) -> None:
     assert store.snapshot_at(0) == EMPTY
     assert store.changes_since(0) == CatalogChangeSet(changes=(), reset=None)
     assert store.history() == []
-
-
-# --------------------------------------------------------------------------------------------
-# A database without the schema this library needs
-# --------------------------------------------------------------------------------------------
-
-
-def test_a_database_never_migrated_gets_a_typed_error(empty_database_url: str) -> None:
-    with CatalogStore.from_url(empty_database_url) as store:
-        for call in (store.snapshot, store.version, lambda: store.save(0, chain(2))):
-            with pytest.raises(CatalogNotMigratedError, match="migrate") as info:
-                call()
-            assert isinstance(info.value.__cause__, psycopg.errors.UndefinedTable)
-
-
-def test_a_schema_older_than_the_library_gets_a_typed_error_and_keeps_its_data(
-    outdated_database_url: str,
-) -> None:
-    """The first revision has no route digest: reads and saves name the fix, write nothing,
-    and work once the database is migrated."""
-    with psycopg.connect(outdated_database_url) as connection:
-        before = connection.execute("SELECT * FROM distribution_meta").fetchall()
-    with CatalogStore.from_url(outdated_database_url) as store:
-        for call in (store.snapshot, lambda: store.save(0, chain(2))):
-            with pytest.raises(CatalogNotMigratedError, match="older than this library"):
-                call()
-        with psycopg.connect(outdated_database_url) as connection:
-            assert connection.execute("SELECT * FROM distribution_meta").fetchall() == before
-            assert connection.execute("SELECT count(*) FROM distribution_routes").fetchone() == (0,)
-        migrate(outdated_database_url)
-        saved = store.save(0, chain(2))
-        assert store.snapshot() == saved
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,33 +1,37 @@
-"""The catalog under concurrent writers, refused privileges and dropped connections.
+"""The catalog under concurrent writers, refused privileges, dropped connections, missing schemas.
 
 Faults are real: competing transactions on one PostgreSQL catalog, a role without write
-privileges, backends killed with ``pg_terminate_backend``. Claims about what was (not) written are
+privileges, backends killed with ``pg_terminate_backend``, a query still running when its caller
+is interrupted, databases not migrated or migrated to an older revision. Claims about what was (not) written are
 checked with raw SQL over a separate psycopg connection.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
+import psycopg.errors
 import pytest
 from sqlalchemy.engine import make_url
 
 from distribution import (
     CatalogGroupIDRequiredError,
+    CatalogNotMigratedError,
     CatalogPermissionError,
     CatalogSnapshot,
     CatalogUnavailableError,
     CatalogVersionMismatchError,
-    DistributionError,
     RouteDescriptor,
     RouteState,
 )
 from distribution.catalog import CatalogStore
+from distribution.schema import migrate
 
 THREADS = 8
 ATTEMPTS = 50
@@ -252,7 +256,7 @@ def test_the_documented_writer_role_can_do_every_write(
 
 
 # --------------------------------------------------------------------------------------------
-# Lost and missing connections
+# Lost, interrupted and missing connections; missing schemas
 # --------------------------------------------------------------------------------------------
 
 APPLICATION = "distribution-test-store"
@@ -355,10 +359,45 @@ def test_a_missing_database_is_unavailable(database_url: str) -> None:
 def test_an_unmigrated_database_gives_a_library_error(empty_database_url: str) -> None:
     with CatalogStore.from_url(empty_database_url) as store:
         for call in (store.snapshot, lambda: store.save(0, chain(1)), store.history):
-            with pytest.raises(DistributionError) as info:
+            with pytest.raises(CatalogNotMigratedError, match="migrate") as info:
                 call()
-            assert not isinstance(info.value, psycopg.Error)
-            assert isinstance(info.value.__cause__, psycopg.Error)
+            assert isinstance(info.value.__cause__, psycopg.errors.UndefinedTable)
         # The store stays usable: nothing is left half-done on its connections.
-        with pytest.raises(DistributionError):
+        with pytest.raises(CatalogNotMigratedError):
             store.version()
+
+
+def test_a_schema_older_than_the_library_gets_a_typed_error_and_keeps_its_data(
+    outdated_database_url: str,
+) -> None:
+    """The first revision has no route digest: reads and saves name the fix, write nothing,
+    and work once the database is migrated."""
+    with psycopg.connect(outdated_database_url) as connection:
+        before = connection.execute("SELECT * FROM distribution_meta").fetchall()
+    with CatalogStore.from_url(outdated_database_url) as store:
+        for call in (store.snapshot, lambda: store.save(0, chain(2))):
+            with pytest.raises(CatalogNotMigratedError, match="older than this library"):
+                call()
+        with psycopg.connect(outdated_database_url) as connection:
+            assert connection.execute("SELECT * FROM distribution_meta").fetchall() == before
+            assert connection.execute("SELECT count(*) FROM distribution_routes").fetchone() == (0,)
+        migrate(outdated_database_url)
+        saved = store.save(0, chain(2))
+        assert store.snapshot() == saved
+
+
+def test_a_transaction_interrupted_mid_query_leaves_no_busy_connection_in_the_pool(
+    store: CatalogStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C can land while a query runs. The connection, still busy, is thrown away rather
+    than pooled: the pool's own reset would fail on it and log a traceback."""
+    expected = store.save(0, chain(2))
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(KeyboardInterrupt),
+        store._transaction() as cursor,
+    ):
+        cursor.connection.pgconn.send_query(b"SELECT pg_sleep(0.2)")
+        raise KeyboardInterrupt
+    assert caplog.records == []
+    assert store.snapshot() == expected

@@ -34,6 +34,7 @@ import psycopg
 import sqlalchemy as sa
 import sqlalchemy.exc
 from psycopg import IsolationLevel
+from psycopg.pq import TransactionStatus
 
 from distribution.bulk import make_descriptors, paused_gc
 from distribution.codec import decode_route_descriptor, next_route_id_floor
@@ -699,11 +700,17 @@ def _finish(
     committed: bool,
     settings: tuple[bool, IsolationLevel | None, bool | None],
 ) -> None:
-    """Return a connection to the pool as it was lent, or throw it away when it broke."""
+    """Return a connection to the pool as it was lent, or throw it away when it broke.
+
+    A connection that cannot be restored is thrown away too: one interrupted mid-query (Ctrl-C,
+    say) still has a command in progress, and would fail the pool's own reset.
+    """
+    restored = False
     try:
         if not committed:
             connection.rollback()
         connection.autocommit, connection.isolation_level, connection.read_only = settings
+        restored = connection.info.transaction_status == TransactionStatus.IDLE
     except psycopg.Error:
         pass
     if connection.broken or connection.closed:
@@ -711,6 +718,8 @@ def _finish(
         # As SQLAlchemy does on a disconnect: the other pooled connections are presumed dead too
         # (a server restart kills them all), so the pool is replaced and only one call fails.
         engine.dispose(close=False)
+    elif not restored:
+        pooled.invalidate()
     else:
         pooled.close()
 
