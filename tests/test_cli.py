@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -557,6 +558,58 @@ def test_db_status_of_a_database_behind_the_library(outdated_database_url: str) 
     ok("migrate", url=url)
     assert "revision" not in ok("db", "status", url=url)
     assert ok("routes", url=url)
+
+
+def test_an_empty_database_url_is_a_usage_error() -> None:
+    """An unset shell variable must not quietly send the command to the embedded server."""
+    assert "empty database URL" in fails(2, "routes", url="")
+    assert "empty database URL" in fails(2, "routes", "--database-url", " ")
+
+
+def test_a_count_beyond_the_library_range_is_a_usage_error() -> None:
+    assert "out of range" in fails(2, "history", "--limit", str(2**63), url=UNREACHABLE_URL)
+
+
+def test_ctrl_c_while_a_command_starts_is_reported_in_one_line(database_url: str) -> None:
+    """Wherever the interrupt lands (imports, connecting, the query), the user gets one line."""
+    command = [sys.executable, "-m", "distribution", "--database-url", database_url, "routes"]
+    for delay in (0.35, 0.5, 0.65, 0.8, 0.95):
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+        ) as run:
+            time.sleep(delay)
+            run.send_signal(signal.SIGINT)
+            _, err = run.communicate(timeout=30)
+        # Interrupted (130); or done before it came (0), or exiting as it came (killed by the
+        # signal, silently: the interpreter was already shutting down).
+        assert (run.returncode, err) in {
+            (130, "distribution: error: interrupted\n"),
+            (0, ""),
+            (-signal.SIGINT, ""),
+        }, (delay, err)
+
+
+def test_library_warnings_are_one_line_each(database_url: str) -> None:
+    command = [sys.executable, "-m", "distribution", "--database-url", database_url]
+    with subprocess.Popen(
+        [*command, "watch", "--count", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    ) as watch:
+        assert watch.stderr is not None
+        assert "watching" in watch.stderr.readline()
+        with psycopg.connect(database_url, autocommit=True) as other:
+            other.execute("NOTIFY distribution_catalog, 'not the catalog''s'")
+        ok("init", url=database_url)
+        out, err = watch.communicate(timeout=30)
+    assert watch.returncode == 0, err
+    assert "version 1" in out
+    assert err.splitlines() == [
+        "distribution: warning: ignored a malformed catalog notification: "
+        "malformed catalog notification: \"not the catalog's\""
+    ]
 
 
 def test_unreachable_database_exits_1() -> None:

@@ -12,7 +12,9 @@ import psycopg
 import pytest
 
 from distribution import (
+    CatalogSnapshot,
     CatalogStoreRequiredError,
+    CatalogVersionAheadError,
     Engine,
     EngineRequiredError,
     RouteDescriptor,
@@ -93,13 +95,35 @@ def test_lagging_catalog_never_moves_the_engine_back(store: CatalogStore) -> Non
     store.save(0, routes(b""))
     # The Engine has seen a newer version than this catalog holds (a lagging replica).
     ahead = Engine()
-    from distribution import CatalogSnapshot
-
     ahead.apply_snapshot(CatalogSnapshot(version=5, routes=tuple(routes(b"", b"x")), read_ts=5))
     watcher = CatalogWatcher(store, ahead)
-    watcher.sync_once()
+    with pytest.raises(CatalogVersionAheadError):
+        watcher.sync_once()
     assert ahead.version == 5
     assert len(ahead.stats()) == 2
+
+
+def test_a_catalog_behind_the_engine_is_reported_until_it_passes_it(
+    store: CatalogStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A catalog restored from an older backup, say: the running watcher keeps the Engine's
+    version, says why in last_error and one warning, and follows again once the catalog is past
+    the Engine."""
+    store.save(0, routes(b""))
+    ahead = Engine()
+    ahead.apply_snapshot(CatalogSnapshot(version=3, routes=tuple(routes(b"", b"x")), read_ts=3))
+    with (
+        caplog.at_level(logging.WARNING, logger="distribution.watcher"),
+        CatalogWatcher(store, ahead, interval=0.02) as watcher,
+    ):
+        wait_until(lambda: isinstance(watcher.last_error, CatalogVersionAheadError))
+        assert ahead.version == 3
+        for version in range(1, 4):
+            store.save(version, routes(b"", bytes([version])))
+        wait_until(lambda: ahead.version == 4 and watcher.last_error is None)
+    assert [r.start for r in ahead.stats()] == [b"", b"\x03"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "catalog" in warnings[0].getMessage()
 
 
 def test_reset_after_history_is_pruned_past_a_lagging_watcher(store: CatalogStore) -> None:
@@ -313,10 +337,25 @@ def test_a_foreign_notification_is_ignored(store: CatalogStore, database_url: st
         with psycopg.connect(database_url, autocommit=True) as other:
             other.execute("NOTIFY distribution_catalog, 'hello'")
             other.execute("""NOTIFY distribution_catalog, '7 {"not": "ours"}'""")
+            other.execute("SELECT pg_notify('distribution_catalog', '1 ' || repeat('[', 5000))")
+            # Well formed, but a jump no write makes: not taken from the payload.
+            other.execute(
+                """NOTIFY distribution_catalog, '1000 {"previous": 0, "upserts": [], "deletes": []}'"""
+            )
+            # A version the catalog never reached: the next read sets the lag right.
+            other.execute("NOTIFY distribution_catalog, '1000'")
         store.save(0, routes(b""))
-        wait_until(lambda: engine.version == 1)
+        wait_until(lambda: engine.version == 1 and watcher.lag == 0)
+        assert [r.route_id for r in engine.stats()] == [1]
         assert watcher.listening
         assert watcher._thread is not None and watcher._thread.is_alive()
+        assert watcher.last_error is None
+
+
+def test_an_interval_beyond_what_a_wait_takes_is_refused(store: CatalogStore) -> None:
+    for interval in (0, -1, float("inf"), float("nan"), threading.TIMEOUT_MAX * 2):
+        with pytest.raises(ValueError, match="interval"):
+            CatalogWatcher(store, Engine(), interval=interval)
 
 
 def test_restart_after_stop_runs_one_thread(store: CatalogStore) -> None:

@@ -624,8 +624,9 @@ class CatalogNotification:
 def parse_notification(payload: str) -> CatalogNotification:
     """Parse a ``distribution_catalog`` payload: the version in decimal, then maybe the change.
 
-    The change, when present, is JSON: ``previous`` (the version before the write), ``upserts``
-    (base64 seed route records) and ``deletes`` (route ids). Raises ValueError when malformed.
+    The change, when present, is JSON: ``previous`` (the version before the write, so one less
+    than ``version``: a write moves the catalog by exactly one), ``upserts`` (base64 seed route
+    records) and ``deletes`` (route ids). Raises ValueError when malformed.
 
     >>> parse_notification("7")
     CatalogNotification(version=7, change=None)
@@ -644,8 +645,10 @@ def parse_notification(payload: str) -> CatalogNotification:
         upserts = tuple(decode_route_descriptor(base64.b64decode(r)) for r in fields["upserts"])
         deletes = tuple(check_u64("route_id", i) for i in fields["deletes"])
         previous = check_u64("previous", fields["previous"])
-    except (KeyError, TypeError, binascii.Error) as exc:
+    except (KeyError, TypeError, binascii.Error, RecursionError) as exc:
         raise ValueError(f"malformed catalog notification: {payload[:200]!r}") from exc
+    if previous + 1 != version:
+        raise ValueError(f"malformed catalog notification: {payload[:200]!r}")
     return CatalogNotification(version, CatalogChange(previous, version, upserts, deletes))
 
 

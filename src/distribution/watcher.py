@@ -8,7 +8,14 @@ far enough or the changes do not continue from the Engine's version. Polling sta
 net, since notifications are lost while disconnected: at most once a second while listening, every
 ``interval`` while not. A lost connection is retried with capped exponential backoff.
 
-The Engine never goes back: a watcher pointed at a lagging replica applies nothing older.
+The Engine never goes back: a watcher pointed at a lagging replica (or a catalog restored from an
+older backup) applies nothing older, and reports the catalog behind it in :attr:`last_error`
+until the catalog passes the Engine's version again.
+
+Anyone who can connect to the catalog database can NOTIFY its channel. The watcher applies a
+change carried in a notification only when it moves the Engine's version by exactly one, as a
+write does; beyond that, it trusts the roles that can connect (see README.md, "Roles and
+privileges").
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ from distribution.catalog import (
 )
 from distribution.engine import Engine
 from distribution.errors import (
-    CatalogVersionAheadError,
     EngineSnapshotVersionGapError,
     EngineSnapshotVersionStaleError,
 )
@@ -68,8 +74,10 @@ class CatalogWatcher:
         listen: bool = True,
     ) -> None:
         catalog, engine = check_catalog_and_engine(catalog, engine)
-        if not interval > 0:
-            raise ValueError(f"interval must be positive, got {interval!r}")
+        if not 0 < interval <= threading.TIMEOUT_MAX:
+            raise ValueError(
+                f"interval must be positive and at most {threading.TIMEOUT_MAX:g} s, got {interval!r}"
+            )
         self._catalog = catalog
         self._engine = engine
         self._interval = float(interval)
@@ -109,7 +117,9 @@ class CatalogWatcher:
 
         One catalog read when nothing changed (loads are kept). Changes are applied
         incrementally; a reset applies a full snapshot. A race with another writer of the Engine
-        (a stale snapshot) is not an error; catalog errors propagate.
+        (a stale snapshot) is not an error; catalog errors propagate, including
+        :class:`~distribution.CatalogVersionAheadError` when the catalog is behind the Engine
+        (which then keeps its version).
         """
         while True:
             version = self._engine.version
@@ -120,16 +130,13 @@ class CatalogWatcher:
                 if snapshot.version > 0:
                     self._apply_snapshot(snapshot, reset=False)
                 return
-            try:
-                answer = self._catalog.changes_since(version, limit=DEFAULT_CHANGES_LIMIT)
-            except CatalogVersionAheadError:
-                # The catalog is behind the Engine (a lagging replica): never go back.
-                return
+            answer = self._catalog.changes_since(version, limit=DEFAULT_CHANGES_LIMIT)
             if answer.reset is not None:
                 self._apply_snapshot(answer.reset, reset=True)
                 return
             if not answer.changes:
-                self.catalog_version = max(self.catalog_version, version)
+                # Read just now: the catalog holds nothing newer, whatever a notification said.
+                self.catalog_version = version
                 return
             self.catalog_version = max(self.catalog_version, answer.changes[-1].version)
             try:

@@ -13,12 +13,14 @@ The CLI is thin: it parses arguments, calls the library and formats what comes b
 
 Every failure is reported as one line on stderr, ``distribution: error: …``, with the exit code
 of :mod:`distribution.cli.errors` (2 usage, 3 version conflict, 4 not found, 1 anything else).
-Set ``DISTRIBUTION_DEBUG=1`` to get the traceback of an unexpected error as well.
+Set ``DISTRIBUTION_DEBUG=1`` to get the traceback of an unexpected error as well. Warnings the
+library logs meanwhile are one line each too, ``distribution: warning: …``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import traceback
@@ -89,8 +91,29 @@ def _message(exc: BaseException) -> str:
     return message
 
 
+class _OneLineLogHandler(logging.Handler):
+    """The library's warnings (a watcher retrying, say) as one line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = " ".join(record.getMessage().split())
+        print(f"distribution: {record.levelname.lower()}: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``distribution`` command with ``argv`` (default: ``sys.argv[1:]``); return its exit code."""
+    handler = _OneLineLogHandler(logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # at any moment, even while the command is still starting
+        _report("interrupted")
+        return EXIT_INTERRUPTED
+    finally:
+        root.removeHandler(handler)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     from distribution.cli.parser import build_parser
 
     try:
@@ -106,9 +129,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     session = Session(args)
     try:
         return COMMANDS[args.command](session)
-    except KeyboardInterrupt:
-        _report("interrupted")
-        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (``distribution routes | head``): stop quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)

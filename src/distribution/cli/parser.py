@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from distribution.cli.errors import UsageError
 from distribution.cli.output import parse_state
@@ -62,14 +62,21 @@ def _nonzero_u64(text: str) -> int:
 
 
 def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
+    """An argparse type: an integer from 1 to 2**63-1."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    if not 1 <= value <= 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"out of range 1..2**63-1: {text!r}")
     return value
+
+
+def _database_url(text: str) -> str:
+    # An empty value is a mistake (an unset shell variable), not a request for the embedded server.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty database URL")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -112,17 +119,19 @@ def _key_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_DATABASE_URL_OPTION: dict[str, Any] = {
+    "metavar": "URL",
+    "type": _database_url,
+    "help": "the catalog database (default: $DISTRIBUTION_DATABASE_URL, else the embedded server)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the parser of every subcommand."""
     # Options every subcommand accepts too, so that they can come after the command's name.
     # SUPPRESS keeps a subcommand from overwriting a value given before the command's name.
     common = _Parser(add_help=False)
-    common.add_argument(
-        "--database-url",
-        metavar="URL",
-        default=argparse.SUPPRESS,
-        help="the catalog database (default: $DISTRIBUTION_DATABASE_URL, else the embedded server)",
-    )
+    common.add_argument("--database-url", default=argparse.SUPPRESS, **_DATABASE_URL_OPTION)
 
     writes = _Parser(add_help=False)
     writes.add_argument(
@@ -146,12 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--database-url",
-        metavar="URL",
-        default=None,
-        help="the catalog database (default: $DISTRIBUTION_DATABASE_URL, else the embedded server)",
-    )
+    parser.add_argument("--database-url", default=None, **_DATABASE_URL_OPTION)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
