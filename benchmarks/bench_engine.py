@@ -9,6 +9,8 @@ repetitions, beside a baseline measured in the same run:
   snapshot's start keys and one indexing, in a loop of the same shape;
 * ``group_keys``: ns per key on 1,000-key batches, uniform random keys, and clustered keys (about
   ten keys in each of a hundred routes, shuffled), beside a ``get_route`` loop on the same keys;
+  clustered batches also beside the ``get_route`` figure (random keys), the per-key cost a
+  service pays without batching;
 * ``apply_snapshot``: ms to apply the whole snapshot to a new Engine (the process has not frozen
   objects with ``gc.freeze()``: see ``distribution.bulk.paused_gc``);
 * ``apply_changes``: ms to apply a one-route change (a split: delete 1, upsert 2) to the full
@@ -224,7 +226,7 @@ def _size_rows(size: int, quick: bool) -> list[Row]:
             label,
             results["get_route"],
             "ns/key",
-            "bisect floor",
+            "bisect floor (target <= 1.3x)",
             results["floor"],
         ),
         Row(
@@ -232,7 +234,7 @@ def _size_rows(size: int, quick: bool) -> list[Row]:
             label,
             results["group uniform"],
             "ns/key",
-            "get_route loop",
+            "get_route loop, same keys (target <= 1x)",
             results["get_route uniform"],
         ),
         Row(
@@ -240,8 +242,16 @@ def _size_rows(size: int, quick: bool) -> list[Row]:
             label,
             results["group clustered"],
             "ns/key",
-            "get_route loop",
+            "get_route loop, same keys",
             results["get_route clustered"],
+        ),
+        Row(
+            "engine group_keys clustered",
+            label,
+            results["group clustered"],
+            "ns/key",
+            "get_route, random keys (target <= 0.3x)",
+            results["get_route"],
         ),
         Row("engine apply_snapshot", label, results["apply_snapshot"], "ms"),
         Row(

@@ -15,6 +15,11 @@ edges standing in for ``bounds[-1]`` and ``bounds[len(bounds)]``), or ``None`` f
 fills exactly one slot. A lookup is therefore two bisects and two indexings, and no comparison
 with a route's end.
 
+The lookups (:meth:`Engine.get_route`, :meth:`Engine.group_keys`) search in C, in
+:mod:`distribution._lookup`: a bisect through rich comparisons spends about 18 ns on each of
+its ``log2(routes)`` steps on this project's machines, ``memcmp`` a few. Writers, which run far
+more rarely, use :mod:`bisect`.
+
 Why chunks rather than one flat list: a write copies what it changes (copy-on-write keeps reads
 lock-free), and copying a list of a million references costs 12-40 ms on a small machine, because
 every element's reference count is touched. With chunks a one-route change copies one chunk and
@@ -45,6 +50,8 @@ from itertools import accumulate, chain, compress, islice, pairwise, repeat
 from operator import attrgetter, is_not, itemgetter, le, lt, ne
 from typing import Any, TypeAlias
 
+from distribution._lookup import find as _find
+from distribution._lookup import group as _group
 from distribution.bulk import paused_gc
 from distribution.errors import (
     CatalogGroupIDRequiredError,
@@ -645,15 +652,11 @@ class Engine:
         ...
         TypeError: key must be bytes, got str (encode text keys explicitly)
         """
-        if key.__class__ is not bytes:
-            check_key("key", key)
-        tops, chunks = self._table
-        # A table of up to ~1.5 _CHUNK bounds is one chunk: skip the first bisect (no tops).
-        if tops:
-            bounds, slots = chunks[bisect_right(tops, key)]
-        else:
-            bounds, slots = chunks[0]
-        return slots[bisect_right(bounds, key)]
+        try:
+            return _find(self._table, key)
+        except TypeError:
+            check_key("key", key)  # the library's message for a key that is not bytes
+            raise
 
     def get_intersecting_routes(self, start: bytes, end: bytes | None) -> list[Route]:
         """Routes intersecting ``[start, end)`` in key order; ``end None`` is unbounded.
@@ -692,8 +695,9 @@ class Engine:
         """Route a batch of keys at once: ``[(route, [keys...]), ...]`` in key order.
 
         Keys are sorted within a group, duplicates are kept, keys no route holds are left out.
-        O(k log k) for k keys, plus O(log routes) per group: a batch whose keys share routes costs
-        far less per key than one :meth:`get_route` each. No lock.
+        O(k log k) for k keys (a radix sort on their first 8 bytes, then a comparison sort of the
+        keys those leave tied), plus O(log routes) per group: a batch whose keys share routes
+        costs far less per key than one :meth:`get_route` each. No lock.
 
         >>> engine = Engine()
         >>> engine.update_route(b"a", b"m", 1)
@@ -701,43 +705,13 @@ class Engine:
         >>> [(r.group_id, ks) for r, ks in engine.group_keys([b"z", b"b", b"0", b"a", b"b"])]
         [(1, [b'a', b'b', b'b']), (2, [b'z'])]
         """
-        batch = list(keys)
-        if not _ONLY_BYTES.issuperset(map(type, batch)):
+        batch = keys if keys.__class__ is list else list(keys)
+        try:
+            return _group(self._table, batch)
+        except TypeError:
             for key in batch:
-                check_key("key", key)
-        batch.sort()
-        grouped: list[tuple[Route, list[bytes]]] = []
-        if not batch:
-            return grouped
-        append = grouped.append
-        tops, chunks = self._table
-        last = len(tops)
-        # Above every key of the batch: where the last chunk, and its last slot, end for it.
-        above = batch[-1] + b"\0"
-        # The current slot holds the keys below slot_end, its chunk those below chunk_end.
-        slot_end = chunk_end = b""
-        bounds: list[bytes] = []
-        slots: _Slots = []
-        n_bounds = 0
-        current: list[bytes] = []
-        for key in batch:
-            if key < slot_end:
-                current.append(key)
-                continue
-            if key >= chunk_end:
-                c = bisect_right(tops, key)
-                bounds, slots = chunks[c]
-                n_bounds = len(bounds)
-                chunk_end = tops[c] if c < last else above
-            # A full search, not one from the previous slot: every search then walks the same
-            # midpoints, which stay cached.
-            p = bisect_right(bounds, key)
-            slot_end = bounds[p] if p < n_bounds else chunk_end
-            route = slots[p]
-            current = [key]
-            if route is not None:
-                append((route, current))
-        return grouped
+                check_key("key", key)  # the library's message for a key that is not bytes
+            raise
 
     # -- writers -------------------------------------------------------------------------------
 

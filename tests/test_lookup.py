@@ -1,0 +1,170 @@
+"""Tests of distribution._lookup, the Engine's searches in C, against bisect over plain lists.
+
+The Engine's own tests (test_engine.py) go through these functions too; here the batches are
+large enough for every sorting path (insertion, merge, radix with runs of equal prefixes), the
+keys are chosen to defeat an 8-byte prefix, and malformed tables must raise, never crash.
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_right
+from itertools import groupby
+
+import pytest
+
+from distribution import Engine, Route, RouteDescriptor, RouteState
+from distribution._lookup import find, group
+from distribution.types import CatalogSnapshot
+
+#: Keys that differ only past their first 8 bytes, are prefixes of one another, or end in zeros.
+_TRICKY = [
+    b"",
+    b"\x00",
+    b"\x00\x00",
+    b"a",
+    b"a\x00",
+    b"a\x00\x00\x00\x00\x00\x00\x00",
+    b"a\x00\x00\x00\x00\x00\x00\x00\x00",
+    b"tenant-0001/a",
+    b"tenant-0001/b",
+    b"tenant-0001/",
+    b"tenant-0002",
+    b"\xff" * 8,
+    b"\xff" * 9,
+]
+
+
+def _random_key(rng: random.Random) -> bytes:
+    kind = rng.random()
+    if kind < 0.3:
+        return rng.choice(_TRICKY)
+    if kind < 0.6:
+        return b"tenant-0001/" + bytes(rng.choice(b"\x00ab\xff") for _ in range(rng.randrange(4)))
+    return bytes(rng.choice(b"\x00\x01a\x7f\xff") for _ in range(rng.randrange(12)))
+
+
+def _engine(rng: random.Random, routes: int) -> tuple[Engine, list[bytes], list[Route | None]]:
+    """An Engine of random routes with gaps, and the flat bounds and slots a bisect reads.
+
+    ``slots[i]`` covers ``[bounds[i - 1], bounds[i])``; the first slot and every gap hold None.
+    """
+    keys = sorted({_random_key(rng) for _ in range(routes * 2)})
+    descriptors: list[RouteDescriptor] = []
+    bounds: list[bytes] = []
+    slots: list[Route | None] = [None]
+    i = 0
+    while i + 1 < len(keys):
+        start, end = keys[i], keys[i + 1]
+        descriptor = RouteDescriptor(len(descriptors) + 1, start, end, 1)
+        descriptors.append(descriptor)
+        route = Route(descriptor.route_id, start, end, 1, RouteState.ACTIVE, 0)
+        if bounds and bounds[-1] == start:
+            slots[-1] = route
+        else:
+            bounds.append(start)
+            slots.append(route)
+        bounds.append(end)
+        slots.append(None)
+        i += rng.choice((1, 2))  # 2 leaves a gap
+    engine = Engine()
+    engine.apply_snapshot(CatalogSnapshot(version=1, routes=tuple(descriptors)))
+    return engine, bounds, slots
+
+
+def _expected(
+    bounds: list[bytes], slots: list[Route | None], keys: list[bytes]
+) -> list[tuple[Route, list[bytes]]]:
+    """The groups as bisect over the flat lists finds them, in key order, gaps left out."""
+    result: list[tuple[Route, list[bytes]]] = []
+    for p, members in groupby(sorted(keys), key=lambda key: bisect_right(bounds, key)):
+        route = slots[p]
+        if route is not None:
+            result.append((route, list(members)))
+    return result
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_find_and_group_match_bisect(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import distribution.engine as engine_module
+
+    rng = random.Random(seed)
+    # Small chunks on odd seeds: groups then cross chunk edges.
+    if seed % 2:
+        monkeypatch.setattr(engine_module, "_CHUNK", 4)
+        monkeypatch.setattr(engine_module, "_BLOCK", 4)
+    engine, bounds, slots = _engine(rng, rng.choice((3, 40, 300)))
+    engine._check()
+    table = engine._table
+    for size in (0, 1, 2, 17, 64, 65, 200, 1000):
+        keys = [_random_key(rng) for _ in range(size)]
+        keys += rng.sample(bounds, min(len(bounds), size // 4))
+        rng.shuffle(keys)
+        want = _expected(bounds, slots, keys)
+        assert group(table, keys) == want
+        assert group(table, sorted(keys)) == want
+        assert group(table, sorted(keys, reverse=True)) == want
+        for key in keys:
+            assert find(table, key) == slots[bisect_right(bounds, key)]
+
+
+def test_group_keeps_duplicates_and_the_key_objects() -> None:
+    engine = Engine.with_default_route()
+    keys = [bytes([i % 7]) * 9 for i in range(300)]
+    [(route, grouped)] = group(engine._table, keys)
+    assert route.route_id == 0
+    assert grouped == sorted(keys)
+    assert {id(k) for k in grouped} == {id(k) for k in keys}
+
+
+def test_group_of_a_list_leaves_the_list_alone() -> None:
+    engine = Engine.with_default_route()
+    keys = [b"c", b"a", b"b"] * 40
+    before = list(keys)
+    group(engine._table, keys)
+    assert keys == before
+
+
+def test_a_key_that_is_not_bytes_raises_type_error() -> None:
+    table = Engine.with_default_route()._table
+    with pytest.raises(TypeError, match="must be bytes, got str"):
+        find(table, "k")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be bytes, got bytearray"):
+        group(table, [b"a"] * 100 + [bytearray(b"k")])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="must be a list"):
+        group(table, (b"a",))  # type: ignore[arg-type]
+
+
+def _route(start: bytes) -> Route:
+    return Route(1, start, None, 1, RouteState.ACTIVE, 0)
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        None,
+        ([], []),
+        ([], [([], [None]), ([], [None])]),
+        ([], [([b"a"], [None])]),
+        ([], [[[b"a"], [None, None]]]),
+        ([], ["chunk"]),
+        ([1], [([], [None]), ([], [None])]),
+        ([], [([b"a", 2], [None, _route(b"a"), None])]),
+    ],
+    ids=[
+        "not-a-tuple",
+        "no-chunk",
+        "chunks-without-tops",
+        "slots-too-short",
+        "chunk-not-a-tuple",
+        "chunk-of-a-string",
+        "top-not-bytes",
+        "bound-not-bytes",
+    ],
+)
+def test_a_malformed_table_raises_instead_of_crashing(table: object) -> None:
+    for key in (b"", b"a", b"m", b"z"):
+        with pytest.raises((TypeError, SystemError)):
+            find(table, key)  # type: ignore[arg-type]
+        with pytest.raises((TypeError, SystemError)):
+            group(table, [key, key + b"\x00"])  # type: ignore[arg-type]
