@@ -17,6 +17,10 @@ from distribution.schema import MIGRATION_LOCK_KEY, VERSION_TABLE
 
 
 def _run(connection: sa.Connection) -> None:
+    if not connection.in_transaction():
+        # The lock and the DDL need one transaction: on a connection of an AUTOCOMMIT engine the
+        # lock would be released as soon as it is taken, and each statement would commit alone.
+        connection.execution_options(isolation_level="READ COMMITTED")
     context.configure(
         connection=connection,
         target_metadata=Base.metadata,

@@ -53,6 +53,7 @@ from distribution import (
     encode_route_descriptor,
 )
 from distribution.catalog import (
+    DEFAULT_HISTORY_VERSIONS,
     NOTIFY_CHANNEL,
     CatalogStore,
     _column_descriptors,
@@ -1052,6 +1053,24 @@ def test_prune_history_keeps_the_last_versions(store: CatalogStore) -> None:
     with pytest.raises(CatalogSnapshotTooOldError):
         store.snapshot_at(6)
     assert not issubclass(CatalogSnapshotTooOldError, ValueError)
+
+
+@pytest.mark.slow
+def test_prune_history_keeps_the_last_1024_versions_by_default(store: CatalogStore) -> None:
+    """The documented window: with no argument, the newest 1,024 versions stay readable."""
+    routes = chain(2)
+    saved = {1: store.save(0, routes)}
+    for version in range(2, DEFAULT_HISTORY_VERSIONS + 10):
+        routes = replace(routes, 1 + version % 2, group_id=version)
+        saved[version] = store.save(version - 1, routes)
+    current = max(saved)
+    floor = current - DEFAULT_HISTORY_VERSIONS + 1
+    assert store.prune_history() == floor
+    for version in (floor, floor + 1, current):
+        assert store.snapshot_at(version).routes == saved[version].routes
+    with pytest.raises(CatalogSnapshotTooOldError):
+        store.snapshot_at(floor - 1)
+    assert store.changes_since(floor - 1).reset == saved[current]
 
 
 def test_prune_history_drops_the_rows(store: CatalogStore, raw: psycopg.Connection[Any]) -> None:

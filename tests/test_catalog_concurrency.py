@@ -136,6 +136,7 @@ def test_concurrent_saves_from_the_version_just_read(
     assert not any(t.is_alive() for t in [*writers, reader]), "a thread hung"
     assert errors == []
     assert len(successes) + len(failures) == THREADS * ATTEMPTS
+    assert failures, "the writers never raced: nothing here was tested"
 
     # Every success has its own version, and together they are exactly the next N versions.
     n = len(successes)

@@ -153,6 +153,35 @@ def test_migrate_accepts_an_engine(empty_database_url: str) -> None:
     assert_migrated(empty_database_url)
 
 
+def test_migrate_on_an_autocommit_engine_holds_its_lock_until_it_commits(
+    empty_database_url: str,
+) -> None:
+    """Each DDL statement runs while the migration lock is held, in the migration's one
+    transaction, even when the caller's engine commits every statement on its own."""
+    key = distribution.schema.MIGRATION_LOCK_KEY
+    lock_held = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND classid = %s AND objid = %s AND objsubid = 1"
+    )
+    seen: list[int] = []
+    engine = create_engine(empty_database_url, isolation_level="AUTOCOMMIT")
+
+    def before_execute(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("CREATE TABLE"):
+            with psycopg.connect(empty_database_url, autocommit=True) as observer:
+                row = observer.execute(lock_held, [(key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF])
+                count = row.fetchone()
+            seen.append(count[0] if count else 0)
+
+    sa.event.listen(engine, "before_cursor_execute", before_execute)
+    try:
+        distribution.schema.migrate(engine)
+    finally:
+        engine.dispose()
+    assert seen and set(seen) == {1}, seen
+    assert_migrated(empty_database_url)
+
+
 def test_packaged_alembic_config_points_at_the_migrations() -> None:
     location = Path(packaged_alembic_config().get_main_option("script_location") or "")
     assert (location / "env.py").is_file()
