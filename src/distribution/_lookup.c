@@ -2,9 +2,9 @@
  *
  * The table is the pair (tops, chunks) described in distribution/engine.py: tops is a list of
  * bytes, chunks a list of (bounds, slots) tuples, bounds a list of bytes and slots a list of
- * routes (or None) one longer than bounds. Both functions only read it. They run no Python code
- * and hold the GIL from start to end, so they see the table the caller passed, whole, while a
- * writer builds the next one.
+ * routes (or None) one longer than bounds. Both functions only read it, and the Engine never
+ * changes a list once a table holds it (a writer builds the next table and swaps it in), so
+ * the table the caller passed stays whole for the whole call.
  *
  * Why C: a Python bisect spends most of its time in rich comparisons (about 18 ns each here),
  * and a batch sort as much again; comparing bytes with memcmp costs a few nanoseconds.
@@ -272,7 +272,106 @@ open_group(PyObject *groups, PyObject *route, PyObject *key, PyObject **current)
     return failed;
 }
 
-/* The groups of n sorted entries over the table's lists; a new list, or NULL. */
+/* Searches run side by side, so that their cache misses overlap: a search over a large table
+ * waits on memory at most of its steps, and one search's steps depend on each other. */
+#define LANES 8
+
+/* Where a key lies: its chunk's lists and end (NULL: unbounded), and its slot in the chunk. */
+typedef struct {
+    PyObject *bounds;
+    PyObject *slots;
+    PyObject *chunk_end;
+    Py_ssize_t slot;
+} Place;
+
+/* The chunk that holds each of m sorted keys, into places; *chunk carries the current chunk from
+ * one call to the next (its bounds are NULL before the first). 0 on success. */
+static int
+find_chunks(PyObject *tops, PyObject *chunks, const Entry *entries, Py_ssize_t m, Place *chunk,
+            Place *places)
+{
+    Py_ssize_t n_tops = PyList_GET_SIZE(tops);
+    for (Py_ssize_t j = 0; j < m; j++) {
+        PyObject *key = entries[j].key;
+        if (chunk->bounds == NULL ||
+            (chunk->chunk_end != NULL && compare_bytes(key, chunk->chunk_end) >= 0)) {
+            Py_ssize_t c = n_tops ? bisect_right(tops, key) : 0;
+            if (c < 0 || unpack_chunk(chunks, c, &chunk->bounds, &chunk->slots) < 0) {
+                return -1;
+            }
+            chunk->chunk_end = c < n_tops ? PyList_GET_ITEM(tops, c) : NULL;
+            if (chunk->chunk_end != NULL && !PyBytes_CheckExact(chunk->chunk_end)) {
+                return not_bytes(chunk->chunk_end);
+            }
+        }
+        places[j] = *chunk;
+    }
+    return 0;
+}
+
+/* bisect_right of each of m keys in its place's bounds, m searches in lockstep. Each step
+ * halves every search's range without a branch on the comparison, and touches each lane's
+ * next midpoint before comparing any, so the memory loads of all lanes are in flight at once.
+ * 0 on success. */
+static int
+find_slots(const Entry *entries, Py_ssize_t m, Place *places)
+{
+    if (m == 1) {
+        /* Alone, a search with branches runs faster: the processor starts the next step's load
+         * on the branch it predicts, where a branchless step must wait for the comparison. */
+        places[0].slot = bisect_right(places[0].bounds, entries[0].key);
+        return places[0].slot < 0 ? -1 : 0;
+    }
+    PyObject **items[LANES];
+    Py_ssize_t base[LANES], size[LANES];
+    Py_ssize_t longest = 0;
+    for (Py_ssize_t j = 0; j < m; j++) {
+        items[j] = ((PyListObject *)places[j].bounds)->ob_item;
+        base[j] = 0;
+        size[j] = PyList_GET_SIZE(places[j].bounds);
+        longest = size[j] > longest ? size[j] : longest;
+    }
+    for (; longest > 1; longest -= longest / 2) {
+        for (Py_ssize_t j = 0; j < m; j++) {
+            if (size[j] > 1) {
+                /* The object's header and its bytes, which may begin on the next cache line. */
+                PyObject *item = items[j][base[j] + size[j] / 2];
+                __builtin_prefetch(item);
+                __builtin_prefetch(((PyBytesObject *)item)->ob_sval);
+            }
+        }
+        for (Py_ssize_t j = 0; j < m; j++) {
+            if (size[j] > 1) {
+                Py_ssize_t half = size[j] / 2;
+                PyObject *item = items[j][base[j] + half];
+                if (!PyBytes_CheckExact(item)) {
+                    return not_bytes(item);
+                }
+                base[j] += compare_bytes(item, entries[j].key) <= 0 ? half : 0;
+                size[j] -= half;
+            }
+        }
+    }
+    for (Py_ssize_t j = 0; j < m; j++) {
+        Py_ssize_t slot = 0;
+        if (size[j] > 0) {
+            PyObject *item = items[j][base[j]];
+            if (!PyBytes_CheckExact(item)) {
+                return not_bytes(item);
+            }
+            slot = base[j] + (compare_bytes(item, entries[j].key) <= 0);
+        }
+        places[j].slot = slot;
+    }
+    return 0;
+}
+
+/* The groups of n sorted entries over the table's lists; a new list, or NULL.
+ *
+ * Keys below the end of the previous key's slot join its group without a search. The others
+ * are searched a window at a time. While the keys are spread (two or fewer a slot), a window is
+ * LANES keys, searched together as if each began a new slot; while they are clustered, a window
+ * is the one key that begins the next slot, and the keys after it mostly join its group. */
 static PyObject *
 group_sorted(PyObject *tops, PyObject *chunks, const Entry *entries, Py_ssize_t n)
 {
@@ -280,49 +379,45 @@ group_sorted(PyObject *tops, PyObject *chunks, const Entry *entries, Py_ssize_t 
     if (groups == NULL) {
         return NULL;
     }
-    Py_ssize_t n_tops = PyList_GET_SIZE(tops);
-    PyObject *bounds = NULL, *slots = NULL;
-    /* The current slot holds the keys below slot_end, its chunk those below chunk_end; NULL
-     * ends are unbounded. current is the key list of the slot's group (NULL for a gap). */
-    PyObject *slot_end = NULL, *chunk_end = NULL, *current = NULL;
-    int in_slot = 0, in_chunk = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *key = entries[i].key;
-        if (in_slot && (slot_end == NULL || compare_bytes(key, slot_end) < 0)) {
-            if (current != NULL && PyList_Append(current, key) < 0) {
-                goto error;
-            }
-            continue;
-        }
-        if (!in_chunk || (chunk_end != NULL && compare_bytes(key, chunk_end) >= 0)) {
-            /* Searched in full, not from the previous chunk: every search then walks the same
-             * midpoints, which stay cached. */
-            Py_ssize_t c = n_tops ? bisect_right(tops, key) : 0;
-            if (c < 0 || unpack_chunk(chunks, c, &bounds, &slots) < 0) {
-                goto error;
-            }
-            chunk_end = c < n_tops ? PyList_GET_ITEM(tops, c) : NULL;
-            if (chunk_end != NULL && !PyBytes_CheckExact(chunk_end)) {
-                not_bytes(chunk_end);
-                goto error;
-            }
-            in_chunk = 1;
-        }
-        Py_ssize_t p = bisect_right(bounds, key);
-        if (p < 0) {
+    Place chunk = {NULL, NULL, NULL, 0};
+    Place places[LANES];
+    Py_ssize_t window = LANES;
+    Py_ssize_t i = 0;
+    while (i < n) {
+        Py_ssize_t m = n - i < window ? n - i : window;
+        if (find_chunks(tops, chunks, entries + i, m, &chunk, places) < 0 ||
+            find_slots(entries + i, m, places) < 0) {
             goto error;
         }
-        slot_end = p < PyList_GET_SIZE(bounds) ? PyList_GET_ITEM(bounds, p) : chunk_end;
-        if (slot_end != NULL && !PyBytes_CheckExact(slot_end)) {
-            not_bytes(slot_end);
-            goto error;
+        Py_ssize_t used = 0, j = 0, k = i;
+        while (j < m) {
+            /* Key i + j begins a slot: its place is known. */
+            const Place *place = &places[j];
+            PyObject *slot_end = place->slot < PyList_GET_SIZE(place->bounds)
+                                     ? PyList_GET_ITEM(place->bounds, place->slot)
+                                     : place->chunk_end;
+            if (slot_end != NULL && !PyBytes_CheckExact(slot_end)) {
+                not_bytes(slot_end);
+                goto error;
+            }
+            PyObject *route = PyList_GET_ITEM(place->slots, place->slot);
+            PyObject *current = NULL;
+            used++;
+            k = i + j;
+            if (route != Py_None && open_group(groups, route, entries[k].key, &current) < 0) {
+                goto error;
+            }
+            for (k++; k < n && (slot_end == NULL || compare_bytes(entries[k].key, slot_end) < 0);
+                 k++) {
+                if (current != NULL && PyList_Append(current, entries[k].key) < 0) {
+                    goto error;
+                }
+            }
+            j = k - i;
         }
-        in_slot = 1;
-        PyObject *route = PyList_GET_ITEM(slots, p);
-        current = NULL;
-        if (route != Py_None && open_group(groups, route, key, &current) < 0) {
-            goto error;
-        }
+        /* Two keys or fewer a slot: the keys are spread, search the next ones together. */
+        window = 2 * used >= k - i ? LANES : 1;
+        i = k;
     }
     return groups;
 error:
@@ -351,21 +446,25 @@ group(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (unpack_table(args[0], &tops, &chunks) < 0) {
         return NULL;
     }
-    Py_ssize_t n = PyList_GET_SIZE(keys);
-    if (n == 0) {
-        return PyList_New(0);
+    /* A list of our own: allocating the groups can run a garbage collection, and with it
+     * finalizers that might change the caller's list and drop the keys being grouped. */
+    PyObject *held = PyList_GetSlice(keys, 0, PyList_GET_SIZE(keys));
+    if (held == NULL) {
+        return NULL;
     }
-    Entry *entries = PyMem_Malloc((size_t)n * 2 * sizeof(Entry));
-    if (entries == NULL) {
-        return PyErr_NoMemory();
-    }
+    Py_ssize_t n = PyList_GET_SIZE(held);
+    PyObject *groups = NULL;
     int sorted = 1;
+    Entry *entries = PyMem_Malloc((size_t)(n ? n : 1) * 2 * sizeof(Entry));
+    if (entries == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *key = PyList_GET_ITEM(keys, i);
+        PyObject *key = PyList_GET_ITEM(held, i);
         if (!PyBytes_CheckExact(key)) {
-            PyMem_Free(entries);
             not_bytes(key);
-            return NULL;
+            goto done;
         }
         entries[i].key = key;
         entries[i].prefix = prefix_of(key);
@@ -376,9 +475,10 @@ group(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (!sorted) {
         sort_entries(entries, entries + n, n);
     }
-    /* The list is not resized meanwhile: no Python code runs before group_sorted returns. */
-    PyObject *groups = group_sorted(tops, chunks, entries, n);
+    groups = group_sorted(tops, chunks, entries, n);
+done:
     PyMem_Free(entries);
+    Py_DECREF(held);
     return groups;
 }
 
