@@ -252,23 +252,24 @@ sort_entries(Entry *entries, Entry *tmp, Py_ssize_t n)
     }
 }
 
-/* Append (route, [key]) to groups; the new key list in *current. 0 on success. */
+/* Append (route, [the n keys of entries]) to groups. 0 on success. */
 static int
-open_group(PyObject *groups, PyObject *route, PyObject *key, PyObject **current)
+add_group(PyObject *groups, PyObject *route, const Entry *entries, Py_ssize_t n)
 {
-    PyObject *keys = PyList_New(1);
+    PyObject *keys = PyList_New(n);
     if (keys == NULL) {
         return -1;
     }
-    PyList_SET_ITEM(keys, 0, Py_NewRef(key));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyList_SET_ITEM(keys, i, Py_NewRef(entries[i].key));
+    }
     PyObject *pair = PyTuple_Pack(2, route, keys);
-    Py_DECREF(keys);  /* the pair holds it, and the caller borrows it through *current */
+    Py_DECREF(keys);
     if (pair == NULL) {
         return -1;
     }
     int failed = PyList_Append(groups, pair);
     Py_DECREF(pair);
-    *current = keys;
     return failed;
 }
 
@@ -401,17 +402,14 @@ group_sorted(PyObject *tops, PyObject *chunks, const Entry *entries, Py_ssize_t 
                 goto error;
             }
             PyObject *route = PyList_GET_ITEM(place->slots, place->slot);
-            PyObject *current = NULL;
-            used++;
-            k = i + j;
-            if (route != Py_None && open_group(groups, route, entries[k].key, &current) < 0) {
-                goto error;
+            Py_ssize_t first = i + j;
+            k = first + 1;
+            while (k < n && (slot_end == NULL || compare_bytes(entries[k].key, slot_end) < 0)) {
+                k++;
             }
-            for (k++; k < n && (slot_end == NULL || compare_bytes(entries[k].key, slot_end) < 0);
-                 k++) {
-                if (current != NULL && PyList_Append(current, entries[k].key) < 0) {
-                    goto error;
-                }
+            used++;
+            if (route != Py_None && add_group(groups, route, entries + first, k - first) < 0) {
+                goto error;
             }
             j = k - i;
         }
