@@ -7,6 +7,7 @@ keys are chosen to defeat an 8-byte prefix, and malformed tables must raise, nev
 
 from __future__ import annotations
 
+import gc
 import random
 from bisect import bisect_right
 from itertools import groupby
@@ -108,13 +109,101 @@ def test_find_and_group_match_bisect(seed: int, monkeypatch: pytest.MonkeyPatch)
             assert find(table, key) == slots[bisect_right(bounds, key)]
 
 
-def test_group_keeps_duplicates_and_the_key_objects() -> None:
+def _two_level(table: object, key: bytes) -> object:
+    """The Engine's lookup written with bisect: the chunk over tops, then the slot over bounds."""
+    tops, chunks = table  # type: ignore[misc]
+    bounds, slots = chunks[bisect_right(tops, key)]
+    return slots[bisect_right(bounds, key)]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_chunks_of_every_small_size(seed: int) -> None:
+    """Tables built by hand, whose chunks hold 0 to 6 bounds: searches side by side over lists
+    of different sizes, empty ones included."""
+    rng = random.Random(seed)
+    keys = sorted({bytes([rng.randrange(256), rng.randrange(4)]) for _ in range(80)})
+    tops: list[bytes] = []
+    chunks: list[tuple[list[bytes], list[Route | None]]] = []
+    pos = 0
+    while True:
+        size = rng.randrange(7)
+        bounds = keys[pos : pos + size]
+        slots = [_route(key) if rng.random() < 0.7 else None for key in [b"", *bounds]]
+        chunks.append((bounds, slots))
+        pos += size
+        if pos >= len(keys) - 1:
+            break
+        tops.append(keys[pos])
+        pos += 1
+    table = (tops, chunks)
+    for size in (2, 9, 100, 1000):
+        batch = [rng.choice(keys) + rng.choice((b"", b"\x00", b"\xff")) for _ in range(size)]
+        batch += [b"", b"\xff" * 3][: size // 50]
+        want: list[tuple[object, list[bytes]]] = []
+        for route, members in groupby(sorted(batch), key=lambda key: id(_two_level(table, key))):
+            del route
+            keys_here = list(members)
+            found = _two_level(table, keys_here[0])
+            if found is not None:
+                want.append((found, keys_here))
+        assert group(table, batch) == want
+        assert [find(table, key) for key in batch] == [_two_level(table, key) for key in batch]
+
+
+def test_an_empty_table_groups_nothing() -> None:
+    table = Engine()._table
+    for size in (1, 2, 8, 9, 100):
+        assert group(table, [bytes([i]) for i in range(size)]) == []
+
+
+def test_group_keeps_duplicates_and_the_key_objects_in_their_order() -> None:
     engine = Engine.with_default_route()
     keys = [bytes([i % 7]) * 9 for i in range(300)]
     [(route, grouped)] = group(engine._table, keys)
     assert route.route_id == 0
     assert grouped == sorted(keys)
-    assert {id(k) for k in grouped} == {id(k) for k in keys}
+    # Equal keys keep the order they came in, as sorted() keeps them.
+    assert list(map(id, grouped)) == list(map(id, sorted(keys)))
+
+
+def test_a_finalizer_emptying_the_keys_during_group_changes_nothing() -> None:
+    """Allocating the groups runs the garbage collector, and so finalizers: one that empties the
+    caller's list, freeing its keys, must not reach the keys being grouped."""
+    starts = [bytes([i]) for i in range(251)]
+    engine = Engine()
+    engine.apply_snapshot(
+        CatalogSnapshot(
+            version=1,
+            routes=tuple(
+                RouteDescriptor(i + 1, start, starts[i + 1] if i + 1 < len(starts) else None, 1)
+                for i, start in enumerate(starts)
+            ),
+        )
+    )
+    # Keys in every route, so that the groups outnumber the interpreter's spare lists and
+    # tuples, and their allocation must call on the collector.
+    keys = [bytes([i % 251, i % 13]) * 3 for i in range(1000)]
+    by_route: dict[int, list[bytes]] = {}
+    for key in sorted(keys):
+        by_route.setdefault(key[0] + 1, []).append(bytes(bytearray(key)))  # equal, not the same
+    want = sorted(by_route.items())
+
+    class EmptiesTheKeys:
+        def __init__(self) -> None:
+            self.cycle = self  # garbage only the cyclic collector finds
+
+        def __del__(self) -> None:
+            keys.clear()
+
+    EmptiesTheKeys()
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        got = group(engine._table, keys)
+    finally:
+        gc.set_threshold(*threshold)
+    assert keys == []  # the finalizer ran during the call
+    assert [(route.route_id, grouped) for route, grouped in got] == want
 
 
 def test_group_of_a_list_leaves_the_list_alone() -> None:

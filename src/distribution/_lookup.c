@@ -2,9 +2,10 @@
  *
  * The table is the pair (tops, chunks) described in distribution/engine.py: tops is a list of
  * bytes, chunks a list of (bounds, slots) tuples, bounds a list of bytes and slots a list of
- * routes (or None) one longer than bounds. Both functions only read it, and the Engine never
- * changes a list once a table holds it (a writer builds the next table and swaps it in), so
- * the table the caller passed stays whole for the whole call.
+ * routes (or None) one longer than bounds. Both functions only read it, and its lists must not
+ * change during a call: the Engine's never change once a table holds them (a writer builds the
+ * next table and swaps it in). The keys may change: group works on its own copy of the list,
+ * since allocating the groups can run the garbage collector, and with it any finalizer.
  *
  * Why C: a Python bisect spends most of its time in rich comparisons (about 18 ns each here),
  * and a batch sort as much again; comparing bytes with memcmp costs a few nanoseconds.
@@ -16,6 +17,12 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH(address) __builtin_prefetch(address)
+#else
+#define PREFETCH(address) ((void)(address))
+#endif
 
 /* Compare two bytes objects as Python does: memcmp of the common prefix, then length. */
 static inline int
@@ -263,11 +270,13 @@ add_group(PyObject *groups, PyObject *route, const Entry *entries, Py_ssize_t n)
     for (Py_ssize_t i = 0; i < n; i++) {
         PyList_SET_ITEM(keys, i, Py_NewRef(entries[i].key));
     }
-    PyObject *pair = PyTuple_Pack(2, route, keys);
-    Py_DECREF(keys);
+    PyObject *pair = PyTuple_New(2);
     if (pair == NULL) {
+        Py_DECREF(keys);
         return -1;
     }
+    PyTuple_SET_ITEM(pair, 0, Py_NewRef(route));
+    PyTuple_SET_ITEM(pair, 1, keys);
     int failed = PyList_Append(groups, pair);
     Py_DECREF(pair);
     return failed;
@@ -337,8 +346,8 @@ find_slots(const Entry *entries, Py_ssize_t m, Place *places)
             if (size[j] > 1) {
                 /* The object's header and its bytes, which may begin on the next cache line. */
                 PyObject *item = items[j][base[j] + size[j] / 2];
-                __builtin_prefetch(item);
-                __builtin_prefetch(((PyBytesObject *)item)->ob_sval);
+                PREFETCH(item);
+                PREFETCH(((PyBytesObject *)item)->ob_sval);
             }
         }
         for (Py_ssize_t j = 0; j < m; j++) {
