@@ -154,6 +154,16 @@ prefix_of(PyObject *key)
     return value;
 }
 
+/* Whether the entry's key is below end, whose prefix is end_prefix. */
+static inline int
+entry_below(const Entry *entry, uint64_t end_prefix, PyObject *end)
+{
+    if (entry->prefix != end_prefix) {
+        return entry->prefix < end_prefix;
+    }
+    return compare_bytes(entry->key, end) < 0;
+}
+
 static inline int
 entry_less(const Entry *a, const Entry *b)
 {
@@ -286,11 +296,13 @@ add_group(PyObject *groups, PyObject *route, const Entry *entries, Py_ssize_t n)
  * waits on memory at most of its steps, and one search's steps depend on each other. */
 #define LANES 8
 
-/* Where a key lies: its chunk's lists and end (NULL: unbounded), and its slot in the chunk. */
+/* Where a key lies: its chunk's lists and end (NULL: unbounded) with the end's prefix, and its
+ * slot in the chunk. */
 typedef struct {
     PyObject *bounds;
     PyObject *slots;
     PyObject *chunk_end;
+    uint64_t chunk_end_prefix;
     Py_ssize_t slot;
 } Place;
 
@@ -304,14 +316,18 @@ find_chunks(PyObject *tops, PyObject *chunks, const Entry *entries, Py_ssize_t m
     for (Py_ssize_t j = 0; j < m; j++) {
         PyObject *key = entries[j].key;
         if (chunk->bounds == NULL ||
-            (chunk->chunk_end != NULL && compare_bytes(key, chunk->chunk_end) >= 0)) {
+            (chunk->chunk_end != NULL &&
+             !entry_below(&entries[j], chunk->chunk_end_prefix, chunk->chunk_end))) {
             Py_ssize_t c = n_tops ? bisect_right(tops, key) : 0;
             if (c < 0 || unpack_chunk(chunks, c, &chunk->bounds, &chunk->slots) < 0) {
                 return -1;
             }
             chunk->chunk_end = c < n_tops ? PyList_GET_ITEM(tops, c) : NULL;
-            if (chunk->chunk_end != NULL && !PyBytes_CheckExact(chunk->chunk_end)) {
-                return not_bytes(chunk->chunk_end);
+            if (chunk->chunk_end != NULL) {
+                if (!PyBytes_CheckExact(chunk->chunk_end)) {
+                    return not_bytes(chunk->chunk_end);
+                }
+                chunk->chunk_end_prefix = prefix_of(chunk->chunk_end);
             }
         }
         places[j] = *chunk;
@@ -389,7 +405,7 @@ group_sorted(PyObject *tops, PyObject *chunks, const Entry *entries, Py_ssize_t 
     if (groups == NULL) {
         return NULL;
     }
-    Place chunk = {NULL, NULL, NULL, 0};
+    Place chunk = {NULL, NULL, NULL, 0, 0};
     Place places[LANES];
     Py_ssize_t window = LANES;
     Py_ssize_t i = 0;
@@ -413,8 +429,14 @@ group_sorted(PyObject *tops, PyObject *chunks, const Entry *entries, Py_ssize_t 
             PyObject *route = PyList_GET_ITEM(place->slots, place->slot);
             Py_ssize_t first = i + j;
             k = first + 1;
-            while (k < n && (slot_end == NULL || compare_bytes(entries[k].key, slot_end) < 0)) {
-                k++;
+            if (slot_end == NULL) {
+                k = n;
+            }
+            else {
+                uint64_t end_prefix = prefix_of(slot_end);
+                while (k < n && entry_below(&entries[k], end_prefix, slot_end)) {
+                    k++;
+                }
             }
             used++;
             if (route != Py_None && add_group(groups, route, entries + first, k - first) < 0) {
