@@ -150,6 +150,17 @@ def test_str_key_message_suggests_encoding() -> None:
         Engine().get_route("k")  # type: ignore[arg-type]
 
 
+def test_a_refused_key_is_one_error_not_a_chain() -> None:
+    """The C search refuses the key first; the caller sees only the library's message."""
+    engine = Engine.with_default_route()
+    with pytest.raises(TypeError, match=r"^key must be bytes, got str \(encode") as refused:
+        engine.get_route("k")  # type: ignore[arg-type]
+    assert refused.value.__suppress_context__ and refused.value.__cause__ is None
+    with pytest.raises(TypeError, match=r"^key must be bytes, got int$") as refused:
+        engine.group_keys([b"a", b"b", 3])  # type: ignore[list-item]
+    assert refused.value.__suppress_context__ and refused.value.__cause__ is None
+
+
 def test_bytes_subclass_is_refused() -> None:
     class Key(bytes):
         pass

@@ -567,6 +567,19 @@ def _windows(bounds: list[bytes], ranges: list[_Range]) -> list[tuple[int, int]]
     return windows
 
 
+def _key_error(keys: Iterable[object], error: TypeError) -> TypeError:
+    """The library's TypeError for the first of ``keys`` that is not bytes, else ``error``.
+
+    The C searches check their keys too, with a terser message than :func:`check_key`'s.
+    """
+    for key in keys:
+        try:
+            check_key("key", key)
+        except TypeError as refused:
+            return refused
+    return error
+
+
 def _walk(table: _Table, key: bytes, forward: bool) -> Iterator[Route]:
     """Routes from the slot holding ``key`` (excluded if forward) onwards or backwards."""
     tops, chunks = table
@@ -654,9 +667,8 @@ class Engine:
         """
         try:
             return _find(self._table, key)
-        except TypeError:
-            check_key("key", key)  # the library's message for a key that is not bytes
-            raise
+        except TypeError as error:
+            raise _key_error((key,), error) from None
 
     def get_intersecting_routes(self, start: bytes, end: bytes | None) -> list[Route]:
         """Routes intersecting ``[start, end)`` in key order; ``end None`` is unbounded.
@@ -708,10 +720,8 @@ class Engine:
         batch = keys if keys.__class__ is list else list(keys)
         try:
             return _group(self._table, batch)
-        except TypeError:
-            for key in batch:
-                check_key("key", key)  # the library's message for a key that is not bytes
-            raise
+        except TypeError as error:
+            raise _key_error(batch, error) from None
 
     # -- writers -------------------------------------------------------------------------------
 
