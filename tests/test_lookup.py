@@ -14,6 +14,7 @@ from itertools import groupby
 
 import pytest
 
+import distribution.engine as engine_module
 from distribution import Engine, Route, RouteDescriptor, RouteState
 from distribution._lookup import find, group
 from distribution.types import CatalogSnapshot
@@ -87,8 +88,6 @@ def _expected(
 
 @pytest.mark.parametrize("seed", range(12))
 def test_find_and_group_match_bisect(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    import distribution.engine as engine_module
-
     rng = random.Random(seed)
     # Small chunks on odd seeds: groups then cross chunk edges.
     if seed % 2:

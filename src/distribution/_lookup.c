@@ -65,41 +65,35 @@ bisect_right(PyObject *list, PyObject *key)
     return lo;
 }
 
-/* The table's two lists, checked; 0 on success. */
+/* The two lists of pair, checked: a 2-tuple of lists, the second one longer than the first
+ * (the table's tops and chunks, a chunk's bounds and slots). 0 on success. */
 static int
-unpack_table(PyObject *table, PyObject **tops, PyObject **chunks)
+unpack_lists(PyObject *pair, const char *what, PyObject **first, PyObject **second)
 {
-    if (!PyTuple_CheckExact(table) || PyTuple_GET_SIZE(table) != 2) {
-        PyErr_SetString(PyExc_TypeError, "routing table must be a (tops, chunks) tuple");
+    if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        PyErr_Format(PyExc_SystemError, "routing table is malformed: %s is not a pair", what);
         return -1;
     }
-    *tops = PyTuple_GET_ITEM(table, 0);
-    *chunks = PyTuple_GET_ITEM(table, 1);
-    if (!PyList_CheckExact(*tops) || !PyList_CheckExact(*chunks) ||
-        PyList_GET_SIZE(*chunks) != PyList_GET_SIZE(*tops) + 1) {
-        PyErr_SetString(PyExc_SystemError, "routing table is malformed: tops and chunks");
+    *first = PyTuple_GET_ITEM(pair, 0);
+    *second = PyTuple_GET_ITEM(pair, 1);
+    if (!PyList_CheckExact(*first) || !PyList_CheckExact(*second) ||
+        PyList_GET_SIZE(*second) != PyList_GET_SIZE(*first) + 1) {
+        PyErr_Format(PyExc_SystemError, "routing table is malformed: the lists of %s", what);
         return -1;
     }
     return 0;
 }
 
-/* Chunk c's two lists, checked; 0 on success. */
+static int
+unpack_table(PyObject *table, PyObject **tops, PyObject **chunks)
+{
+    return unpack_lists(table, "the table", tops, chunks);
+}
+
 static int
 unpack_chunk(PyObject *chunks, Py_ssize_t c, PyObject **bounds, PyObject **slots)
 {
-    PyObject *chunk = PyList_GET_ITEM(chunks, c);
-    if (!PyTuple_CheckExact(chunk) || PyTuple_GET_SIZE(chunk) != 2) {
-        PyErr_SetString(PyExc_SystemError, "routing table is malformed: a chunk");
-        return -1;
-    }
-    *bounds = PyTuple_GET_ITEM(chunk, 0);
-    *slots = PyTuple_GET_ITEM(chunk, 1);
-    if (!PyList_CheckExact(*bounds) || !PyList_CheckExact(*slots) ||
-        PyList_GET_SIZE(*slots) != PyList_GET_SIZE(*bounds) + 1) {
-        PyErr_SetString(PyExc_SystemError, "routing table is malformed: bounds and slots");
-        return -1;
-    }
-    return 0;
+    return unpack_lists(PyList_GET_ITEM(chunks, c), "a chunk", bounds, slots);
 }
 
 PyDoc_STRVAR(find_doc,
