@@ -44,7 +44,7 @@ from distribution.schema import alembic_config as packaged_alembic_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 TABLES = {"distribution_meta", "distribution_routes", "distribution_history"}
-HEAD = "0002"
+HEAD = "0003"
 
 
 @pytest.fixture

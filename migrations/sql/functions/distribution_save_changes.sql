@@ -9,8 +9,6 @@ LANGUAGE plpgsql AS $$
 DECLARE
     retired integer;
     opened integer;
-    upserted distribution_routes[];
-    deleted bigint[];
 BEGIN
     -- One array of ids, so the live-route-id index finds the rows (an OR would scan).
     UPDATE distribution_routes r SET valid_to = written
@@ -22,19 +20,9 @@ BEGIN
     GET DIAGNOSTICS opened = ROW_COUNT;
     UPDATE distribution_meta
     SET next_route_id = greatest(next_route_id, distribution_route_id_floor());
-    -- A change too large for a notification is announced by its version alone.
-    IF opened + retired <= 200 THEN
-        SELECT coalesce(array_agg(r ORDER BY r.start), '{}') INTO upserted
-        FROM distribution_routes r WHERE r.valid_from = written;
-        SELECT coalesce(array_agg(c.route_id ORDER BY c.route_id), '{}') INTO deleted
-        FROM distribution_routes c
-        WHERE c.valid_to = written AND NOT EXISTS (
-            SELECT 1 FROM distribution_routes u
-            WHERE u.valid_from = written AND u.route_id = c.route_id);
-    END IF;
     PERFORM distribution_finish_write(written, 'save',
         jsonb_build_object('routes', routes, 'opened', opened, 'retired', retired),
-        actor, upserted, deleted);
+        actor, NULL, NULL);
     RETURN ARRAY[opened, retired];
 END
 $$;
