@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
 from distribution.migrations.replaceable import create, drop
 
 revision: str = "0002"

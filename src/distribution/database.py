@@ -14,27 +14,18 @@ import psycopg.errors
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from distribution import errors
 from distribution.errors import (
     CatalogDuplicateRouteIDError,
     CatalogGroupIDRequiredError,
     CatalogInvalidRouteRangeError,
     CatalogInvalidRouteStateError,
-    CatalogInvalidSplitKeyError,
-    CatalogInvalidStateTransitionError,
     CatalogNotMigratedError,
     CatalogPermissionError,
-    CatalogRouteGroupMismatchError,
-    CatalogRouteIDOverflowError,
     CatalogRouteIDRequiredError,
-    CatalogRouteNotActiveError,
-    CatalogRouteNotFencedError,
-    CatalogRouteNotFoundError,
     CatalogRouteOverlapError,
-    CatalogRoutesNotAdjacentError,
-    CatalogSplitKeyAtBoundaryError,
     CatalogUnavailableError,
     CatalogVersionMismatchError,
-    CatalogVersionOverflowError,
     DistributionError,
 )
 
@@ -62,19 +53,11 @@ _KEEPALIVES = {
 #: The environment variable naming the shared catalog database.
 DATABASE_URL_ENV = "DISTRIBUTION_DATABASE_URL"
 
-# The SQLSTATEs the catalog's SQL functions raise (class "UD", which PostgreSQL leaves to users).
+# The error classes of the SQLSTATEs the catalog's server functions raise, as each class says.
 _SQLSTATE_ERRORS: Mapping[str, type[DistributionError]] = {
-    "UD001": CatalogVersionMismatchError,
-    "UD002": CatalogVersionOverflowError,
-    "UD003": CatalogRouteIDOverflowError,
-    "UD004": CatalogRouteNotFoundError,
-    "UD005": CatalogSplitKeyAtBoundaryError,
-    "UD006": CatalogInvalidSplitKeyError,
-    "UD007": CatalogRoutesNotAdjacentError,
-    "UD008": CatalogRouteGroupMismatchError,
-    "UD009": CatalogRouteNotActiveError,
-    "UD010": CatalogInvalidStateTransitionError,
-    "UD011": CatalogRouteNotFencedError,
+    error.sqlstate: error
+    for error in (getattr(errors, name) for name in errors.__all__)
+    if error.sqlstate is not None
 }
 
 # The catalog's own SQL names only tables, columns and functions of its schema: when one is missing,

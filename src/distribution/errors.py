@@ -42,9 +42,18 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
 
 Arguments of the wrong type raise the built-in :class:`TypeError`; integers outside the unsigned
 64-bit range raise the built-in :class:`ValueError`.
+
+As in psycopg's ``errors`` module, a class whose error the catalog's server functions raise
+carries that error's SQLSTATE as its ``sqlstate`` attribute, and a database error with that
+SQLSTATE comes back as that class:
+
+>>> CatalogRouteNotFoundError.sqlstate.startswith("UD"), DistributionError.sqlstate
+(True, None)
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 __all__ = [
     "CatalogDuplicateRouteIDError",
@@ -88,6 +97,10 @@ __all__ = [
 class DistributionError(Exception):
     """Base class of every error the library raises on purpose."""
 
+    #: The SQLSTATE the catalog's server functions raise this error with (class ``UD``, which
+    #: PostgreSQL leaves to users), or None for an error no server function raises.
+    sqlstate: ClassVar[str | None] = None
+
 
 class CatalogStoreRequiredError(DistributionError):
     """A catalog store is required and none was given."""
@@ -100,13 +113,19 @@ class EngineRequiredError(DistributionError):
 class CatalogVersionMismatchError(DistributionError):
     """The optimistic version check of a write failed: someone else wrote first."""
 
+    sqlstate = "UD001"
+
 
 class CatalogVersionOverflowError(DistributionError):
     """The next catalog version would exceed ``2**64 - 1``."""
 
+    sqlstate = "UD002"
+
 
 class CatalogRouteIDOverflowError(DistributionError):
     """The next route id would exceed ``2**64 - 1``."""
+
+    sqlstate = "UD003"
 
 
 class CatalogSnapshotTooOldError(DistributionError):
@@ -127,6 +146,8 @@ class EngineSnapshotVersionGapError(DistributionError):
 
 class CatalogRouteNotFoundError(DistributionError, LookupError):
     """No live route has the given id."""
+
+    sqlstate = "UD004"
 
 
 class CatalogPermissionError(DistributionError, PermissionError):
@@ -191,29 +212,43 @@ class CatalogRouteKeyIDMismatchError(DistributionError, ValueError):
 class CatalogSplitKeyAtBoundaryError(DistributionError, ValueError):
     """A split key equals the route's start or end, which would leave an empty child."""
 
+    sqlstate = "UD005"
+
 
 class CatalogInvalidSplitKeyError(DistributionError, ValueError):
     """A split key lies outside the route being split."""
+
+    sqlstate = "UD006"
 
 
 class CatalogRoutesNotAdjacentError(DistributionError, ValueError):
     """Routes to merge are not adjacent (``left.end != right.start``)."""
 
+    sqlstate = "UD007"
+
 
 class CatalogRouteGroupMismatchError(DistributionError, ValueError):
     """Routes to merge belong to different groups."""
+
+    sqlstate = "UD008"
 
 
 class CatalogRouteNotActiveError(DistributionError, ValueError):
     """The operation needs an ACTIVE route."""
 
+    sqlstate = "UD009"
+
 
 class CatalogInvalidStateTransitionError(DistributionError, ValueError):
     """The requested route state change is not an allowed transition."""
 
+    sqlstate = "UD010"
+
 
 class CatalogRouteNotFencedError(DistributionError, ValueError):
     """The operation needs a WRITE_FENCED route."""
+
+    sqlstate = "UD011"
 
 
 class EngineSnapshotDuplicateIDError(DistributionError, ValueError):
