@@ -4,13 +4,21 @@
 * ``migrate`` is idempotent and safe from several processes at once;
 * ``alembic upgrade head`` / ``alembic downgrade base`` from the repository root honour
   ``DISTRIBUTION_DATABASE_URL``;
-* ``migrate`` works from an installed, non-editable wheel (the migrations ship in the package).
+* ``migrate`` works from an installed, non-editable wheel (the migrations ship in the package);
+* the server functions and triggers of ``migrations/sql/``: each revision installs the same
+  definitions forever, an upgraded catalog holds exactly what a fresh one does, a downgrade
+  restores exactly what was there.
 """
 
 from __future__ import annotations
 
+import difflib
+import doctest
+import hashlib
 import importlib.metadata
+import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -25,6 +33,8 @@ import psycopg
 import psycopg.errors
 import pytest
 import sqlalchemy as sa
+from alembic.script import ScriptDirectory
+from distribution.migrations import replaceable
 from pytest_alembic.config import Config
 from pytest_alembic.tests import (  # noqa: F401  (collected by pytest)
     test_model_definitions_match_ddl,
@@ -35,7 +45,7 @@ from pytest_alembic.tests import (  # noqa: F401  (collected by pytest)
 
 import distribution
 import distribution.schema
-from distribution import RouteDescriptor
+from distribution import RouteDescriptor, RouteState
 from distribution.catalog import CatalogStore
 from distribution.database import create_engine
 from distribution.models import u64_to_db
@@ -336,6 +346,164 @@ def test_alembic_command_line_needs_a_database_url(empty_database_url: str) -> N
     assert result.returncode != 0
     assert "DISTRIBUTION_DATABASE_URL" in result.stderr
     assert schema_objects(empty_database_url)["tables"] == set()
+
+
+# --------------------------------------------------------------------------------------------
+# Server functions and triggers: migrations/sql/ applied by revision (migrations/replaceable.py)
+# --------------------------------------------------------------------------------------------
+
+#: A digest of the definitions each revision installs. Databases out there hold them: a released
+#: revision never changes what it installs. Changing a server object is a new revision (README,
+#: "Layout"), whose digest is added here.
+REVISION_DIGESTS = {
+    "0001": "f4713ce52f133e4029e9e9163ef8c207bce5c4c4dd960abbf98ef2749d5a3f6c",
+    "0002": "0c4e1b0aeabddb20194faa342466e8c6c2d9863ed921455e90551a77319dd6e4",
+    "0003": "b14c6afc1d77fee332dee7639950c4452c2dc3c15207b97be7bf5eeff0b83534",
+}
+
+
+def revision_modules() -> dict[str, Any]:
+    """Every revision's migration module, oldest first."""
+    script = ScriptDirectory(str(REPOSITORY / "migrations"))
+    return {s.revision: s.module for s in reversed(list(script.walk_revisions()))}
+
+
+def installed_by(module: Any) -> tuple[str, ...]:
+    """The server objects a revision creates or replaces."""
+    return tuple(getattr(module, "OBJECTS", ())) + tuple(getattr(module, "REPLACED", ()))
+
+
+def definitions(url: str) -> dict[str, str]:
+    """Every catalog function's and trigger's definition, as PostgreSQL prints it."""
+    with psycopg.connect(url, autocommit=True) as connection:
+        rows = connection.execute(
+            "SELECT p.proname, pg_get_functiondef(p.oid) FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = 'public' AND p.proname LIKE 'distribution%%'"
+            " UNION ALL SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger"
+            " WHERE NOT tgisinternal AND tgname LIKE 'distribution%%'"
+        ).fetchall()
+    return dict(rows)
+
+
+def test_each_revision_installs_what_it_always_did() -> None:
+    digests = {
+        revision: hashlib.sha256(
+            "".join(replaceable.definition(name, revision) for name in installed_by(module)).encode()
+        ).hexdigest()
+        for revision, module in revision_modules().items()
+    }
+    assert digests == REVISION_DIGESTS, (
+        "a revision's server functions changed: change them in a new revision instead"
+    )
+
+
+def test_every_definition_file_is_installed_by_a_revision() -> None:
+    files = {path.stem for path in replaceable.SQL_FOLDER.glob("*/*.sql")}
+    created: list[str] = []
+    replaced: set[tuple[str, str]] = set()
+    for revision, module in revision_modules().items():
+        created += getattr(module, "OBJECTS", ())
+        replaced |= {(name, revision) for name in getattr(module, "REPLACED", ())}
+    assert sorted(created) == sorted(files)
+    diffs = {
+        tuple(path.name.removesuffix(".diff").rsplit(".", 1))
+        for path in replaceable.SQL_FOLDER.glob("*/*.diff")
+    }
+    assert diffs == replaced
+    for path in replaceable.SQL_FOLDER.glob("*/*.sql"):
+        assert path.read_text().endswith(";\n"), path
+
+
+def test_a_fresh_catalog_holds_the_head_definitions(database_url: str) -> None:
+    held = definitions(database_url)
+    assert set(held) == {path.stem for path in replaceable.SQL_FOLDER.glob("*/*.sql")}
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        for name in held:
+            connection.execute(replaceable.definition(name, HEAD))
+    assert definitions(database_url) == held
+
+
+def test_a_replaced_definition_differs_from_the_one_before() -> None:
+    revisions = list(revision_modules())
+    for revision, module in revision_modules().items():
+        previous = revisions[revisions.index(revision) - 1]
+        for name in getattr(module, "REPLACED", ()):
+            before = replaceable.definition(name, previous)
+            after = replaceable.definition(name, revision)
+            assert before != after, name
+            assert before.startswith("-- ") and f" {name}(" in before
+    payload = "distribution_change_payload"
+    assert "max_payload_bytes" in replaceable.definition(payload, "0003")
+    assert "max_payload_bytes" not in replaceable.definition(payload, "0002")
+
+
+def test_replaceable_doctests() -> None:
+    assert doctest.testmod(replaceable).failed == 0
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_reverting_a_diff_gives_back_the_text_before_it(seed: int) -> None:
+    rng = random.Random(seed)
+    words = ["BEGIN", "END", "    x := 1;", "", "    RETURN y;", "-- why", "--- a", "+ b", "@@"]
+    old = [rng.choice(words) + "\n" for _ in range(rng.randrange(0, 30))]
+    new = list(old)
+    for _ in range(rng.randrange(1, 6)):
+        at = rng.randrange(0, len(new) + 1)
+        if new and rng.random() < 0.5:
+            del new[at : at + rng.randrange(1, 4)]
+        else:
+            new[at:at] = [rng.choice(words) + "\n" for _ in range(rng.randrange(1, 4))]
+    diff = "".join(difflib.unified_diff(old, new, "a", "b", n=rng.randrange(0, 4)))
+    assert replaceable._revert("".join(new), diff, Path("x.diff")) == "".join(old)
+    if any(added for _, _, added in replaceable._hunks(diff)):
+        # Text the diff's new side is not in.
+        with pytest.raises(ValueError, match=r"x\.diff does not apply"):
+            replaceable._revert("changed\n" * (len(new) + 5), diff, Path("x.diff"))
+
+
+def test_an_upgrade_from_0002_keeps_the_data_and_matches_a_fresh_catalog(
+    empty_database_url: str, database_url: str
+) -> None:
+    """A catalog with routes and history at revision 0002 upgrades to what a fresh catalog holds,
+    keeps every row, notifies as the new definitions do, and downgrades to exactly 0002 again."""
+    upgrade = _alembic(empty_database_url, "upgrade", "0002")
+    assert upgrade.returncode == 0, upgrade.stderr
+    with CatalogStore.from_url(empty_database_url) as store:
+        store.save(
+            0,
+            [
+                RouteDescriptor(route_id=1, start=b"", end=b"m", group_id=1),
+                RouteDescriptor(route_id=2, start=b"m", end=None, group_id=2),
+            ],
+        )
+        store.split_route(1, b"g", expected_version=1)
+        store.set_route_state(2, RouteState.WRITE_FENCED, expected_version=2)
+    rows = "SELECT * FROM {} ORDER BY 1, 2"
+    with psycopg.connect(empty_database_url, autocommit=True) as connection:
+        before = {
+            table: connection.execute(rows.format(table)).fetchall()
+            for table in ("distribution_meta", "distribution_routes", "distribution_history")
+        }
+    at_0002 = definitions(empty_database_url)
+
+    upgrade = _alembic(empty_database_url, "upgrade", "head")
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert definitions(empty_database_url) == definitions(database_url)
+    with psycopg.connect(empty_database_url, autocommit=True) as connection:
+        after = {table: connection.execute(rows.format(table)).fetchall() for table in before}
+        assert after == before
+        connection.execute("LISTEN distribution_catalog")
+        with CatalogStore.from_url(empty_database_url) as store:
+            saved = store.save(3, [*store.snapshot().routes[:2]])
+        (notify,) = connection.notifies(timeout=10, stop_after=1)
+    version, _, change = notify.payload.partition(" ")
+    assert int(version) == saved.version == 4
+    assert json.loads(change) == {"previous": 3, "upserts": [], "deletes": [2]}
+
+    downgrade = _alembic(empty_database_url, "downgrade", "0002")
+    assert downgrade.returncode == 0, downgrade.stderr
+    assert definitions(empty_database_url) == at_0002
 
 
 # --------------------------------------------------------------------------------------------
