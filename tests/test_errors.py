@@ -252,3 +252,56 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'CatalogStor'"):
         distribution.CatalogStor  # noqa: B018
     assert "CatalogStore" in dir(distribution)
+
+
+# --------------------------------------------------------------------------------------------
+# SQLSTATEs: carried by the classes, raised by the server functions of migrations/sql/
+# --------------------------------------------------------------------------------------------
+
+_RAISED_SQLSTATE = re.compile(r"ERRCODE\s*=\s*'(UD\w{3})'")
+
+
+def sqlstate_classes() -> dict[str, type[errors.DistributionError]]:
+    classes: dict[str, type[errors.DistributionError]] = {}
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        if cls.sqlstate is not None:
+            assert cls.sqlstate not in classes, f"{name} and {classes[cls.sqlstate]} share it"
+            classes[cls.sqlstate] = cls
+    return classes
+
+
+def test_every_sqlstate_the_server_raises_has_its_class_and_back() -> None:
+    from distribution.migrations.replaceable import SQL_FOLDER
+
+    raised = {
+        code
+        for path in SQL_FOLDER.glob("*/*.sql")
+        for code in _RAISED_SQLSTATE.findall(path.read_text())
+    }
+    assert raised, "no SQLSTATE found in the server functions"
+    assert set(sqlstate_classes()) == raised
+
+
+def test_sqlstates_are_of_the_class_postgresql_leaves_to_users() -> None:
+    for code in sqlstate_classes():
+        assert re.fullmatch(r"UD\d{3}", code), code
+    # Only the classes the server raises carry one; the others inherit the base's None.
+    assert errors.DistributionError.sqlstate is None
+    assert errors.CatalogSnapshotTooOldError.sqlstate is None
+
+
+def test_a_database_error_comes_back_as_the_class_of_its_sqlstate(database_url: str) -> None:
+    import psycopg
+
+    from distribution.database import translate_error
+
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        for code, cls in sqlstate_classes().items():
+            with pytest.raises(psycopg.Error) as raised:
+                connection.execute(
+                    f"DO $$ BEGIN RAISE EXCEPTION 'boom %', 1 USING ERRCODE = '{code}'; END $$"
+                )
+            translated = translate_error(raised.value)
+            assert type(translated) is cls
+            assert str(translated) == "boom 1"
