@@ -27,6 +27,14 @@ depends_on: str | Sequence[str] | None = None
 
 _ZERO = -(2**63)
 
+#: The indexes of distribution_routes: name, column, unique, the predicate of a partial index.
+_ROUTE_INDEXES = (
+    ("ix_distribution_routes_live_route_id", "route_id", True, "valid_to IS NULL"),
+    ("ix_distribution_routes_live_start", "start", True, "valid_to IS NULL"),
+    ("ix_distribution_routes_valid_from", "valid_from", False, None),
+    ("ix_distribution_routes_valid_to", "valid_to", False, "valid_to IS NOT NULL"),
+)
+
 #: The server functions, then the triggers, in migrations/sql/, in the order they are created.
 OBJECTS = (
     "distribution_u64",
@@ -100,30 +108,14 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("route_id", "valid_from", name=op.f("pk_distribution_routes")),
     )
-    op.create_index(
-        "ix_distribution_routes_live_route_id",
-        "distribution_routes",
-        ["route_id"],
-        unique=True,
-        postgresql_where=sa.text("valid_to IS NULL"),
-    )
-    op.create_index(
-        "ix_distribution_routes_live_start",
-        "distribution_routes",
-        ["start"],
-        unique=True,
-        postgresql_where=sa.text("valid_to IS NULL"),
-    )
-    op.create_index(
-        "ix_distribution_routes_valid_from", "distribution_routes", ["valid_from"], unique=False
-    )
-    op.create_index(
-        "ix_distribution_routes_valid_to",
-        "distribution_routes",
-        ["valid_to"],
-        unique=False,
-        postgresql_where=sa.text("valid_to IS NOT NULL"),
-    )
+    for name, column, unique, where in _ROUTE_INDEXES:
+        op.create_index(
+            name,
+            "distribution_routes",
+            [column],
+            unique=unique,
+            postgresql_where=None if where is None else sa.text(where),
+        )
     op.create_table(
         "distribution_history",
         sa.Column("version", sa.BigInteger(), nullable=False),
@@ -145,9 +137,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     drop(*OBJECTS)
     op.drop_table("distribution_history")
-    op.drop_index("ix_distribution_routes_valid_to", table_name="distribution_routes")
-    op.drop_index("ix_distribution_routes_valid_from", table_name="distribution_routes")
-    op.drop_index("ix_distribution_routes_live_start", table_name="distribution_routes")
-    op.drop_index("ix_distribution_routes_live_route_id", table_name="distribution_routes")
+    for name, *_ in reversed(_ROUTE_INDEXES):
+        op.drop_index(name, table_name="distribution_routes")
     op.drop_table("distribution_routes")
     op.drop_table("distribution_meta")
