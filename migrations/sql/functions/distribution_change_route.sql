@@ -5,7 +5,7 @@
 -- a WRITE_FENCED route moves.
 CREATE OR REPLACE FUNCTION distribution_change_route(
     target_id bigint, new_state smallint, new_group bigint, expected bigint, actor text
-) RETURNS SETOF distribution_routes
+) RETURNS SETOF distribution_routes  -- the route as it now is
 LANGUAGE plpgsql AS $$
 DECLARE
     written bigint := distribution_begin_write(expected);

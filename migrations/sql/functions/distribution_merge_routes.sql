@@ -1,6 +1,6 @@
 CREATE OR REPLACE FUNCTION distribution_merge_routes(
     left_id bigint, right_id bigint, expected bigint, actor text
-) RETURNS SETOF distribution_routes
+) RETURNS SETOF distribution_routes  -- the merged route
 LANGUAGE plpgsql AS $$
 DECLARE
     written bigint := distribution_begin_write(expected);

@@ -1,6 +1,6 @@
 CREATE OR REPLACE FUNCTION distribution_split_route(
     parent_id bigint, split_key bytea, expected bigint, actor text
-) RETURNS SETOF distribution_routes
+) RETURNS SETOF distribution_routes  -- the two children, left first
 LANGUAGE plpgsql AS $$
 DECLARE
     written bigint := distribution_begin_write(expected);
