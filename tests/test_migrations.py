@@ -247,8 +247,11 @@ def test_migrate_from_several_processes_at_once(empty_database_url: str) -> None
 # --------------------------------------------------------------------------------------------
 
 
-def _alembic(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DISTRIBUTION_DATABASE_URL": url}
+def _alembic(url: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the alembic command from the repository root on ``url`` (None: no URL at all)."""
+    env = {k: v for k, v in os.environ.items() if k != "DISTRIBUTION_DATABASE_URL"}
+    if url is not None:
+        env["DISTRIBUTION_DATABASE_URL"] = url
     return subprocess.run(
         [sys.executable, "-m", "alembic", *args],
         cwd=REPOSITORY,
@@ -333,16 +336,7 @@ def test_the_digest_migration_hashes_the_routes_already_there(
 
 
 def test_alembic_command_line_needs_a_database_url(empty_database_url: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "DISTRIBUTION_DATABASE_URL"}
-    result = subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"],
-        cwd=REPOSITORY,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = _alembic(None, "upgrade", "head")
     assert result.returncode != 0
     assert "DISTRIBUTION_DATABASE_URL" in result.stderr
     assert schema_objects(empty_database_url)["tables"] == set()

@@ -53,7 +53,7 @@ SQLSTATE comes back as that class:
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 __all__ = [
     "CatalogDuplicateRouteIDError",
@@ -98,8 +98,13 @@ class DistributionError(Exception):
     """Base class of every error the library raises on purpose."""
 
     #: The SQLSTATE the catalog's server functions raise this error with (class ``UD``, which
-    #: PostgreSQL leaves to users), or None for an error no server function raises.
+    #: PostgreSQL leaves to users), or None for an error no server function raises. A class
+    #: states its own as a class argument, ``class E(DistributionError, sqlstate="UD999")``.
     sqlstate: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, sqlstate: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.sqlstate = sqlstate
 
 
 class CatalogStoreRequiredError(DistributionError):
@@ -110,22 +115,16 @@ class EngineRequiredError(DistributionError):
     """An Engine is required and none was given."""
 
 
-class CatalogVersionMismatchError(DistributionError):
+class CatalogVersionMismatchError(DistributionError, sqlstate="UD001"):
     """The optimistic version check of a write failed: someone else wrote first."""
 
-    sqlstate = "UD001"
 
-
-class CatalogVersionOverflowError(DistributionError):
+class CatalogVersionOverflowError(DistributionError, sqlstate="UD002"):
     """The next catalog version would exceed ``2**64 - 1``."""
 
-    sqlstate = "UD002"
 
-
-class CatalogRouteIDOverflowError(DistributionError):
+class CatalogRouteIDOverflowError(DistributionError, sqlstate="UD003"):
     """The next route id would exceed ``2**64 - 1``."""
-
-    sqlstate = "UD003"
 
 
 class CatalogSnapshotTooOldError(DistributionError):
@@ -144,10 +143,8 @@ class EngineSnapshotVersionGapError(DistributionError):
     """Changes do not continue from the Engine's version: fall back to a full snapshot."""
 
 
-class CatalogRouteNotFoundError(DistributionError, LookupError):
+class CatalogRouteNotFoundError(DistributionError, LookupError, sqlstate="UD004"):
     """No live route has the given id."""
-
-    sqlstate = "UD004"
 
 
 class CatalogPermissionError(DistributionError, PermissionError):
@@ -209,46 +206,32 @@ class CatalogRouteKeyIDMismatchError(DistributionError, ValueError):
     """A route key names another route id than the record stored under it."""
 
 
-class CatalogSplitKeyAtBoundaryError(DistributionError, ValueError):
+class CatalogSplitKeyAtBoundaryError(DistributionError, ValueError, sqlstate="UD005"):
     """A split key equals the route's start or end, which would leave an empty child."""
 
-    sqlstate = "UD005"
 
-
-class CatalogInvalidSplitKeyError(DistributionError, ValueError):
+class CatalogInvalidSplitKeyError(DistributionError, ValueError, sqlstate="UD006"):
     """A split key lies outside the route being split."""
 
-    sqlstate = "UD006"
 
-
-class CatalogRoutesNotAdjacentError(DistributionError, ValueError):
+class CatalogRoutesNotAdjacentError(DistributionError, ValueError, sqlstate="UD007"):
     """Routes to merge are not adjacent (``left.end != right.start``)."""
 
-    sqlstate = "UD007"
 
-
-class CatalogRouteGroupMismatchError(DistributionError, ValueError):
+class CatalogRouteGroupMismatchError(DistributionError, ValueError, sqlstate="UD008"):
     """Routes to merge belong to different groups."""
 
-    sqlstate = "UD008"
 
-
-class CatalogRouteNotActiveError(DistributionError, ValueError):
+class CatalogRouteNotActiveError(DistributionError, ValueError, sqlstate="UD009"):
     """The operation needs an ACTIVE route."""
 
-    sqlstate = "UD009"
 
-
-class CatalogInvalidStateTransitionError(DistributionError, ValueError):
+class CatalogInvalidStateTransitionError(DistributionError, ValueError, sqlstate="UD010"):
     """The requested route state change is not an allowed transition."""
 
-    sqlstate = "UD010"
 
-
-class CatalogRouteNotFencedError(DistributionError, ValueError):
+class CatalogRouteNotFencedError(DistributionError, ValueError, sqlstate="UD011"):
     """The operation needs a WRITE_FENCED route."""
-
-    sqlstate = "UD011"
 
 
 class EngineSnapshotDuplicateIDError(DistributionError, ValueError):
