@@ -32,7 +32,7 @@ SQL_FOLDER = Path(__file__).resolve().parent / "sql"
 _KINDS = ("functions", "triggers")
 _HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 # The table a trigger is on: what DROP TRIGGER needs besides the name.
-_TRIGGER_TABLE = re.compile(r"\bON\s+(\w+)")
+_TRIGGER_TABLE = re.compile(r"CREATE OR REPLACE TRIGGER \w+\s.*?\bON\s+(\w+)", re.DOTALL)
 
 
 def create(revision: str, *names: str) -> None:
@@ -56,11 +56,7 @@ def drop(*names: str) -> None:
 def replace(revision: str, *names: str) -> None:
     """Replace the named objects by the definitions ``revision`` gives them."""
     for name in names:
-        if not diff_path(name, revision).is_file():
-            raise FileNotFoundError(
-                f"revision {revision} replaces {name} but does not say how: keep its change "
-                f"with git diff {_file(name)} > {diff_path(name, revision)}"
-            )
+        _check_replaced(name, revision)
         _execute(definition(name, revision))
 
 
@@ -70,6 +66,7 @@ def restore(revision: str, *names: str) -> None:
     assert position > 0, f"{revision} is the first revision: nothing came before it"
     previous = _revisions()[position - 1]
     for name in names:
+        _check_replaced(name, revision)
         _execute(definition(name, previous))
 
 
@@ -93,6 +90,15 @@ def diff_path(name: str, revision: str) -> Path:
     """The file that holds the change ``revision`` made to the definition of ``name``."""
     path = _file(name)
     return path.with_name(f"{name}.{revision}.diff")
+
+
+def _check_replaced(name: str, revision: str) -> None:
+    """Raise unless ``revision`` kept the change it made to ``name``."""
+    if not diff_path(name, revision).is_file():
+        raise FileNotFoundError(
+            f"revision {revision} replaces {name} but does not say how: keep its change "
+            f"with git diff {_file(name)} > {diff_path(name, revision)}"
+        )
 
 
 def _file(name: str) -> Path:
