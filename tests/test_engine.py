@@ -31,6 +31,7 @@ from distribution import (
     Route,
     RouteDescriptor,
     RouteState,
+    _pylookup,
     validate_route_descriptor,
 )
 
@@ -76,6 +77,17 @@ def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> in
     monkeypatch.setattr(engine_module, "_CHUNK", size)
     monkeypatch.setattr(engine_module, "_BLOCK", max(size, 3))
     return size
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run every test on the C searches and on the pure-Python ones."""
+    if request.param == "c":
+        monkeypatch.setattr(engine_module, "_search", pytest.importorskip("distribution._lookup"))
+    else:
+        monkeypatch.setattr(engine_module, "_search", _pylookup)
+    assert Engine().implementation == request.param
+    return str(request.param)
 
 
 ABC = snap(
@@ -975,6 +987,7 @@ class Model:
         assert [(r[:5], ks) for r, ks in grouped] == [
             (self.table[i][:5], sorted(ks)) for i, ks in sorted(expected_groups.items())
         ]
+        same_in_c_and_python(engine, probes)
         if rng is not None:
             for _ in range(5):
                 a, b = sorted([random_key(rng), random_key(rng)])
@@ -983,6 +996,15 @@ class Model:
                 if end is not None and a >= end:
                     want = []
                 assert [r[:5] for r in engine.get_intersecting_routes(a, end)] == want
+
+
+def same_in_c_and_python(engine: Engine, keys: list[bytes]) -> None:
+    """The C searches and the pure-Python ones give the same answers on the same table."""
+    lookup = pytest.importorskip("distribution._lookup")
+    table = engine._table
+    for key in keys:
+        assert lookup.find(table, key) is _pylookup.find(table, key), key
+    assert lookup.group(table, keys) == _pylookup.group(table, keys)
 
 
 def intersects(s1: bytes, e1: bytes | None, s2: bytes, e2: bytes | None) -> bool:

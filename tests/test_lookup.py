@@ -1,8 +1,10 @@
-"""Tests of distribution._lookup, the Engine's searches in C, against bisect over plain lists.
+"""Tests of the Engine's searches, in C (distribution._lookup) and in pure Python
+(distribution._pylookup), against bisect over plain lists.
 
 The Engine's own tests (test_engine.py) go through these functions too; here the batches are
-large enough for every sorting path (insertion, merge, radix with runs of equal prefixes), the
-keys are chosen to defeat an 8-byte prefix, and malformed tables must raise, never crash.
+large enough for every sorting path of the C one (insertion, merge, radix with runs of equal
+prefixes), the keys are chosen to defeat an 8-byte prefix, and malformed tables must make the C
+searches raise, never crash.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import gc
 import random
 from bisect import bisect_right
 from itertools import groupby
+from types import ModuleType
 
 import pytest
 
 import distribution.engine as engine_module
-from distribution import Engine, Route, RouteDescriptor, RouteState
-from distribution._lookup import find, group
+from distribution import Engine, Route, RouteDescriptor, RouteState, _pylookup
 from distribution.types import CatalogSnapshot
+
+_lookup = pytest.importorskip("distribution._lookup")
 
 #: Keys that differ only past their first 8 bytes, are prefixes of one another, or end in zeros.
 _TRICKY = [
@@ -35,6 +39,12 @@ _TRICKY = [
     b"\xff" * 8,
     b"\xff" * 9,
 ]
+
+
+@pytest.fixture(params=["c", "python"])
+def search(request: pytest.FixtureRequest) -> ModuleType:
+    """Each search module in turn: both answer every test alike."""
+    return _lookup if request.param == "c" else _pylookup
 
 
 def _random_key(rng: random.Random) -> bytes:
@@ -87,7 +97,9 @@ def _expected(
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_find_and_group_match_bisect(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_find_and_group_match_bisect(
+    search: ModuleType, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = random.Random(seed)
     # Small chunks on odd seeds: groups then cross chunk edges.
     if seed % 2:
@@ -101,11 +113,11 @@ def test_find_and_group_match_bisect(seed: int, monkeypatch: pytest.MonkeyPatch)
         keys += rng.sample(bounds, min(len(bounds), size // 4))
         rng.shuffle(keys)
         want = _expected(bounds, slots, keys)
-        assert group(table, keys) == want
-        assert group(table, sorted(keys)) == want
-        assert group(table, sorted(keys, reverse=True)) == want
+        assert search.group(table, keys) == want
+        assert search.group(table, sorted(keys)) == want
+        assert search.group(table, sorted(keys, reverse=True)) == want
         for key in keys:
-            assert find(table, key) == slots[bisect_right(bounds, key)]
+            assert search.find(table, key) == slots[bisect_right(bounds, key)]
 
 
 def _two_level(table: object, key: bytes) -> object:
@@ -116,7 +128,7 @@ def _two_level(table: object, key: bytes) -> object:
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_chunks_of_every_small_size(seed: int) -> None:
+def test_chunks_of_every_small_size(search: ModuleType, seed: int) -> None:
     """Tables built by hand, whose chunks hold 0 to 6 bounds: searches side by side over lists
     of different sizes, empty ones included."""
     rng = random.Random(seed)
@@ -145,20 +157,22 @@ def test_chunks_of_every_small_size(seed: int) -> None:
             found = _two_level(table, keys_here[0])
             if found is not None:
                 want.append((found, keys_here))
-        assert group(table, batch) == want
-        assert [find(table, key) for key in batch] == [_two_level(table, key) for key in batch]
+        assert search.group(table, batch) == want
+        assert [search.find(table, key) for key in batch] == [
+            _two_level(table, key) for key in batch
+        ]
 
 
-def test_an_empty_table_groups_nothing() -> None:
+def test_an_empty_table_groups_nothing(search: ModuleType) -> None:
     table = Engine()._table
     for size in (1, 2, 8, 9, 100):
-        assert group(table, [bytes([i]) for i in range(size)]) == []
+        assert search.group(table, [bytes([i]) for i in range(size)]) == []
 
 
-def test_group_keeps_duplicates_and_the_key_objects_in_their_order() -> None:
+def test_group_keeps_duplicates_and_the_key_objects_in_their_order(search: ModuleType) -> None:
     engine = Engine.with_default_route()
     keys = [bytes([i % 7]) * 9 for i in range(300)]
-    [(route, grouped)] = group(engine._table, keys)
+    [(route, grouped)] = search.group(engine._table, keys)
     assert route.route_id == 0
     assert grouped == sorted(keys)
     # Equal keys keep the order they came in, as sorted() keeps them.
@@ -198,29 +212,29 @@ def test_a_finalizer_emptying_the_keys_during_group_changes_nothing() -> None:
     threshold = gc.get_threshold()
     gc.set_threshold(1)
     try:
-        got = group(engine._table, keys)
+        got = _lookup.group(engine._table, keys)
     finally:
         gc.set_threshold(*threshold)
     assert keys == []  # the finalizer ran during the call
     assert [(route.route_id, grouped) for route, grouped in got] == want
 
 
-def test_group_of_a_list_leaves_the_list_alone() -> None:
+def test_group_of_a_list_leaves_the_list_alone(search: ModuleType) -> None:
     engine = Engine.with_default_route()
     keys = [b"c", b"a", b"b"] * 40
     before = list(keys)
-    group(engine._table, keys)
+    search.group(engine._table, keys)
     assert keys == before
 
 
-def test_a_key_that_is_not_bytes_raises_type_error() -> None:
+def test_a_key_that_is_not_bytes_raises_type_error(search: ModuleType) -> None:
     table = Engine.with_default_route()._table
     with pytest.raises(TypeError, match="must be bytes, got str"):
-        find(table, "k")  # type: ignore[arg-type]
+        search.find(table, "k")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="must be bytes, got bytearray"):
-        group(table, [b"a"] * 100 + [bytearray(b"k")])  # type: ignore[list-item]
+        search.group(table, [b"a"] * 100 + [bytearray(b"k")])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="must be a list"):
-        group(table, (b"a",))  # type: ignore[arg-type]
+        search.group(table, (b"a",))  # type: ignore[arg-type]
 
 
 def _route(start: bytes) -> Route:
@@ -253,6 +267,6 @@ def _route(start: bytes) -> Route:
 def test_a_malformed_table_raises_instead_of_crashing(table: object) -> None:
     for key in (b"", b"a", b"m", b"z"):
         with pytest.raises((TypeError, SystemError)):
-            find(table, key)  # type: ignore[arg-type]
+            _lookup.find(table, key)  # type: ignore[arg-type]
         with pytest.raises((TypeError, SystemError)):
-            group(table, [key, key + b"\x00"])  # type: ignore[arg-type]
+            _lookup.group(table, [key, key + b"\x00"])  # type: ignore[arg-type]

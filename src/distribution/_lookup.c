@@ -511,12 +511,25 @@ static PyMethodDef lookup_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static int
+lookup_exec(PyObject *module)
+{
+    /* What distribution.Engine.implementation reports while these searches are in use. */
+    return PyModule_AddStringConstant(module, "IMPLEMENTATION", "c");
+}
+
+static PyModuleDef_Slot lookup_slots[] = {
+    {Py_mod_exec, lookup_exec},
+    {0, NULL},
+};
+
 static struct PyModuleDef lookup_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "distribution._lookup",
     .m_doc = "The Engine's searches over its routing table, in C (see distribution.engine).",
     .m_size = 0,
     .m_methods = lookup_methods,
+    .m_slots = lookup_slots,
 };
 
 PyMODINIT_FUNC

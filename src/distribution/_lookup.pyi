@@ -4,6 +4,8 @@ from typing import TypeAlias
 
 from distribution.types import Route
 
+IMPLEMENTATION: str
+
 _Table: TypeAlias = tuple[list[bytes], list[tuple[list[bytes], list[Route | None]]]]
 
 def find(table: _Table, key: bytes, /) -> Route | None: ...

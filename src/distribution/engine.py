@@ -17,8 +17,10 @@ with a route's end.
 
 The lookups (:meth:`Engine.get_route`, :meth:`Engine.group_keys`) search in C, in
 :mod:`distribution._lookup`: a bisect through rich comparisons spends about 18 ns on each of
-its ``log2(routes)`` steps on this project's machines, ``memcmp`` a few. Writers, which run far
-more rarely, use :mod:`bisect`.
+its ``log2(routes)`` steps on this project's machines, ``memcmp`` a few. Where the extension is
+not built, or ``DISTRIBUTION_PURE_PYTHON`` is set (to anything but ``""`` or ``"0"``), the same
+searches run in pure Python (:mod:`distribution._pylookup`); :attr:`Engine.implementation` says
+which. Writers, which run far more rarely, use :mod:`bisect`.
 
 Why chunks rather than one flat list: a write copies what it changes (copy-on-write keeps reads
 lock-free), and copying a list of a million references costs 12-40 ms on a small machine, because
@@ -42,16 +44,16 @@ the pieces too.
 from __future__ import annotations
 
 import marshal
+import os
 import threading
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Container, Iterable, Iterator, Sequence
 from itertools import accumulate, chain, compress, islice, pairwise, repeat
 from operator import attrgetter, is_not, itemgetter, le, lt, ne
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
-from distribution._lookup import find as _find
-from distribution._lookup import group as _group
+from distribution import _pylookup
 from distribution.bulk import paused_gc
 from distribution.errors import (
     CatalogGroupIDRequiredError,
@@ -102,6 +104,32 @@ _ONLY_STATES = frozenset({RouteState})
 _STATE_TYPES = frozenset({RouteState, int})
 _route_start = attrgetter("start")
 _first_start = itemgetter(0)
+
+
+class _Searches(Protocol):
+    """What the lookups need of a search module: :mod:`distribution._lookup` or its twin."""
+
+    IMPLEMENTATION: str
+
+    def find(self, table: _Table, key: bytes, /) -> Route | None: ...
+
+    def group(self, table: _Table, keys: list[bytes], /) -> list[tuple[Route, list[bytes]]]: ...
+
+
+def _searches() -> _Searches:
+    """The module whose ``find`` and ``group`` the lookups use: C unless absent or refused."""
+    if os.environ.get("DISTRIBUTION_PURE_PYTHON", "") not in ("", "0"):
+        return _pylookup
+    try:
+        from distribution import _lookup
+    except ImportError:
+        return _pylookup
+    return _lookup
+
+
+#: ``find(table, key)`` and ``group(table, keys)``: :mod:`distribution._lookup` or its
+#: pure-Python twin :mod:`distribution._pylookup`, chosen once at import.
+_search: _Searches = _searches()
 
 
 def _empty_table() -> tuple[_Table, _Loads]:
@@ -642,6 +670,18 @@ class Engine:
         return engine
 
     @property
+    def implementation(self) -> str:
+        """Which searches the lookups use: ``"c"``, or ``"python"`` without the extension. O(1).
+
+        ``"python"`` when the C extension was not built at install time, or when the environment
+        variable ``DISTRIBUTION_PURE_PYTHON`` was set (not to ``"0"``) at import.
+
+        >>> Engine().implementation in ("c", "python")
+        True
+        """
+        return _search.IMPLEMENTATION
+
+    @property
     def version(self) -> int:
         """The catalog version last applied; ``0`` at first. O(1).
 
@@ -666,7 +706,7 @@ class Engine:
         TypeError: key must be bytes, got str (encode text keys explicitly)
         """
         try:
-            return _find(self._table, key)
+            return _search.find(self._table, key)
         except TypeError as error:
             raise _key_error((key,), error) from None
 
@@ -719,7 +759,7 @@ class Engine:
         """
         batch = keys if keys.__class__ is list else list(keys)
         try:
-            return _group(self._table, batch)
+            return _search.group(self._table, batch)
         except TypeError as error:
             raise _key_error(batch, error) from None
 
