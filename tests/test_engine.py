@@ -75,7 +75,7 @@ def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> in
     """Run a test with tiny chunks and blocks too, so multi-chunk code paths are exercised."""
     size: int = request.param
     monkeypatch.setattr(engine_module, "_CHUNK", size)
-    monkeypatch.setattr(engine_module, "_BLOCK", max(size, 3))
+    monkeypatch.setattr(_pylookup, "_BLOCK", max(size, 3))
     return size
 
 
@@ -987,7 +987,6 @@ class Model:
         assert [(r[:5], ks) for r, ks in grouped] == [
             (self.table[i][:5], sorted(ks)) for i, ks in sorted(expected_groups.items())
         ]
-        same_in_c_and_python(engine, probes)
         if rng is not None:
             for _ in range(5):
                 a, b = sorted([random_key(rng), random_key(rng)])
@@ -998,13 +997,27 @@ class Model:
                 assert [r[:5] for r in engine.get_intersecting_routes(a, end)] == want
 
 
-def same_in_c_and_python(engine: Engine, keys: list[bytes]) -> None:
-    """The C searches and the pure-Python ones give the same answers on the same table."""
-    lookup = pytest.importorskip("distribution._lookup")
-    table = engine._table
-    for key in keys:
-        assert lookup.find(table, key) is _pylookup.find(table, key), key
-    assert lookup.group(table, keys) == _pylookup.group(table, keys)
+def same_in_c_and_python(engine: Engine, twin: Engine, rng: random.Random) -> None:
+    """Two Engines fed the same operations, on the C table and on the pure-Python one, agree."""
+    assert engine.implementation != twin.implementation
+    assert shape(engine) == shape(twin)
+    assert engine.version == twin.version
+    keys = [random_key(rng) for _ in range(40)]
+    keys += [r.start for r in engine.stats()]
+    assert [engine.get_route(k) for k in keys] == [twin.get_route(k) for k in keys]
+    assert engine.group_keys(keys) == twin.group_keys(keys)
+    a, b = sorted([random_key(rng), random_key(rng)])
+    assert engine.get_intersecting_routes(a, b) == twin.get_intersecting_routes(a, b)
+
+
+def twin_of(engine: Engine, monkeypatch: pytest.MonkeyPatch, threshold: int) -> Engine:
+    """A new Engine on the other table implementation than ``engine``'s."""
+    other = (
+        _pylookup if engine.implementation == "c" else pytest.importorskip("distribution._lookup")
+    )
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module, "_search", other)
+        return Engine(hotspot_threshold=threshold)
 
 
 def intersects(s1: bytes, e1: bytes | None, s2: bytes, e2: bytes | None) -> bool:
@@ -1111,10 +1124,13 @@ def random_change(rng: random.Random, model: Model, next_id: int) -> tuple[Catal
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_random_operations_match_the_model(seed: int, chunk: int) -> None:
+def test_random_operations_match_the_model(
+    seed: int, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = random.Random(seed)
     threshold = rng.choice([0, 2, 3, 5])
     engine = Engine(hotspot_threshold=threshold)
+    twin = twin_of(engine, monkeypatch, threshold)
     model = Model(threshold=threshold)
     next_id = 1
     for _step in range(300):
@@ -1152,12 +1168,17 @@ def test_random_operations_match_the_model(seed: int, chunk: int) -> None:
             action[1]()
         except (DistributionError, ValueError, TypeError) as error:
             expected_error = type(error)
-        if expected_error is None:
-            action[0]()
-        else:
-            with pytest.raises(expected_error):
-                action[0]()
+        on_engine = action[0]
+        assert isinstance(on_engine, partial)
+        on_twin = partial(getattr(twin, on_engine.func.__name__), *on_engine.args)
+        for call in (on_engine, on_twin):
+            if expected_error is None:
+                call()
+            else:
+                with pytest.raises(expected_error):
+                    call()
         model.compare(engine, rng)
+        same_in_c_and_python(engine, twin, rng)
 
 
 def test_large_snapshot_and_changes_match_the_model() -> None:

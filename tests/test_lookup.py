@@ -42,9 +42,12 @@ _TRICKY = [
 
 
 @pytest.fixture(params=["c", "python"])
-def search(request: pytest.FixtureRequest) -> ModuleType:
-    """Each search module in turn: both answer every test alike."""
-    return _lookup if request.param == "c" else _pylookup
+def search(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Each table implementation in turn (Engines made in the test use it): both answer every
+    test alike."""
+    module: ModuleType = _lookup if request.param == "c" else _pylookup
+    monkeypatch.setattr(engine_module, "_search", module)
+    return module
 
 
 def _random_key(rng: random.Random) -> bytes:
@@ -104,7 +107,7 @@ def test_find_and_group_match_bisect(
     # Small chunks on odd seeds: groups then cross chunk edges.
     if seed % 2:
         monkeypatch.setattr(engine_module, "_CHUNK", 4)
-        monkeypatch.setattr(engine_module, "_BLOCK", 4)
+        monkeypatch.setattr(_pylookup, "_BLOCK", 4)
     engine, bounds, slots = _engine(rng, rng.choice((3, 40, 300)))
     engine._check()
     table = engine._table
@@ -121,7 +124,8 @@ def test_find_and_group_match_bisect(
 
 
 def _two_level(table: object, key: bytes) -> object:
-    """The Engine's lookup written with bisect: the chunk over tops, then the slot over bounds."""
+    """The Engine's lookup written with bisect over lists: the chunk over tops, then the slot
+    over bounds."""
     tops, chunks = table  # type: ignore[misc]
     bounds, slots = chunks[bisect_right(tops, key)]
     return slots[bisect_right(bounds, key)]
@@ -134,32 +138,47 @@ def test_chunks_of_every_small_size(search: ModuleType, seed: int) -> None:
     rng = random.Random(seed)
     keys = sorted({bytes([rng.randrange(256), rng.randrange(4)]) for _ in range(80)})
     tops: list[bytes] = []
-    chunks: list[tuple[list[bytes], list[Route | None]]] = []
+    all_bounds: list[list[bytes]] = []
     pos = 0
     while True:
         size = rng.randrange(7)
-        bounds = keys[pos : pos + size]
-        slots = [_route(key) if rng.random() < 0.7 else None for key in [b"", *bounds]]
-        chunks.append((bounds, slots))
+        all_bounds.append(keys[pos : pos + size])
         pos += size
         if pos >= len(keys) - 1:
             break
         tops.append(keys[pos])
         pos += 1
-    table = (tops, chunks)
+    edges: list[bytes | None] = [None, *tops, None]
+    chunks: list[tuple[list[bytes], list[Route | None]]] = []
+    for c, bounds in enumerate(all_bounds):
+        # Slot i covers [starts[i], ends[i]); the very first slot is always a gap.
+        starts, ends = [edges[c], *bounds], [*bounds, edges[c + 1]]
+        slots = [
+            Route(1, start, end, 1, RouteState.ACTIVE, 0)
+            if start is not None and rng.random() < 0.7
+            else None
+            for start, end in zip(starts, ends, strict=True)
+        ]
+        chunks.append((bounds, slots))
+    lists = (tops, chunks)
+    table = (
+        tops,
+        search.make_index(tops),
+        [search.Chunk(b, s, edges[c], edges[c + 1]) for c, (b, s) in enumerate(chunks)],
+    )
     for size in (2, 9, 100, 1000):
         batch = [rng.choice(keys) + rng.choice((b"", b"\x00", b"\xff")) for _ in range(size)]
         batch += [b"", b"\xff" * 3][: size // 50]
         want: list[tuple[object, list[bytes]]] = []
-        for route, members in groupby(sorted(batch), key=lambda key: id(_two_level(table, key))):
+        for route, members in groupby(sorted(batch), key=lambda key: id(_two_level(lists, key))):
             del route
             keys_here = list(members)
-            found = _two_level(table, keys_here[0])
+            found = _two_level(lists, keys_here[0])
             if found is not None:
                 want.append((found, keys_here))
         assert search.group(table, batch) == want
         assert [search.find(table, key) for key in batch] == [
-            _two_level(table, key) for key in batch
+            _two_level(lists, key) for key in batch
         ]
 
 
@@ -241,27 +260,33 @@ def _route(start: bytes) -> Route:
     return Route(1, start, None, 1, RouteState.ACTIVE, 0)
 
 
-@pytest.mark.parametrize(
-    "table",
-    [
+def _malformed_tables() -> list[object]:
+    chunk = _lookup.Chunk([b"a"], [None, _route(b"a")], None, None)
+    index = _lookup.make_index([])
+    return [
         None,
         ([], []),
-        ([], [([], [None]), ([], [None])]),
-        ([], [([b"a"], [None])]),
-        ([], [[[b"a"], [None, None]]]),
-        ([], ["chunk"]),
-        ([1], [([], [None]), ([], [None])]),
-        ([], [([b"a", 2], [None, _route(b"a"), None])]),
-    ],
+        ([], index),
+        ([], index, []),
+        ([], index, [chunk, chunk]),
+        ([], index, ["chunk"]),
+        ([], [], [chunk]),
+        [[], index, [chunk]],
+    ]
+
+
+@pytest.mark.parametrize(
+    "table",
+    _malformed_tables(),
     ids=[
         "not-a-tuple",
+        "a-pair",
+        "a-pair-with-index",
         "no-chunk",
-        "chunks-without-tops",
-        "slots-too-short",
-        "chunk-not-a-tuple",
+        "more-chunks-than-the-index-has-room-for",
         "chunk-of-a-string",
-        "top-not-bytes",
-        "bound-not-bytes",
+        "index-not-a-chunk",
+        "a-list",
     ],
 )
 def test_a_malformed_table_raises_instead_of_crashing(table: object) -> None:
@@ -270,3 +295,21 @@ def test_a_malformed_table_raises_instead_of_crashing(table: object) -> None:
             _lookup.find(table, key)  # type: ignore[arg-type]
         with pytest.raises((TypeError, SystemError)):
             _lookup.group(table, [key, key + b"\x00"])  # type: ignore[arg-type]
+
+
+def test_a_chunk_refuses_what_it_cannot_hold() -> None:
+    route = _route(b"a")
+    for bounds, slots, lower, upper in [
+        ([b"a"], [None], None, None),  # slots must be one more than bounds
+        ([b"b", b"a"], [None, route, route], None, None),  # bounds must increase
+        ([b"a"], [None, route], b"b", None),  # above the lower edge
+        ([b"a"], [None, route], None, b"a"),  # below the upper edge
+        ([b"a"], [route, None], None, None),  # nothing starts before the key space
+        ([b"a"], [None, route._replace(group_id=0)], None, None),
+        ([b"a"], [None, route._replace(state=9)], None, None),
+        ([b"a"], [None, route._replace(route_id=-1)], None, None),
+        ([b"a"], [None, "route"], None, None),
+        ([bytearray(b"a")], [None, route], None, None),
+    ]:
+        with pytest.raises((TypeError, ValueError)):
+            _lookup.Chunk(bounds, slots, lower, upper)  # type: ignore[arg-type]

@@ -43,17 +43,17 @@ the pieces too.
 
 from __future__ import annotations
 
-import marshal
 import os
 import threading
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Container, Iterable, Iterator, Sequence
-from itertools import accumulate, chain, compress, islice, pairwise, repeat
-from operator import attrgetter, is_not, itemgetter, le, lt, ne
+from itertools import accumulate, chain, islice, pairwise, repeat
+from operator import attrgetter, is_not, itemgetter, lt
 from typing import Any, Protocol, TypeAlias
 
 from distribution import _pylookup
+from distribution._pylookup import cut, prefix
 from distribution.bulk import paused_gc
 from distribution.errors import (
     CatalogGroupIDRequiredError,
@@ -65,8 +65,6 @@ from distribution.errors import (
     EngineSnapshotVersionStaleError,
 )
 from distribution.types import (
-    ROUTE_STATES,
-    UINT64_MAX,
     CatalogChange,
     CatalogSnapshot,
     Route,
@@ -85,35 +83,77 @@ __all__ = ["Engine"]
 #: outer lists (routes / _CHUNK long). Near the square root of a million routes, both stay small.
 _CHUNK = 1024
 
-#: Descriptors handled per step by apply_snapshot's column extraction. The keys of one block are
-#: touched while their memory is still cached, instead of once per pass over the whole snapshot.
-_BLOCK = 1024
-
 _Slots: TypeAlias = list[Route | None]
-_Chunk: TypeAlias = tuple[list[bytes], _Slots]
-_Table: TypeAlias = tuple[list[bytes], list[_Chunk]]
 _Loads: TypeAlias = list[list[int]]
 #: A key range ``[start, end)``; ``end is None`` means unbounded.
 _Range: TypeAlias = tuple[bytes, bytes | None]
 
-_ONLY_DESCRIPTORS = frozenset({RouteDescriptor})
-_ONLY_BYTES = frozenset({bytes})
-_BYTES_OR_NONE = frozenset({bytes, type(None)})
-_ONLY_INT = frozenset({int})
-_ONLY_STATES = frozenset({RouteState})
-_STATE_TYPES = frozenset({RouteState, int})
+
+class _Chunk(Protocol):
+    """A chunk of the table: :class:`distribution._lookup.Chunk` or its pure-Python twin."""
+
+    @property
+    def lower(self) -> bytes | None: ...
+
+    @property
+    def upper(self) -> bytes | None: ...
+
+    def __len__(self) -> int: ...
+
+    def bisect_right(self, key: bytes) -> int: ...
+
+    def bisect_left(self, key: bytes) -> int: ...
+
+    def route(self, slot: int) -> Route | None: ...
+
+    def find_id(self, route_id: int) -> int: ...
+
+    def bounds(self) -> list[bytes]: ...
+
+    def slots(self) -> _Slots: ...
+
+
+class _Ids(Protocol):
+    """Route id -> its start's prefix: :class:`distribution._lookup.IdIndex` or a dict."""
+
+    def __contains__(self, route_id: object, /) -> bool: ...
+
+    def __getitem__(self, route_id: int, /) -> int: ...
+
+    def __setitem__(self, route_id: int, prefix: int, /) -> None: ...
+
+    def __delitem__(self, route_id: int, /) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
+#: ``(tops, index, chunks)``: the keys between chunks, a search index over them, the chunks.
+_Table: TypeAlias = tuple[list[bytes], Any, list[_Chunk]]
+
 _route_start = attrgetter("start")
 _first_start = itemgetter(0)
 
 
 class _Searches(Protocol):
-    """What the lookups need of a search module: :mod:`distribution._lookup` or its twin."""
+    """A table implementation: :mod:`distribution._lookup` or :mod:`distribution._pylookup`."""
 
     IMPLEMENTATION: str
+
+    def Chunk(
+        self, bounds: list[bytes], slots: _Slots, lower: bytes | None, upper: bytes | None
+    ) -> _Chunk: ...
+
+    def IdIndex(self) -> _Ids: ...
 
     def find(self, table: _Table, key: bytes, /) -> Route | None: ...
 
     def group(self, table: _Table, keys: list[bytes], /) -> list[tuple[Route, list[bytes]]]: ...
+
+    def build(
+        self, routes: Sequence[RouteDescriptor], chunk_size: int, /
+    ) -> tuple[_Table, _Ids] | None: ...
+
+    def make_index(self, tops: list[bytes], /) -> Any: ...
 
 
 def _searches() -> _Searches:
@@ -127,216 +167,14 @@ def _searches() -> _Searches:
     return _lookup
 
 
-#: ``find(table, key)`` and ``group(table, keys)``: :mod:`distribution._lookup` or its
+#: The table implementation: :mod:`distribution._lookup` (packed chunks, C searches) or its
 #: pure-Python twin :mod:`distribution._pylookup`, chosen once at import.
 _search: _Searches = _searches()
 
 
-def _empty_table() -> tuple[_Table, _Loads]:
-    return ([], [([], [None])]), [[0]]
-
-
-def _copy_keys(keys: tuple[bytes | None, ...]) -> tuple[Any, ...]:
-    """Fresh copies of ``keys`` (``None`` kept), allocated one after another, in order.
-
-    A marshal round-trip is one C-level pass that allocates every copy contiguously: a bisect over
-    them then walks nearby memory rather than keys scattered by their original allocation.
-    """
-    copies: tuple[Any, ...] = marshal.loads(marshal.dumps(keys, 2))
-    return copies
-
-
-# -- bulk build (apply_snapshot) ---------------------------------------------------------------
-
-
-_Columns: TypeAlias = tuple[tuple[Any, ...], ...]
-
-
-def _columns(block: Sequence[RouteDescriptor]) -> _Columns | None:
-    """The six fields of a block of descriptors, if each has a valid type and range, else None.
-
-    Returns ``(ids, starts, ends, groups, states, parents)`` tuples, states as RouteState members.
-    Every check is a C-level pass over the block, while its objects are still in the cache.
-    """
-    if not _ONLY_DESCRIPTORS.issuperset(map(type, block)):
-        return None
-    ids, starts, ends, groups, states, parents = zip(*block, strict=True)
-    if not (
-        _ONLY_BYTES.issuperset(map(type, starts))
-        and _BYTES_OR_NONE.issuperset(map(type, ends))
-        and _ONLY_INT.issuperset(map(type, ids))
-        and _ONLY_INT.issuperset(map(type, groups))
-        and _ONLY_INT.issuperset(map(type, parents))
-        and min(ids) > 0
-        and max(ids) <= UINT64_MAX
-    ):
-        return None
-    # Groups and parents repeat: the range check on their distinct values is cheaper.
-    distinct_groups = set(groups)
-    distinct_parents = set(parents)
-    if not (
-        min(distinct_groups) > 0
-        and max(distinct_groups) <= UINT64_MAX
-        and min(distinct_parents) >= 0
-        and max(distinct_parents) <= UINT64_MAX
-    ):
-        return None
-    if not _ONLY_STATES.issuperset(map(type, states)):
-        if not (_STATE_TYPES.issuperset(map(type, states)) and ROUTE_STATES.keys() >= set(states)):
-            return None
-        states = tuple(map(ROUTE_STATES.__getitem__, states))
-    return ids, starts, ends, groups, states, parents
-
-
-def _fast_build(
-    routes: Sequence[RouteDescriptor],
-) -> tuple[list[bytes], _Slots, dict[int, Route]] | None:
-    """Validate and lay out ``routes`` with C-level passes only, or return None.
-
-    None means "something is unusual" (an invalid route, a field of the wrong type, an unsorted
-    snapshot, a duplicate id...): the caller then runs the exact, per-route checks, which raise
-    the first error in the order the contract specifies, or return normalized routes that this
-    function accepts.
-
-    Returns the flat bounds and slots (``len(slots) == len(bounds) + 1``) and the routes by id.
-    """
-    built = _build_contiguous(routes)
-    return built if built is not None else _build_with_gaps(routes)
-
-
-def _build_contiguous(
-    routes: Sequence[RouteDescriptor],
-) -> tuple[list[bytes], _Slots, dict[int, Route]] | None:
-    """:func:`_fast_build` for the common catalog: each route ends where the next one starts.
-
-    Everything happens block by block, on objects still in the cache: a million scattered keys
-    cost a cache miss each per pass over the whole snapshot, but only once this way.
-    """
-    n = len(routes)
-    bounds: list[bytes] = []
-    route_list: list[Route] = []
-    by_id: dict[int, Route] = {}
-    last_end: bytes | None = None
-    for i in range(0, n, _BLOCK):
-        columns = _columns(routes[i : i + _BLOCK])
-        if columns is None:
-            return None
-        ids, starts, ends, groups, states, _ = columns
-        # Tuple equality short-cuts on identity, so shared key objects cost no comparison.
-        if not (ends[:-1] == starts[1:] and (i == 0 or last_end == starts[0])):
-            return None
-        last_end = ends[-1]
-        # Copies of the block's starts and of its last end (None if unbounded): each route ends
-        # where the next copy starts.
-        keys = _copy_keys(starts + ends[-1:])
-        block_routes = _make_routes(ids, keys, keys[1:], groups, states)
-        route_list += block_routes
-        by_id.update(zip(ids, block_routes, strict=True))
-        bounds += keys
-        bounds.pop()
-    # Sorted starts imply every range but the last: starts[i] < starts[i + 1] == ends[i].
-    if (
-        len(by_id) != n
-        or not all(map(lt, bounds, islice(bounds, 1, None)))
-        or (last_end is not None and not last_end > bounds[-1])
-    ):
-        return None
-    slots: _Slots = [None]
-    slots += route_list
-    if last_end is not None:
-        bounds.append(route_list[-1].end)  # type: ignore[arg-type]
-        slots.append(None)
-    return bounds, slots, by_id
-
-
-def _build_with_gaps(
-    routes: Sequence[RouteDescriptor],
-) -> tuple[list[bytes], _Slots, dict[int, Route]] | None:
-    """:func:`_fast_build` for sorted routes that may leave gaps between them."""
-    n = len(routes)
-    ids: list[int] = []
-    starts: list[bytes] = []
-    ends: list[bytes | None] = []
-    groups: list[int] = []
-    states: list[RouteState] = []
-    for i in range(0, n, _BLOCK):
-        columns = _columns(routes[i : i + _BLOCK])
-        if columns is None:
-            return None
-        b_ids, b_starts, b_ends, b_groups, b_states, _ = columns
-        # Unsorted input is caught at its first block, not after copying the whole snapshot.
-        if not (
-            all(map(lt, b_starts, islice(b_starts, 1, None)))
-            and (i == 0 or starts[-1] < b_starts[0])
-        ):
-            return None
-        ids += b_ids
-        starts += _copy_keys(b_starts)
-        ends += _copy_keys(b_ends)
-        groups += b_groups
-        states += b_states
-    head: list[Any] = ends[:-1]  # None only in an invalid snapshot, checked first
-    if not (
-        None not in head
-        and all(map(lt, starts[:-1], head))
-        and (ends[-1] is None or starts[-1] < ends[-1])
-        and all(map(le, head, islice(starts, 1, None)))
-    ):
-        return None
-    bounds, slots, route_list = _layout_with_gaps(ids, starts, ends, groups, states)
-    by_id = dict(zip(ids, route_list, strict=True))
-    if len(by_id) != n:
-        return None
-    return bounds, slots, by_id
-
-
-def _make_routes(
-    ids: Sequence[int],
-    starts: Sequence[bytes],
-    ends: Sequence[bytes | None],
-    groups: Sequence[int],
-    states: Sequence[RouteState],
-) -> list[Route]:
-    """Routes with load 0, built at C level.
-
-    ``tuple.__new__(Route, fields)`` skips the Python-level ``Route.__new__``: about 0.4 s per
-    million routes, against 0.6 s through ``functools.partial`` and over 1 s calling ``Route``.
-    """
-    fields = zip(ids, starts, ends, groups, states, repeat(0), strict=False)
-    return list(map(tuple.__new__, repeat(Route), fields))
-
-
-def _layout_with_gaps(
-    ids: list[int],
-    starts: list[bytes],
-    ends: list[bytes | None],
-    groups: list[int],
-    states: list[Any],
-) -> tuple[list[bytes], _Slots, list[Route]]:
-    """Bounds, slots and routes for sorted, non-overlapping routes that may leave gaps.
-
-    Interleaves ``start0, end0, start1, end1, ...`` (a non-decreasing sequence) and drops each end
-    that equals the next start, or is unbounded; positions in the result give each route its end
-    object, so routes and bounds share keys. All passes are C-level.
-    """
-    n = len(starts)
-    flat: list[bytes | None] = [None] * (2 * n)
-    flat[0::2] = starts
-    flat[1::2] = ends
-    keep: list[bool] = [True] * (2 * n)
-    keep[1:-1:2] = map(ne, ends[:-1], islice(starts, 1, None))
-    keep[-1] = ends[-1] is not None
-    bounds: list[bytes] = list(compress(flat, keep))  # type: ignore[arg-type]
-    # After start i, the next kept key is its end (kept, or equal to the next start).
-    end_at = list(accumulate(keep))[0::2]
-    route_ends: list[bytes | None] = list(map(bounds.__getitem__, end_at[:-1]))
-    route_ends.append(bounds[end_at[-1]] if keep[-1] else None)
-    route_list = _make_routes(ids, starts, route_ends, groups, states)
-    flat_slots: _Slots = [None] * (2 * n)
-    flat_slots[0::2] = route_list
-    slots: _Slots = [None]
-    slots += compress(flat_slots, keep)
-    return bounds, slots, route_list
+def _empty_table(search: _Searches) -> tuple[_Table, _Loads, _Ids]:
+    """A table of no route, its loads and ids."""
+    return _build(search, ())
 
 
 def _sorted_valid(routes: Iterable[RouteDescriptor]) -> list[RouteDescriptor]:
@@ -363,10 +201,10 @@ def _check_pair(prev: RouteDescriptor | Route, cur: RouteDescriptor | Route) -> 
     )
 
 
-def _build(routes: Sequence[RouteDescriptor]) -> tuple[_Table, _Loads, dict[int, Route]]:
-    """Validate ``routes`` (raising the first error) and build a fresh table, loads and index."""
+def _build(search: _Searches, routes: Sequence[RouteDescriptor]) -> tuple[_Table, _Loads, _Ids]:
+    """Validate ``routes`` (raising the first error) and build a fresh table, loads and ids."""
     with paused_gc(promote=True):
-        built = _fast_build(routes)
+        built = search.build(routes, _CHUNK)
         if built is None:
             # Unsorted but otherwise valid? Sorting is cheaper than the per-route checks.
             try:
@@ -374,47 +212,46 @@ def _build(routes: Sequence[RouteDescriptor]) -> tuple[_Table, _Loads, dict[int,
             except (TypeError, AttributeError):
                 ordered = None
             if ordered is not None and any(map(is_not, ordered, routes)):
-                built = _fast_build(ordered)
+                built = search.build(ordered, _CHUNK)
         if built is None:
-            built = _fast_build(_sorted_valid(routes))
+            built = search.build(_sorted_valid(routes), _CHUNK)
             assert built is not None, "normalized routes must take the fast path"
-        bounds, slots, by_id = built
-        tops, chunks, loads = _chunked(bounds, slots, [0] * len(slots))
-    return (tops, chunks), loads, by_id
+        table, ids = built
+        loads = [[0] * len(chunk) for chunk in table[2]]
+    return table, loads, ids
 
 
 # -- chunk manipulation ------------------------------------------------------------------------
 
 
 def _chunked(
-    bounds: list[bytes], slots: _Slots, loads: list[int]
-) -> tuple[list[bytes], list[_Chunk], _Loads]:
-    """Cut a flat table into chunks of about _CHUNK bounds; one bound between chunks is a top."""
-    m = len(bounds)
-    k = max(1, (m + _CHUNK // 2) // _CHUNK)
-    # Positions of the tops in ``bounds``: k - 1 evenly spread, strictly increasing indices.
-    cuts = [j * (m + 1) // k - 1 for j in range(1, k)]
-    tops = list(map(bounds.__getitem__, cuts))
-    edges = [-1, *cuts, m]
-    chunks: list[_Chunk] = [(bounds[a + 1 : b], slots[a + 1 : b + 1]) for a, b in pairwise(edges)]
-    chunk_loads = [loads[a + 1 : b + 1] for a, b in pairwise(edges)]
-    return tops, chunks, chunk_loads
+    search: _Searches,
+    bounds: list[bytes],
+    slots: _Slots,
+    loads: list[int],
+    lower: bytes | None,
+    upper: bytes | None,
+) -> tuple[list[bytes], list[Any], _Loads]:
+    """Cut a flat table over ``[lower, upper)`` into chunks of about _CHUNK bounds; one bound
+    between chunks is a top."""
+    tops, chunks = cut(bounds, slots, _CHUNK, search.Chunk, lower, upper)
+    edges = list(accumulate(map(len, chunks), initial=0))
+    return tops, chunks, [loads[a:b] for a, b in pairwise(edges)]
 
 
 def _flatten(
     table: _Table, loads: _Loads, first: int, last: int
 ) -> tuple[list[bytes], _Slots, list[int]]:
     """Chunks ``first..last`` (inclusive) as one flat bounds/slots/loads triple."""
-    tops, chunks = table
+    tops, _, chunks = table
     bounds: list[bytes] = []
     slots: _Slots = []
     flat_loads: list[int] = []
     for c in range(first, last + 1):
         if c > first:
             bounds.append(tops[c - 1])
-        chunk_bounds, chunk_slots = chunks[c]
-        bounds += chunk_bounds
-        slots += chunk_slots
+        bounds += chunks[c].bounds()
+        slots += chunks[c].slots()
         flat_loads += loads[c]
     return bounds, slots, flat_loads
 
@@ -476,6 +313,7 @@ def _fill(
 
 
 def _rewrite(
+    search: _Searches,
     table: _Table,
     loads: _Loads,
     ranges: list[_Range],
@@ -488,7 +326,7 @@ def _rewrite(
     is in ``dropped_ids`` and ephemeral routes that intersect a range are removed; everything else
     is kept with its load. Only the chunks around the ranges are copied.
     """
-    tops, chunks = table
+    tops, _, chunks = table
     n_tops = len(tops)
     # Group the ranges by the chunks they touch, padded by one chunk on each side, so that a gap
     # next to a range can be merged with a gap in the neighbouring slot.
@@ -557,7 +395,9 @@ def _rewrite(
         out_bounds += bounds[pos:]
         out_slots += slots[pos:]
         out_loads += flat_loads[pos:]
-        part_tops, part_chunks, part_loads = _chunked(out_bounds, out_slots, out_loads)
+        part_tops, part_chunks, part_loads = _chunked(
+            search, out_bounds, out_slots, out_loads, lower, upper
+        )
         new_chunks += chunks[done:first]
         new_loads += loads[done:first]
         new_tops += tops[done:first]
@@ -570,7 +410,7 @@ def _rewrite(
     new_chunks += chunks[done:]
     new_loads += loads[done:]
     new_tops += tops[done:]
-    return (new_tops, new_chunks), new_loads
+    return (new_tops, search.make_index(new_tops), new_chunks), new_loads
 
 
 def _placed_start(item: tuple[Route, int]) -> bytes:
@@ -608,20 +448,27 @@ def _key_error(keys: Iterable[object], error: TypeError) -> TypeError:
     return error
 
 
-def _walk(table: _Table, key: bytes, forward: bool) -> Iterator[Route]:
-    """Routes from the slot holding ``key`` (excluded if forward) onwards or backwards."""
-    tops, chunks = table
+def _walk(table: _Table, key: bytes, forward: bool, inclusive: bool = False) -> Iterator[Route]:
+    """Routes from the slot holding ``key`` (included only if ``inclusive``) on, or back."""
+    tops, _, chunks = table
     c = bisect_right(tops, key)
-    i = bisect_right(chunks[c][0], key)
+    here = chunks[c].bisect_right(key)
     if forward:
-        here: Iterable[Route | None] = islice(chunks[c][1], i + 1, None)
-        rest = chain.from_iterable(slots for _, slots in islice(chunks, c + 1, None))
+        first = here if inclusive else here + 1
+        for chunk in islice(chunks, c, None):
+            for slot in range(first, len(chunk)):
+                route = chunk.route(slot)
+                if route is not None:
+                    yield route
+            first = 0
     else:
-        here = reversed(chunks[c][1][: i + 1])
-        rest = chain.from_iterable(reversed(slots) for _, slots in reversed(chunks[:c]))
-    for route in chain(here, rest):
-        if route is not None:
-            yield route
+        last = here
+        for d in range(c, -1, -1):
+            chunk = chunks[d]
+            for slot in range(len(chunk) - 1 if d < c else last, -1, -1):
+                route = chunk.route(slot)
+                if route is not None:
+                    yield route
 
 
 class Engine:
@@ -653,8 +500,11 @@ class Engine:
         self._version = 0
         self._table: _Table
         self._loads: _Loads
-        self._table, self._loads = _empty_table()
-        self._catalog: dict[int, Route] = {}
+        #: Catalog route id -> its start's prefix (see :meth:`_catalog_route`).
+        self._ids: _Ids
+        #: The table implementation this Engine's tables are built by and searched with.
+        self._search = _search
+        self._table, self._loads, self._ids = _empty_table(self._search)
         #: Catalog routes split by a hotspot, sorted by start: their pieces serve their ranges.
         self._shadowed: list[Route] = []
 
@@ -674,12 +524,13 @@ class Engine:
         """Which searches the lookups use: ``"c"``, or ``"python"`` without the extension. O(1).
 
         ``"python"`` when the C extension was not built at install time, or when the environment
-        variable ``DISTRIBUTION_PURE_PYTHON`` was set (not to ``"0"``) at import.
+        variable ``DISTRIBUTION_PURE_PYTHON`` was set (not to ``"0"``) when ``distribution`` was
+        imported.
 
         >>> Engine().implementation in ("c", "python")
         True
         """
-        return _search.IMPLEMENTATION
+        return self._search.IMPLEMENTATION
 
     @property
     def version(self) -> int:
@@ -706,7 +557,7 @@ class Engine:
         TypeError: key must be bytes, got str (encode text keys explicitly)
         """
         try:
-            return _search.find(self._table, key)
+            return self._search.find(self._table, key)
         except TypeError as error:
             raise _key_error((key,), error) from None
 
@@ -728,19 +579,19 @@ class Engine:
             check_key("end", end)
             if start >= end:
                 return []
-        tops, chunks = self._table
+        tops, _, chunks = self._table
         c = bisect_right(tops, start)
         last = len(chunks) - 1 if end is None else bisect_left(tops, end)
-        bounds, slots = chunks[c]
-        lo = bisect_right(bounds, start)
+        chunk = chunks[c]
+        lo = chunk.bisect_right(start)
         found: list[Route] = []
         while True:
-            hi = len(slots) if end is None or c < last else bisect_left(bounds, end) + 1
-            found += filter(None, slots[lo:hi])
+            hi = len(chunk) if end is None or c < last else chunk.bisect_left(end) + 1
+            found += filter(None, map(chunk.route, range(lo, hi)))
             if c >= last:
                 return found
             c += 1
-            bounds, slots = chunks[c]
+            chunk = chunks[c]
             lo = 0
 
     def group_keys(self, keys: Iterable[bytes]) -> list[tuple[Route, list[bytes]]]:
@@ -759,7 +610,7 @@ class Engine:
         """
         batch = keys if keys.__class__ is list else list(keys)
         try:
-            return _search.group(self._table, batch)
+            return self._search.group(self._table, batch)
         except TypeError as error:
             raise _key_error(batch, error) from None
 
@@ -787,12 +638,12 @@ class Engine:
         version = check_u64("version", snapshot.version)
         if self._version_is_current(version):
             return
-        table, loads, by_id = _build(snapshot.routes)
+        table, loads, ids = _build(self._search, snapshot.routes)
         with self._lock:
             if self._version_is_current(version):
                 return
             self._table, self._loads = table, loads
-            self._catalog = by_id
+            self._ids = ids
             self._shadowed = []
             self._version = version
 
@@ -861,7 +712,7 @@ class Engine:
                 )
             pending = pending[k:]
             net = _net_effect(pending)
-            removed = [self._catalog[i] for i in net if i in self._catalog]
+            removed = [r for r in map(self._catalog_route, net) if r is not None]
             added = sorted(
                 (
                     Route(d.route_id, d.start, d.end, d.group_id, d.state, 0)
@@ -872,14 +723,36 @@ class Engine:
             )
             self._check_placement(added, net)
             ranges = _merge_ranges([(r.start, r.end) for r in chain(removed, added)])
-            table, loads = _rewrite(self._table, self._loads, ranges, net, added)
+            table, loads = _rewrite(self._search, self._table, self._loads, ranges, net, added)
             for route_id in net:
-                self._catalog.pop(route_id, None)
-            self._catalog.update(zip(map(attrgetter("route_id"), added), added, strict=True))
+                if route_id in self._ids:
+                    del self._ids[route_id]
+            for route in added:
+                self._ids[route.route_id] = prefix(route.start)
             if self._shadowed:
                 self._shadowed = [r for r in self._shadowed if r.route_id not in net]
             self._table, self._loads = table, loads
             self._version = pending[-1].version
+
+    def _catalog_route(self, route_id: int) -> Route | None:
+        """The catalog route ``route_id`` (in the table or shadowed), or None if unknown.
+
+        Found from its start's prefix: the chunks from the one holding the least key of that
+        prefix on, while their keys may still have it, are scanned for the id.
+        O(log routes + chunk) (times the chunks one prefix spans).
+        """
+        if route_id not in self._ids:
+            return None
+        start_prefix = self._ids[route_id]
+        tops, _, chunks = self._table
+        c = bisect_right(tops, start_prefix.to_bytes(8, "big").rstrip(b"\x00"))
+        for chunk in islice(chunks, c, None):
+            slot = chunk.find_id(route_id)
+            if slot >= 0:
+                return chunk.route(slot)
+            if chunk.upper is None or prefix(chunk.upper) > start_prefix:
+                break
+        return next((r for r in self._shadowed if r.route_id == route_id), None)
 
     def _check_placement(self, added: list[Route], net: Container[int]) -> None:
         """Raise the first order/overlap error among the catalog routes after a change.
@@ -902,26 +775,26 @@ class Engine:
                 if floor is not None and candidate.start <= floor:
                     break
                 if survives(candidate):
-                    neighbours[id(candidate)] = candidate
+                    neighbours[candidate.route_id] = candidate
                     break
             for candidate in _walk(self._table, route.start, forward=True):
                 if ceiling is not None and candidate.start >= ceiling:
                     break
                 if survives(candidate):
-                    neighbours[id(candidate)] = candidate
+                    neighbours[candidate.route_id] = candidate
                     break
             s = bisect_right(shadow_starts, route.start)
             for candidate in reversed(self._shadowed[:s]):
                 if floor is not None and candidate.start <= floor:
                     break
                 if survives(candidate):
-                    neighbours[id(candidate)] = candidate
+                    neighbours[candidate.route_id] = candidate
                     break
             for candidate in self._shadowed[s:]:
                 if ceiling is not None and candidate.start >= ceiling:
                     break
                 if survives(candidate):
-                    neighbours[id(candidate)] = candidate
+                    neighbours[candidate.route_id] = candidate
                     break
         ordered = sorted(chain(neighbours.values(), added), key=_route_start)
         for prev, cur in pairwise(ordered):
@@ -961,7 +834,7 @@ class Engine:
                     f"{other.route_id} [{other.start!r}, {other.end!r})"
                 )
             self._table, self._loads = _rewrite(
-                self._table, self._loads, [(start, end)], (), [route]
+                self._search, self._table, self._loads, [(start, end)], (), [route]
             )
 
     def record_access(self, key: bytes) -> None:
@@ -981,11 +854,11 @@ class Engine:
         if key.__class__ is not bytes:
             check_key("key", key)
         with self._lock:
-            tops, chunks = self._table
+            tops, _, chunks = self._table
             c = bisect_right(tops, key)
-            bounds, slots = chunks[c]
-            i = bisect_right(bounds, key)
-            route = slots[i]
+            chunk = chunks[c]
+            i = chunk.bisect_right(key)
+            route = chunk.route(i)
             if route is None:
                 return
             loads = self._loads[c]
@@ -1006,7 +879,12 @@ class Engine:
                 Route(0, middle, route.end, route.group_id, RouteState.ACTIVE, 0),
             ]
             self._table, self._loads = _rewrite(
-                self._table, self._loads, [(route.start, route.end)], (route.route_id,), pieces
+                self._search,
+                self._table,
+                self._loads,
+                [(route.start, route.end)],
+                (route.route_id,),
+                pieces,
             )
             if route.route_id:
                 shadow_starts = list(map(_route_start, self._shadowed))
@@ -1021,12 +899,12 @@ class Engine:
         1
         """
         with self._lock:
-            _, chunks = self._table
+            _, _, chunks = self._table
             loads = list(map(list.copy, self._loads))
         return [
             route if load == route.load else route._replace(load=load)
             for route, load in zip(
-                chain.from_iterable(map(itemgetter(1), chunks)),
+                chain.from_iterable(chunk.slots() for chunk in chunks),
                 chain.from_iterable(loads),
                 strict=True,
             )
@@ -1050,17 +928,26 @@ class Engine:
     def _check(self) -> None:
         """Assert every structural invariant (tests call this after each change). O(routes)."""
         with self._lock:
-            tops, chunks = self._table
+            tops, index, chunks = self._table
             loads = self._loads
             assert len(tops) == len(chunks) - 1
             assert len(loads) == len(chunks)
+            assert type(index) is type(self._search.make_index(tops))
+            for top in tops:
+                assert self._search.find((tops, index, chunks), top) == chunks[
+                    bisect_right(tops, top)
+                ].route(0), "the index finds each top's chunk"
             bounds: list[bytes] = []
             slots: _Slots = []
             flat_loads: list[int] = []
-            for c, (chunk_bounds, chunk_slots) in enumerate(chunks):
-                assert len(chunk_slots) == len(chunk_bounds) + 1
+            for c, chunk in enumerate(chunks):
+                chunk_bounds, chunk_slots = chunk.bounds(), chunk.slots()
+                assert type(chunk) is self._search.Chunk
+                assert len(chunk_slots) == len(chunk_bounds) + 1 == len(chunk)
                 assert len(loads[c]) == len(chunk_slots)
                 assert len(chunk_bounds) <= 2 * _CHUNK
+                assert chunk.lower == (tops[c - 1] if c else None)
+                assert chunk.upper == (tops[c] if c < len(tops) else None)
                 if c:
                     bounds.append(tops[c - 1])
                 bounds += chunk_bounds
@@ -1091,11 +978,11 @@ class Engine:
                 if route.route_id:
                     assert route.route_id not in in_table, "duplicate route id"
                     in_table[route.route_id] = route
-                    assert self._catalog.get(route.route_id) is route
+                    assert self._catalog_route(route.route_id) == route
                 else:
                     assert route.state is RouteState.ACTIVE
             for route in self._shadowed:
-                assert self._catalog.get(route.route_id) is route
+                assert self._catalog_route(route.route_id) is route
                 assert route.route_id not in in_table
                 for piece in self.get_intersecting_routes(route.start, route.end):
                     assert piece.route_id == 0
@@ -1104,7 +991,7 @@ class Engine:
             assert list(map(_route_start, self._shadowed)) == sorted(
                 map(_route_start, self._shadowed)
             )
-            assert len(self._catalog) == len(in_table) + len(self._shadowed)
+            assert len(self._ids) == len(in_table) + len(self._shadowed)
 
 
 def _net_effect(changes: Sequence[CatalogChange]) -> dict[int, RouteDescriptor | None]:
