@@ -279,6 +279,29 @@ chunk_from_arrays(Py_ssize_t n, PyObject *const *bounds, const uint64_t *ids,
     return chunk;
 }
 
+/* Read slot (None or a Route-like tuple) into ids/groups/states[i]; 0, or -1 with ValueError. */
+static int
+read_slot(PyObject *slot, Py_ssize_t i, uint64_t *ids, uint64_t *groups, unsigned char *states)
+{
+    if (slot == Py_None) {
+        ids[i] = groups[i] = 0;
+        states[i] = 0;
+        return 0;
+    }
+    int state = -1;
+    if (PyTuple_Check(slot) && PyTuple_GET_SIZE(slot) >= 5 &&
+        u64_of(PyTuple_GET_ITEM(slot, 0), &ids[i]) == 0 &&
+        u64_of(PyTuple_GET_ITEM(slot, 3), &groups[i]) == 0) {
+        state = state_of(PyTuple_GET_ITEM(slot, 4));
+    }
+    if (state < 0 || groups[i] == 0) {
+        PyErr_SetString(PyExc_ValueError, "a chunk's slot must be None or a valid route");
+        return -1;
+    }
+    states[i] = (unsigned char)state;
+    return 0;
+}
+
 static PyObject *
 chunk_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
@@ -323,23 +346,13 @@ chunk_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     unsigned char *states = (unsigned char *)(groups + n + 1);
     Chunk *chunk = NULL;
     for (Py_ssize_t i = 0; i <= n; i++) {
-        PyObject *slot = PyList_GET_ITEM(slots, i);
-        if (slot == Py_None) {
-            ids[i] = groups[i] = 0;
-            states[i] = 0;
-            continue;
-        }
-        int state = -1;
-        if (PyTuple_Check(slot) && PyTuple_GET_SIZE(slot) >= 5 &&
-            u64_of(PyTuple_GET_ITEM(slot, 0), &ids[i]) == 0 &&
-            u64_of(PyTuple_GET_ITEM(slot, 3), &groups[i]) == 0) {
-            state = state_of(PyTuple_GET_ITEM(slot, 4));
-        }
-        if (state < 0 || groups[i] == 0 || (i == 0 && lower == Py_None)) {
-            PyErr_SetString(PyExc_ValueError, "a chunk's slot must be None or a valid route");
+        if (read_slot(PyList_GET_ITEM(slots, i), i, ids, groups, states) < 0) {
             goto done;
         }
-        states[i] = (unsigned char)state;
+        if (i == 0 && lower == Py_None && groups[0] != 0) {
+            PyErr_SetString(PyExc_ValueError, "nothing lies before the start of the key space");
+            goto done;
+        }
     }
     chunk = chunk_from_arrays(n, ((PyListObject *)bounds)->ob_item, ids, groups, states, lower,
                               upper);
@@ -397,6 +410,108 @@ chunk_route_method(Chunk *chunk, PyObject *value)
         return NULL;
     }
     return chunk_route(chunk, i);
+}
+
+static PyObject *
+chunk_bound_method(Chunk *chunk, PyObject *value)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(value);
+    if (i == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (i < 0 || i >= chunk->n) {
+        PyErr_SetString(PyExc_IndexError, "chunk bound out of range");
+        return NULL;
+    }
+    return bound_object(chunk, i);
+}
+
+/* splice(lo, hi, bounds, slots): a new chunk where slots [lo, hi) and the bounds between them
+ * (lo .. hi - 2) are replaced by slots and bounds; 0 < lo < hi <= n. */
+static PyObject *
+chunk_splice_method(Chunk *chunk, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "splice() takes exactly 4 arguments");
+        return NULL;
+    }
+    Py_ssize_t lo = PyLong_AsSsize_t(args[0]), hi = PyLong_AsSsize_t(args[1]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *bounds = args[2], *slots = args[3];
+    if (!PyList_CheckExact(bounds) || !PyList_CheckExact(slots)) {
+        PyErr_SetString(PyExc_TypeError, "splice() takes lists of bounds and slots");
+        return NULL;
+    }
+    Py_ssize_t k = PyList_GET_SIZE(bounds), n = chunk->n;
+    if (!(0 < lo && lo < hi && hi <= n) || PyList_GET_SIZE(slots) != k + 1) {
+        PyErr_SetString(PyExc_ValueError, "splice() out of range");
+        return NULL;
+    }
+    /* Kept: bounds [0, lo) and [hi - 1, n), slots [0, lo) and [hi, n + 1). */
+    Py_ssize_t arena = chunk->offset[lo] + (chunk->offset[n] - chunk->offset[hi - 1]);
+    for (Py_ssize_t i = 0; i < k; i++) {
+        PyObject *bound = PyList_GET_ITEM(bounds, i);
+        if (!PyBytes_CheckExact(bound)) {
+            not_bytes(bound);
+            return NULL;
+        }
+        Py_ssize_t bl;
+        const char *before = i ? PyBytes_AS_STRING(PyList_GET_ITEM(bounds, i - 1))
+                               : bound_at(chunk, lo - 1, &bl);
+        if (i) {
+            bl = PyBytes_GET_SIZE(PyList_GET_ITEM(bounds, i - 1));
+        }
+        Py_ssize_t al;
+        const char *after = bound_at(chunk, hi - 1, &al);
+        if (compare_raw(before, bl, PyBytes_AS_STRING(bound), PyBytes_GET_SIZE(bound)) >= 0 ||
+            compare_raw(PyBytes_AS_STRING(bound), PyBytes_GET_SIZE(bound), after, al) >= 0) {
+            PyErr_SetString(PyExc_ValueError, "a chunk's bounds must strictly increase");
+            return NULL;
+        }
+        arena += PyBytes_GET_SIZE(bound);
+    }
+    Py_ssize_t m = lo + k + (n - hi + 1);
+    Chunk *out = chunk_alloc(m, arena);
+    if (out == NULL) {
+        return NULL;
+    }
+    out->lower = Py_XNewRef(chunk->lower);
+    out->upper = Py_XNewRef(chunk->upper);
+    for (Py_ssize_t i = 0; i <= k; i++) {
+        if (read_slot(PyList_GET_ITEM(slots, i), lo + i, out->ids, out->groups, out->states) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    /* The bounds before the splice, then the new ones, then the rest, shifted. */
+    memcpy(out->prefix, chunk->prefix, (size_t)lo * 8);
+    memcpy(out->offset, chunk->offset, (size_t)lo * sizeof(Py_ssize_t));
+    memcpy(out->arena, chunk->arena, (size_t)chunk->offset[lo]);
+    Py_ssize_t at = chunk->offset[lo];
+    for (Py_ssize_t i = 0; i < k; i++) {
+        PyObject *bound = PyList_GET_ITEM(bounds, i);
+        out->prefix[lo + i] = prefix_of(bound);
+        out->offset[lo + i] = at;
+        memcpy(out->arena + at, PyBytes_AS_STRING(bound), (size_t)PyBytes_GET_SIZE(bound));
+        at += PyBytes_GET_SIZE(bound);
+    }
+    Py_ssize_t shift = at - chunk->offset[hi - 1];
+    for (Py_ssize_t i = hi - 1; i < n; i++) {
+        out->prefix[lo + k + i - (hi - 1)] = chunk->prefix[i];
+        out->offset[lo + k + i - (hi - 1)] = chunk->offset[i] + shift;
+    }
+    out->offset[m] = chunk->offset[n] + shift;
+    memcpy(out->arena + at, chunk->arena + chunk->offset[hi - 1],
+           (size_t)(chunk->offset[n] - chunk->offset[hi - 1]));
+    memcpy(out->ids, chunk->ids, (size_t)lo * 8);
+    memcpy(out->groups, chunk->groups, (size_t)lo * 8);
+    memcpy(out->states, chunk->states, (size_t)lo);
+    memcpy(out->ids + lo + k + 1, chunk->ids + hi, (size_t)(n + 1 - hi) * 8);
+    memcpy(out->groups + lo + k + 1, chunk->groups + hi, (size_t)(n + 1 - hi) * 8);
+    memcpy(out->states + lo + k + 1, chunk->states + hi, (size_t)(n + 1 - hi));
+    return (PyObject *)out;
 }
 
 static PyObject *
@@ -486,6 +601,11 @@ static PyMethodDef chunk_methods[] = {
      "route(i): slot i's Route (load 0), or None for a gap. O(1)."},
     {"find_id", (PyCFunction)chunk_find_id_method, METH_O,
      "find_id(route_id): the slot of the route with that id, or -1. O(n)."},
+    {"bound", (PyCFunction)chunk_bound_method, METH_O, "bound(i): bound i, new bytes. O(1)."},
+    {"splice", (PyCFunction)(void (*)(void))chunk_splice_method, METH_FASTCALL,
+     "splice(lo, hi, bounds, slots): a new chunk whose slots lo..hi - 1 and the bounds between\n"
+     "them are replaced by slots and bounds (one fewer); 0 < lo < hi <= number of bounds.\n"
+     "O(n), in memory copies."},
     {"bounds", (PyCFunction)chunk_bounds_method, METH_NOARGS,
      "bounds(): the bounds, a new list of bytes. O(n)."},
     {"slots", (PyCFunction)chunk_slots_method, METH_NOARGS,

@@ -108,6 +108,33 @@ class Chunk:
         """
         return self._slots[slot]
 
+    def bound(self, i: int) -> bytes:
+        """Bound ``i``. O(1).
+
+        >>> Chunk([b"m"], [None, None], None, None).bound(0)
+        b'm'
+        """
+        return self._bounds[i]
+
+    def splice(self, lo: int, hi: int, bounds: list[bytes], slots: _Slots) -> Chunk:
+        """A new chunk whose slots ``lo .. hi - 1`` and the bounds between them are replaced by
+        ``slots`` and ``bounds`` (one fewer); ``0 < lo < hi <=`` the number of bounds. O(n).
+
+        >>> route = Route(1, b"a", b"c", 1, RouteState.ACTIVE, 0)
+        >>> chunk = Chunk([b"a", b"c"], [None, route, None], None, None)
+        >>> left, right = route._replace(end=b"b"), route._replace(start=b"b")
+        >>> chunk.splice(1, 2, [b"b"], [left, right]).bounds()
+        [b'a', b'b', b'c']
+        """
+        if not (0 < lo < hi <= len(self._bounds)) or len(slots) != len(bounds) + 1:
+            raise ValueError("splice() out of range")
+        return Chunk(
+            [*self._bounds[:lo], *bounds, *self._bounds[hi - 1 :]],
+            [*self._slots[:lo], *slots, *self._slots[hi:]],
+            self.lower,
+            self.upper,
+        )
+
     def find_id(self, route_id: int) -> int:
         """The slot of the route whose id is ``route_id``, or -1. O(n).
 

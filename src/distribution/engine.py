@@ -47,7 +47,8 @@ import os
 import threading
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from functools import partial
 from itertools import accumulate, chain, islice, pairwise, repeat
 from operator import attrgetter, is_not, itemgetter, lt
 from typing import Any, Protocol, TypeAlias
@@ -107,6 +108,10 @@ class _Chunk(Protocol):
     def route(self, slot: int) -> Route | None: ...
 
     def find_id(self, route_id: int) -> int: ...
+
+    def bound(self, i: int) -> bytes: ...
+
+    def splice(self, lo: int, hi: int, bounds: list[bytes], slots: _Slots) -> _Chunk: ...
 
     def bounds(self) -> list[bytes]: ...
 
@@ -326,6 +331,9 @@ def _rewrite(
     is in ``dropped_ids`` and ephemeral routes that intersect a range are removed; everything else
     is kept with its load. Only the chunks around the ranges are copied.
     """
+    in_chunk = _rewrite_in_chunk(table, loads, ranges, dropped_ids, new_routes)
+    if in_chunk is not None:
+        return in_chunk
     tops, _, chunks = table
     n_tops = len(tops)
     # Group the ranges by the chunks they touch, padded by one chunk on each side, so that a gap
@@ -354,7 +362,10 @@ def _rewrite(
         out_slots: _Slots = []
         out_loads: list[int] = []
         pos = 0
-        for window in _windows(bounds, cluster_ranges):
+        windows = _windows(
+            partial(bisect_right, bounds), partial(bisect_left, bounds), len(slots), cluster_ranges
+        )
+        for window in windows:
             lo, hi = window
             window_lower = bounds[lo - 1] if lo else lower
             window_upper = bounds[hi - 1] if hi <= len(bounds) else upper
@@ -417,22 +428,92 @@ def _placed_start(item: tuple[Route, int]) -> bytes:
     return item[0].start
 
 
-def _windows(bounds: list[bytes], ranges: list[_Range]) -> list[tuple[int, int]]:
-    """Slot windows ``[lo, hi)`` of a flat table covering ``ranges``, merged when one slot apart.
+def _windows(
+    bisect_right: Callable[[bytes], int],
+    bisect_left: Callable[[bytes], int],
+    n_slots: int,
+    ranges: list[_Range],
+) -> list[tuple[int, int]]:
+    """Slot windows ``[lo, hi)`` covering ``ranges``, merged when one slot apart, in a run of
+    ``n_slots`` slots searched by the bisects over its bounds.
 
     Windows at least two slots apart can each absorb a neighbouring gap without colliding, since
     a valid table never has two gaps side by side.
     """
     windows: list[tuple[int, int]] = []
-    n_slots = len(bounds) + 1
     for start, end in ranges:
-        lo = bisect_right(bounds, start)
-        hi = n_slots if end is None else bisect_left(bounds, end) + 1
+        lo = bisect_right(start)
+        hi = n_slots if end is None else bisect_left(end) + 1
         if windows and lo <= windows[-1][1] + 1:
             windows[-1] = (windows[-1][0], max(windows[-1][1], hi))
         else:
             windows.append((lo, hi))
     return windows
+
+
+def _rewrite_in_chunk(
+    table: _Table,
+    loads: _Loads,
+    ranges: list[_Range],
+    dropped_ids: Container[int],
+    new_routes: list[Route],
+) -> tuple[_Table, _Loads] | None:
+    """:func:`_rewrite` when the ranges make one window of slots inside one chunk, clear of its
+    edges (the neighbours a gap may merge with included), else None.
+
+    Only that chunk is rebuilt, by a splice of the window's slots; tops, index and every other
+    chunk are shared with the old table. O(chunk) in memory copies, plus the window.
+    """
+    tops, index, chunks = table
+    if not ranges or ranges[-1][1] is None:
+        return None
+    c = bisect_right(tops, ranges[0][0])
+    if bisect_left(tops, ranges[-1][1]) != c:
+        return None
+    chunk = chunks[c]
+    windows = _windows(chunk.bisect_right, chunk.bisect_left, len(chunk), ranges)
+    lo, hi = windows[0]
+    if len(windows) != 1 or lo < 1 or hi >= len(chunk):
+        return None
+    range_starts = list(map(_first_start, ranges))
+    new_starts = list(map(_route_start, new_routes))
+    chunk_loads = loads[c]
+    placed = [
+        (route, chunk_loads[i])
+        for i in range(lo, hi)
+        if (route := chunk.route(i)) is not None
+        and not (
+            route.route_id in dropped_ids
+            if route.route_id
+            else _intersects(route, range_starts, ranges)
+        )
+    ]
+    lower, upper = chunk.bound(lo - 1), chunk.bound(hi - 1)
+    first, last = bisect_left(new_starts, lower), bisect_left(new_starts, upper)
+    if first < last:
+        placed += zip(new_routes[first:last], repeat(0))
+        placed.sort(key=_placed_start)
+    fill, inner, fill_loads = _fill(placed, lower, upper)
+    # Two gaps must never be neighbours: absorb a gap slot next to the window.
+    if fill[0] is None and chunk.route(lo - 1) is None:
+        lo -= 1
+        if lo < 1:
+            return None
+        lower = chunk.bound(lo - 1)
+        fill, inner, fill_loads = _fill(placed, lower, upper)
+    if fill[-1] is None and chunk.route(hi) is None:
+        hi += 1
+        if hi >= len(chunk):
+            return None
+        upper = chunk.bound(hi - 1)
+        fill, inner, fill_loads = _fill(placed, lower, upper)
+    if len(chunk) - (hi - lo) + len(fill) > 2 * _CHUNK + 1:
+        return None
+    new_chunks = chunks.copy()
+    new_chunks[c] = chunk.splice(lo, hi, inner, fill)
+    new_loads = loads.copy()
+    new_loads[c] = [*chunk_loads[:lo], *fill_loads, *chunk_loads[hi:]]
+    return (tops, index, new_chunks), new_loads
 
 
 def _key_error(keys: Iterable[object], error: TypeError) -> TypeError:
