@@ -644,8 +644,7 @@ typedef struct {
     PyObject_HEAD
     Py_ssize_t used;
     size_t mask;     /* capacity - 1, a power of two minus one */
-    uint64_t *keys;  /* 0 marks an empty cell: route ids are positive */
-    uint64_t *values;
+    uint64_t *cells; /* (id, value) pairs; id 0 marks an empty cell: route ids are positive */
 } IdIndex;
 
 static PyTypeObject IdIndexType;
@@ -672,9 +671,8 @@ index_alloc(Py_ssize_t expected)
     }
     index->used = 0;
     index->mask = capacity - 1;
-    index->keys = PyMem_Calloc(capacity, 2 * sizeof(uint64_t));
-    index->values = index->keys ? index->keys + capacity : NULL;
-    if (index->keys == NULL) {
+    index->cells = PyMem_Calloc(capacity, 2 * sizeof(uint64_t));
+    if (index->cells == NULL) {
         Py_DECREF(index);
         PyErr_NoMemory();
         return NULL;
@@ -685,7 +683,7 @@ index_alloc(Py_ssize_t expected)
 static void
 index_dealloc(IdIndex *index)
 {
-    PyMem_Free(index->keys);
+    PyMem_Free(index->cells);
     PyObject_Free(index);
 }
 
@@ -694,7 +692,7 @@ static inline size_t
 index_cell(const IdIndex *index, uint64_t id)
 {
     size_t cell = id_hash(id) & index->mask;
-    while (index->keys[cell] != 0 && index->keys[cell] != id) {
+    while (index->cells[2 * (cell)] != 0 && index->cells[2 * (cell)] != id) {
         cell = (cell + 1) & index->mask;
     }
     return cell;
@@ -707,8 +705,8 @@ static int
 index_set(IdIndex *index, uint64_t id, uint64_t value)
 {
     size_t cell = index_cell(index, id);
-    if (index->keys[cell] == id) {
-        index->values[cell] = value;
+    if (index->cells[2 * (cell)] == id) {
+        index->cells[2 * (cell) + 1] = value;
         return 0;
     }
     if (2 * ((size_t)index->used + 1) > index->mask + 1) {
@@ -717,8 +715,8 @@ index_set(IdIndex *index, uint64_t id, uint64_t value)
         }
         cell = index_cell(index, id);
     }
-    index->keys[cell] = id;
-    index->values[cell] = value;
+    index->cells[2 * (cell)] = id;
+    index->cells[2 * (cell) + 1] = value;
     index->used++;
     return 1;
 }
@@ -727,24 +725,22 @@ static int
 index_grow(IdIndex *index)
 {
     size_t old_capacity = index->mask + 1;
-    uint64_t *old_keys = index->keys, *old_values = index->values;
-    size_t capacity = 2 * old_capacity;
-    uint64_t *keys = PyMem_Calloc(capacity, 2 * sizeof(uint64_t));
-    if (keys == NULL) {
+    uint64_t *old_cells = index->cells;
+    uint64_t *cells = PyMem_Calloc(2 * old_capacity, 2 * sizeof(uint64_t));
+    if (cells == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    index->keys = keys;
-    index->values = keys + capacity;
-    index->mask = capacity - 1;
+    index->cells = cells;
+    index->mask = 2 * old_capacity - 1;
     for (size_t i = 0; i < old_capacity; i++) {
-        if (old_keys[i] != 0) {
-            size_t cell = index_cell(index, old_keys[i]);
-            index->keys[cell] = old_keys[i];
-            index->values[cell] = old_values[i];
+        if (old_cells[2 * i] != 0) {
+            size_t cell = index_cell(index, old_cells[2 * i]);
+            index->cells[2 * cell] = old_cells[2 * i];
+            index->cells[2 * cell + 1] = old_cells[2 * i + 1];
         }
     }
-    PyMem_Free(old_keys);
+    PyMem_Free(old_cells);
     return 0;
 }
 
@@ -753,23 +749,23 @@ static int
 index_remove(IdIndex *index, uint64_t id, uint64_t *value)
 {
     size_t cell = index_cell(index, id);
-    if (index->keys[cell] != id) {
+    if (index->cells[2 * (cell)] != id) {
         return 0;
     }
-    *value = index->values[cell];
+    *value = index->cells[2 * (cell) + 1];
     size_t hole = cell;
     size_t next = (hole + 1) & index->mask;
-    while (index->keys[next] != 0) {
-        size_t home = id_hash(index->keys[next]) & index->mask;
+    while (index->cells[2 * (next)] != 0) {
+        size_t home = id_hash(index->cells[2 * (next)]) & index->mask;
         /* Move next into the hole unless its home lies in (hole, next]. */
         if (((next - home) & index->mask) >= ((next - hole) & index->mask)) {
-            index->keys[hole] = index->keys[next];
-            index->values[hole] = index->values[next];
+            index->cells[2 * (hole)] = index->cells[2 * (next)];
+            index->cells[2 * (hole) + 1] = index->cells[2 * (next) + 1];
             hole = next;
         }
         next = (next + 1) & index->mask;
     }
-    index->keys[hole] = 0;
+    index->cells[2 * (hole)] = 0;
     index->used--;
     return 1;
 }
@@ -812,11 +808,11 @@ index_subscript(IdIndex *index, PyObject *key)
         return NULL;
     }
     size_t cell = id ? index_cell(index, id) : 0;
-    if (id == 0 || index->keys[cell] != id) {
+    if (id == 0 || index->cells[2 * (cell)] != id) {
         PyErr_SetObject(PyExc_KeyError, key);
         return NULL;
     }
-    return PyLong_FromUnsignedLongLong(index->values[cell]);
+    return PyLong_FromUnsignedLongLong(index->cells[2 * (cell) + 1]);
 }
 
 static int
@@ -854,7 +850,7 @@ index_contains(IdIndex *index, PyObject *key)
         PyErr_Clear();
         return 0;
     }
-    return id != 0 && index->keys[index_cell(index, id)] == id;
+    return id != 0 && index->cells[2 * (index_cell(index, id))] == id;
 }
 
 static PyObject *
@@ -865,11 +861,11 @@ index_items(IdIndex *index, PyObject *Py_UNUSED(ignored))
         return NULL;
     }
     for (size_t i = 0; i <= index->mask; i++) {
-        if (index->keys[i] == 0) {
+        if (index->cells[2 * (i)] == 0) {
             continue;
         }
-        PyObject *item = Py_BuildValue("(KK)", (unsigned long long)index->keys[i],
-                                       (unsigned long long)index->values[i]);
+        PyObject *item = Py_BuildValue("(KK)", (unsigned long long)index->cells[2 * (i)],
+                                       (unsigned long long)index->cells[2 * (i) + 1]);
         if (item == NULL || PyList_Append(items, item) < 0) {
             Py_XDECREF(item);
             Py_DECREF(items);
@@ -1297,14 +1293,78 @@ make_index(PyObject *module, PyObject *tops)
     return (PyObject *)index_of_keys(n, ((PyListObject *)tops)->ob_item);
 }
 
-/* The laid-out snapshot: bounds (borrowed from the descriptors) and the slots after them. */
+/* The laid-out snapshot: its bounds copied, in order, into one arena (each key is read once,
+ * while its object is in the cache), and the slots after them. */
 typedef struct {
-    Py_ssize_t m;      /* bounds so far; slot m is the last */
-    PyObject **bounds; /* 2n */
-    uint64_t *ids;     /* 2n + 1 */
-    uint64_t *groups;  /* 2n + 1 */
+    Py_ssize_t m;       /* bounds so far; slot m is the last */
+    uint64_t *prefix;   /* 2n */
+    Py_ssize_t *offset; /* 2n + 1: bound i is arena[offset[i]:offset[i + 1]] */
+    char *arena;
+    Py_ssize_t arena_size;
+    uint64_t *ids;      /* 2n + 1 */
+    uint64_t *groups;   /* 2n + 1 */
     unsigned char *states;
 } Layout;
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH(address) __builtin_prefetch(address)
+#else
+#define PREFETCH(address) ((void)(address))
+#endif
+
+/* Descriptors ahead of the one being read whose memory is requested early: a snapshot's
+ * descriptors and keys lie scattered, and each read would otherwise wait on memory. */
+#define AHEAD 16
+
+static int
+push_bound(Layout *layout, PyObject *key)
+{
+    Py_ssize_t length = PyBytes_GET_SIZE(key), m = layout->m;
+    Py_ssize_t at = layout->offset[m];
+    if (at + length > layout->arena_size) {
+        Py_ssize_t size = 2 * layout->arena_size + length;
+        char *arena = PyMem_Realloc(layout->arena, (size_t)size);
+        if (arena == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        layout->arena = arena;
+        layout->arena_size = size;
+    }
+    memcpy(layout->arena + at, PyBytes_AS_STRING(key), (size_t)length);
+    layout->prefix[m] = prefix_of(key);
+    layout->offset[m + 1] = at + length;
+    layout->m = m + 1;
+    return 0;
+}
+
+/* Request the memory of descriptor items[i + AHEAD]'s tuple, of the fields of a nearer one, and
+ * of the index cell of a nearer one still. */
+static inline void
+prefetch_ahead(PyObject *const *items, Py_ssize_t i, Py_ssize_t n, const IdIndex *ids)
+{
+    if (i + AHEAD / 4 < n) {
+        PyObject *d = items[i + AHEAD / 4];
+        uint64_t id;
+        if (PyTuple_Check(d) && PyTuple_GET_SIZE(d) == 6 &&
+            PyLong_CheckExact(PyTuple_GET_ITEM(d, 0)) &&
+            u64_of(PyTuple_GET_ITEM(d, 0), &id) == 0) {
+            PREFETCH(&ids->cells[2 * (id_hash(id) & ids->mask)]);
+        }
+    }
+    if (i + AHEAD < n) {
+        PREFETCH(items[i + AHEAD]);
+        PREFETCH((char *)items[i + AHEAD] + 64);
+    }
+    if (i + AHEAD / 2 < n) {
+        PyObject *d = items[i + AHEAD / 2];
+        if (PyTuple_Check(d) && PyTuple_GET_SIZE(d) == 6) {
+            PREFETCH(PyTuple_GET_ITEM(d, 0));
+            PREFETCH(PyTuple_GET_ITEM(d, 1));
+            PREFETCH(PyTuple_GET_ITEM(d, 2));
+        }
+    }
+}
 
 /* Validate and lay out the descriptors; 1 if every one is usual (see build), 0 if not, -1 on
  * error. Each descriptor is read once, in order. */
@@ -1313,9 +1373,11 @@ lay_out(PyObject *const *items, Py_ssize_t n, Layout *layout, IdIndex *ids)
 {
     PyObject *prev_start = NULL, *prev_end = NULL;
     layout->m = 0;
+    layout->offset[0] = 0;
     layout->ids[0] = layout->groups[0] = 0;
     layout->states[0] = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
+        prefetch_ahead(items, i, n, ids);
         PyObject *d = items[i];
         uint64_t id, group, parent;
         if (Py_TYPE(d) != descriptor_type || PyTuple_GET_SIZE(d) != 6 ||
@@ -1345,23 +1407,48 @@ lay_out(PyObject *const *items, Py_ssize_t n, Layout *layout, IdIndex *ids)
         if (added <= 0) {
             return added;
         }
-        Py_ssize_t m = layout->m;
-        if (!joined) {
-            layout->bounds[m++] = start;
+        if (!joined && push_bound(layout, start) < 0) {
+            return -1;
         }
+        Py_ssize_t m = layout->m;
         layout->ids[m] = id;
         layout->groups[m] = group;
         layout->states[m] = (unsigned char)state;
         if (end != Py_None) {
-            layout->bounds[m++] = end;
+            if (push_bound(layout, end) < 0) {
+                return -1;
+            }
+            m = layout->m;
             layout->ids[m] = layout->groups[m] = 0;
             layout->states[m] = 0;
         }
-        layout->m = m;
         prev_start = start;
         prev_end = end;
     }
     return 1;
+}
+
+/* A chunk of the layout's bounds [first, first + n) and slots [first, first + n + 1). */
+static Chunk *
+chunk_of_layout(const Layout *layout, Py_ssize_t first, Py_ssize_t n, PyObject *lower,
+                PyObject *upper)
+{
+    Py_ssize_t base = layout->offset[first];
+    Chunk *chunk = chunk_alloc(n, layout->offset[first + n] - base);
+    if (chunk == NULL) {
+        return NULL;
+    }
+    memcpy(chunk->prefix, layout->prefix + first, (size_t)n * 8);
+    for (Py_ssize_t i = 0; i <= n; i++) {
+        chunk->offset[i] = layout->offset[first + i] - base;
+    }
+    memcpy(chunk->arena, layout->arena + base, (size_t)chunk->offset[n]);
+    memcpy(chunk->ids, layout->ids + first, ((size_t)n + 1) * 8);
+    memcpy(chunk->groups, layout->groups + first, ((size_t)n + 1) * 8);
+    memcpy(chunk->states, layout->states + first, (size_t)n + 1);
+    chunk->lower = lower == Py_None ? NULL : Py_NewRef(lower);
+    chunk->upper = upper == Py_None ? NULL : Py_NewRef(upper);
+    return chunk;
 }
 
 /* (tops, index, chunks) of a laid-out table cut into chunks of about chunk_size bounds. */
@@ -1377,10 +1464,11 @@ cut_into_chunks(const Layout *layout, Py_ssize_t chunk_size)
     if (tops == NULL || chunks == NULL) {
         goto error;
     }
-    /* Tops are fresh copies: the chunks' edges and the list share them. */
+    /* Tops are new bytes objects: the chunks' edges and the list share them. */
     for (Py_ssize_t j = 1; j < k; j++) {
-        PyObject *bound = layout->bounds[j * (m + 1) / k - 1];
-        PyObject *top = PyBytes_FromStringAndSize(PyBytes_AS_STRING(bound), PyBytes_GET_SIZE(bound));
+        Py_ssize_t cut = j * (m + 1) / k - 1;
+        PyObject *top = PyBytes_FromStringAndSize(layout->arena + layout->offset[cut],
+                                                  layout->offset[cut + 1] - layout->offset[cut]);
         if (top == NULL) {
             goto error;
         }
@@ -1391,9 +1479,7 @@ cut_into_chunks(const Layout *layout, Py_ssize_t chunk_size)
         Py_ssize_t b = j + 1 < k ? (j + 1) * (m + 1) / k - 1 : m;
         PyObject *lower = j ? PyList_GET_ITEM(tops, j - 1) : Py_None;
         PyObject *upper = j + 1 < k ? PyList_GET_ITEM(tops, j) : Py_None;
-        Chunk *chunk = chunk_from_arrays(b - a - 1, layout->bounds + a + 1, layout->ids + a + 1,
-                                         layout->groups + a + 1, layout->states + a + 1, lower,
-                                         upper);
+        Chunk *chunk = chunk_of_layout(layout, a + 1, b - a - 1, lower, upper);
         if (chunk == NULL) {
             goto error;
         }
@@ -1448,10 +1534,12 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *result = NULL;
     Layout layout;
     size_t cells = 2 * (size_t)n + 1;
-    void *memory = PyMem_Malloc(cells * (sizeof(PyObject *) + 2 * sizeof(uint64_t) + 1));
+    void *memory = PyMem_Malloc(cells * (4 * sizeof(uint64_t) + 1));
+    layout.arena_size = 16 * n + 64;
+    layout.arena = PyMem_Malloc((size_t)layout.arena_size);
     IdIndex *ids = index_alloc(n);
-    if (memory == NULL || ids == NULL) {
-        if (memory == NULL) {
+    if (memory == NULL || layout.arena == NULL || ids == NULL) {
+        if (memory == NULL || layout.arena == NULL) {
             PyErr_NoMemory();
         }
         goto done;
@@ -1459,8 +1547,9 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_INCREF(routes);
     layout.ids = memory;
     layout.groups = layout.ids + cells;
-    layout.bounds = (PyObject **)(layout.groups + cells);
-    layout.states = (unsigned char *)(layout.bounds + cells);
+    layout.prefix = layout.groups + cells;
+    layout.offset = (Py_ssize_t *)(layout.prefix + cells);
+    layout.states = (unsigned char *)(layout.offset + cells);
     int usual = lay_out(items, n, &layout, ids);
     if (usual > 0) {
         PyObject *table = cut_into_chunks(&layout, chunk_size);
@@ -1475,6 +1564,7 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(routes);
 done:
     PyMem_Free(memory);
+    PyMem_Free(layout.arena);
     Py_XDECREF(ids);
     return result;
 }
