@@ -12,7 +12,7 @@ from itertools import pairwise
 
 import pytest
 
-import distribution.engine as engine_module
+import distribution.table as table_module
 from distribution import (
     UINT64_MAX,
     CatalogChange,
@@ -74,7 +74,7 @@ def shape(engine: Engine) -> list[tuple[int, bytes, bytes | None, int, RouteStat
 def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
     """Run a test with tiny chunks and blocks too, so multi-chunk code paths are exercised."""
     size: int = request.param
-    monkeypatch.setattr(engine_module, "_CHUNK", size)
+    monkeypatch.setattr(table_module, "CHUNK", size)
     monkeypatch.setattr(_pylookup, "_BLOCK", max(size, 3))
     return size
 
@@ -83,9 +83,11 @@ def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> in
 def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run every test on the C searches and on the pure-Python ones."""
     if request.param == "c":
-        monkeypatch.setattr(engine_module, "_search", pytest.importorskip("distribution._lookup"))
+        monkeypatch.setattr(
+            table_module, "IMPLEMENTATION", pytest.importorskip("distribution._lookup")
+        )
     else:
-        monkeypatch.setattr(engine_module, "_search", _pylookup)
+        monkeypatch.setattr(table_module, "IMPLEMENTATION", _pylookup)
     assert Engine().implementation == request.param
     return str(request.param)
 
@@ -1016,7 +1018,7 @@ def twin_of(engine: Engine, monkeypatch: pytest.MonkeyPatch, threshold: int) -> 
         _pylookup if engine.implementation == "c" else pytest.importorskip("distribution._lookup")
     )
     with monkeypatch.context() as patch:
-        patch.setattr(engine_module, "_search", other)
+        patch.setattr(table_module, "IMPLEMENTATION", other)
         return Engine(hotspot_threshold=threshold)
 
 

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import pytest
 
-import distribution.engine as engine_module
+import distribution.table as table_module
 from distribution import Engine, Route, RouteDescriptor, RouteState, _pylookup
 from distribution.types import CatalogSnapshot
 
@@ -46,7 +46,7 @@ def search(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> M
     """Each table implementation in turn (Engines made in the test use it): both answer every
     test alike."""
     module: ModuleType = _lookup if request.param == "c" else _pylookup
-    monkeypatch.setattr(engine_module, "_search", module)
+    monkeypatch.setattr(table_module, "IMPLEMENTATION", module)
     return module
 
 
@@ -106,7 +106,7 @@ def test_find_and_group_match_bisect(
     rng = random.Random(seed)
     # Small chunks on odd seeds: groups then cross chunk edges.
     if seed % 2:
-        monkeypatch.setattr(engine_module, "_CHUNK", 4)
+        monkeypatch.setattr(table_module, "CHUNK", 4)
         monkeypatch.setattr(_pylookup, "_BLOCK", 4)
     engine, bounds, slots = _engine(rng, rng.choice((3, 40, 300)))
     engine._check()
@@ -165,6 +165,7 @@ def test_chunks_of_every_small_size(search: ModuleType, seed: int) -> None:
         tops,
         search.make_index(tops),
         [search.Chunk(b, s, edges[c], edges[c + 1]) for c, (b, s) in enumerate(chunks)],
+        search,
     )
     for size in (2, 9, 100, 1000):
         batch = [rng.choice(keys) + rng.choice((b"", b"\x00", b"\xff")) for _ in range(size)]

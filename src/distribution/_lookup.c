@@ -1,6 +1,6 @@
 /* distribution._lookup: the Engine's routing table chunks, packed, and its searches, in C.
  *
- * The table is the triple (tops, index, chunks) described in distribution/engine.py: tops is a
+ * The table is a distribution.table.RouteTable, a tuple (tops, index, chunks, ...): tops is a
  * list of bytes (the keys between chunks), index a gap-only Chunk over the same keys (searched
  * instead of the list), chunks a list of Chunk objects, one more than tops.
  *
@@ -915,12 +915,12 @@ static PyTypeObject IdIndexType = {
 
 /* -- the table: find, group, build, make_index --------------------------------------------- */
 
-/* The table's parts, checked: a 3-tuple (tops list, index Chunk, chunks list) whose chunks are
- * one more than the index's keys. 0 on success. */
+/* The table's parts, checked: a tuple (tops list, index Chunk, chunks list, ...) whose chunks
+ * are one more than the index's keys (a distribution.table.RouteTable). 0 on success. */
 static int
 unpack_table(PyObject *table, Chunk **index, PyObject **chunks)
 {
-    if (!PyTuple_CheckExact(table) || PyTuple_GET_SIZE(table) != 3 ||
+    if (!PyTuple_Check(table) || PyTuple_GET_SIZE(table) < 3 ||
         !PyList_CheckExact(PyTuple_GET_ITEM(table, 0)) ||
         !Py_IS_TYPE(PyTuple_GET_ITEM(table, 1), &ChunkType) ||
         !PyList_CheckExact(PyTuple_GET_ITEM(table, 2))) {

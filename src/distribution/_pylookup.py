@@ -6,7 +6,7 @@ variable ``DISTRIBUTION_PURE_PYTHON`` is set to anything but ``""`` or ``"0"``; 
 are not ``bytes``, at the speed of :mod:`bisect` and without the packing: a :class:`Chunk` here
 keeps its bounds and its routes in lists.
 
-The table is ``(tops, index, chunks)`` as :mod:`distribution.engine` lays it out: chunk ``c``
+The table is ``(tops, index, chunks, ...)`` as :mod:`distribution.table` lays it out: chunk ``c``
 covers ``[tops[c - 1], tops[c])``; its slot ``i`` holds the route covering
 ``[bound i - 1, bound i)``, or None for a gap. Here ``index`` is ``tops`` itself.
 """
@@ -187,7 +187,7 @@ def find(table: _Table, key: bytes, /) -> Route | None:
     """
     if key.__class__ is not bytes:
         raise _not_bytes([key])
-    _, index, chunks = table
+    index, chunks = table[1], table[2]
     chunk: Chunk = chunks[bisect_right(index, key)]
     return chunk._slots[bisect_right(chunk._bounds, key)]
 
@@ -209,7 +209,7 @@ def group(table: _Table, keys: list[bytes], /) -> list[tuple[Route, list[bytes]]
     if not _ONLY_BYTES.issuperset(map(type, keys)):
         raise _not_bytes(keys)
     ordered = sorted(keys)
-    _, index, chunks = table
+    index, chunks = table[1], table[2]
     n = len(ordered)
     groups: list[tuple[Route, list[bytes]]] = []
     i = 0

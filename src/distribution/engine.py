@@ -1,60 +1,34 @@
 """The in-memory routing Engine: which route holds a key, answered without taking a lock.
 
-Layout of the routing table
----------------------------
-Readers never lock. The Engine holds ``self._table``, an immutable pair ``(tops, chunks)`` that
-writers replace with one reference assignment (writers serialize on a :class:`threading.Lock`),
-so a reader always sees one consistent table, old or new.
-
-The table is the sorted list of every distinct boundary key (each route's start and each bounded
-end), cut into *chunks* of about :data:`_CHUNK` keys. ``tops`` holds the key between chunk
-``c - 1`` and chunk ``c`` (so ``len(tops) == len(chunks) - 1``); chunk ``c`` is a pair
-``(bounds, slots)`` covering ``[tops[c - 1], tops[c])`` with ``len(slots) == len(bounds) + 1``:
-``slots[i]`` is the :class:`~distribution.Route` covering ``[bounds[i - 1], bounds[i])`` (the chunk
-edges standing in for ``bounds[-1]`` and ``bounds[len(bounds)]``), or ``None`` for a gap. A route
-fills exactly one slot. A lookup is therefore two bisects and two indexings, and no comparison
-with a route's end.
-
-The lookups (:meth:`Engine.get_route`, :meth:`Engine.group_keys`) search in C, in
-:mod:`distribution._lookup`: a bisect through rich comparisons spends about 18 ns on each of
-its ``log2(routes)`` steps on this project's machines, ``memcmp`` a few. Where the extension is
-not built, or ``DISTRIBUTION_PURE_PYTHON`` is set (to anything but ``""`` or ``"0"``), the same
-searches run in pure Python (:mod:`distribution._pylookup`); :attr:`Engine.implementation` says
-which. Writers, which run far more rarely, use :mod:`bisect`.
-
-Why chunks rather than one flat list: a write copies what it changes (copy-on-write keeps reads
-lock-free), and copying a list of a million references costs 12-40 ms on a small machine, because
-every element's reference count is touched. With chunks a one-route change copies one chunk and
-the short outer lists, a fraction of a millisecond, while a lookup still makes about
-``log2(routes)`` comparisons in all.
-
-Boundary keys are fresh ``bytes`` objects allocated in key order by :meth:`Engine.apply_snapshot`,
-so a bisect walks memory that is close together instead of chasing keys scattered wherever the
-caller allocated them; routes reference the same objects.
+Layout
+------
+Readers never lock. The Engine holds ``self._table``, an immutable
+:class:`~distribution.table.RouteTable` that writers replace with one reference assignment
+(writers serialize on a :class:`threading.Lock`), so a reader always sees one consistent table,
+old or new. :attr:`Engine.implementation` says whether its chunks are packed in C or kept in
+pure-Python lists.
 
 Loads live apart from the routes, in lists parallel to the slots that only writers touch (under
 the lock). Routes in the table always carry ``load == 0``; :meth:`Engine.stats` gives exact loads.
 
-Catalog routes (``route_id != 0``) are also kept by id, so that :meth:`Engine.apply_changes` finds a
-deleted route in O(1). A catalog route split by a hotspot is *shadowed*: its ephemeral pieces serve
+Catalog routes (``route_id != 0``) are also indexed by id (to the 8-byte prefix of their start, in
+16 bytes a route), so that :meth:`Engine.apply_changes` finds a deleted route without a scan. A catalog route split by a hotspot is *shadowed*: its ephemeral pieces serve
 its range, and the Engine still knows it, so a later change that deletes or replaces it removes
 the pieces too.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
-from functools import partial
-from itertools import accumulate, chain, islice, pairwise, repeat
-from operator import attrgetter, is_not, itemgetter, lt
-from typing import Any, Protocol, TypeAlias
+from bisect import bisect_right
+from collections.abc import Container, Iterable, Sequence
+from itertools import chain, pairwise, repeat
+from operator import attrgetter, is_not, itemgetter
+from typing import TypeAlias
 
-from distribution import _pylookup
-from distribution._pylookup import cut, prefix
+from distribution import table as table_module
+from distribution._pylookup import prefix
 from distribution.bulk import paused_gc
 from distribution.errors import (
     CatalogGroupIDRequiredError,
@@ -65,6 +39,7 @@ from distribution.errors import (
     EngineSnapshotVersionGapError,
     EngineSnapshotVersionStaleError,
 )
+from distribution.table import RouteTable, _Ids, _Searches
 from distribution.types import (
     CatalogChange,
     CatalogSnapshot,
@@ -80,106 +55,17 @@ from distribution.types import (
 
 __all__ = ["Engine"]
 
-#: Target number of boundary keys per chunk: a write copies about this many references, plus the
-#: outer lists (routes / _CHUNK long). Near the square root of a million routes, both stay small.
-_CHUNK = 1024
-
-_Slots: TypeAlias = list[Route | None]
 _Loads: TypeAlias = list[list[int]]
 #: A key range ``[start, end)``; ``end is None`` means unbounded.
 _Range: TypeAlias = tuple[bytes, bytes | None]
-
-
-class _Chunk(Protocol):
-    """A chunk of the table: :class:`distribution._lookup.Chunk` or its pure-Python twin."""
-
-    @property
-    def lower(self) -> bytes | None: ...
-
-    @property
-    def upper(self) -> bytes | None: ...
-
-    def __len__(self) -> int: ...
-
-    def bisect_right(self, key: bytes) -> int: ...
-
-    def bisect_left(self, key: bytes) -> int: ...
-
-    def route(self, slot: int) -> Route | None: ...
-
-    def find_id(self, route_id: int) -> int: ...
-
-    def bound(self, i: int) -> bytes: ...
-
-    def splice(self, lo: int, hi: int, bounds: list[bytes], slots: _Slots) -> _Chunk: ...
-
-    def bounds(self) -> list[bytes]: ...
-
-    def slots(self) -> _Slots: ...
-
-
-class _Ids(Protocol):
-    """Route id -> its start's prefix: :class:`distribution._lookup.IdIndex` or a dict."""
-
-    def __contains__(self, route_id: object, /) -> bool: ...
-
-    def __getitem__(self, route_id: int, /) -> int: ...
-
-    def __setitem__(self, route_id: int, prefix: int, /) -> None: ...
-
-    def __delitem__(self, route_id: int, /) -> None: ...
-
-    def __len__(self) -> int: ...
-
-
-#: ``(tops, index, chunks)``: the keys between chunks, a search index over them, the chunks.
-_Table: TypeAlias = tuple[list[bytes], Any, list[_Chunk]]
 
 _route_start = attrgetter("start")
 _first_start = itemgetter(0)
 
 
-class _Searches(Protocol):
-    """A table implementation: :mod:`distribution._lookup` or :mod:`distribution._pylookup`."""
-
-    IMPLEMENTATION: str
-
-    def Chunk(
-        self, bounds: list[bytes], slots: _Slots, lower: bytes | None, upper: bytes | None
-    ) -> _Chunk: ...
-
-    def IdIndex(self) -> _Ids: ...
-
-    def find(self, table: _Table, key: bytes, /) -> Route | None: ...
-
-    def group(self, table: _Table, keys: list[bytes], /) -> list[tuple[Route, list[bytes]]]: ...
-
-    def build(
-        self, routes: Sequence[RouteDescriptor], chunk_size: int, /
-    ) -> tuple[_Table, _Ids] | None: ...
-
-    def make_index(self, tops: list[bytes], /) -> Any: ...
-
-
-def _searches() -> _Searches:
-    """The module whose ``find`` and ``group`` the lookups use: C unless absent or refused."""
-    if os.environ.get("DISTRIBUTION_PURE_PYTHON", "") not in ("", "0"):
-        return _pylookup
-    try:
-        from distribution import _lookup
-    except ImportError:
-        return _pylookup
-    return _lookup
-
-
-#: The table implementation: :mod:`distribution._lookup` (packed chunks, C searches) or its
-#: pure-Python twin :mod:`distribution._pylookup`, chosen once at import.
-_search: _Searches = _searches()
-
-
-def _empty_table(search: _Searches) -> tuple[_Table, _Loads, _Ids]:
+def _empty_table(implementation: _Searches) -> tuple[RouteTable, _Loads, _Ids]:
     """A table of no route, its loads and ids."""
-    return _build(search, ())
+    return _build(implementation, ())
 
 
 def _sorted_valid(routes: Iterable[RouteDescriptor]) -> list[RouteDescriptor]:
@@ -206,10 +92,12 @@ def _check_pair(prev: RouteDescriptor | Route, cur: RouteDescriptor | Route) -> 
     )
 
 
-def _build(search: _Searches, routes: Sequence[RouteDescriptor]) -> tuple[_Table, _Loads, _Ids]:
+def _build(
+    implementation: _Searches, routes: Sequence[RouteDescriptor]
+) -> tuple[RouteTable, _Loads, _Ids]:
     """Validate ``routes`` (raising the first error) and build a fresh table, loads and ids."""
     with paused_gc(promote=True):
-        built = search.build(routes, _CHUNK)
+        built = RouteTable.build(implementation, routes)
         if built is None:
             # Unsorted but otherwise valid? Sorting is cheaper than the per-route checks.
             try:
@@ -217,58 +105,11 @@ def _build(search: _Searches, routes: Sequence[RouteDescriptor]) -> tuple[_Table
             except (TypeError, AttributeError):
                 ordered = None
             if ordered is not None and any(map(is_not, ordered, routes)):
-                built = search.build(ordered, _CHUNK)
+                built = RouteTable.build(implementation, ordered)
         if built is None:
-            built = search.build(_sorted_valid(routes), _CHUNK)
+            built = RouteTable.build(implementation, _sorted_valid(routes))
             assert built is not None, "normalized routes must take the fast path"
-        table, ids = built
-        loads = [[0] * len(chunk) for chunk in table[2]]
-    return table, loads, ids
-
-
-# -- chunk manipulation ------------------------------------------------------------------------
-
-
-def _chunked(
-    search: _Searches,
-    bounds: list[bytes],
-    slots: _Slots,
-    loads: list[int],
-    lower: bytes | None,
-    upper: bytes | None,
-) -> tuple[list[bytes], list[Any], _Loads]:
-    """Cut a flat table over ``[lower, upper)`` into chunks of about _CHUNK bounds; one bound
-    between chunks is a top."""
-    tops, chunks = cut(bounds, slots, _CHUNK, search.Chunk, lower, upper)
-    edges = list(accumulate(map(len, chunks), initial=0))
-    return tops, chunks, [loads[a:b] for a, b in pairwise(edges)]
-
-
-def _flatten(
-    table: _Table, loads: _Loads, first: int, last: int
-) -> tuple[list[bytes], _Slots, list[int]]:
-    """Chunks ``first..last`` (inclusive) as one flat bounds/slots/loads triple."""
-    tops, _, chunks = table
-    bounds: list[bytes] = []
-    slots: _Slots = []
-    flat_loads: list[int] = []
-    for c in range(first, last + 1):
-        if c > first:
-            bounds.append(tops[c - 1])
-        bounds += chunks[c].bounds()
-        slots += chunks[c].slots()
-        flat_loads += loads[c]
-    return bounds, slots, flat_loads
-
-
-def _intersects(route: Route, range_starts: list[bytes], ranges: list[_Range]) -> bool:
-    """Whether ``route`` intersects one of ``ranges`` (sorted, disjoint)."""
-    # Only the last range starting before route.end can intersect it (the others end earlier).
-    j = len(ranges) if route.end is None else bisect_left(range_starts, route.end)
-    if j == 0:
-        return False
-    end = ranges[j - 1][1]
-    return end is None or route.start < end
+    return built
 
 
 def _merge_ranges(ranges: Iterable[_Range]) -> list[_Range]:
@@ -285,237 +126,6 @@ def _merge_ranges(ranges: Iterable[_Range]) -> list[_Range]:
     return merged
 
 
-def _fill(
-    placed: list[tuple[Route, int]], lower: bytes | None, upper: bytes | None
-) -> tuple[_Slots, list[bytes], list[int]]:
-    """Slots, inner bounds and loads laying ``placed`` (sorted routes) over ``[lower, upper)``.
-
-    ``lower is None`` is the start of the key space (whose first slot is always a gap),
-    ``upper is None`` its end. Gaps become ``None`` slots; empty gaps are left out.
-    """
-    slots: _Slots = []
-    inner: list[bytes] = []
-    loads: list[int] = []
-    cur = lower
-    open_end = False
-    for route, load in placed:
-        if cur is None or route.start != cur:
-            slots.append(None)
-            loads.append(0)
-            inner.append(route.start)
-        slots.append(route)
-        loads.append(load)
-        if route.end is None:
-            open_end = True
-            break
-        if route.end != upper:
-            inner.append(route.end)
-        cur = route.end
-    if not slots or (not open_end and cur != upper):
-        slots.append(None)
-        loads.append(0)
-    return slots, inner, loads
-
-
-def _rewrite(
-    search: _Searches,
-    table: _Table,
-    loads: _Loads,
-    ranges: list[_Range],
-    dropped_ids: Container[int],
-    new_routes: list[Route],
-) -> tuple[_Table, _Loads]:
-    """A new table where ``new_routes`` (load 0) replace what they must inside ``ranges``.
-
-    ``ranges`` (sorted, disjoint) must cover every new route. Inside them, catalog routes whose id
-    is in ``dropped_ids`` and ephemeral routes that intersect a range are removed; everything else
-    is kept with its load. Only the chunks around the ranges are copied.
-    """
-    in_chunk = _rewrite_in_chunk(table, loads, ranges, dropped_ids, new_routes)
-    if in_chunk is not None:
-        return in_chunk
-    tops, _, chunks = table
-    n_tops = len(tops)
-    # Group the ranges by the chunks they touch, padded by one chunk on each side, so that a gap
-    # next to a range can be merged with a gap in the neighbouring slot.
-    clusters: list[tuple[int, int, list[_Range]]] = []
-    for start, end in ranges:
-        first = max(bisect_right(tops, start) - 1, 0)
-        last = n_tops if end is None else min(bisect_left(tops, end) + 1, n_tops)
-        if clusters and first <= clusters[-1][1] + 1:
-            c_first, c_last, c_ranges = clusters[-1]
-            clusters[-1] = (c_first, max(c_last, last), c_ranges)
-            c_ranges.append((start, end))
-        else:
-            clusters.append((first, last, [(start, end)]))
-    new_starts = list(map(_route_start, new_routes))
-    range_starts = list(map(_first_start, ranges))
-    new_tops: list[bytes] = []
-    new_chunks: list[_Chunk] = []
-    new_loads: _Loads = []
-    done = 0
-    for first, last, cluster_ranges in clusters:
-        bounds, slots, flat_loads = _flatten(table, loads, first, last)
-        lower = tops[first - 1] if first else None
-        upper = tops[last] if last < n_tops else None
-        out_bounds: list[bytes] = []
-        out_slots: _Slots = []
-        out_loads: list[int] = []
-        pos = 0
-        windows = _windows(
-            partial(bisect_right, bounds), partial(bisect_left, bounds), len(slots), cluster_ranges
-        )
-        for window in windows:
-            lo, hi = window
-            window_lower = bounds[lo - 1] if lo else lower
-            window_upper = bounds[hi - 1] if hi <= len(bounds) else upper
-            placed = [
-                (route, load)
-                for route, load in zip(slots[lo:hi], flat_loads[lo:hi], strict=True)
-                if route is not None
-                and not (
-                    route.route_id in dropped_ids
-                    if route.route_id
-                    else _intersects(route, range_starts, ranges)
-                )
-            ]
-            i = 0 if window_lower is None else bisect_left(new_starts, window_lower)
-            j = len(new_routes) if window_upper is None else bisect_left(new_starts, window_upper)
-            if i < j:
-                placed += zip(new_routes[i:j], repeat(0))
-                placed.sort(key=_placed_start)
-            fill, inner, fill_loads = _fill(placed, window_lower, window_upper)
-            # Two gaps must never be neighbours: absorb a gap slot next to the window.
-            if fill[0] is None and lo and slots[lo - 1] is None:
-                lo -= 1
-                window_lower = bounds[lo - 1] if lo else lower
-                fill, inner, fill_loads = _fill(placed, window_lower, window_upper)
-            if fill[-1] is None and hi < len(slots) and slots[hi] is None:
-                hi += 1
-                window_upper = bounds[hi - 1] if hi <= len(bounds) else upper
-                fill, inner, fill_loads = _fill(placed, window_lower, window_upper)
-            out_bounds += bounds[pos:lo]
-            out_slots += slots[pos:lo]
-            out_loads += flat_loads[pos:lo]
-            out_bounds += inner
-            out_slots += fill
-            out_loads += fill_loads
-            if hi <= len(bounds):
-                out_bounds.append(bounds[hi - 1])
-            pos = hi
-        out_bounds += bounds[pos:]
-        out_slots += slots[pos:]
-        out_loads += flat_loads[pos:]
-        part_tops, part_chunks, part_loads = _chunked(
-            search, out_bounds, out_slots, out_loads, lower, upper
-        )
-        new_chunks += chunks[done:first]
-        new_loads += loads[done:first]
-        new_tops += tops[done:first]
-        new_chunks += part_chunks
-        new_loads += part_loads
-        new_tops += part_tops
-        if last < n_tops:
-            new_tops.append(tops[last])
-        done = last + 1
-    new_chunks += chunks[done:]
-    new_loads += loads[done:]
-    new_tops += tops[done:]
-    return (new_tops, search.make_index(new_tops), new_chunks), new_loads
-
-
-def _placed_start(item: tuple[Route, int]) -> bytes:
-    return item[0].start
-
-
-def _windows(
-    bisect_right: Callable[[bytes], int],
-    bisect_left: Callable[[bytes], int],
-    n_slots: int,
-    ranges: list[_Range],
-) -> list[tuple[int, int]]:
-    """Slot windows ``[lo, hi)`` covering ``ranges``, merged when one slot apart, in a run of
-    ``n_slots`` slots searched by the bisects over its bounds.
-
-    Windows at least two slots apart can each absorb a neighbouring gap without colliding, since
-    a valid table never has two gaps side by side.
-    """
-    windows: list[tuple[int, int]] = []
-    for start, end in ranges:
-        lo = bisect_right(start)
-        hi = n_slots if end is None else bisect_left(end) + 1
-        if windows and lo <= windows[-1][1] + 1:
-            windows[-1] = (windows[-1][0], max(windows[-1][1], hi))
-        else:
-            windows.append((lo, hi))
-    return windows
-
-
-def _rewrite_in_chunk(
-    table: _Table,
-    loads: _Loads,
-    ranges: list[_Range],
-    dropped_ids: Container[int],
-    new_routes: list[Route],
-) -> tuple[_Table, _Loads] | None:
-    """:func:`_rewrite` when the ranges make one window of slots inside one chunk, clear of its
-    edges (the neighbours a gap may merge with included), else None.
-
-    Only that chunk is rebuilt, by a splice of the window's slots; tops, index and every other
-    chunk are shared with the old table. O(chunk) in memory copies, plus the window.
-    """
-    tops, index, chunks = table
-    if not ranges or ranges[-1][1] is None:
-        return None
-    c = bisect_right(tops, ranges[0][0])
-    if bisect_left(tops, ranges[-1][1]) != c:
-        return None
-    chunk = chunks[c]
-    windows = _windows(chunk.bisect_right, chunk.bisect_left, len(chunk), ranges)
-    lo, hi = windows[0]
-    if len(windows) != 1 or lo < 1 or hi >= len(chunk):
-        return None
-    range_starts = list(map(_first_start, ranges))
-    new_starts = list(map(_route_start, new_routes))
-    chunk_loads = loads[c]
-    placed = [
-        (route, chunk_loads[i])
-        for i in range(lo, hi)
-        if (route := chunk.route(i)) is not None
-        and not (
-            route.route_id in dropped_ids
-            if route.route_id
-            else _intersects(route, range_starts, ranges)
-        )
-    ]
-    lower, upper = chunk.bound(lo - 1), chunk.bound(hi - 1)
-    first, last = bisect_left(new_starts, lower), bisect_left(new_starts, upper)
-    if first < last:
-        placed += zip(new_routes[first:last], repeat(0))
-        placed.sort(key=_placed_start)
-    fill, inner, fill_loads = _fill(placed, lower, upper)
-    # Two gaps must never be neighbours: absorb a gap slot next to the window.
-    if fill[0] is None and chunk.route(lo - 1) is None:
-        lo -= 1
-        if lo < 1:
-            return None
-        lower = chunk.bound(lo - 1)
-        fill, inner, fill_loads = _fill(placed, lower, upper)
-    if fill[-1] is None and chunk.route(hi) is None:
-        hi += 1
-        if hi >= len(chunk):
-            return None
-        upper = chunk.bound(hi - 1)
-        fill, inner, fill_loads = _fill(placed, lower, upper)
-    if len(chunk) - (hi - lo) + len(fill) > 2 * _CHUNK + 1:
-        return None
-    new_chunks = chunks.copy()
-    new_chunks[c] = chunk.splice(lo, hi, inner, fill)
-    new_loads = loads.copy()
-    new_loads[c] = [*chunk_loads[:lo], *fill_loads, *chunk_loads[hi:]]
-    return (tops, index, new_chunks), new_loads
-
-
 def _key_error(keys: Iterable[object], error: TypeError) -> TypeError:
     """The library's TypeError for the first of ``keys`` that is not bytes, else ``error``.
 
@@ -527,29 +137,6 @@ def _key_error(keys: Iterable[object], error: TypeError) -> TypeError:
         except TypeError as refused:
             return refused
     return error
-
-
-def _walk(table: _Table, key: bytes, forward: bool, inclusive: bool = False) -> Iterator[Route]:
-    """Routes from the slot holding ``key`` (included only if ``inclusive``) on, or back."""
-    tops, _, chunks = table
-    c = bisect_right(tops, key)
-    here = chunks[c].bisect_right(key)
-    if forward:
-        first = here if inclusive else here + 1
-        for chunk in islice(chunks, c, None):
-            for slot in range(first, len(chunk)):
-                route = chunk.route(slot)
-                if route is not None:
-                    yield route
-            first = 0
-    else:
-        last = here
-        for d in range(c, -1, -1):
-            chunk = chunks[d]
-            for slot in range(len(chunk) - 1 if d < c else last, -1, -1):
-                route = chunk.route(slot)
-                if route is not None:
-                    yield route
 
 
 class Engine:
@@ -579,12 +166,12 @@ class Engine:
         self._ts_lock = threading.Lock()
         self._last_ts = 0
         self._version = 0
-        self._table: _Table
+        self._table: RouteTable
         self._loads: _Loads
         #: Catalog route id -> its start's prefix (see :meth:`_catalog_route`).
         self._ids: _Ids
         #: The table implementation this Engine's tables are built by and searched with.
-        self._search = _search
+        self._search = table_module.IMPLEMENTATION
         self._table, self._loads, self._ids = _empty_table(self._search)
         #: Catalog routes split by a hotspot, sorted by start: their pieces serve their ranges.
         self._shadowed: list[Route] = []
@@ -660,20 +247,7 @@ class Engine:
             check_key("end", end)
             if start >= end:
                 return []
-        tops, _, chunks = self._table
-        c = bisect_right(tops, start)
-        last = len(chunks) - 1 if end is None else bisect_left(tops, end)
-        chunk = chunks[c]
-        lo = chunk.bisect_right(start)
-        found: list[Route] = []
-        while True:
-            hi = len(chunk) if end is None or c < last else chunk.bisect_left(end) + 1
-            found += filter(None, map(chunk.route, range(lo, hi)))
-            if c >= last:
-                return found
-            c += 1
-            chunk = chunks[c]
-            lo = 0
+        return self._table.intersecting(start, end)
 
     def group_keys(self, keys: Iterable[bytes]) -> list[tuple[Route, list[bytes]]]:
         """Route a batch of keys at once: ``[(route, [keys...]), ...]`` in key order.
@@ -804,7 +378,7 @@ class Engine:
             )
             self._check_placement(added, net)
             ranges = _merge_ranges([(r.start, r.end) for r in chain(removed, added)])
-            table, loads = _rewrite(self._search, self._table, self._loads, ranges, net, added)
+            table, loads = self._table.rewrite(self._loads, ranges, net, added)
             for route_id in net:
                 if route_id in self._ids:
                     del self._ids[route_id]
@@ -818,21 +392,13 @@ class Engine:
     def _catalog_route(self, route_id: int) -> Route | None:
         """The catalog route ``route_id`` (in the table or shadowed), or None if unknown.
 
-        Found from its start's prefix: the chunks from the one holding the least key of that
-        prefix on, while their keys may still have it, are scanned for the id.
-        O(log routes + chunk) (times the chunks one prefix spans).
+        Found from its start's prefix (see :meth:`RouteTable.find_catalog_route`).
         """
         if route_id not in self._ids:
             return None
-        start_prefix = self._ids[route_id]
-        tops, _, chunks = self._table
-        c = bisect_right(tops, start_prefix.to_bytes(8, "big").rstrip(b"\x00"))
-        for chunk in islice(chunks, c, None):
-            slot = chunk.find_id(route_id)
-            if slot >= 0:
-                return chunk.route(slot)
-            if chunk.upper is None or prefix(chunk.upper) > start_prefix:
-                break
+        found = self._table.find_catalog_route(route_id, self._ids[route_id])
+        if found is not None:
+            return found
         return next((r for r in self._shadowed if r.route_id == route_id), None)
 
     def _check_placement(self, added: list[Route], net: Container[int]) -> None:
@@ -852,13 +418,13 @@ class Engine:
         for idx, route in enumerate(added):
             floor = added[idx - 1].start if idx else None
             ceiling = added[idx + 1].start if idx + 1 < len(added) else None
-            for candidate in _walk(self._table, route.start, forward=False):
+            for candidate in self._table.walk(route.start, forward=False):
                 if floor is not None and candidate.start <= floor:
                     break
                 if survives(candidate):
                     neighbours[candidate.route_id] = candidate
                     break
-            for candidate in _walk(self._table, route.start, forward=True):
+            for candidate in self._table.walk(route.start, forward=True):
                 if ceiling is not None and candidate.start >= ceiling:
                     break
                 if survives(candidate):
@@ -914,9 +480,7 @@ class Engine:
                     f"engine routes overlap: new route [{start!r}, {end!r}) overlaps route "
                     f"{other.route_id} [{other.start!r}, {other.end!r})"
                 )
-            self._table, self._loads = _rewrite(
-                self._search, self._table, self._loads, [(start, end)], (), [route]
-            )
+            self._table, self._loads = self._table.rewrite(self._loads, [(start, end)], (), [route])
 
     def record_access(self, key: bytes) -> None:
         """Add 1 to the load of the route holding ``key`` (no route: nothing happens).
@@ -935,11 +499,8 @@ class Engine:
         if key.__class__ is not bytes:
             check_key("key", key)
         with self._lock:
-            tops, _, chunks = self._table
-            c = bisect_right(tops, key)
-            chunk = chunks[c]
-            i = chunk.bisect_right(key)
-            route = chunk.route(i)
+            c, i = self._table.locate(key)
+            route = self._table.chunks[c].route(i)
             if route is None:
                 return
             loads = self._loads[c]
@@ -959,9 +520,7 @@ class Engine:
                 Route(0, route.start, middle, route.group_id, RouteState.ACTIVE, 0),
                 Route(0, middle, route.end, route.group_id, RouteState.ACTIVE, 0),
             ]
-            self._table, self._loads = _rewrite(
-                self._search,
-                self._table,
+            self._table, self._loads = self._table.rewrite(
                 self._loads,
                 [(route.start, route.end)],
                 (route.route_id,),
@@ -980,12 +539,12 @@ class Engine:
         1
         """
         with self._lock:
-            _, _, chunks = self._table
+            table = self._table
             loads = list(map(list.copy, self._loads))
         return [
             route if load == route.load else route._replace(load=load)
             for route, load in zip(
-                chain.from_iterable(chunk.slots() for chunk in chunks),
+                table.slots(),
                 chain.from_iterable(loads),
                 strict=True,
             )
@@ -1009,59 +568,20 @@ class Engine:
     def _check(self) -> None:
         """Assert every structural invariant (tests call this after each change). O(routes)."""
         with self._lock:
-            tops, index, chunks = self._table
-            loads = self._loads
-            assert len(tops) == len(chunks) - 1
-            assert len(loads) == len(chunks)
-            assert type(index) is type(self._search.make_index(tops))
-            for top in tops:
-                assert self._search.find((tops, index, chunks), top) == chunks[
-                    bisect_right(tops, top)
-                ].route(0), "the index finds each top's chunk"
-            bounds: list[bytes] = []
-            slots: _Slots = []
-            flat_loads: list[int] = []
-            for c, chunk in enumerate(chunks):
-                chunk_bounds, chunk_slots = chunk.bounds(), chunk.slots()
-                assert type(chunk) is self._search.Chunk
-                assert len(chunk_slots) == len(chunk_bounds) + 1 == len(chunk)
-                assert len(loads[c]) == len(chunk_slots)
-                assert len(chunk_bounds) <= 2 * _CHUNK
-                assert chunk.lower == (tops[c - 1] if c else None)
-                assert chunk.upper == (tops[c] if c < len(tops) else None)
-                if c:
-                    bounds.append(tops[c - 1])
-                bounds += chunk_bounds
-                slots += chunk_slots
-                flat_loads += loads[c]
-            assert all(type(b) is bytes for b in bounds)
-            assert all(map(lt, bounds, bounds[1:])), "bounds must strictly increase"
-            assert slots[0] is None, "nothing lies before the first bound"
-            assert all(a is not None or b is not None for a, b in pairwise(slots)), "two gaps"
+            self._table._check(self._loads)
+            slots = list(self._table.slots())
+            flat_loads = list(chain.from_iterable(self._loads))
             in_table: dict[int, Route] = {}
             for i, route in enumerate(slots):
                 if route is None:
-                    assert flat_loads[i] == 0
                     continue
-                assert type(route) is Route
-                assert route.start == bounds[i - 1]
-                if i < len(bounds):
-                    assert route.end == bounds[i]
-                else:
-                    assert route.end is None
-                assert route.group_id > 0
-                assert type(route.state) is RouteState
-                assert route.load == 0
                 load = flat_loads[i]
-                assert load >= 0
                 if self._threshold and route.state is RouteState.ACTIVE:
                     assert load < self._threshold
                 if route.route_id:
                     assert route.route_id not in in_table, "duplicate route id"
                     in_table[route.route_id] = route
                     assert self._catalog_route(route.route_id) == route
-                else:
-                    assert route.state is RouteState.ACTIVE
             for route in self._shadowed:
                 assert self._catalog_route(route.route_id) is route
                 assert route.route_id not in in_table
