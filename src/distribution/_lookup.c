@@ -28,6 +28,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH(address) __builtin_prefetch(address)
+#else
+#define PREFETCH(address) ((void)(address))
+#endif
+
 /* distribution.types.Route and RouteDescriptor, RouteState members by value, the int 0. */
 static PyTypeObject *route_type;
 static PyTypeObject *descriptor_type;
@@ -89,9 +95,13 @@ prefix_of(PyObject *key)
 
 /* -- Chunk ------------------------------------------------------------------------------- */
 
+/* Bounds per block of the prefix summary: 32 prefixes are four cache lines. */
+#define BLOCK 32
+
 typedef struct {
     PyObject_HEAD
     Py_ssize_t n;          /* bounds; the chunk has n + 1 slots */
+    uint64_t *summary;     /* (n + BLOCK - 1) / BLOCK: the first prefix of each block */
     PyObject *lower;       /* bytes, or NULL: the start of the key space */
     PyObject *upper;       /* bytes, or NULL: unbounded */
     uint64_t *prefix;      /* n */
@@ -105,11 +115,18 @@ typedef struct {
 
 static PyTypeObject ChunkType;
 
-/* A chunk of n bounds with arena bytes of keys, its arrays allocated, not filled. */
+static inline Py_ssize_t
+summary_size(Py_ssize_t n)
+{
+    return (n + BLOCK - 1) / BLOCK;
+}
+
+/* A chunk of n bounds with arena bytes of keys, its arrays allocated, not filled (fill the
+ * prefixes, then call chunk_summarize). */
 static Chunk *
 chunk_alloc(Py_ssize_t n, Py_ssize_t arena)
 {
-    size_t words = (size_t)n + 3 * ((size_t)n + 1);
+    size_t words = (size_t)summary_size(n) + (size_t)n + 3 * ((size_t)n + 1);
     size_t size = words * 8 + ((size_t)n + 1) + (size_t)arena + 1;
     Chunk *chunk = PyObject_New(Chunk, &ChunkType);
     if (chunk == NULL) {
@@ -125,6 +142,8 @@ chunk_alloc(Py_ssize_t n, Py_ssize_t arena)
         return NULL;
     }
     uint64_t *words_at = chunk->memory;
+    chunk->summary = words_at;
+    words_at += summary_size(n);
     chunk->prefix = words_at;
     chunk->ids = words_at + n;
     chunk->groups = chunk->ids + n + 1;
@@ -141,6 +160,14 @@ chunk_dealloc(Chunk *chunk)
     Py_XDECREF(chunk->upper);
     PyMem_Free(chunk->memory);
     PyObject_Free(chunk);
+}
+
+static void
+chunk_summarize(Chunk *chunk)
+{
+    for (Py_ssize_t j = 0; j < summary_size(chunk->n); j++) {
+        chunk->summary[j] = chunk->prefix[j * BLOCK];
+    }
 }
 
 static inline const char *
@@ -163,10 +190,54 @@ key_vs_bound(const Chunk *chunk, Py_ssize_t i, uint64_t kp, const char *key, Py_
     return compare_raw(key, length, bound, bl);
 }
 
+/* bisect_right (right) or bisect_left of the key in the chunk's bounds.
+ *
+ * The prefixes are searched as a two-level B-tree: the summary (the first prefix of each block of
+ * BLOCK, a few cache lines requested at once) bounds the blocks the key's prefix can fall in,
+ * then a bisect runs over those (usually one block: four more lines, requested at once). So a
+ * search waits on memory about twice, where a bisect over the whole array would wait at each of
+ * its first steps. Whole keys are compared only where prefixes tie. */
 static Py_ssize_t
 chunk_bisect(const Chunk *chunk, uint64_t kp, const char *key, Py_ssize_t length, int right)
 {
-    Py_ssize_t lo = 0, hi = chunk->n;
+    Py_ssize_t n = chunk->n, blocks = summary_size(n);
+    const uint64_t *summary = chunk->summary;
+    for (Py_ssize_t j = 0; j < blocks; j += 8) {
+        PREFETCH(summary + j);
+    }
+    /* below: blocks whose first prefix is < kp; through: those whose first prefix is <= kp. */
+    Py_ssize_t below = 0, through = 0;
+    {
+        Py_ssize_t lo = 0, hi = blocks;
+        while (lo < hi) {
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (summary[mid] < kp) {
+                lo = mid + 1;
+            }
+            else {
+                hi = mid;
+            }
+        }
+        below = lo;
+        hi = blocks;
+        while (lo < hi) {
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (summary[mid] <= kp) {
+                lo = mid + 1;
+            }
+            else {
+                hi = mid;
+            }
+        }
+        through = lo;
+    }
+    /* Bounds before block below - 1 are all below the key, bounds from block through on are
+     * all above it. */
+    Py_ssize_t lo = below ? (below - 1) * BLOCK : 0;
+    Py_ssize_t hi = through * BLOCK < n ? through * BLOCK : n;
+    for (Py_ssize_t i = lo; i < hi && i < lo + BLOCK; i += 8) {
+        PREFETCH(chunk->prefix + i);
+    }
     while (lo < hi) {
         Py_ssize_t mid = lo + (hi - lo) / 2;
         int c = key_vs_bound(chunk, mid, kp, key, length);
@@ -271,6 +342,7 @@ chunk_from_arrays(Py_ssize_t n, PyObject *const *bounds, const uint64_t *ids,
         at += length;
     }
     chunk->offset[n] = at;
+    chunk_summarize(chunk);
     memcpy(chunk->ids, ids, ((size_t)n + 1) * sizeof(uint64_t));
     memcpy(chunk->groups, groups, ((size_t)n + 1) * sizeof(uint64_t));
     memcpy(chunk->states, states, (size_t)n + 1);
@@ -503,6 +575,7 @@ chunk_splice_method(Chunk *chunk, PyObject *const *args, Py_ssize_t nargs)
         out->offset[lo + k + i - (hi - 1)] = chunk->offset[i] + shift;
     }
     out->offset[m] = chunk->offset[n] + shift;
+    chunk_summarize(out);
     memcpy(out->arena + at, chunk->arena + chunk->offset[hi - 1],
            (size_t)(chunk->offset[n] - chunk->offset[hi - 1]));
     memcpy(out->ids, chunk->ids, (size_t)lo * 8);
@@ -587,7 +660,7 @@ chunk_length(Chunk *chunk)
 static PyObject *
 chunk_sizeof(Chunk *chunk, PyObject *Py_UNUSED(ignored))
 {
-    size_t words = (size_t)chunk->n + 3 * ((size_t)chunk->n + 1);
+    size_t words = (size_t)summary_size(chunk->n) + (size_t)chunk->n + 3 * ((size_t)chunk->n + 1);
     return PyLong_FromSize_t(sizeof(Chunk) + words * 8 + (size_t)chunk->n + 1 +
                              (size_t)chunk->offset[chunk->n] + 1);
 }
@@ -1306,12 +1379,6 @@ typedef struct {
     unsigned char *states;
 } Layout;
 
-#if defined(__GNUC__) || defined(__clang__)
-#define PREFETCH(address) __builtin_prefetch(address)
-#else
-#define PREFETCH(address) ((void)(address))
-#endif
-
 /* Descriptors ahead of the one being read whose memory is requested early: a snapshot's
  * descriptors and keys lie scattered, and each read would otherwise wait on memory. */
 #define AHEAD 16
@@ -1439,6 +1506,7 @@ chunk_of_layout(const Layout *layout, Py_ssize_t first, Py_ssize_t n, PyObject *
         return NULL;
     }
     memcpy(chunk->prefix, layout->prefix + first, (size_t)n * 8);
+    chunk_summarize(chunk);
     for (Py_ssize_t i = 0; i <= n; i++) {
         chunk->offset[i] = layout->offset[first + i] - base;
     }
