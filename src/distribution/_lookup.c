@@ -197,47 +197,58 @@ key_vs_bound(const Chunk *chunk, Py_ssize_t i, uint64_t kp, const char *key, Py_
  * then a bisect runs over those (usually one block: four more lines, requested at once). So a
  * search waits on memory about twice, where a bisect over the whole array would wait at each of
  * its first steps. Whole keys are compared only where prefixes tie. */
-static Py_ssize_t
-chunk_bisect(const Chunk *chunk, uint64_t kp, const char *key, Py_ssize_t length, int right)
+static void
+chunk_prefetch_summary(const Chunk *chunk)
+{
+    for (Py_ssize_t j = 0; j < summary_size(chunk->n); j += 8) {
+        PREFETCH(chunk->summary + j);
+    }
+}
+
+/* The first level: [*lo, *hi), the bounds the key (prefix kp) can fall between, from the
+ * summary; their first cache lines are requested. Bounds before *lo are all below the key,
+ * bounds from *hi on all above it. */
+static void
+chunk_narrow(const Chunk *chunk, uint64_t kp, Py_ssize_t *lo_out, Py_ssize_t *hi_out)
 {
     Py_ssize_t n = chunk->n, blocks = summary_size(n);
     const uint64_t *summary = chunk->summary;
-    for (Py_ssize_t j = 0; j < blocks; j += 8) {
-        PREFETCH(summary + j);
-    }
     /* below: blocks whose first prefix is < kp; through: those whose first prefix is <= kp. */
-    Py_ssize_t below = 0, through = 0;
-    {
-        Py_ssize_t lo = 0, hi = blocks;
-        while (lo < hi) {
-            Py_ssize_t mid = lo + (hi - lo) / 2;
-            if (summary[mid] < kp) {
-                lo = mid + 1;
-            }
-            else {
-                hi = mid;
-            }
+    Py_ssize_t lo = 0, hi = blocks;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (summary[mid] < kp) {
+            lo = mid + 1;
         }
-        below = lo;
-        hi = blocks;
-        while (lo < hi) {
-            Py_ssize_t mid = lo + (hi - lo) / 2;
-            if (summary[mid] <= kp) {
-                lo = mid + 1;
-            }
-            else {
-                hi = mid;
-            }
+        else {
+            hi = mid;
         }
-        through = lo;
     }
-    /* Bounds before block below - 1 are all below the key, bounds from block through on are
-     * all above it. */
-    Py_ssize_t lo = below ? (below - 1) * BLOCK : 0;
-    Py_ssize_t hi = through * BLOCK < n ? through * BLOCK : n;
-    for (Py_ssize_t i = lo; i < hi && i < lo + BLOCK; i += 8) {
+    Py_ssize_t below = lo;
+    hi = blocks;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (summary[mid] <= kp) {
+            lo = mid + 1;
+        }
+        else {
+            hi = mid;
+        }
+    }
+    Py_ssize_t through = lo;
+    /* Block below - 1 may end with the key's prefix; blocks before it lie below the key. */
+    *lo_out = below ? (below - 1) * BLOCK : 0;
+    *hi_out = through * BLOCK < n ? through * BLOCK : n;
+    for (Py_ssize_t i = *lo_out; i < *hi_out && i < *lo_out + BLOCK; i += 8) {
         PREFETCH(chunk->prefix + i);
     }
+}
+
+/* The second level: bisect_right (right) or bisect_left of the key within [lo, hi). */
+static Py_ssize_t
+chunk_finish(const Chunk *chunk, uint64_t kp, const char *key, Py_ssize_t length, int right,
+             Py_ssize_t lo, Py_ssize_t hi)
+{
     while (lo < hi) {
         Py_ssize_t mid = lo + (hi - lo) / 2;
         int c = key_vs_bound(chunk, mid, kp, key, length);
@@ -249,6 +260,22 @@ chunk_bisect(const Chunk *chunk, uint64_t kp, const char *key, Py_ssize_t length
         }
     }
     return lo;
+}
+
+/* bisect_right (right) or bisect_left of the key in the chunk's bounds.
+ *
+ * The prefixes are searched as a two-level B-tree: the summary (the first prefix of each block of
+ * BLOCK, a few cache lines requested at once) bounds the blocks the key's prefix can fall in,
+ * then a bisect runs over those (usually one block: four more lines, requested at once). So a
+ * search waits on memory about twice, where a bisect over the whole array would wait at each of
+ * its first steps. Whole keys are compared only where prefixes tie. */
+static Py_ssize_t
+chunk_bisect(const Chunk *chunk, uint64_t kp, const char *key, Py_ssize_t length, int right)
+{
+    Py_ssize_t lo, hi;
+    chunk_prefetch_summary(chunk);
+    chunk_narrow(chunk, kp, &lo, &hi);
+    return chunk_finish(chunk, kp, key, length, right, lo, hi);
 }
 
 static PyObject *
@@ -1208,9 +1235,46 @@ add_group(PyObject *groups, PyObject *route, const Entry *entries, Py_ssize_t n)
     return failed;
 }
 
-/* The groups of n sorted entries over the table; a new list, or NULL. Each key that begins a
- * slot is searched (its chunk only when it lies past the current one); the keys after it join
- * its group while they lie below the slot's end. */
+/* Searches run side by side, so that their cache misses overlap: a search over a large table
+ * waits on memory at each level, and one search's levels depend on each other. */
+#define LANES 8
+
+/* The chunk and slot of each of m sorted keys, the m searches run level by level in lockstep;
+ * *chunk carries the current chunk from one call to the next (NULL before the first). */
+static int
+find_places(Chunk *index, PyObject *chunks, const Entry *entries, Py_ssize_t m, Chunk **chunk,
+            Chunk **in, Py_ssize_t *slots)
+{
+    Py_ssize_t lo[LANES], hi[LANES];
+    for (Py_ssize_t j = 0; j < m; j++) {
+        const Entry *entry = &entries[j];
+        if (*chunk == NULL || ((*chunk)->upper != NULL && !entry_below_key(entry, (*chunk)->upper))) {
+            *chunk = chunk_at(chunks, chunk_bisect(index, entry->prefix,
+                                                   PyBytes_AS_STRING(entry->key),
+                                                   PyBytes_GET_SIZE(entry->key), 1));
+            if (*chunk == NULL) {
+                return -1;
+            }
+        }
+        in[j] = *chunk;
+        chunk_prefetch_summary(in[j]);
+    }
+    for (Py_ssize_t j = 0; j < m; j++) {
+        chunk_narrow(in[j], entries[j].prefix, &lo[j], &hi[j]);
+    }
+    for (Py_ssize_t j = 0; j < m; j++) {
+        slots[j] = chunk_finish(in[j], entries[j].prefix, PyBytes_AS_STRING(entries[j].key),
+                                PyBytes_GET_SIZE(entries[j].key), 1, lo[j], hi[j]);
+    }
+    return 0;
+}
+
+/* The groups of n sorted entries over the table; a new list, or NULL.
+ *
+ * Keys below the end of the previous key's slot join its group without a search. The others
+ * are searched a window at a time. While the keys are spread (two or fewer a slot), a window is
+ * LANES keys, searched together as if each began a new slot; while they are clustered, a window
+ * is the one key that begins the next slot, and the keys after it mostly join its group. */
 static PyObject *
 group_sorted(Chunk *index, PyObject *chunks, const Entry *entries, Py_ssize_t n)
 {
@@ -1218,45 +1282,53 @@ group_sorted(Chunk *index, PyObject *chunks, const Entry *entries, Py_ssize_t n)
     if (groups == NULL) {
         return NULL;
     }
-    Chunk *chunk = NULL;
+    Chunk *current = NULL;
+    Chunk *in[LANES];
+    Py_ssize_t slots[LANES];
+    Py_ssize_t window = LANES;
     Py_ssize_t i = 0;
     while (i < n) {
-        const Entry *entry = &entries[i];
-        const char *k = PyBytes_AS_STRING(entry->key);
-        Py_ssize_t length = PyBytes_GET_SIZE(entry->key);
-        if (chunk == NULL || (chunk->upper != NULL && !entry_below_key(entry, chunk->upper))) {
-            chunk = chunk_at(chunks, chunk_bisect(index, entry->prefix, k, length, 1));
-            if (chunk == NULL) {
-                goto error;
-            }
+        Py_ssize_t m = n - i < window ? n - i : window;
+        if (find_places(index, chunks, entries + i, m, &current, in, slots) < 0) {
+            goto error;
         }
-        Py_ssize_t slot = chunk_bisect(chunk, entry->prefix, k, length, 1);
-        Py_ssize_t end = i + 1;
-        if (slot < chunk->n) {
-            while (end < n && entry_below_bound(&entries[end], chunk, slot)) {
-                end++;
+        Py_ssize_t used = 0, j = 0, k = i;
+        while (j < m) {
+            /* Key i + j begins a slot: its place is known. */
+            Chunk *chunk = in[j];
+            Py_ssize_t slot = slots[j];
+            Py_ssize_t first = i + j;
+            k = first + 1;
+            if (slot < chunk->n) {
+                while (k < n && entry_below_bound(&entries[k], chunk, slot)) {
+                    k++;
+                }
             }
-        }
-        else if (chunk->upper != NULL) {
-            while (end < n && entry_below_key(&entries[end], chunk->upper)) {
-                end++;
+            else if (chunk->upper != NULL) {
+                while (k < n && entry_below_key(&entries[k], chunk->upper)) {
+                    k++;
+                }
             }
-        }
-        else {
-            end = n;
-        }
-        if (chunk->groups[slot] != 0) {
-            PyObject *route = chunk_route(chunk, slot);
-            if (route == NULL) {
-                goto error;
+            else {
+                k = n;
             }
-            int failed = add_group(groups, route, entries + i, end - i);
-            Py_DECREF(route);
-            if (failed < 0) {
-                goto error;
+            used++;
+            if (chunk->groups[slot] != 0) {
+                PyObject *route = chunk_route(chunk, slot);
+                if (route == NULL) {
+                    goto error;
+                }
+                int failed = add_group(groups, route, entries + first, k - first);
+                Py_DECREF(route);
+                if (failed < 0) {
+                    goto error;
+                }
             }
+            j = k - i;
         }
-        i = end;
+        /* Two keys or fewer a slot: the keys are spread, search the next ones together. */
+        window = 2 * used >= k - i ? LANES : 1;
+        i = k;
     }
     return groups;
 error:
