@@ -1505,6 +1505,19 @@ prefetch_ahead(PyObject *const *items, Py_ssize_t i, Py_ssize_t n, const IdIndex
     }
 }
 
+/* Descriptors (or chunks) built between two moments where the GIL is let go: lookups in other
+ * threads must not wait for a whole snapshot. */
+#define YIELD_EVERY 4096
+
+/* Let other threads run a moment. Only called while no Python object is in use but those the
+ * caller holds a reference to and never changes (the tuple of descriptors, their fields). */
+static void
+yield_gil(void)
+{
+    Py_BEGIN_ALLOW_THREADS
+    Py_END_ALLOW_THREADS
+}
+
 /* Validate and lay out the descriptors; 1 if every one is usual (see build), 0 if not, -1 on
  * error. Each descriptor is read once, in order. */
 static int
@@ -1516,6 +1529,9 @@ lay_out(PyObject *const *items, Py_ssize_t n, Layout *layout, IdIndex *ids)
     layout->ids[0] = layout->groups[0] = 0;
     layout->states[0] = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
+        if (i % YIELD_EVERY == YIELD_EVERY - 1) {
+            yield_gil();
+        }
         prefetch_ahead(items, i, n, ids);
         PyObject *d = items[i];
         uint64_t id, group, parent;
@@ -1619,6 +1635,9 @@ cut_into_chunks(const Layout *layout, Py_ssize_t chunk_size)
         Py_ssize_t b = j + 1 < k ? (j + 1) * (m + 1) / k - 1 : m;
         PyObject *lower = j ? PyList_GET_ITEM(tops, j - 1) : Py_None;
         PyObject *upper = j + 1 < k ? PyList_GET_ITEM(tops, j) : Py_None;
+        if (j % 16 == 15) {
+            yield_gil();
+        }
         Chunk *chunk = chunk_of_layout(layout, a + 1, b - a - 1, lower, upper);
         if (chunk == NULL) {
             goto error;
@@ -1668,9 +1687,14 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (!PyList_CheckExact(routes) && !PyTuple_CheckExact(routes)) {
         Py_RETURN_NONE;
     }
-    /* A tuple's items cannot change; a list's could only through code this loop never runs. */
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(routes);
-    PyObject *const *items = PySequence_Fast_ITEMS(routes);
+    /* A tuple of our own: the build lets other threads run now and then, and one could change
+     * a list. */
+    routes = PyList_CheckExact(routes) ? PyList_AsTuple(routes) : Py_NewRef(routes);
+    if (routes == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(routes);
+    PyObject *const *items = &PyTuple_GET_ITEM(routes, 0);
     PyObject *result = NULL;
     Layout layout;
     size_t cells = 2 * (size_t)n + 1;
@@ -1684,7 +1708,6 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         goto done;
     }
-    Py_INCREF(routes);
     layout.ids = memory;
     layout.groups = layout.ids + cells;
     layout.prefix = layout.groups + cells;
@@ -1701,8 +1724,8 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     else if (usual == 0) {
         result = Py_NewRef(Py_None);
     }
-    Py_DECREF(routes);
 done:
+    Py_DECREF(routes);
     PyMem_Free(memory);
     PyMem_Free(layout.arena);
     Py_XDECREF(ids);
