@@ -16,12 +16,34 @@ repetitions, beside a baseline measured in the same run:
 * ``apply_changes``: ms to apply a one-route change (a split: delete 1, upsert 2) to the full
   Engine, beside ``apply_snapshot``;
 * memory: bytes per route the Engine allocates (tracemalloc) applying a pre-built snapshot.
+
+Then the *Go workload*, the one the Engine was measured on beside the Go original
+(``Engine.GetRoute`` / ``ApplySnapshot``, Go 1.19, same machine, alternating): route bounds of
+seeded random 4-16-byte keys, uniform random 4-16-byte lookup keys, and clustered batches. Its rows
+carry the Go figures of that comparison as their baseline (a quoted constant, not measured in this
+run: the Go side is rerun beside ours by hand), so the ratio column is Python / Go, and the
+baseline names the goal:
+
+=============================  =========  ===========  ===========  ======
+figure (Go)                    1k routes  100k routes  1M routes    goal
+=============================  =========  ===========  ===========  ======
+``GetRoute`` ns/key            251        1,281        1,912        <= 0.7x
+``group_keys`` uniform         (Go ``GetRoute`` per key)            <= 0.6x
+``ApplySnapshot`` ms           0.27       33           342          <= 1.0x
+memory B/route                 107        104          104          (<= 110 B at 1M)
+=============================  =========  ===========  ===========  ======
+
+Clustered ``group_keys`` is compared with ``get_route`` on random keys of the same run (goal
+<= 0.3x), and a split applied by ``apply_changes`` at 1M routes has a goal of 0.1 ms. Lookups
+never wait for a snapshot being applied: the longest gap between two answers of a thread looking
+keys up while another applies the snapshot stands beside the time the snapshot takes.
 """
 
 from __future__ import annotations
 
 import gc
 import random
+import threading
 import time
 import tracemalloc
 from bisect import bisect_right
@@ -31,6 +53,11 @@ from benchmarks.harness import Case, Row, progress, run_interleaved, summarize
 from distribution import CatalogChange, CatalogSnapshot, Engine, RouteDescriptor
 
 __all__ = ["run"]
+
+#: Go figures for the Go workload, by route count: GetRoute ns/key, ApplySnapshot ms, B/route.
+GO_GET_ROUTE_NS = {1_000: 251.0, 100_000: 1_281.0, 1_000_000: 1_912.0}
+GO_APPLY_SNAPSHOT_MS = {1_000: 0.27, 100_000: 33.0, 1_000_000: 342.0}
+GO_BYTES_PER_ROUTE = {1_000: 107.0, 100_000: 104.0, 1_000_000: 104.0}
 
 FULL_SIZES = (1_000, 100_000, 1_000_000)
 QUICK_SIZES = (1_000, 10_000)
@@ -50,10 +77,21 @@ class _Fixture:
     clustered: list[list[bytes]]
 
 
-def _fixture(size: int, rng: random.Random, lookups: int, batches: int) -> _Fixture:
+def _random_key(rng: random.Random, lengths: tuple[int, int]) -> bytes:
+    return rng.randbytes(rng.randint(*lengths))
+
+
+def _fixture(
+    size: int,
+    rng: random.Random,
+    lookups: int,
+    batches: int,
+    lengths: tuple[int, int] = (8, 8),
+) -> _Fixture:
+    """Routes over ``size`` random keys of ``lengths`` bytes (inclusive), and keys to look up."""
     unique: set[bytes] = set()
     while len(unique) < size:
-        unique.add(rng.randbytes(8))
+        unique.add(_random_key(rng, lengths))
     keys = sorted(unique)
     routes = tuple(
         RouteDescriptor(
@@ -69,9 +107,9 @@ def _fixture(size: int, rng: random.Random, lookups: int, batches: int) -> _Fixt
     engine.apply_snapshot(snapshot)
 
     def inside(i: int) -> bytes:
-        low = int.from_bytes(keys[i], "big")
-        high = int.from_bytes(keys[i + 1], "big")
-        return rng.randrange(low, high).to_bytes(8, "big")
+        # keys[i] itself, or keys[i] followed by bytes: both lie in [keys[i], keys[i + 1]).
+        key = keys[i] + rng.randbytes(rng.randint(1, 4))
+        return key if key < keys[i + 1] else keys[i]
 
     clustered: list[list[bytes]] = []
     for _ in range(batches):
@@ -87,8 +125,8 @@ def _fixture(size: int, rng: random.Random, lookups: int, batches: int) -> _Fixt
         keys=keys,
         snapshot=snapshot,
         engine=engine,
-        lookups=[rng.randbytes(8) for _ in range(lookups)],
-        uniform=[[rng.randbytes(8) for _ in range(_BATCH)] for _ in range(batches)],
+        lookups=[_random_key(rng, lengths) for _ in range(lookups)],
+        uniform=[[_random_key(rng, lengths) for _ in range(_BATCH)] for _ in range(batches)],
         clustered=clustered,
     )
 
@@ -158,11 +196,10 @@ def _apply_changes_case(fixture: _Fixture, rng: random.Random) -> Case:
             route = engine.get_route(rng.choice(fixture.keys))
             if route is None or route.end is None:
                 continue
-            low = int.from_bytes(route.start, "big")
-            high = int.from_bytes(route.end, "big")
-            if high - low < 2:
+            # A key just past the start: inside the route unless the route is that narrow.
+            middle = route.start + rng.randbytes(1)
+            if not route.start < middle < route.end:
                 continue
-            middle = ((low + high) // 2).to_bytes(8, "big")
             left, right = next_id[0], next_id[0] + 1
             next_id[0] += 2
             version = engine.version
@@ -183,6 +220,37 @@ def _apply_changes_case(fixture: _Fixture, rng: random.Random) -> Case:
         return (time.perf_counter() - begin) * 1e3
 
     return case
+
+
+def _longest_lookup_wait(fixture: _Fixture) -> float:
+    """The longest time (ms) a thread looking keys up waits between two answers while another
+    thread applies the whole snapshot to a new Engine; the interpreter's switch interval (5 ms
+    by default) bounds it where nothing holds the GIL for long."""
+    engine = Engine()
+    engine.apply_snapshot(fixture.snapshot)
+    done = threading.Event()
+    longest = [0.0]
+
+    def look_up() -> None:
+        get = engine.get_route
+        keys = fixture.lookups
+        last = time.perf_counter()
+        i = 0
+        while not done.is_set():
+            get(keys[i % len(keys)])
+            i += 1
+            now = time.perf_counter()
+            longest[0] = max(longest[0], now - last)
+            last = now
+
+    reader = threading.Thread(target=look_up, name="bench-reader")
+    reader.start()
+    time.sleep(0.02)
+    longest[0] = 0.0
+    Engine().apply_snapshot(fixture.snapshot)
+    done.set()
+    reader.join()
+    return longest[0] * 1e3
 
 
 def _memory_per_route(snapshot: CatalogSnapshot) -> float:
@@ -266,9 +334,94 @@ def _size_rows(size: int, quick: bool) -> list[Row]:
     ]
 
 
+def _go_rows(size: int, quick: bool) -> list[Row]:
+    """The Go workload's rows: random 4-16-byte keys, beside the quoted Go figures."""
+    rng = random.Random(-size)
+    repeats = 3 if quick else 7
+    progress(f"engine: building {size:,} routes of 4-16-byte keys")
+    fixture = _fixture(
+        size, rng, lookups=5_000 if quick else 100_000, batches=3 if quick else 10, lengths=(4, 16)
+    )
+    cases: dict[str, Case] = {
+        "get_route": _get_route_case(fixture.engine, [fixture.lookups]),
+        "group uniform": _group_keys_case(fixture.engine, fixture.uniform),
+        "group clustered": _group_keys_case(fixture.engine, fixture.clustered),
+        "apply_snapshot": _apply_snapshot_case(fixture.snapshot),
+        "apply_changes": _apply_changes_case(fixture, rng),
+    }
+    progress(f"engine: measuring {size:,} routes of 4-16-byte keys ({repeats} repetitions)")
+    results = {
+        name: summarize(values).median for name, values in run_interleaved(cases, repeats).items()
+    }
+    memory = _memory_per_route(fixture.snapshot)
+    wait = _longest_lookup_wait(fixture)
+    label = f"{size:,} routes"
+    go_get_route = GO_GET_ROUTE_NS.get(size)
+    return [
+        Row(
+            "engine get_route, Go workload",
+            label,
+            results["get_route"],
+            "ns/key",
+            "Go GetRoute, quoted (goal <= 0.7x)",
+            go_get_route,
+        ),
+        Row(
+            "engine group_keys uniform, Go workload",
+            label,
+            results["group uniform"],
+            "ns/key",
+            "Go GetRoute, quoted (goal <= 0.6x)",
+            go_get_route,
+        ),
+        Row(
+            "engine group_keys clustered, Go workload",
+            label,
+            results["group clustered"],
+            "ns/key",
+            "get_route, random keys (goal <= 0.3x)",
+            results["get_route"],
+        ),
+        Row(
+            "engine apply_snapshot, Go workload",
+            label,
+            results["apply_snapshot"],
+            "ms",
+            "Go ApplySnapshot, quoted (goal <= 1.0x)",
+            GO_APPLY_SNAPSHOT_MS.get(size),
+        ),
+        Row(
+            "engine get_route longest wait, during apply_snapshot",
+            label,
+            wait,
+            "ms",
+            "apply_snapshot (goal: lookups never wait for it)",
+            results["apply_snapshot"],
+        ),
+        Row(
+            "engine apply_changes split, Go workload",
+            label,
+            results["apply_changes"],
+            "ms",
+            "goal at 1M routes: 0.1 ms",
+            0.1 if size == 1_000_000 else None,
+        ),
+        Row(
+            "engine memory, Go workload",
+            label,
+            memory,
+            "B/route",
+            "Go, quoted (goal at 1M: <= 110 B)",
+            GO_BYTES_PER_ROUTE.get(size),
+        ),
+    ]
+
+
 def run(quick: bool) -> list[Row]:
     """Measure the Engine at every size (smaller sizes, fewer repetitions when ``quick``)."""
     rows: list[Row] = []
     for size in QUICK_SIZES if quick else FULL_SIZES:
         rows += _size_rows(size, quick)
+    for size in QUICK_SIZES if quick else FULL_SIZES:
+        rows += _go_rows(size, quick)
     return rows

@@ -12,7 +12,7 @@ from itertools import pairwise
 
 import pytest
 
-import distribution.engine as engine_module
+import distribution.table as table_module
 from distribution import (
     UINT64_MAX,
     CatalogChange,
@@ -31,6 +31,7 @@ from distribution import (
     Route,
     RouteDescriptor,
     RouteState,
+    _pylookup,
     validate_route_descriptor,
 )
 
@@ -73,9 +74,22 @@ def shape(engine: Engine) -> list[tuple[int, bytes, bytes | None, int, RouteStat
 def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
     """Run a test with tiny chunks and blocks too, so multi-chunk code paths are exercised."""
     size: int = request.param
-    monkeypatch.setattr(engine_module, "_CHUNK", size)
-    monkeypatch.setattr(engine_module, "_BLOCK", max(size, 3))
+    monkeypatch.setattr(table_module, "CHUNK", size)
+    monkeypatch.setattr(_pylookup, "_BLOCK", max(size, 3))
     return size
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run every test on the C searches and on the pure-Python ones."""
+    if request.param == "c":
+        monkeypatch.setattr(
+            table_module, "IMPLEMENTATION", pytest.importorskip("distribution._lookup")
+        )
+    else:
+        monkeypatch.setattr(table_module, "IMPLEMENTATION", _pylookup)
+    assert Engine().implementation == request.param
+    return str(request.param)
 
 
 ABC = snap(
@@ -985,6 +999,29 @@ class Model:
                 assert [r[:5] for r in engine.get_intersecting_routes(a, end)] == want
 
 
+def same_in_c_and_python(engine: Engine, twin: Engine, rng: random.Random) -> None:
+    """Two Engines fed the same operations, on the C table and on the pure-Python one, agree."""
+    assert engine.implementation != twin.implementation
+    assert shape(engine) == shape(twin)
+    assert engine.version == twin.version
+    keys = [random_key(rng) for _ in range(40)]
+    keys += [r.start for r in engine.stats()]
+    assert [engine.get_route(k) for k in keys] == [twin.get_route(k) for k in keys]
+    assert engine.group_keys(keys) == twin.group_keys(keys)
+    a, b = sorted([random_key(rng), random_key(rng)])
+    assert engine.get_intersecting_routes(a, b) == twin.get_intersecting_routes(a, b)
+
+
+def twin_of(engine: Engine, monkeypatch: pytest.MonkeyPatch, threshold: int) -> Engine:
+    """A new Engine on the other table implementation than ``engine``'s."""
+    other = (
+        _pylookup if engine.implementation == "c" else pytest.importorskip("distribution._lookup")
+    )
+    with monkeypatch.context() as patch:
+        patch.setattr(table_module, "IMPLEMENTATION", other)
+        return Engine(hotspot_threshold=threshold)
+
+
 def intersects(s1: bytes, e1: bytes | None, s2: bytes, e2: bytes | None) -> bool:
     return (e2 is None or s1 < e2) and (e1 is None or s2 < e1)
 
@@ -1089,10 +1126,13 @@ def random_change(rng: random.Random, model: Model, next_id: int) -> tuple[Catal
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_random_operations_match_the_model(seed: int, chunk: int) -> None:
+def test_random_operations_match_the_model(
+    seed: int, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = random.Random(seed)
     threshold = rng.choice([0, 2, 3, 5])
     engine = Engine(hotspot_threshold=threshold)
+    twin = twin_of(engine, monkeypatch, threshold)
     model = Model(threshold=threshold)
     next_id = 1
     for _step in range(300):
@@ -1130,12 +1170,17 @@ def test_random_operations_match_the_model(seed: int, chunk: int) -> None:
             action[1]()
         except (DistributionError, ValueError, TypeError) as error:
             expected_error = type(error)
-        if expected_error is None:
-            action[0]()
-        else:
-            with pytest.raises(expected_error):
-                action[0]()
+        on_engine = action[0]
+        assert isinstance(on_engine, partial)
+        on_twin = partial(getattr(twin, on_engine.func.__name__), *on_engine.args)
+        for call in (on_engine, on_twin):
+            if expected_error is None:
+                call()
+            else:
+                with pytest.raises(expected_error):
+                    call()
         model.compare(engine, rng)
+        same_in_c_and_python(engine, twin, rng)
 
 
 def test_large_snapshot_and_changes_match_the_model() -> None:
@@ -1196,3 +1241,147 @@ def test_snapshot_keeps_the_applications_frozen_objects_frozen() -> None:
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+# -- keys the packed table must not confuse --------------------------------------------------------
+
+
+def routes_over(keys: list[bytes], last_end: bytes | None = None) -> list[RouteDescriptor]:
+    """Contiguous routes ``[keys[i], keys[i + 1])`` with ids 1, 2, ..., the last one ending at
+    ``last_end`` (none for no key)."""
+    ends: list[bytes | None] = [*keys[1:], last_end]
+    return [
+        rd(i + 1, start, end, 1 + i % 7)
+        for i, (start, end) in enumerate(zip(keys, ends, strict=False))
+    ]
+
+
+def check_against_model(engine: Engine, model: Model, rng: random.Random) -> None:
+    model.compare(engine, rng)
+    for route in model.table:
+        assert engine.get_route(route.start) == route._replace(load=0)
+        if route.end is not None:
+            before_end = route.end[:-1] if route.end[-1:] == b"\x00" else None
+            if before_end is not None and before_end >= route.start:
+                assert engine.get_route(before_end) == route._replace(load=0)
+
+
+@pytest.mark.parametrize("shared", [8, 9, 16, 40])
+def test_keys_sharing_long_prefixes(shared: int, chunk: int) -> None:
+    """Keys equal in their first 8 bytes (and more) tie on every prefix: only the whole keys
+    order them, and a catalog route is found by id among chunks that all share its prefix."""
+    rng = random.Random(shared)
+    head = b"tenant-" + b"\x00" * (shared - 7)
+    keys = sorted({head + rng.randbytes(rng.randrange(0, 3)) for _ in range(300)})
+    keys += [head[:7], head[:7] + b"\x00"]  # shorter keys that zero-pad to the same prefix
+    keys = sorted(set(keys))
+    engine = Engine()
+    model = Model()
+    snapshot = snap(1, *routes_over(keys))
+    engine.apply_snapshot(snapshot)
+    model.apply_snapshot(snapshot)
+    check_against_model(engine, model, rng)
+    # Split, delete and replace routes by id: each is found among routes of one prefix.
+    next_id = len(keys) + 1
+    for version in range(2, 30):
+        c, next_id = random_change(rng, model, next_id)
+        c = change(version - 1, version, c.upserts, c.deletes)
+        try:
+            model.apply_changes([c])
+        except (DistributionError, ValueError) as error:
+            with pytest.raises(type(error)):
+                engine.apply_changes([c])
+            model.version = version
+            engine.apply_changes([change(version - 1, version)])
+        else:
+            engine.apply_changes([c])
+        check_against_model(engine, model, rng)
+
+
+def test_empty_and_maximal_keys(chunk: int) -> None:
+    """The empty key, keys of zeros (which pad to the empty key's prefix), keys of 0xff bytes
+    (the largest prefix) and a long key: bounds, lookups and batches."""
+    huge = b"\xff" * 4096
+    keys = [b"", b"\x00", b"\x00" * 8, b"\x00" * 9, b"\x7f", b"\xff" * 7, b"\xff" * 8, huge]
+    engine = Engine()
+    engine.apply_snapshot(snap(1, *routes_over(keys)))
+    engine._check()
+    probes = [*keys, b"\x00" * 20, b"\xff" * 9, huge + b"\x00", b"\xff" * 5000, b"\x01"]
+    for key in probes:
+        route = engine.get_route(key)
+        assert route is not None
+        assert route.start <= key and (route.end is None or key < route.end)
+    assert engine.get_route(huge).route_id == len(keys)
+    assert engine.get_route(b"").route_id == 1
+    grouped = engine.group_keys(probes)
+    assert [k for _, ks in grouped for k in ks] == sorted(probes)
+    # A bounded last route: keys past it, the largest included, fall in no route.
+    engine.apply_snapshot(snap(2, *routes_over(keys[:-1], last_end=huge)))
+    engine._check()
+    assert engine.get_route(huge) is None
+    assert engine.get_route(b"\xff" * 5000) is None
+    assert engine.get_route(b"\xff" * 4095).route_id == len(keys) - 1
+    assert engine.group_keys([huge, b"\xff" * 5000]) == []
+    # A hotspot split of the route at the empty key, and of the one just below the largest.
+    hot = Engine(hotspot_threshold=1)
+    hot.apply_snapshot(snap(1, *routes_over(keys[:-1], last_end=huge)))
+    hot.record_access(b"")
+    hot.record_access(b"\xff" * 8)
+    hot._check()
+    assert hot.get_route(b"").end == b"\x00"
+    assert hot.get_route(b"\xff" * 8).end == b"\xff" * 8 + b"\x00"
+
+
+def sizes_around(chunk: int) -> list[int]:
+    """Route counts just below, at and above each of the first few multiples of ``chunk``
+    (and of half of it: tables are cut into chunks of chunk / 2 to 2 chunk bounds)."""
+    sizes = {0, 1, 2, 3}
+    for multiple in range(1, 5):
+        for edge in (multiple * chunk, multiple * chunk // 2):
+            sizes.update(edge + d for d in (-2, -1, 0, 1, 2) if edge + d >= 0)
+    return sorted(sizes)
+
+
+@pytest.mark.parametrize("chunk_size", [2, 3, 4, 7, 16])
+def test_table_sizes_crossing_every_block_boundary(
+    chunk_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tables of every size around the chunk size's multiples (with gaps, and without), then a
+    split at the first, a middle and the last route, all checked against the model."""
+    monkeypatch.setattr(table_module, "CHUNK", chunk_size)
+    monkeypatch.setattr(_pylookup, "_BLOCK", max(chunk_size, 3))
+    rng = random.Random(chunk_size)
+    for size in sizes_around(chunk_size):
+        keys = [b"k%05d" % i for i in range(size)]
+        for gaps in (False, True):
+            routes = routes_over(keys, last_end=b"l" if gaps else None)
+            if gaps:
+                routes = [
+                    r._replace(end=r.start + b"\x00") if i % 3 == 1 else r
+                    for i, r in enumerate(routes)
+                ]
+            engine = Engine()
+            model = Model()
+            snapshot = snap(1, *routes)
+            engine.apply_snapshot(snapshot)
+            model.apply_snapshot(snapshot)
+            check_against_model(engine, model, rng)
+            picks = sorted({0, size // 2, size - 1} & set(range(size)))
+            for pick in picks:
+                version = engine.version + 1
+                victim = routes[pick]
+                middle = victim.start + b"m"
+                if victim.end is not None and middle >= victim.end:
+                    continue
+                c = change(
+                    version - 1,
+                    version,
+                    (
+                        rd(10_000 + 2 * version, victim.start, middle, victim.group_id),
+                        rd(10_001 + 2 * version, middle, victim.end, victim.group_id),
+                    ),
+                    (victim.route_id,),
+                )
+                model.apply_changes([c])
+                engine.apply_changes([c])
+                check_against_model(engine, model, rng)

@@ -1,8 +1,10 @@
-"""Tests of distribution._lookup, the Engine's searches in C, against bisect over plain lists.
+"""Tests of the Engine's searches, in C (distribution._lookup) and in pure Python
+(distribution._pylookup), against bisect over plain lists.
 
 The Engine's own tests (test_engine.py) go through these functions too; here the batches are
-large enough for every sorting path (insertion, merge, radix with runs of equal prefixes), the
-keys are chosen to defeat an 8-byte prefix, and malformed tables must raise, never crash.
+large enough for every sorting path of the C one (insertion, merge, radix with runs of equal
+prefixes), the keys are chosen to defeat an 8-byte prefix, and malformed tables must make the C
+searches raise, never crash.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import gc
 import random
 from bisect import bisect_right
 from itertools import groupby
+from types import ModuleType
 
 import pytest
 
-import distribution.engine as engine_module
-from distribution import Engine, Route, RouteDescriptor, RouteState
-from distribution._lookup import find, group
+import distribution.table as table_module
+from distribution import Engine, Route, RouteDescriptor, RouteState, _pylookup
 from distribution.types import CatalogSnapshot
+
+_lookup = pytest.importorskip("distribution._lookup")
 
 #: Keys that differ only past their first 8 bytes, are prefixes of one another, or end in zeros.
 _TRICKY = [
@@ -35,6 +39,15 @@ _TRICKY = [
     b"\xff" * 8,
     b"\xff" * 9,
 ]
+
+
+@pytest.fixture(params=["c", "python"])
+def search(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Each table implementation in turn (Engines made in the test use it): both answer every
+    test alike."""
+    module: ModuleType = _lookup if request.param == "c" else _pylookup
+    monkeypatch.setattr(table_module, "IMPLEMENTATION", module)
+    return module
 
 
 def _random_key(rng: random.Random) -> bytes:
@@ -87,12 +100,14 @@ def _expected(
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_find_and_group_match_bisect(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_find_and_group_match_bisect(
+    search: ModuleType, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = random.Random(seed)
     # Small chunks on odd seeds: groups then cross chunk edges.
     if seed % 2:
-        monkeypatch.setattr(engine_module, "_CHUNK", 4)
-        monkeypatch.setattr(engine_module, "_BLOCK", 4)
+        monkeypatch.setattr(table_module, "CHUNK", 4)
+        monkeypatch.setattr(_pylookup, "_BLOCK", 4)
     engine, bounds, slots = _engine(rng, rng.choice((3, 40, 300)))
     engine._check()
     table = engine._table
@@ -101,73 +116,95 @@ def test_find_and_group_match_bisect(seed: int, monkeypatch: pytest.MonkeyPatch)
         keys += rng.sample(bounds, min(len(bounds), size // 4))
         rng.shuffle(keys)
         want = _expected(bounds, slots, keys)
-        assert group(table, keys) == want
-        assert group(table, sorted(keys)) == want
-        assert group(table, sorted(keys, reverse=True)) == want
+        assert search.group(table, keys) == want
+        assert search.group(table, sorted(keys)) == want
+        assert search.group(table, sorted(keys, reverse=True)) == want
         for key in keys:
-            assert find(table, key) == slots[bisect_right(bounds, key)]
+            assert search.find(table, key) == slots[bisect_right(bounds, key)]
 
 
 def _two_level(table: object, key: bytes) -> object:
-    """The Engine's lookup written with bisect: the chunk over tops, then the slot over bounds."""
+    """The Engine's lookup written with bisect over lists: the chunk over tops, then the slot
+    over bounds."""
     tops, chunks = table  # type: ignore[misc]
     bounds, slots = chunks[bisect_right(tops, key)]
     return slots[bisect_right(bounds, key)]
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_chunks_of_every_small_size(seed: int) -> None:
+def test_chunks_of_every_small_size(search: ModuleType, seed: int) -> None:
     """Tables built by hand, whose chunks hold 0 to 6 bounds: searches side by side over lists
     of different sizes, empty ones included."""
     rng = random.Random(seed)
     keys = sorted({bytes([rng.randrange(256), rng.randrange(4)]) for _ in range(80)})
     tops: list[bytes] = []
-    chunks: list[tuple[list[bytes], list[Route | None]]] = []
+    all_bounds: list[list[bytes]] = []
     pos = 0
     while True:
         size = rng.randrange(7)
-        bounds = keys[pos : pos + size]
-        slots = [_route(key) if rng.random() < 0.7 else None for key in [b"", *bounds]]
-        chunks.append((bounds, slots))
+        all_bounds.append(keys[pos : pos + size])
         pos += size
         if pos >= len(keys) - 1:
             break
         tops.append(keys[pos])
         pos += 1
-    table = (tops, chunks)
+    edges: list[bytes | None] = [None, *tops, None]
+    chunks: list[tuple[list[bytes], list[Route | None]]] = []
+    for c, bounds in enumerate(all_bounds):
+        # Slot i covers [starts[i], ends[i]); the very first slot is always a gap.
+        starts, ends = [edges[c], *bounds], [*bounds, edges[c + 1]]
+        slots = [
+            Route(1, start, end, 1, RouteState.ACTIVE, 0)
+            if start is not None and rng.random() < 0.7
+            else None
+            for start, end in zip(starts, ends, strict=True)
+        ]
+        chunks.append((bounds, slots))
+    lists = (tops, chunks)
+    table = (
+        tops,
+        search.make_index(tops),
+        [search.Chunk(b, s, edges[c], edges[c + 1]) for c, (b, s) in enumerate(chunks)],
+        search,
+    )
     for size in (2, 9, 100, 1000):
         batch = [rng.choice(keys) + rng.choice((b"", b"\x00", b"\xff")) for _ in range(size)]
         batch += [b"", b"\xff" * 3][: size // 50]
         want: list[tuple[object, list[bytes]]] = []
-        for route, members in groupby(sorted(batch), key=lambda key: id(_two_level(table, key))):
+        for route, members in groupby(sorted(batch), key=lambda key: id(_two_level(lists, key))):
             del route
             keys_here = list(members)
-            found = _two_level(table, keys_here[0])
+            found = _two_level(lists, keys_here[0])
             if found is not None:
                 want.append((found, keys_here))
-        assert group(table, batch) == want
-        assert [find(table, key) for key in batch] == [_two_level(table, key) for key in batch]
+        assert search.group(table, batch) == want
+        assert [search.find(table, key) for key in batch] == [
+            _two_level(lists, key) for key in batch
+        ]
 
 
-def test_an_empty_table_groups_nothing() -> None:
+def test_an_empty_table_groups_nothing(search: ModuleType) -> None:
     table = Engine()._table
     for size in (1, 2, 8, 9, 100):
-        assert group(table, [bytes([i]) for i in range(size)]) == []
+        assert search.group(table, [bytes([i]) for i in range(size)]) == []
 
 
-def test_group_keeps_duplicates_and_the_key_objects_in_their_order() -> None:
+def test_group_keeps_duplicates_and_the_key_objects_in_their_order(search: ModuleType) -> None:
     engine = Engine.with_default_route()
     keys = [bytes([i % 7]) * 9 for i in range(300)]
-    [(route, grouped)] = group(engine._table, keys)
+    [(route, grouped)] = search.group(engine._table, keys)
     assert route.route_id == 0
     assert grouped == sorted(keys)
     # Equal keys keep the order they came in, as sorted() keeps them.
     assert list(map(id, grouped)) == list(map(id, sorted(keys)))
 
 
-def test_a_finalizer_emptying_the_keys_during_group_changes_nothing() -> None:
+def test_a_finalizer_emptying_the_keys_during_group_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Allocating the groups runs the garbage collector, and so finalizers: one that empties the
-    caller's list, freeing its keys, must not reach the keys being grouped."""
+    caller's list, freeing its keys, must not reach the keys being grouped (by the C search)."""
+    monkeypatch.setattr(table_module, "IMPLEMENTATION", _lookup)
     starts = [bytes([i]) for i in range(251)]
     engine = Engine()
     engine.apply_snapshot(
@@ -198,61 +235,85 @@ def test_a_finalizer_emptying_the_keys_during_group_changes_nothing() -> None:
     threshold = gc.get_threshold()
     gc.set_threshold(1)
     try:
-        got = group(engine._table, keys)
+        got = _lookup.group(engine._table, keys)
     finally:
         gc.set_threshold(*threshold)
     assert keys == []  # the finalizer ran during the call
     assert [(route.route_id, grouped) for route, grouped in got] == want
 
 
-def test_group_of_a_list_leaves_the_list_alone() -> None:
+def test_group_of_a_list_leaves_the_list_alone(search: ModuleType) -> None:
     engine = Engine.with_default_route()
     keys = [b"c", b"a", b"b"] * 40
     before = list(keys)
-    group(engine._table, keys)
+    search.group(engine._table, keys)
     assert keys == before
 
 
-def test_a_key_that_is_not_bytes_raises_type_error() -> None:
+def test_a_key_that_is_not_bytes_raises_type_error(search: ModuleType) -> None:
     table = Engine.with_default_route()._table
     with pytest.raises(TypeError, match="must be bytes, got str"):
-        find(table, "k")  # type: ignore[arg-type]
+        search.find(table, "k")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="must be bytes, got bytearray"):
-        group(table, [b"a"] * 100 + [bytearray(b"k")])  # type: ignore[list-item]
+        search.group(table, [b"a"] * 100 + [bytearray(b"k")])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="must be a list"):
-        group(table, (b"a",))  # type: ignore[arg-type]
+        search.group(table, (b"a",))  # type: ignore[arg-type]
 
 
 def _route(start: bytes) -> Route:
     return Route(1, start, None, 1, RouteState.ACTIVE, 0)
 
 
-@pytest.mark.parametrize(
-    "table",
-    [
+def _malformed_tables() -> list[object]:
+    chunk = _lookup.Chunk([b"a"], [None, _route(b"a")], None, None)
+    index = _lookup.make_index([])
+    return [
         None,
         ([], []),
-        ([], [([], [None]), ([], [None])]),
-        ([], [([b"a"], [None])]),
-        ([], [[[b"a"], [None, None]]]),
-        ([], ["chunk"]),
-        ([1], [([], [None]), ([], [None])]),
-        ([], [([b"a", 2], [None, _route(b"a"), None])]),
-    ],
+        ([], index),
+        ([], index, []),
+        ([], index, [chunk, chunk]),
+        ([], index, ["chunk"]),
+        ([], [], [chunk]),
+        [[], index, [chunk]],
+    ]
+
+
+@pytest.mark.parametrize(
+    "table",
+    _malformed_tables(),
     ids=[
         "not-a-tuple",
+        "a-pair",
+        "a-pair-with-index",
         "no-chunk",
-        "chunks-without-tops",
-        "slots-too-short",
-        "chunk-not-a-tuple",
+        "more-chunks-than-the-index-has-room-for",
         "chunk-of-a-string",
-        "top-not-bytes",
-        "bound-not-bytes",
+        "index-not-a-chunk",
+        "a-list",
     ],
 )
 def test_a_malformed_table_raises_instead_of_crashing(table: object) -> None:
     for key in (b"", b"a", b"m", b"z"):
         with pytest.raises((TypeError, SystemError)):
-            find(table, key)  # type: ignore[arg-type]
+            _lookup.find(table, key)  # type: ignore[arg-type]
         with pytest.raises((TypeError, SystemError)):
-            group(table, [key, key + b"\x00"])  # type: ignore[arg-type]
+            _lookup.group(table, [key, key + b"\x00"])  # type: ignore[arg-type]
+
+
+def test_a_chunk_refuses_what_it_cannot_hold() -> None:
+    route = _route(b"a")
+    for bounds, slots, lower, upper in [
+        ([b"a"], [None], None, None),  # slots must be one more than bounds
+        ([b"b", b"a"], [None, route, route], None, None),  # bounds must increase
+        ([b"a"], [None, route], b"b", None),  # above the lower edge
+        ([b"a"], [None, route], None, b"a"),  # below the upper edge
+        ([b"a"], [route, None], None, None),  # nothing starts before the key space
+        ([b"a"], [None, route._replace(group_id=0)], None, None),
+        ([b"a"], [None, route._replace(state=9)], None, None),
+        ([b"a"], [None, route._replace(route_id=-1)], None, None),
+        ([b"a"], [None, "route"], None, None),
+        ([bytearray(b"a")], [None, route], None, None),
+    ]:
+        with pytest.raises((TypeError, ValueError)):
+            _lookup.Chunk(bounds, slots, lower, upper)  # type: ignore[arg-type]

@@ -1,20 +1,30 @@
-/* distribution._lookup: the Engine's searches over its routing table, in C.
+/* distribution._lookup: the Engine's routing table chunks, packed, and its searches, in C.
  *
- * The table is the pair (tops, chunks) described in distribution/engine.py: tops is a list of
- * bytes, chunks a list of (bounds, slots) tuples, bounds a list of bytes and slots a list of
- * routes (or None) one longer than bounds. Both functions only read it, and its lists must not
- * change during a call: the Engine's never change once a table holds them (a writer builds the
- * next table and swaps it in). The keys may change: group works on its own copy of the list,
- * since allocating the groups can run the garbage collector, and with it any finalizer.
+ * The table is a distribution.table.RouteTable, a tuple (tops, index, chunks, ...): tops is a
+ * list of bytes (the keys between chunks), index a gap-only Chunk over the same keys (searched
+ * instead of the list), chunks a list of Chunk objects, one more than tops.
  *
- * Why C: a Python bisect spends most of its time in rich comparisons (about 18 ns each here),
- * and a batch sort as much again; comparing bytes with memcmp costs a few nanoseconds.
+ * A Chunk packs a sorted run of boundary keys and the slots between them:
  *
- * Bad input (a table that is not of that shape, a key that is not bytes) raises TypeError or
- * SystemError; it never reads outside an object.
+ *   prefix[i]   big-endian value of bound i's first 8 bytes, zero padded: a search compares
+ *               these, and only on a tie the whole keys, so it reads one contiguous array;
+ *   offset[i]   bound i is arena[offset[i]:offset[i + 1]] (the key arena);
+ *   ids, groups, states   slot i's route (group 0 marks a gap), slot i covering
+ *               [bound i - 1, bound i), the chunk's lower and upper edges standing in at the ends.
+ *
+ * A Route object exists only when a lookup returns one. A Chunk never changes once built: a
+ * writer builds new chunks and swaps a new table in, so readers take no lock.
+ *
+ * IdIndex maps route ids to the prefix of their start (open addressing, linear probing): the
+ * Engine finds a catalog route by id without keeping a Route per id. Only writers use it, under
+ * the Engine's lock.
+ *
+ * Bad input (a table that is not of that shape, a key that is not bytes) raises TypeError,
+ * ValueError or SystemError; it never reads outside an object.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include "structmember.h"
 #include <stdint.h>
 #include <string.h>
 
@@ -24,17 +34,11 @@
 #define PREFETCH(address) ((void)(address))
 #endif
 
-/* Compare two bytes objects as Python does: memcmp of the common prefix, then length. */
-static inline int
-compare_bytes(PyObject *a, PyObject *b)
-{
-    Py_ssize_t la = PyBytes_GET_SIZE(a), lb = PyBytes_GET_SIZE(b);
-    int r = memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), (size_t)(la < lb ? la : lb));
-    if (r != 0) {
-        return r;
-    }
-    return (la > lb) - (la < lb);
-}
+/* distribution.types.Route and RouteDescriptor, RouteState members by value, the int 0. */
+static PyTypeObject *route_type;
+static PyTypeObject *descriptor_type;
+static PyObject *state_members[256];
+static PyTypeObject *state_type;
 
 static int
 not_bytes(PyObject *value)
@@ -44,18 +48,211 @@ not_bytes(PyObject *value)
     return -1;
 }
 
-/* bisect_right(list, key) over a list of bytes; -1 with an exception set on a non-bytes item. */
-static Py_ssize_t
-bisect_right(PyObject *list, PyObject *key)
+/* Compare two bytes objects as Python does: memcmp of the common prefix, then length. */
+static inline int
+compare_raw(const char *a, Py_ssize_t la, const char *b, Py_ssize_t lb)
 {
-    Py_ssize_t lo = 0, hi = PyList_GET_SIZE(list);
+    int r = memcmp(a, b, (size_t)(la < lb ? la : lb));
+    if (r != 0) {
+        return r;
+    }
+    return (la > lb) - (la < lb);
+}
+
+static inline int
+compare_bytes(PyObject *a, PyObject *b)
+{
+    return compare_raw(PyBytes_AS_STRING(a), PyBytes_GET_SIZE(a), PyBytes_AS_STRING(b),
+                       PyBytes_GET_SIZE(b));
+}
+
+static inline uint64_t
+prefix_raw(const char *key, Py_ssize_t n)
+{
+    const unsigned char *s = (const unsigned char *)key;
+    if (n >= 8) {
+        uint64_t value;
+        memcpy(&value, s, 8);
+#if defined(__GNUC__) || defined(__clang__)
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        value = __builtin_bswap64(value);
+#endif
+        return value;
+#endif
+    }
+    uint64_t value = 0;
+    for (Py_ssize_t i = 0; i < 8; i++) {
+        value = (value << 8) | (i < n ? s[i] : 0);
+    }
+    return value;
+}
+
+static inline uint64_t
+prefix_of(PyObject *key)
+{
+    return prefix_raw(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key));
+}
+
+/* -- Chunk ------------------------------------------------------------------------------- */
+
+/* Bounds per block of the prefix summary: 32 prefixes are four cache lines. */
+#define BLOCK 32
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t n;          /* bounds; the chunk has n + 1 slots */
+    uint64_t *summary;     /* (n + BLOCK - 1) / BLOCK: the first prefix of each block */
+    PyObject *lower;       /* bytes, or NULL: the start of the key space */
+    PyObject *upper;       /* bytes, or NULL: unbounded */
+    uint64_t *prefix;      /* n */
+    uint64_t *ids;         /* n + 1 */
+    uint64_t *groups;      /* n + 1; 0 marks a gap */
+    Py_ssize_t *offset;    /* n + 1 */
+    unsigned char *states; /* n + 1 */
+    char *arena;           /* offset[n] bytes */
+    void *memory;          /* the one allocation holding every array */
+} Chunk;
+
+static PyTypeObject ChunkType;
+
+static inline Py_ssize_t
+summary_size(Py_ssize_t n)
+{
+    return (n + BLOCK - 1) / BLOCK;
+}
+
+/* A chunk of n bounds with arena bytes of keys, its arrays allocated, not filled (fill the
+ * prefixes, then call chunk_summarize). */
+static Chunk *
+chunk_alloc(Py_ssize_t n, Py_ssize_t arena)
+{
+    size_t words = (size_t)summary_size(n) + (size_t)n + 3 * ((size_t)n + 1);
+    size_t size = words * 8 + ((size_t)n + 1) + (size_t)arena + 1;
+    Chunk *chunk = PyObject_New(Chunk, &ChunkType);
+    if (chunk == NULL) {
+        return NULL;
+    }
+    chunk->memory = PyMem_Malloc(size);
+    chunk->lower = NULL;
+    chunk->upper = NULL;
+    chunk->n = n;
+    if (chunk->memory == NULL) {
+        Py_DECREF(chunk);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    uint64_t *words_at = chunk->memory;
+    chunk->summary = words_at;
+    words_at += summary_size(n);
+    chunk->prefix = words_at;
+    chunk->ids = words_at + n;
+    chunk->groups = chunk->ids + n + 1;
+    chunk->offset = (Py_ssize_t *)(chunk->groups + n + 1);
+    chunk->states = (unsigned char *)(chunk->offset + n + 1);
+    chunk->arena = (char *)(chunk->states + n + 1);
+    return chunk;
+}
+
+static void
+chunk_dealloc(Chunk *chunk)
+{
+    Py_XDECREF(chunk->lower);
+    Py_XDECREF(chunk->upper);
+    PyMem_Free(chunk->memory);
+    PyObject_Free(chunk);
+}
+
+static void
+chunk_summarize(Chunk *chunk)
+{
+    for (Py_ssize_t j = 0; j < summary_size(chunk->n); j++) {
+        chunk->summary[j] = chunk->prefix[j * BLOCK];
+    }
+}
+
+static inline const char *
+bound_at(const Chunk *chunk, Py_ssize_t i, Py_ssize_t *length)
+{
+    *length = chunk->offset[i + 1] - chunk->offset[i];
+    return chunk->arena + chunk->offset[i];
+}
+
+/* <0, 0 or >0 as the key (prefix kp) compares with bound i. */
+static inline int
+key_vs_bound(const Chunk *chunk, Py_ssize_t i, uint64_t kp, const char *key, Py_ssize_t length)
+{
+    uint64_t bp = chunk->prefix[i];
+    if (kp != bp) {
+        return kp < bp ? -1 : 1;
+    }
+    Py_ssize_t bl;
+    const char *bound = bound_at(chunk, i, &bl);
+    return compare_raw(key, length, bound, bl);
+}
+
+/* bisect_right (right) or bisect_left of the key in the chunk's bounds.
+ *
+ * The prefixes are searched as a two-level B-tree: the summary (the first prefix of each block of
+ * BLOCK, a few cache lines requested at once) bounds the blocks the key's prefix can fall in,
+ * then a bisect runs over those (usually one block: four more lines, requested at once). So a
+ * search waits on memory about twice, where a bisect over the whole array would wait at each of
+ * its first steps. Whole keys are compared only where prefixes tie. */
+static void
+chunk_prefetch_summary(const Chunk *chunk)
+{
+    for (Py_ssize_t j = 0; j < summary_size(chunk->n); j += 8) {
+        PREFETCH(chunk->summary + j);
+    }
+}
+
+/* The first level: [*lo, *hi), the bounds the key (prefix kp) can fall between, from the
+ * summary; their first cache lines are requested. Bounds before *lo are all below the key,
+ * bounds from *hi on all above it. */
+static void
+chunk_narrow(const Chunk *chunk, uint64_t kp, Py_ssize_t *lo_out, Py_ssize_t *hi_out)
+{
+    Py_ssize_t n = chunk->n, blocks = summary_size(n);
+    const uint64_t *summary = chunk->summary;
+    /* below: blocks whose first prefix is < kp; through: those whose first prefix is <= kp. */
+    Py_ssize_t lo = 0, hi = blocks;
     while (lo < hi) {
         Py_ssize_t mid = lo + (hi - lo) / 2;
-        PyObject *item = PyList_GET_ITEM(list, mid);
-        if (!PyBytes_CheckExact(item)) {
-            return not_bytes(item);
+        if (summary[mid] < kp) {
+            lo = mid + 1;
         }
-        if (compare_bytes(key, item) < 0) {
+        else {
+            hi = mid;
+        }
+    }
+    Py_ssize_t below = lo;
+    hi = blocks;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (summary[mid] <= kp) {
+            lo = mid + 1;
+        }
+        else {
+            hi = mid;
+        }
+    }
+    Py_ssize_t through = lo;
+    /* Block below - 1 may end with the key's prefix; blocks before it lie below the key. */
+    *lo_out = below ? (below - 1) * BLOCK : 0;
+    *hi_out = through * BLOCK < n ? through * BLOCK : n;
+    for (Py_ssize_t i = *lo_out; i < *hi_out && i < *lo_out + BLOCK; i += 8) {
+        PREFETCH(chunk->prefix + i);
+    }
+}
+
+/* The second level: bisect_right (right) or bisect_left of the key within [lo, hi). */
+static Py_ssize_t
+chunk_finish(const Chunk *chunk, uint64_t kp, const char *key, Py_ssize_t length, int right,
+             Py_ssize_t lo, Py_ssize_t hi)
+{
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        int c = key_vs_bound(chunk, mid, kp, key, length);
+        if (c < 0 || (!right && c == 0)) {
             hi = mid;
         }
         else {
@@ -65,45 +262,802 @@ bisect_right(PyObject *list, PyObject *key)
     return lo;
 }
 
-/* The two lists of pair, checked: a 2-tuple of lists, the second one longer than the first
- * (the table's tops and chunks, a chunk's bounds and slots). 0 on success. */
-static int
-unpack_lists(PyObject *pair, const char *what, PyObject **first, PyObject **second)
+/* bisect_right (right) or bisect_left of the key in the chunk's bounds.
+ *
+ * The prefixes are searched as a two-level B-tree: the summary (the first prefix of each block of
+ * BLOCK, a few cache lines requested at once) bounds the blocks the key's prefix can fall in,
+ * then a bisect runs over those (usually one block: four more lines, requested at once). So a
+ * search waits on memory about twice, where a bisect over the whole array would wait at each of
+ * its first steps. Whole keys are compared only where prefixes tie. */
+static Py_ssize_t
+chunk_bisect(const Chunk *chunk, uint64_t kp, const char *key, Py_ssize_t length, int right)
 {
-    if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
-        PyErr_Format(PyExc_SystemError, "routing table is malformed: %s is not a pair", what);
+    Py_ssize_t lo, hi;
+    chunk_prefetch_summary(chunk);
+    chunk_narrow(chunk, kp, &lo, &hi);
+    return chunk_finish(chunk, kp, key, length, right, lo, hi);
+}
+
+static PyObject *
+bound_object(const Chunk *chunk, Py_ssize_t i)
+{
+    Py_ssize_t length;
+    const char *bound = bound_at(chunk, i, &length);
+    return PyBytes_FromStringAndSize(bound, length);
+}
+
+/* The Route in slot i (load 0), or None for a gap: a new reference, or NULL. */
+static PyObject *
+chunk_route(const Chunk *chunk, Py_ssize_t i)
+{
+    if (chunk->groups[i] == 0) {
+        Py_RETURN_NONE;
+    }
+    PyObject *route = route_type->tp_alloc(route_type, 6);
+    if (route == NULL) {
+        return NULL;
+    }
+    PyObject *start = i ? bound_object(chunk, i - 1) : Py_NewRef(chunk->lower);
+    PyObject *end = i < chunk->n ? bound_object(chunk, i)
+                                 : Py_NewRef(chunk->upper ? chunk->upper : Py_None);
+    PyObject *id = PyLong_FromUnsignedLongLong(chunk->ids[i]);
+    PyObject *group = PyLong_FromUnsignedLongLong(chunk->groups[i]);
+    PyTuple_SET_ITEM(route, 0, id);
+    PyTuple_SET_ITEM(route, 1, start);
+    PyTuple_SET_ITEM(route, 2, end);
+    PyTuple_SET_ITEM(route, 3, group);
+    PyTuple_SET_ITEM(route, 4, Py_NewRef(state_members[chunk->states[i]]));
+    PyTuple_SET_ITEM(route, 5, PyLong_FromLong(0));
+    if (id == NULL || start == NULL || end == NULL || group == NULL) {
+        Py_DECREF(route);
+        return NULL;
+    }
+    return route;
+}
+
+/* Read a u64 from an exact int; -1 with no exception set if it is not one or out of range. */
+static int
+u64_of(PyObject *value, uint64_t *out)
+{
+    if (!PyLong_CheckExact(value)) {
         return -1;
     }
-    *first = PyTuple_GET_ITEM(pair, 0);
-    *second = PyTuple_GET_ITEM(pair, 1);
-    if (!PyList_CheckExact(*first) || !PyList_CheckExact(*second) ||
-        PyList_GET_SIZE(*second) != PyList_GET_SIZE(*first) + 1) {
-        PyErr_Format(PyExc_SystemError, "routing table is malformed: the lists of %s", what);
+    unsigned long long v = PyLong_AsUnsignedLongLong(value);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    *out = (uint64_t)v;
+    return 0;
+}
+
+/* A state's value if value is a RouteState member or an int naming one, else -1. */
+static int
+state_of(PyObject *value)
+{
+    if (Py_TYPE(value) != state_type && !PyLong_CheckExact(value)) {
+        return -1;
+    }
+    long v = PyLong_AsLong(value);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    return v >= 0 && v < 256 && state_members[v] != NULL ? (int)v : -1;
+}
+
+/* Fill a new chunk from n bound objects and n + 1 slots given as arrays. */
+static Chunk *
+chunk_from_arrays(Py_ssize_t n, PyObject *const *bounds, const uint64_t *ids,
+                  const uint64_t *groups, const unsigned char *states, PyObject *lower,
+                  PyObject *upper)
+{
+    Py_ssize_t arena = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        arena += PyBytes_GET_SIZE(bounds[i]);
+    }
+    Chunk *chunk = chunk_alloc(n, arena);
+    if (chunk == NULL) {
+        return NULL;
+    }
+    Py_ssize_t at = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t length = PyBytes_GET_SIZE(bounds[i]);
+        chunk->offset[i] = at;
+        chunk->prefix[i] = prefix_of(bounds[i]);
+        memcpy(chunk->arena + at, PyBytes_AS_STRING(bounds[i]), (size_t)length);
+        at += length;
+    }
+    chunk->offset[n] = at;
+    chunk_summarize(chunk);
+    memcpy(chunk->ids, ids, ((size_t)n + 1) * sizeof(uint64_t));
+    memcpy(chunk->groups, groups, ((size_t)n + 1) * sizeof(uint64_t));
+    memcpy(chunk->states, states, (size_t)n + 1);
+    chunk->lower = lower == Py_None ? NULL : Py_XNewRef(lower);
+    chunk->upper = upper == Py_None ? NULL : Py_XNewRef(upper);
+    return chunk;
+}
+
+/* Read slot (None or a Route-like tuple) into ids/groups/states[i]; 0, or -1 with ValueError. */
+static int
+read_slot(PyObject *slot, Py_ssize_t i, uint64_t *ids, uint64_t *groups, unsigned char *states)
+{
+    if (slot == Py_None) {
+        ids[i] = groups[i] = 0;
+        states[i] = 0;
+        return 0;
+    }
+    int state = -1;
+    if (PyTuple_Check(slot) && PyTuple_GET_SIZE(slot) >= 5 &&
+        u64_of(PyTuple_GET_ITEM(slot, 0), &ids[i]) == 0 &&
+        u64_of(PyTuple_GET_ITEM(slot, 3), &groups[i]) == 0) {
+        state = state_of(PyTuple_GET_ITEM(slot, 4));
+    }
+    if (state < 0 || groups[i] == 0) {
+        PyErr_SetString(PyExc_ValueError, "a chunk's slot must be None or a valid route");
+        return -1;
+    }
+    states[i] = (unsigned char)state;
+    return 0;
+}
+
+static PyObject *
+chunk_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *bounds, *slots, *lower, *upper;
+    static char *names[] = {"bounds", "slots", "lower", "upper", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!OO:Chunk", names, &PyList_Type, &bounds,
+                                     &PyList_Type, &slots, &lower, &upper)) {
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(bounds);
+    if (PyList_GET_SIZE(slots) != n + 1) {
+        PyErr_SetString(PyExc_ValueError, "a chunk has one slot more than bounds");
+        return NULL;
+    }
+    if ((lower != Py_None && !PyBytes_CheckExact(lower)) ||
+        (upper != Py_None && !PyBytes_CheckExact(upper))) {
+        PyErr_SetString(PyExc_TypeError, "a chunk's edges must be bytes or None");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *bound = PyList_GET_ITEM(bounds, i);
+        if (!PyBytes_CheckExact(bound)) {
+            not_bytes(bound);
+            return NULL;
+        }
+        PyObject *before = i ? PyList_GET_ITEM(bounds, i - 1) : lower;
+        if (before != Py_None && compare_bytes(before, bound) >= 0) {
+            PyErr_SetString(PyExc_ValueError, "a chunk's bounds must strictly increase");
+            return NULL;
+        }
+    }
+    if (upper != Py_None && (n ? PyList_GET_ITEM(bounds, n - 1) : lower) != Py_None &&
+        compare_bytes(n ? PyList_GET_ITEM(bounds, n - 1) : lower, upper) >= 0) {
+        PyErr_SetString(PyExc_ValueError, "a chunk's bounds must strictly increase");
+        return NULL;
+    }
+    uint64_t *fields = PyMem_Malloc(2 * ((size_t)n + 1) * sizeof(uint64_t) + (size_t)n + 1);
+    if (fields == NULL) {
+        return PyErr_NoMemory();
+    }
+    uint64_t *ids = fields, *groups = fields + n + 1;
+    unsigned char *states = (unsigned char *)(groups + n + 1);
+    Chunk *chunk = NULL;
+    for (Py_ssize_t i = 0; i <= n; i++) {
+        if (read_slot(PyList_GET_ITEM(slots, i), i, ids, groups, states) < 0) {
+            goto done;
+        }
+        if (i == 0 && lower == Py_None && groups[0] != 0) {
+            PyErr_SetString(PyExc_ValueError, "nothing lies before the start of the key space");
+            goto done;
+        }
+    }
+    chunk = chunk_from_arrays(n, ((PyListObject *)bounds)->ob_item, ids, groups, states, lower,
+                              upper);
+done:
+    PyMem_Free(fields);
+    return (PyObject *)chunk;
+}
+
+static int
+key_arg(PyObject *key)
+{
+    return PyBytes_CheckExact(key) ? 0 : not_bytes(key);
+}
+
+static PyObject *
+chunk_bisect_right_method(Chunk *chunk, PyObject *key)
+{
+    if (key_arg(key) < 0) {
+        return NULL;
+    }
+    return PyLong_FromSsize_t(chunk_bisect(chunk, prefix_of(key), PyBytes_AS_STRING(key),
+                                           PyBytes_GET_SIZE(key), 1));
+}
+
+static PyObject *
+chunk_bisect_left_method(Chunk *chunk, PyObject *key)
+{
+    if (key_arg(key) < 0) {
+        return NULL;
+    }
+    return PyLong_FromSsize_t(chunk_bisect(chunk, prefix_of(key), PyBytes_AS_STRING(key),
+                                           PyBytes_GET_SIZE(key), 0));
+}
+
+static int
+slot_arg(Chunk *chunk, PyObject *value, Py_ssize_t *slot)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(value);
+    if (i == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (i < 0 || i > chunk->n) {
+        PyErr_SetString(PyExc_IndexError, "chunk slot out of range");
+        return -1;
+    }
+    *slot = i;
+    return 0;
+}
+
+static PyObject *
+chunk_route_method(Chunk *chunk, PyObject *value)
+{
+    Py_ssize_t i;
+    if (slot_arg(chunk, value, &i) < 0) {
+        return NULL;
+    }
+    return chunk_route(chunk, i);
+}
+
+static PyObject *
+chunk_bound_method(Chunk *chunk, PyObject *value)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(value);
+    if (i == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (i < 0 || i >= chunk->n) {
+        PyErr_SetString(PyExc_IndexError, "chunk bound out of range");
+        return NULL;
+    }
+    return bound_object(chunk, i);
+}
+
+/* splice(lo, hi, bounds, slots): a new chunk where slots [lo, hi) and the bounds between them
+ * (lo .. hi - 2) are replaced by slots and bounds; 0 < lo < hi <= n. */
+static PyObject *
+chunk_splice_method(Chunk *chunk, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "splice() takes exactly 4 arguments");
+        return NULL;
+    }
+    Py_ssize_t lo = PyLong_AsSsize_t(args[0]), hi = PyLong_AsSsize_t(args[1]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *bounds = args[2], *slots = args[3];
+    if (!PyList_CheckExact(bounds) || !PyList_CheckExact(slots)) {
+        PyErr_SetString(PyExc_TypeError, "splice() takes lists of bounds and slots");
+        return NULL;
+    }
+    Py_ssize_t k = PyList_GET_SIZE(bounds), n = chunk->n;
+    if (!(0 < lo && lo < hi && hi <= n) || PyList_GET_SIZE(slots) != k + 1) {
+        PyErr_SetString(PyExc_ValueError, "splice() out of range");
+        return NULL;
+    }
+    /* Kept: bounds [0, lo) and [hi - 1, n), slots [0, lo) and [hi, n + 1). */
+    Py_ssize_t arena = chunk->offset[lo] + (chunk->offset[n] - chunk->offset[hi - 1]);
+    for (Py_ssize_t i = 0; i < k; i++) {
+        PyObject *bound = PyList_GET_ITEM(bounds, i);
+        if (!PyBytes_CheckExact(bound)) {
+            not_bytes(bound);
+            return NULL;
+        }
+        Py_ssize_t bl;
+        const char *before = i ? PyBytes_AS_STRING(PyList_GET_ITEM(bounds, i - 1))
+                               : bound_at(chunk, lo - 1, &bl);
+        if (i) {
+            bl = PyBytes_GET_SIZE(PyList_GET_ITEM(bounds, i - 1));
+        }
+        Py_ssize_t al;
+        const char *after = bound_at(chunk, hi - 1, &al);
+        if (compare_raw(before, bl, PyBytes_AS_STRING(bound), PyBytes_GET_SIZE(bound)) >= 0 ||
+            compare_raw(PyBytes_AS_STRING(bound), PyBytes_GET_SIZE(bound), after, al) >= 0) {
+            PyErr_SetString(PyExc_ValueError, "a chunk's bounds must strictly increase");
+            return NULL;
+        }
+        arena += PyBytes_GET_SIZE(bound);
+    }
+    Py_ssize_t m = lo + k + (n - hi + 1);
+    Chunk *out = chunk_alloc(m, arena);
+    if (out == NULL) {
+        return NULL;
+    }
+    out->lower = Py_XNewRef(chunk->lower);
+    out->upper = Py_XNewRef(chunk->upper);
+    for (Py_ssize_t i = 0; i <= k; i++) {
+        if (read_slot(PyList_GET_ITEM(slots, i), lo + i, out->ids, out->groups, out->states) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    /* The bounds before the splice, then the new ones, then the rest, shifted. */
+    memcpy(out->prefix, chunk->prefix, (size_t)lo * 8);
+    memcpy(out->offset, chunk->offset, (size_t)lo * sizeof(Py_ssize_t));
+    memcpy(out->arena, chunk->arena, (size_t)chunk->offset[lo]);
+    Py_ssize_t at = chunk->offset[lo];
+    for (Py_ssize_t i = 0; i < k; i++) {
+        PyObject *bound = PyList_GET_ITEM(bounds, i);
+        out->prefix[lo + i] = prefix_of(bound);
+        out->offset[lo + i] = at;
+        memcpy(out->arena + at, PyBytes_AS_STRING(bound), (size_t)PyBytes_GET_SIZE(bound));
+        at += PyBytes_GET_SIZE(bound);
+    }
+    Py_ssize_t shift = at - chunk->offset[hi - 1];
+    for (Py_ssize_t i = hi - 1; i < n; i++) {
+        out->prefix[lo + k + i - (hi - 1)] = chunk->prefix[i];
+        out->offset[lo + k + i - (hi - 1)] = chunk->offset[i] + shift;
+    }
+    out->offset[m] = chunk->offset[n] + shift;
+    chunk_summarize(out);
+    memcpy(out->arena + at, chunk->arena + chunk->offset[hi - 1],
+           (size_t)(chunk->offset[n] - chunk->offset[hi - 1]));
+    memcpy(out->ids, chunk->ids, (size_t)lo * 8);
+    memcpy(out->groups, chunk->groups, (size_t)lo * 8);
+    memcpy(out->states, chunk->states, (size_t)lo);
+    memcpy(out->ids + lo + k + 1, chunk->ids + hi, (size_t)(n + 1 - hi) * 8);
+    memcpy(out->groups + lo + k + 1, chunk->groups + hi, (size_t)(n + 1 - hi) * 8);
+    memcpy(out->states + lo + k + 1, chunk->states + hi, (size_t)(n + 1 - hi));
+    return (PyObject *)out;
+}
+
+static PyObject *
+chunk_find_id_method(Chunk *chunk, PyObject *value)
+{
+    uint64_t id;
+    if (u64_of(value, &id) < 0) {
+        PyErr_SetString(PyExc_TypeError, "find_id() takes a route id, an int in [0, 2**64)");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i <= chunk->n; i++) {
+        if (chunk->ids[i] == id && chunk->groups[i] != 0) {
+            return PyLong_FromSsize_t(i);
+        }
+    }
+    return PyLong_FromLong(-1);
+}
+
+static PyObject *
+chunk_bounds_method(Chunk *chunk, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *bounds = PyList_New(chunk->n);
+    if (bounds == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < chunk->n; i++) {
+        PyObject *bound = bound_object(chunk, i);
+        if (bound == NULL) {
+            Py_DECREF(bounds);
+            return NULL;
+        }
+        PyList_SET_ITEM(bounds, i, bound);
+    }
+    return bounds;
+}
+
+static PyObject *
+chunk_slots_method(Chunk *chunk, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *slots = PyList_New(chunk->n + 1);
+    if (slots == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i <= chunk->n; i++) {
+        PyObject *route = chunk_route(chunk, i);
+        if (route == NULL) {
+            Py_DECREF(slots);
+            return NULL;
+        }
+        PyList_SET_ITEM(slots, i, route);
+    }
+    return slots;
+}
+
+static PyObject *
+chunk_get_lower(Chunk *chunk, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(chunk->lower ? chunk->lower : Py_None);
+}
+
+static PyObject *
+chunk_get_upper(Chunk *chunk, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(chunk->upper ? chunk->upper : Py_None);
+}
+
+static Py_ssize_t
+chunk_length(Chunk *chunk)
+{
+    return chunk->n + 1;
+}
+
+static PyObject *
+chunk_sizeof(Chunk *chunk, PyObject *Py_UNUSED(ignored))
+{
+    size_t words = (size_t)summary_size(chunk->n) + (size_t)chunk->n + 3 * ((size_t)chunk->n + 1);
+    return PyLong_FromSize_t(sizeof(Chunk) + words * 8 + (size_t)chunk->n + 1 +
+                             (size_t)chunk->offset[chunk->n] + 1);
+}
+
+static PyMethodDef chunk_methods[] = {
+    {"bisect_right", (PyCFunction)chunk_bisect_right_method, METH_O,
+     "bisect_right(key): the slot holding key. O(log n)."},
+    {"bisect_left", (PyCFunction)chunk_bisect_left_method, METH_O,
+     "bisect_left(key): the number of bounds below key. O(log n)."},
+    {"route", (PyCFunction)chunk_route_method, METH_O,
+     "route(i): slot i's Route (load 0), or None for a gap. O(1)."},
+    {"find_id", (PyCFunction)chunk_find_id_method, METH_O,
+     "find_id(route_id): the slot of the route with that id, or -1. O(n)."},
+    {"bound", (PyCFunction)chunk_bound_method, METH_O, "bound(i): bound i, new bytes. O(1)."},
+    {"splice", (PyCFunction)(void (*)(void))chunk_splice_method, METH_FASTCALL,
+     "splice(lo, hi, bounds, slots): a new chunk whose slots lo..hi - 1 and the bounds between\n"
+     "them are replaced by slots and bounds (one fewer); 0 < lo < hi <= number of bounds.\n"
+     "O(n), in memory copies."},
+    {"bounds", (PyCFunction)chunk_bounds_method, METH_NOARGS,
+     "bounds(): the bounds, a new list of bytes. O(n)."},
+    {"slots", (PyCFunction)chunk_slots_method, METH_NOARGS,
+     "slots(): every slot's Route or None, a new list. O(n)."},
+    {"__sizeof__", (PyCFunction)chunk_sizeof, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef chunk_getset[] = {
+    {"lower", (getter)chunk_get_lower, NULL, "Where slot 0 starts: bytes, or None.", NULL},
+    {"upper", (getter)chunk_get_upper, NULL, "Where the last slot ends: bytes, or None.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods chunk_as_sequence = {
+    .sq_length = (lenfunc)chunk_length,
+};
+
+static PyTypeObject ChunkType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "distribution._lookup.Chunk",
+    .tp_doc = PyDoc_STR("Chunk(bounds, slots, lower, upper): a packed, immutable run of the "
+                        "routing table; len() is its number of slots."),
+    .tp_basicsize = sizeof(Chunk),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = chunk_new,
+    .tp_dealloc = (destructor)chunk_dealloc,
+    .tp_methods = chunk_methods,
+    .tp_getset = chunk_getset,
+    .tp_as_sequence = &chunk_as_sequence,
+};
+
+/* -- IdIndex ----------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t used;
+    size_t mask;     /* capacity - 1, a power of two minus one */
+    uint64_t *cells; /* (id, value) pairs; id 0 marks an empty cell: route ids are positive */
+} IdIndex;
+
+static PyTypeObject IdIndexType;
+
+static inline size_t
+id_hash(uint64_t id)
+{
+    id ^= id >> 33;
+    id *= 0xff51afd7ed558ccdULL;
+    id ^= id >> 33;
+    return (size_t)id;
+}
+
+static IdIndex *
+index_alloc(Py_ssize_t expected)
+{
+    size_t capacity = 8;
+    while (capacity < 2 * (size_t)expected + 2) {
+        capacity *= 2;
+    }
+    IdIndex *index = PyObject_New(IdIndex, &IdIndexType);
+    if (index == NULL) {
+        return NULL;
+    }
+    index->used = 0;
+    index->mask = capacity - 1;
+    index->cells = PyMem_Calloc(capacity, 2 * sizeof(uint64_t));
+    if (index->cells == NULL) {
+        Py_DECREF(index);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    return index;
+}
+
+static void
+index_dealloc(IdIndex *index)
+{
+    PyMem_Free(index->cells);
+    PyObject_Free(index);
+}
+
+/* The cell of id, or of the empty cell where it would go. */
+static inline size_t
+index_cell(const IdIndex *index, uint64_t id)
+{
+    size_t cell = id_hash(id) & index->mask;
+    while (index->cells[2 * (cell)] != 0 && index->cells[2 * (cell)] != id) {
+        cell = (cell + 1) & index->mask;
+    }
+    return cell;
+}
+
+static int index_grow(IdIndex *index);
+
+/* Set id -> value; 1 if id was new, 0 if replaced, -1 on memory error. */
+static int
+index_set(IdIndex *index, uint64_t id, uint64_t value)
+{
+    size_t cell = index_cell(index, id);
+    if (index->cells[2 * (cell)] == id) {
+        index->cells[2 * (cell) + 1] = value;
+        return 0;
+    }
+    if (2 * ((size_t)index->used + 1) > index->mask + 1) {
+        if (index_grow(index) < 0) {
+            return -1;
+        }
+        cell = index_cell(index, id);
+    }
+    index->cells[2 * (cell)] = id;
+    index->cells[2 * (cell) + 1] = value;
+    index->used++;
+    return 1;
+}
+
+static int
+index_grow(IdIndex *index)
+{
+    size_t old_capacity = index->mask + 1;
+    uint64_t *old_cells = index->cells;
+    uint64_t *cells = PyMem_Calloc(2 * old_capacity, 2 * sizeof(uint64_t));
+    if (cells == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    index->cells = cells;
+    index->mask = 2 * old_capacity - 1;
+    for (size_t i = 0; i < old_capacity; i++) {
+        if (old_cells[2 * i] != 0) {
+            size_t cell = index_cell(index, old_cells[2 * i]);
+            index->cells[2 * cell] = old_cells[2 * i];
+            index->cells[2 * cell + 1] = old_cells[2 * i + 1];
+        }
+    }
+    PyMem_Free(old_cells);
+    return 0;
+}
+
+/* Remove id (linear probing: the cells after it that could use its place move back). */
+static int
+index_remove(IdIndex *index, uint64_t id, uint64_t *value)
+{
+    size_t cell = index_cell(index, id);
+    if (index->cells[2 * (cell)] != id) {
+        return 0;
+    }
+    *value = index->cells[2 * (cell) + 1];
+    size_t hole = cell;
+    size_t next = (hole + 1) & index->mask;
+    while (index->cells[2 * (next)] != 0) {
+        size_t home = id_hash(index->cells[2 * (next)]) & index->mask;
+        /* Move next into the hole unless its home lies in (hole, next]. */
+        if (((next - home) & index->mask) >= ((next - hole) & index->mask)) {
+            index->cells[2 * (hole)] = index->cells[2 * (next)];
+            index->cells[2 * (hole) + 1] = index->cells[2 * (next) + 1];
+            hole = next;
+        }
+        next = (next + 1) & index->mask;
+    }
+    index->cells[2 * (hole)] = 0;
+    index->used--;
+    return 1;
+}
+
+static int
+id_arg(PyObject *value, uint64_t *id)
+{
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "route id must be int, got %.200s", Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(value);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *id = (uint64_t)v;
+    return 0;
+}
+
+static PyObject *
+index_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    if (!_PyArg_NoKeywords("IdIndex", kwargs) || !_PyArg_NoPositional("IdIndex", args)) {
+        return NULL;
+    }
+    return (PyObject *)index_alloc(0);
+}
+
+static Py_ssize_t
+index_length(IdIndex *index)
+{
+    return index->used;
+}
+
+static PyObject *
+index_subscript(IdIndex *index, PyObject *key)
+{
+    uint64_t id;
+    if (id_arg(key, &id) < 0) {
+        return NULL;
+    }
+    size_t cell = id ? index_cell(index, id) : 0;
+    if (id == 0 || index->cells[2 * (cell)] != id) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(index->cells[2 * (cell) + 1]);
+}
+
+static int
+index_ass_subscript(IdIndex *index, PyObject *key, PyObject *value)
+{
+    uint64_t id, v;
+    if (id_arg(key, &id) < 0) {
+        return -1;
+    }
+    if (id == 0) {
+        PyErr_SetString(PyExc_ValueError, "route id 0 has no place in the index");
+        return -1;
+    }
+    if (value == NULL) {
+        if (!index_remove(index, id, &v)) {
+            PyErr_SetObject(PyExc_KeyError, key);
+            return -1;
+        }
+        return 0;
+    }
+    if (id_arg(value, &v) < 0) {
+        return -1;
+    }
+    return index_set(index, id, v) < 0 ? -1 : 0;
+}
+
+static int
+index_contains(IdIndex *index, PyObject *key)
+{
+    uint64_t id;
+    if (!PyLong_Check(key)) {
+        return 0;
+    }
+    if (id_arg(key, &id) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return id != 0 && index->cells[2 * (index_cell(index, id))] == id;
+}
+
+static PyObject *
+index_items(IdIndex *index, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *items = PyList_New(0);
+    if (items == NULL) {
+        return NULL;
+    }
+    for (size_t i = 0; i <= index->mask; i++) {
+        if (index->cells[2 * (i)] == 0) {
+            continue;
+        }
+        PyObject *item = Py_BuildValue("(KK)", (unsigned long long)index->cells[2 * (i)],
+                                       (unsigned long long)index->cells[2 * (i) + 1]);
+        if (item == NULL || PyList_Append(items, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(items);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return items;
+}
+
+static PyObject *
+index_sizeof(IdIndex *index, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromSize_t(sizeof(IdIndex) + (index->mask + 1) * 2 * sizeof(uint64_t));
+}
+
+static PyMethodDef index_methods[] = {
+    {"items", (PyCFunction)index_items, METH_NOARGS,
+     "items(): a new list of (route id, start prefix) pairs, in no order. O(capacity)."},
+    {"__sizeof__", (PyCFunction)index_sizeof, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMappingMethods index_as_mapping = {
+    .mp_length = (lenfunc)index_length,
+    .mp_subscript = (binaryfunc)index_subscript,
+    .mp_ass_subscript = (objobjargproc)index_ass_subscript,
+};
+
+static PySequenceMethods index_as_sequence = {
+    .sq_contains = (objobjproc)index_contains,
+};
+
+static PyTypeObject IdIndexType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "distribution._lookup.IdIndex",
+    .tp_doc = PyDoc_STR("IdIndex(): route id -> start prefix, a mapping of u64 to u64 in 16 "
+                        "bytes a cell, at most half full."),
+    .tp_basicsize = sizeof(IdIndex),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = index_new,
+    .tp_dealloc = (destructor)index_dealloc,
+    .tp_methods = index_methods,
+    .tp_as_mapping = &index_as_mapping,
+    .tp_as_sequence = &index_as_sequence,
+};
+
+/* -- the table: find, group, build, make_index --------------------------------------------- */
+
+/* The table's parts, checked: a tuple (tops list, index Chunk, chunks list, ...) whose chunks
+ * are one more than the index's keys (a distribution.table.RouteTable). 0 on success. */
+static int
+unpack_table(PyObject *table, Chunk **index, PyObject **chunks)
+{
+    if (!PyTuple_Check(table) || PyTuple_GET_SIZE(table) < 3 ||
+        !PyList_CheckExact(PyTuple_GET_ITEM(table, 0)) ||
+        !Py_IS_TYPE(PyTuple_GET_ITEM(table, 1), &ChunkType) ||
+        !PyList_CheckExact(PyTuple_GET_ITEM(table, 2))) {
+        PyErr_SetString(PyExc_SystemError,
+                        "routing table is malformed: not a (tops, index, chunks) triple");
+        return -1;
+    }
+    *index = (Chunk *)PyTuple_GET_ITEM(table, 1);
+    *chunks = PyTuple_GET_ITEM(table, 2);
+    if (PyList_GET_SIZE(*chunks) != (*index)->n + 1) {
+        PyErr_SetString(PyExc_SystemError, "routing table is malformed: chunks and index differ");
         return -1;
     }
     return 0;
 }
 
-static int
-unpack_table(PyObject *table, PyObject **tops, PyObject **chunks)
+static Chunk *
+chunk_at(PyObject *chunks, Py_ssize_t c)
 {
-    return unpack_lists(table, "the table", tops, chunks);
-}
-
-static int
-unpack_chunk(PyObject *chunks, Py_ssize_t c, PyObject **bounds, PyObject **slots)
-{
-    return unpack_lists(PyList_GET_ITEM(chunks, c), "a chunk", bounds, slots);
+    PyObject *chunk = PyList_GET_ITEM(chunks, c);
+    if (!Py_IS_TYPE(chunk, &ChunkType)) {
+        PyErr_SetString(PyExc_SystemError, "routing table is malformed: a chunk is not a Chunk");
+        return NULL;
+    }
+    return (Chunk *)chunk;
 }
 
 PyDoc_STRVAR(find_doc,
 "find(table, key, /)\n--\n\n"
-"The route (or None) in the slot of ``table`` holding the bytes ``key``: two bisects.");
+"The route (or None) in the slot of ``table`` holding the bytes ``key``: two searches over\n"
+"packed prefixes, then a Route built for the answer.");
 
 static PyObject *
 find(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *tops, *chunks, *bounds, *slots;
+    Chunk *index;
+    PyObject *chunks;
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "find() takes exactly 2 arguments");
         return NULL;
@@ -113,18 +1067,17 @@ find(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         not_bytes(key);
         return NULL;
     }
-    if (unpack_table(args[0], &tops, &chunks) < 0) {
+    if (unpack_table(args[0], &index, &chunks) < 0) {
         return NULL;
     }
-    Py_ssize_t c = PyList_GET_SIZE(tops) ? bisect_right(tops, key) : 0;
-    if (c < 0 || unpack_chunk(chunks, c, &bounds, &slots) < 0) {
+    const char *k = PyBytes_AS_STRING(key);
+    Py_ssize_t length = PyBytes_GET_SIZE(key);
+    uint64_t kp = prefix_raw(k, length);
+    Chunk *chunk = chunk_at(chunks, chunk_bisect(index, kp, k, length, 1));
+    if (chunk == NULL) {
         return NULL;
     }
-    Py_ssize_t p = bisect_right(bounds, key);
-    if (p < 0) {
-        return NULL;
-    }
-    return Py_NewRef(PyList_GET_ITEM(slots, p));
+    return chunk_route(chunk, chunk_bisect(chunk, kp, k, length, 1));
 }
 
 /* -- group -------------------------------------------------------------------------------- */
@@ -136,28 +1089,6 @@ typedef struct {
     PyObject *key;
 } Entry;
 
-static inline uint64_t
-prefix_of(PyObject *key)
-{
-    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(key);
-    Py_ssize_t n = PyBytes_GET_SIZE(key);
-    uint64_t value = 0;
-    for (Py_ssize_t i = 0; i < 8; i++) {
-        value = (value << 8) | (i < n ? s[i] : 0);
-    }
-    return value;
-}
-
-/* Whether the entry's key is below end, whose prefix is end_prefix. */
-static inline int
-entry_below(const Entry *entry, uint64_t end_prefix, PyObject *end)
-{
-    if (entry->prefix != end_prefix) {
-        return entry->prefix < end_prefix;
-    }
-    return compare_bytes(entry->key, end) < 0;
-}
-
 static inline int
 entry_less(const Entry *a, const Entry *b)
 {
@@ -167,6 +1098,23 @@ entry_less(const Entry *a, const Entry *b)
     return compare_bytes(a->key, b->key) < 0;
 }
 
+/* Whether the entry's key is below bound i of chunk. */
+static inline int
+entry_below_bound(const Entry *entry, const Chunk *chunk, Py_ssize_t i)
+{
+    return key_vs_bound(chunk, i, entry->prefix, PyBytes_AS_STRING(entry->key),
+                        PyBytes_GET_SIZE(entry->key)) < 0;
+}
+
+static inline int
+entry_below_key(const Entry *entry, PyObject *end)
+{
+    uint64_t end_prefix = prefix_of(end);
+    if (entry->prefix != end_prefix) {
+        return entry->prefix < end_prefix;
+    }
+    return compare_bytes(entry->key, end) < 0;
+}
 /* Stable bottom-up merge sort of n entries, insertion-sorting runs of 16 first; tmp holds n. */
 static void
 merge_sort(Entry *entries, Entry *tmp, Py_ssize_t n)
@@ -263,6 +1211,7 @@ sort_entries(Entry *entries, Entry *tmp, Py_ssize_t n)
     }
 }
 
+
 /* Append (route, [the n keys of entries]) to groups. 0 on success. */
 static int
 add_group(PyObject *groups, PyObject *route, const Entry *entries, Py_ssize_t n)
@@ -287,154 +1236,93 @@ add_group(PyObject *groups, PyObject *route, const Entry *entries, Py_ssize_t n)
 }
 
 /* Searches run side by side, so that their cache misses overlap: a search over a large table
- * waits on memory at most of its steps, and one search's steps depend on each other. */
+ * waits on memory at each level, and one search's levels depend on each other. */
 #define LANES 8
 
-/* Where a key lies: its chunk's lists and end (NULL: unbounded) with the end's prefix, and its
- * slot in the chunk. */
-typedef struct {
-    PyObject *bounds;
-    PyObject *slots;
-    PyObject *chunk_end;
-    uint64_t chunk_end_prefix;
-    Py_ssize_t slot;
-} Place;
-
-/* The chunk that holds each of m sorted keys, into places; *chunk carries the current chunk from
- * one call to the next (its bounds are NULL before the first). 0 on success. */
+/* The chunk and slot of each of m sorted keys, the m searches run level by level in lockstep;
+ * *chunk carries the current chunk from one call to the next (NULL before the first). */
 static int
-find_chunks(PyObject *tops, PyObject *chunks, const Entry *entries, Py_ssize_t m, Place *chunk,
-            Place *places)
+find_places(Chunk *index, PyObject *chunks, const Entry *entries, Py_ssize_t m, Chunk **chunk,
+            Chunk **in, Py_ssize_t *slots)
 {
-    Py_ssize_t n_tops = PyList_GET_SIZE(tops);
+    Py_ssize_t lo[LANES], hi[LANES];
     for (Py_ssize_t j = 0; j < m; j++) {
-        PyObject *key = entries[j].key;
-        if (chunk->bounds == NULL ||
-            (chunk->chunk_end != NULL &&
-             !entry_below(&entries[j], chunk->chunk_end_prefix, chunk->chunk_end))) {
-            Py_ssize_t c = n_tops ? bisect_right(tops, key) : 0;
-            if (c < 0 || unpack_chunk(chunks, c, &chunk->bounds, &chunk->slots) < 0) {
+        const Entry *entry = &entries[j];
+        if (*chunk == NULL || ((*chunk)->upper != NULL && !entry_below_key(entry, (*chunk)->upper))) {
+            *chunk = chunk_at(chunks, chunk_bisect(index, entry->prefix,
+                                                   PyBytes_AS_STRING(entry->key),
+                                                   PyBytes_GET_SIZE(entry->key), 1));
+            if (*chunk == NULL) {
                 return -1;
             }
-            chunk->chunk_end = c < n_tops ? PyList_GET_ITEM(tops, c) : NULL;
-            if (chunk->chunk_end != NULL) {
-                if (!PyBytes_CheckExact(chunk->chunk_end)) {
-                    return not_bytes(chunk->chunk_end);
-                }
-                chunk->chunk_end_prefix = prefix_of(chunk->chunk_end);
-            }
         }
-        places[j] = *chunk;
+        in[j] = *chunk;
+        chunk_prefetch_summary(in[j]);
+    }
+    for (Py_ssize_t j = 0; j < m; j++) {
+        chunk_narrow(in[j], entries[j].prefix, &lo[j], &hi[j]);
+    }
+    for (Py_ssize_t j = 0; j < m; j++) {
+        slots[j] = chunk_finish(in[j], entries[j].prefix, PyBytes_AS_STRING(entries[j].key),
+                                PyBytes_GET_SIZE(entries[j].key), 1, lo[j], hi[j]);
     }
     return 0;
 }
 
-/* bisect_right of each of m keys in its place's bounds, m searches in lockstep. Each step
- * halves every search's range without a branch on the comparison, and touches each lane's
- * next midpoint before comparing any, so the memory loads of all lanes are in flight at once.
- * 0 on success. */
-static int
-find_slots(const Entry *entries, Py_ssize_t m, Place *places)
-{
-    if (m == 1) {
-        /* Alone, a search with branches runs faster: the processor starts the next step's load
-         * on the branch it predicts, where a branchless step must wait for the comparison. */
-        places[0].slot = bisect_right(places[0].bounds, entries[0].key);
-        return places[0].slot < 0 ? -1 : 0;
-    }
-    PyObject **items[LANES];
-    Py_ssize_t base[LANES], size[LANES];
-    Py_ssize_t longest = 0;
-    for (Py_ssize_t j = 0; j < m; j++) {
-        items[j] = ((PyListObject *)places[j].bounds)->ob_item;
-        base[j] = 0;
-        size[j] = PyList_GET_SIZE(places[j].bounds);
-        longest = size[j] > longest ? size[j] : longest;
-    }
-    for (; longest > 1; longest -= longest / 2) {
-        for (Py_ssize_t j = 0; j < m; j++) {
-            if (size[j] > 1) {
-                /* The object's header and its bytes, which may begin on the next cache line. */
-                PyObject *item = items[j][base[j] + size[j] / 2];
-                PREFETCH(item);
-                PREFETCH(((PyBytesObject *)item)->ob_sval);
-            }
-        }
-        for (Py_ssize_t j = 0; j < m; j++) {
-            if (size[j] > 1) {
-                Py_ssize_t half = size[j] / 2;
-                PyObject *item = items[j][base[j] + half];
-                if (!PyBytes_CheckExact(item)) {
-                    return not_bytes(item);
-                }
-                base[j] += compare_bytes(item, entries[j].key) <= 0 ? half : 0;
-                size[j] -= half;
-            }
-        }
-    }
-    for (Py_ssize_t j = 0; j < m; j++) {
-        Py_ssize_t slot = 0;
-        if (size[j] > 0) {
-            PyObject *item = items[j][base[j]];
-            if (!PyBytes_CheckExact(item)) {
-                return not_bytes(item);
-            }
-            slot = base[j] + (compare_bytes(item, entries[j].key) <= 0);
-        }
-        places[j].slot = slot;
-    }
-    return 0;
-}
-
-/* The groups of n sorted entries over the table's lists; a new list, or NULL.
+/* The groups of n sorted entries over the table; a new list, or NULL.
  *
  * Keys below the end of the previous key's slot join its group without a search. The others
  * are searched a window at a time. While the keys are spread (two or fewer a slot), a window is
  * LANES keys, searched together as if each began a new slot; while they are clustered, a window
  * is the one key that begins the next slot, and the keys after it mostly join its group. */
 static PyObject *
-group_sorted(PyObject *tops, PyObject *chunks, const Entry *entries, Py_ssize_t n)
+group_sorted(Chunk *index, PyObject *chunks, const Entry *entries, Py_ssize_t n)
 {
     PyObject *groups = PyList_New(0);
     if (groups == NULL) {
         return NULL;
     }
-    Place chunk = {NULL, NULL, NULL, 0, 0};
-    Place places[LANES];
+    Chunk *current = NULL;
+    Chunk *in[LANES];
+    Py_ssize_t slots[LANES];
     Py_ssize_t window = LANES;
     Py_ssize_t i = 0;
     while (i < n) {
         Py_ssize_t m = n - i < window ? n - i : window;
-        if (find_chunks(tops, chunks, entries + i, m, &chunk, places) < 0 ||
-            find_slots(entries + i, m, places) < 0) {
+        if (find_places(index, chunks, entries + i, m, &current, in, slots) < 0) {
             goto error;
         }
         Py_ssize_t used = 0, j = 0, k = i;
         while (j < m) {
             /* Key i + j begins a slot: its place is known. */
-            const Place *place = &places[j];
-            PyObject *slot_end = place->slot < PyList_GET_SIZE(place->bounds)
-                                     ? PyList_GET_ITEM(place->bounds, place->slot)
-                                     : place->chunk_end;
-            if (slot_end != NULL && !PyBytes_CheckExact(slot_end)) {
-                not_bytes(slot_end);
-                goto error;
-            }
-            PyObject *route = PyList_GET_ITEM(place->slots, place->slot);
+            Chunk *chunk = in[j];
+            Py_ssize_t slot = slots[j];
             Py_ssize_t first = i + j;
             k = first + 1;
-            if (slot_end == NULL) {
-                k = n;
-            }
-            else {
-                uint64_t end_prefix = prefix_of(slot_end);
-                while (k < n && entry_below(&entries[k], end_prefix, slot_end)) {
+            if (slot < chunk->n) {
+                while (k < n && entry_below_bound(&entries[k], chunk, slot)) {
                     k++;
                 }
             }
+            else if (chunk->upper != NULL) {
+                while (k < n && entry_below_key(&entries[k], chunk->upper)) {
+                    k++;
+                }
+            }
+            else {
+                k = n;
+            }
             used++;
-            if (route != Py_None && add_group(groups, route, entries + first, k - first) < 0) {
-                goto error;
+            if (chunk->groups[slot] != 0) {
+                PyObject *route = chunk_route(chunk, slot);
+                if (route == NULL) {
+                    goto error;
+                }
+                int failed = add_group(groups, route, entries + first, k - first);
+                Py_DECREF(route);
+                if (failed < 0) {
+                    goto error;
+                }
             }
             j = k - i;
         }
@@ -456,7 +1344,8 @@ PyDoc_STRVAR(group_doc,
 static PyObject *
 group(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *tops, *chunks;
+    Chunk *index;
+    PyObject *chunks;
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "group() takes exactly 2 arguments");
         return NULL;
@@ -466,7 +1355,7 @@ group(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "group() keys must be a list");
         return NULL;
     }
-    if (unpack_table(args[0], &tops, &chunks) < 0) {
+    if (unpack_table(args[0], &index, &chunks) < 0) {
         return NULL;
     }
     /* A list of our own: allocating the groups can run a garbage collection, and with it
@@ -498,25 +1387,413 @@ group(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (!sorted) {
         sort_entries(entries, entries + n, n);
     }
-    groups = group_sorted(tops, chunks, entries, n);
+    groups = group_sorted(index, chunks, entries, n);
 done:
     PyMem_Free(entries);
     Py_DECREF(held);
     return groups;
 }
 
+/* -- building tables ----------------------------------------------------------------------- */
+
+/* A gap-only chunk over the n keys (already checked: bytes, strictly increasing). */
+static Chunk *
+index_of_keys(Py_ssize_t n, PyObject *const *keys)
+{
+    uint64_t *zeros = PyMem_Calloc((size_t)n + 1, 2 * sizeof(uint64_t) + 1);
+    if (zeros == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    Chunk *index = chunk_from_arrays(n, keys, zeros, zeros + n + 1,
+                                     (unsigned char *)(zeros + 2 * ((size_t)n + 1)), Py_None,
+                                     Py_None);
+    PyMem_Free(zeros);
+    return index;
+}
+
+PyDoc_STRVAR(make_index_doc,
+"make_index(tops, /)\n--\n\n"
+"The packed search index over ``tops`` (a list of strictly increasing bytes): a gap-only Chunk.");
+
+static PyObject *
+make_index(PyObject *module, PyObject *tops)
+{
+    if (!PyList_CheckExact(tops)) {
+        PyErr_SetString(PyExc_TypeError, "make_index() takes a list of bytes");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(tops);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *top = PyList_GET_ITEM(tops, i);
+        if (!PyBytes_CheckExact(top)) {
+            not_bytes(top);
+            return NULL;
+        }
+        if (i && compare_bytes(PyList_GET_ITEM(tops, i - 1), top) >= 0) {
+            PyErr_SetString(PyExc_ValueError, "tops must strictly increase");
+            return NULL;
+        }
+    }
+    return (PyObject *)index_of_keys(n, ((PyListObject *)tops)->ob_item);
+}
+
+/* The laid-out snapshot: its bounds copied, in order, into one arena (each key is read once,
+ * while its object is in the cache), and the slots after them. */
+typedef struct {
+    Py_ssize_t m;       /* bounds so far; slot m is the last */
+    uint64_t *prefix;   /* 2n */
+    Py_ssize_t *offset; /* 2n + 1: bound i is arena[offset[i]:offset[i + 1]] */
+    char *arena;
+    Py_ssize_t arena_size;
+    uint64_t *ids;      /* 2n + 1 */
+    uint64_t *groups;   /* 2n + 1 */
+    unsigned char *states;
+} Layout;
+
+/* Descriptors ahead of the one being read whose memory is requested early: a snapshot's
+ * descriptors and keys lie scattered, and each read would otherwise wait on memory. */
+#define AHEAD 16
+
+static int
+push_bound(Layout *layout, PyObject *key)
+{
+    Py_ssize_t length = PyBytes_GET_SIZE(key), m = layout->m;
+    Py_ssize_t at = layout->offset[m];
+    if (at + length > layout->arena_size) {
+        Py_ssize_t size = 2 * layout->arena_size + length;
+        char *arena = PyMem_Realloc(layout->arena, (size_t)size);
+        if (arena == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        layout->arena = arena;
+        layout->arena_size = size;
+    }
+    memcpy(layout->arena + at, PyBytes_AS_STRING(key), (size_t)length);
+    layout->prefix[m] = prefix_of(key);
+    layout->offset[m + 1] = at + length;
+    layout->m = m + 1;
+    return 0;
+}
+
+/* Request the memory of descriptor items[i + AHEAD]'s tuple, of the fields of a nearer one, and
+ * of the index cell of a nearer one still. */
+static inline void
+prefetch_ahead(PyObject *const *items, Py_ssize_t i, Py_ssize_t n, const IdIndex *ids)
+{
+    if (i + AHEAD / 4 < n) {
+        PyObject *d = items[i + AHEAD / 4];
+        uint64_t id;
+        if (PyTuple_Check(d) && PyTuple_GET_SIZE(d) == 6 &&
+            PyLong_CheckExact(PyTuple_GET_ITEM(d, 0)) &&
+            u64_of(PyTuple_GET_ITEM(d, 0), &id) == 0) {
+            PREFETCH(&ids->cells[2 * (id_hash(id) & ids->mask)]);
+        }
+    }
+    if (i + AHEAD < n) {
+        PREFETCH(items[i + AHEAD]);
+        PREFETCH((char *)items[i + AHEAD] + 64);
+    }
+    if (i + AHEAD / 2 < n) {
+        PyObject *d = items[i + AHEAD / 2];
+        if (PyTuple_Check(d) && PyTuple_GET_SIZE(d) == 6) {
+            PREFETCH(PyTuple_GET_ITEM(d, 0));
+            PREFETCH(PyTuple_GET_ITEM(d, 1));
+            PREFETCH(PyTuple_GET_ITEM(d, 2));
+        }
+    }
+}
+
+/* Descriptors (or chunks) built between two moments where the GIL is let go: lookups in other
+ * threads must not wait for a whole snapshot. */
+#define YIELD_EVERY 4096
+
+/* Let other threads run a moment. Only called while no Python object is in use but those the
+ * caller holds a reference to and never changes (the tuple of descriptors, their fields). */
+static void
+yield_gil(void)
+{
+    Py_BEGIN_ALLOW_THREADS
+    Py_END_ALLOW_THREADS
+}
+
+/* Validate and lay out the descriptors; 1 if every one is usual (see build), 0 if not, -1 on
+ * error. Each descriptor is read once, in order. */
+static int
+lay_out(PyObject *const *items, Py_ssize_t n, Layout *layout, IdIndex *ids)
+{
+    PyObject *prev_start = NULL, *prev_end = NULL;
+    layout->m = 0;
+    layout->offset[0] = 0;
+    layout->ids[0] = layout->groups[0] = 0;
+    layout->states[0] = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i % YIELD_EVERY == YIELD_EVERY - 1) {
+            yield_gil();
+        }
+        prefetch_ahead(items, i, n, ids);
+        PyObject *d = items[i];
+        uint64_t id, group, parent;
+        if (Py_TYPE(d) != descriptor_type || PyTuple_GET_SIZE(d) != 6 ||
+            u64_of(PyTuple_GET_ITEM(d, 0), &id) < 0 || id == 0 ||
+            u64_of(PyTuple_GET_ITEM(d, 3), &group) < 0 || group == 0 ||
+            u64_of(PyTuple_GET_ITEM(d, 5), &parent) < 0) {
+            return 0;
+        }
+        PyObject *start = PyTuple_GET_ITEM(d, 1), *end = PyTuple_GET_ITEM(d, 2);
+        int state = state_of(PyTuple_GET_ITEM(d, 4));
+        if (state < 0 || !PyBytes_CheckExact(start) ||
+            (end != Py_None && (!PyBytes_CheckExact(end) || compare_bytes(start, end) >= 0))) {
+            return 0;
+        }
+        int joined = 0;
+        if (i) {
+            if (prev_end == Py_None || compare_bytes(prev_start, start) >= 0) {
+                return 0;
+            }
+            int c = compare_bytes(prev_end, start);
+            if (c > 0) {
+                return 0;
+            }
+            joined = c == 0;
+        }
+        int added = index_set(ids, id, prefix_of(start));
+        if (added <= 0) {
+            return added;
+        }
+        if (!joined && push_bound(layout, start) < 0) {
+            return -1;
+        }
+        Py_ssize_t m = layout->m;
+        layout->ids[m] = id;
+        layout->groups[m] = group;
+        layout->states[m] = (unsigned char)state;
+        if (end != Py_None) {
+            if (push_bound(layout, end) < 0) {
+                return -1;
+            }
+            m = layout->m;
+            layout->ids[m] = layout->groups[m] = 0;
+            layout->states[m] = 0;
+        }
+        prev_start = start;
+        prev_end = end;
+    }
+    return 1;
+}
+
+/* A chunk of the layout's bounds [first, first + n) and slots [first, first + n + 1). */
+static Chunk *
+chunk_of_layout(const Layout *layout, Py_ssize_t first, Py_ssize_t n, PyObject *lower,
+                PyObject *upper)
+{
+    Py_ssize_t base = layout->offset[first];
+    Chunk *chunk = chunk_alloc(n, layout->offset[first + n] - base);
+    if (chunk == NULL) {
+        return NULL;
+    }
+    memcpy(chunk->prefix, layout->prefix + first, (size_t)n * 8);
+    chunk_summarize(chunk);
+    for (Py_ssize_t i = 0; i <= n; i++) {
+        chunk->offset[i] = layout->offset[first + i] - base;
+    }
+    memcpy(chunk->arena, layout->arena + base, (size_t)chunk->offset[n]);
+    memcpy(chunk->ids, layout->ids + first, ((size_t)n + 1) * 8);
+    memcpy(chunk->groups, layout->groups + first, ((size_t)n + 1) * 8);
+    memcpy(chunk->states, layout->states + first, (size_t)n + 1);
+    chunk->lower = lower == Py_None ? NULL : Py_NewRef(lower);
+    chunk->upper = upper == Py_None ? NULL : Py_NewRef(upper);
+    return chunk;
+}
+
+/* (tops, index, chunks) of a laid-out table cut into chunks of about chunk_size bounds. */
+static PyObject *
+cut_into_chunks(const Layout *layout, Py_ssize_t chunk_size)
+{
+    Py_ssize_t m = layout->m;
+    Py_ssize_t k = (m + chunk_size / 2) / chunk_size;
+    k = k < 1 ? 1 : k;
+    PyObject *tops = PyList_New(k - 1);
+    PyObject *chunks = PyList_New(k);
+    PyObject *index = NULL;
+    if (tops == NULL || chunks == NULL) {
+        goto error;
+    }
+    /* Tops are new bytes objects: the chunks' edges and the list share them. */
+    for (Py_ssize_t j = 1; j < k; j++) {
+        Py_ssize_t cut = j * (m + 1) / k - 1;
+        PyObject *top = PyBytes_FromStringAndSize(layout->arena + layout->offset[cut],
+                                                  layout->offset[cut + 1] - layout->offset[cut]);
+        if (top == NULL) {
+            goto error;
+        }
+        PyList_SET_ITEM(tops, j - 1, top);
+    }
+    Py_ssize_t a = -1;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        Py_ssize_t b = j + 1 < k ? (j + 1) * (m + 1) / k - 1 : m;
+        PyObject *lower = j ? PyList_GET_ITEM(tops, j - 1) : Py_None;
+        PyObject *upper = j + 1 < k ? PyList_GET_ITEM(tops, j) : Py_None;
+        if (j % 16 == 15) {
+            yield_gil();
+        }
+        Chunk *chunk = chunk_of_layout(layout, a + 1, b - a - 1, lower, upper);
+        if (chunk == NULL) {
+            goto error;
+        }
+        PyList_SET_ITEM(chunks, j, (PyObject *)chunk);
+        a = b;
+    }
+    index = (PyObject *)index_of_keys(k - 1, ((PyListObject *)tops)->ob_item);
+    if (index == NULL) {
+        goto error;
+    }
+    PyObject *table = PyTuple_Pack(3, tops, index, chunks);
+    Py_DECREF(tops);
+    Py_DECREF(index);
+    Py_DECREF(chunks);
+    return table;
+error:
+    Py_XDECREF(tops);
+    Py_XDECREF(chunks);
+    return NULL;
+}
+
+PyDoc_STRVAR(build_doc,
+"build(routes, chunk_size, /)\n--\n\n"
+"``(table, ids)`` for a list or tuple of RouteDescriptor, in one pass over them, or None if any\n"
+"is unusual: not exactly a RouteDescriptor, a field of another type or out of range (a state\n"
+"may be a RouteState or an int naming one), routes not sorted by start, overlapping or\n"
+"following an unbounded one, a repeated id. The caller then runs the exact checks.\n"
+"``ids`` maps each route id to its start's prefix.");
+
+static PyObject *
+build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "build() takes exactly 2 arguments");
+        return NULL;
+    }
+    PyObject *routes = args[0];
+    Py_ssize_t chunk_size = PyLong_AsSsize_t(args[1]);
+    if (chunk_size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (chunk_size < 1) {
+        PyErr_SetString(PyExc_ValueError, "chunk_size must be positive");
+        return NULL;
+    }
+    if (!PyList_CheckExact(routes) && !PyTuple_CheckExact(routes)) {
+        Py_RETURN_NONE;
+    }
+    /* A tuple of our own: the build lets other threads run now and then, and one could change
+     * a list. */
+    routes = PyList_CheckExact(routes) ? PyList_AsTuple(routes) : Py_NewRef(routes);
+    if (routes == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(routes);
+    PyObject *const *items = &PyTuple_GET_ITEM(routes, 0);
+    PyObject *result = NULL;
+    Layout layout;
+    size_t cells = 2 * (size_t)n + 1;
+    void *memory = PyMem_Malloc(cells * (4 * sizeof(uint64_t) + 1));
+    layout.arena_size = 16 * n + 64;
+    layout.arena = PyMem_Malloc((size_t)layout.arena_size);
+    IdIndex *ids = index_alloc(n);
+    if (memory == NULL || layout.arena == NULL || ids == NULL) {
+        if (memory == NULL || layout.arena == NULL) {
+            PyErr_NoMemory();
+        }
+        goto done;
+    }
+    layout.ids = memory;
+    layout.groups = layout.ids + cells;
+    layout.prefix = layout.groups + cells;
+    layout.offset = (Py_ssize_t *)(layout.prefix + cells);
+    layout.states = (unsigned char *)(layout.offset + cells);
+    int usual = lay_out(items, n, &layout, ids);
+    if (usual > 0) {
+        PyObject *table = cut_into_chunks(&layout, chunk_size);
+        if (table != NULL) {
+            result = PyTuple_Pack(2, table, (PyObject *)ids);
+            Py_DECREF(table);
+        }
+    }
+    else if (usual == 0) {
+        result = Py_NewRef(Py_None);
+    }
+done:
+    Py_DECREF(routes);
+    PyMem_Free(memory);
+    PyMem_Free(layout.arena);
+    Py_XDECREF(ids);
+    return result;
+}
+
 static PyMethodDef lookup_methods[] = {
     {"find", (PyCFunction)(void (*)(void))find, METH_FASTCALL, find_doc},
     {"group", (PyCFunction)(void (*)(void))group, METH_FASTCALL, group_doc},
+    {"build", (PyCFunction)(void (*)(void))build, METH_FASTCALL, build_doc},
+    {"make_index", (PyCFunction)make_index, METH_O, make_index_doc},
     {NULL, NULL, 0, NULL},
+};
+
+static int
+lookup_exec(PyObject *module)
+{
+    PyObject *types = PyImport_ImportModule("distribution.types");
+    if (types == NULL) {
+        return -1;
+    }
+    int failed = -1;
+    PyObject *members = NULL;
+    route_type = (PyTypeObject *)PyObject_GetAttrString(types, "Route");
+    descriptor_type = (PyTypeObject *)PyObject_GetAttrString(types, "RouteDescriptor");
+    state_type = (PyTypeObject *)PyObject_GetAttrString(types, "RouteState");
+    if (route_type == NULL || descriptor_type == NULL || state_type == NULL) {
+        goto done;
+    }
+    members = PySequence_List((PyObject *)state_type);
+    if (members == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(members); i++) {
+        PyObject *member = PyList_GET_ITEM(members, i);
+        long value = PyLong_AsLong(member);
+        if (value < 0 || value > 255) {
+            PyErr_SetString(PyExc_SystemError, "a RouteState value does not fit a byte");
+            goto done;
+        }
+        Py_XSETREF(state_members[value], Py_NewRef(member));
+    }
+    if (PyType_Ready(&ChunkType) < 0 || PyType_Ready(&IdIndexType) < 0 ||
+        PyModule_AddType(module, &ChunkType) < 0 || PyModule_AddType(module, &IdIndexType) < 0 ||
+        /* What distribution.Engine.implementation reports while this module is in use. */
+        PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
+        goto done;
+    }
+    failed = 0;
+done:
+    Py_XDECREF(members);
+    Py_DECREF(types);
+    return failed;
+}
+
+static PyModuleDef_Slot lookup_slots[] = {
+    {Py_mod_exec, lookup_exec},
+    {0, NULL},
 };
 
 static struct PyModuleDef lookup_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "distribution._lookup",
-    .m_doc = "The Engine's searches over its routing table, in C (see distribution.engine).",
+    .m_doc = "The Engine's routing table chunks, packed, and its searches, in C "
+             "(see distribution.engine).",
     .m_size = 0,
     .m_methods = lookup_methods,
+    .m_slots = lookup_slots,
 };
 
 PyMODINIT_FUNC

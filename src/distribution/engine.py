@@ -1,57 +1,34 @@
 """The in-memory routing Engine: which route holds a key, answered without taking a lock.
 
-Layout of the routing table
----------------------------
-Readers never lock. The Engine holds ``self._table``, an immutable pair ``(tops, chunks)`` that
-writers replace with one reference assignment (writers serialize on a :class:`threading.Lock`),
-so a reader always sees one consistent table, old or new.
-
-The table is the sorted list of every distinct boundary key (each route's start and each bounded
-end), cut into *chunks* of about :data:`_CHUNK` keys. ``tops`` holds the key between chunk
-``c - 1`` and chunk ``c`` (so ``len(tops) == len(chunks) - 1``); chunk ``c`` is a pair
-``(bounds, slots)`` covering ``[tops[c - 1], tops[c])`` with ``len(slots) == len(bounds) + 1``:
-``slots[i]`` is the :class:`~distribution.Route` covering ``[bounds[i - 1], bounds[i])`` (the chunk
-edges standing in for ``bounds[-1]`` and ``bounds[len(bounds)]``), or ``None`` for a gap. A route
-fills exactly one slot. A lookup is therefore two bisects and two indexings, and no comparison
-with a route's end.
-
-The lookups (:meth:`Engine.get_route`, :meth:`Engine.group_keys`) search in C, in
-:mod:`distribution._lookup`: a bisect through rich comparisons spends about 18 ns on each of
-its ``log2(routes)`` steps on this project's machines, ``memcmp`` a few. Writers, which run far
-more rarely, use :mod:`bisect`.
-
-Why chunks rather than one flat list: a write copies what it changes (copy-on-write keeps reads
-lock-free), and copying a list of a million references costs 12-40 ms on a small machine, because
-every element's reference count is touched. With chunks a one-route change copies one chunk and
-the short outer lists, a fraction of a millisecond, while a lookup still makes about
-``log2(routes)`` comparisons in all.
-
-Boundary keys are fresh ``bytes`` objects allocated in key order by :meth:`Engine.apply_snapshot`,
-so a bisect walks memory that is close together instead of chasing keys scattered wherever the
-caller allocated them; routes reference the same objects.
+Layout
+------
+Readers never lock. The Engine holds ``self._table``, an immutable
+:class:`~distribution.table.RouteTable` that writers replace with one reference assignment
+(writers serialize on a :class:`threading.Lock`), so a reader always sees one consistent table,
+old or new. :attr:`Engine.implementation` says whether its chunks are packed in C or kept in
+pure-Python lists.
 
 Loads live apart from the routes, in lists parallel to the slots that only writers touch (under
 the lock). Routes in the table always carry ``load == 0``; :meth:`Engine.stats` gives exact loads.
 
-Catalog routes (``route_id != 0``) are also kept by id, so that :meth:`Engine.apply_changes` finds a
-deleted route in O(1). A catalog route split by a hotspot is *shadowed*: its ephemeral pieces serve
+Catalog routes (``route_id != 0``) are also indexed by id (to the 8-byte prefix of their start, in
+16 bytes a route), so that :meth:`Engine.apply_changes` finds a deleted route without a scan. A catalog route split by a hotspot is *shadowed*: its ephemeral pieces serve
 its range, and the Engine still knows it, so a later change that deletes or replaces it removes
 the pieces too.
 """
 
 from __future__ import annotations
 
-import marshal
 import threading
 import time
-from bisect import bisect_left, bisect_right
-from collections.abc import Container, Iterable, Iterator, Sequence
-from itertools import accumulate, chain, compress, islice, pairwise, repeat
-from operator import attrgetter, is_not, itemgetter, le, lt, ne
-from typing import Any, TypeAlias
+from bisect import bisect_right
+from collections.abc import Container, Iterable, Sequence
+from itertools import chain, pairwise, repeat
+from operator import attrgetter, is_not, itemgetter
+from typing import TypeAlias
 
-from distribution._lookup import find as _find
-from distribution._lookup import group as _group
+from distribution import table as table_module
+from distribution._pylookup import prefix
 from distribution.bulk import paused_gc
 from distribution.errors import (
     CatalogGroupIDRequiredError,
@@ -62,9 +39,8 @@ from distribution.errors import (
     EngineSnapshotVersionGapError,
     EngineSnapshotVersionStaleError,
 )
+from distribution.table import RouteTable, _Ids, _Searches
 from distribution.types import (
-    ROUTE_STATES,
-    UINT64_MAX,
     CatalogChange,
     CatalogSnapshot,
     Route,
@@ -79,236 +55,17 @@ from distribution.types import (
 
 __all__ = ["Engine"]
 
-#: Target number of boundary keys per chunk: a write copies about this many references, plus the
-#: outer lists (routes / _CHUNK long). Near the square root of a million routes, both stay small.
-_CHUNK = 1024
-
-#: Descriptors handled per step by apply_snapshot's column extraction. The keys of one block are
-#: touched while their memory is still cached, instead of once per pass over the whole snapshot.
-_BLOCK = 1024
-
-_Slots: TypeAlias = list[Route | None]
-_Chunk: TypeAlias = tuple[list[bytes], _Slots]
-_Table: TypeAlias = tuple[list[bytes], list[_Chunk]]
 _Loads: TypeAlias = list[list[int]]
 #: A key range ``[start, end)``; ``end is None`` means unbounded.
 _Range: TypeAlias = tuple[bytes, bytes | None]
 
-_ONLY_DESCRIPTORS = frozenset({RouteDescriptor})
-_ONLY_BYTES = frozenset({bytes})
-_BYTES_OR_NONE = frozenset({bytes, type(None)})
-_ONLY_INT = frozenset({int})
-_ONLY_STATES = frozenset({RouteState})
-_STATE_TYPES = frozenset({RouteState, int})
 _route_start = attrgetter("start")
 _first_start = itemgetter(0)
 
 
-def _empty_table() -> tuple[_Table, _Loads]:
-    return ([], [([], [None])]), [[0]]
-
-
-def _copy_keys(keys: tuple[bytes | None, ...]) -> tuple[Any, ...]:
-    """Fresh copies of ``keys`` (``None`` kept), allocated one after another, in order.
-
-    A marshal round-trip is one C-level pass that allocates every copy contiguously: a bisect over
-    them then walks nearby memory rather than keys scattered by their original allocation.
-    """
-    copies: tuple[Any, ...] = marshal.loads(marshal.dumps(keys, 2))
-    return copies
-
-
-# -- bulk build (apply_snapshot) ---------------------------------------------------------------
-
-
-_Columns: TypeAlias = tuple[tuple[Any, ...], ...]
-
-
-def _columns(block: Sequence[RouteDescriptor]) -> _Columns | None:
-    """The six fields of a block of descriptors, if each has a valid type and range, else None.
-
-    Returns ``(ids, starts, ends, groups, states, parents)`` tuples, states as RouteState members.
-    Every check is a C-level pass over the block, while its objects are still in the cache.
-    """
-    if not _ONLY_DESCRIPTORS.issuperset(map(type, block)):
-        return None
-    ids, starts, ends, groups, states, parents = zip(*block, strict=True)
-    if not (
-        _ONLY_BYTES.issuperset(map(type, starts))
-        and _BYTES_OR_NONE.issuperset(map(type, ends))
-        and _ONLY_INT.issuperset(map(type, ids))
-        and _ONLY_INT.issuperset(map(type, groups))
-        and _ONLY_INT.issuperset(map(type, parents))
-        and min(ids) > 0
-        and max(ids) <= UINT64_MAX
-    ):
-        return None
-    # Groups and parents repeat: the range check on their distinct values is cheaper.
-    distinct_groups = set(groups)
-    distinct_parents = set(parents)
-    if not (
-        min(distinct_groups) > 0
-        and max(distinct_groups) <= UINT64_MAX
-        and min(distinct_parents) >= 0
-        and max(distinct_parents) <= UINT64_MAX
-    ):
-        return None
-    if not _ONLY_STATES.issuperset(map(type, states)):
-        if not (_STATE_TYPES.issuperset(map(type, states)) and ROUTE_STATES.keys() >= set(states)):
-            return None
-        states = tuple(map(ROUTE_STATES.__getitem__, states))
-    return ids, starts, ends, groups, states, parents
-
-
-def _fast_build(
-    routes: Sequence[RouteDescriptor],
-) -> tuple[list[bytes], _Slots, dict[int, Route]] | None:
-    """Validate and lay out ``routes`` with C-level passes only, or return None.
-
-    None means "something is unusual" (an invalid route, a field of the wrong type, an unsorted
-    snapshot, a duplicate id...): the caller then runs the exact, per-route checks, which raise
-    the first error in the order the contract specifies, or return normalized routes that this
-    function accepts.
-
-    Returns the flat bounds and slots (``len(slots) == len(bounds) + 1``) and the routes by id.
-    """
-    built = _build_contiguous(routes)
-    return built if built is not None else _build_with_gaps(routes)
-
-
-def _build_contiguous(
-    routes: Sequence[RouteDescriptor],
-) -> tuple[list[bytes], _Slots, dict[int, Route]] | None:
-    """:func:`_fast_build` for the common catalog: each route ends where the next one starts.
-
-    Everything happens block by block, on objects still in the cache: a million scattered keys
-    cost a cache miss each per pass over the whole snapshot, but only once this way.
-    """
-    n = len(routes)
-    bounds: list[bytes] = []
-    route_list: list[Route] = []
-    by_id: dict[int, Route] = {}
-    last_end: bytes | None = None
-    for i in range(0, n, _BLOCK):
-        columns = _columns(routes[i : i + _BLOCK])
-        if columns is None:
-            return None
-        ids, starts, ends, groups, states, _ = columns
-        # Tuple equality short-cuts on identity, so shared key objects cost no comparison.
-        if not (ends[:-1] == starts[1:] and (i == 0 or last_end == starts[0])):
-            return None
-        last_end = ends[-1]
-        # Copies of the block's starts and of its last end (None if unbounded): each route ends
-        # where the next copy starts.
-        keys = _copy_keys(starts + ends[-1:])
-        block_routes = _make_routes(ids, keys, keys[1:], groups, states)
-        route_list += block_routes
-        by_id.update(zip(ids, block_routes, strict=True))
-        bounds += keys
-        bounds.pop()
-    # Sorted starts imply every range but the last: starts[i] < starts[i + 1] == ends[i].
-    if (
-        len(by_id) != n
-        or not all(map(lt, bounds, islice(bounds, 1, None)))
-        or (last_end is not None and not last_end > bounds[-1])
-    ):
-        return None
-    slots: _Slots = [None]
-    slots += route_list
-    if last_end is not None:
-        bounds.append(route_list[-1].end)  # type: ignore[arg-type]
-        slots.append(None)
-    return bounds, slots, by_id
-
-
-def _build_with_gaps(
-    routes: Sequence[RouteDescriptor],
-) -> tuple[list[bytes], _Slots, dict[int, Route]] | None:
-    """:func:`_fast_build` for sorted routes that may leave gaps between them."""
-    n = len(routes)
-    ids: list[int] = []
-    starts: list[bytes] = []
-    ends: list[bytes | None] = []
-    groups: list[int] = []
-    states: list[RouteState] = []
-    for i in range(0, n, _BLOCK):
-        columns = _columns(routes[i : i + _BLOCK])
-        if columns is None:
-            return None
-        b_ids, b_starts, b_ends, b_groups, b_states, _ = columns
-        # Unsorted input is caught at its first block, not after copying the whole snapshot.
-        if not (
-            all(map(lt, b_starts, islice(b_starts, 1, None)))
-            and (i == 0 or starts[-1] < b_starts[0])
-        ):
-            return None
-        ids += b_ids
-        starts += _copy_keys(b_starts)
-        ends += _copy_keys(b_ends)
-        groups += b_groups
-        states += b_states
-    head: list[Any] = ends[:-1]  # None only in an invalid snapshot, checked first
-    if not (
-        None not in head
-        and all(map(lt, starts[:-1], head))
-        and (ends[-1] is None or starts[-1] < ends[-1])
-        and all(map(le, head, islice(starts, 1, None)))
-    ):
-        return None
-    bounds, slots, route_list = _layout_with_gaps(ids, starts, ends, groups, states)
-    by_id = dict(zip(ids, route_list, strict=True))
-    if len(by_id) != n:
-        return None
-    return bounds, slots, by_id
-
-
-def _make_routes(
-    ids: Sequence[int],
-    starts: Sequence[bytes],
-    ends: Sequence[bytes | None],
-    groups: Sequence[int],
-    states: Sequence[RouteState],
-) -> list[Route]:
-    """Routes with load 0, built at C level.
-
-    ``tuple.__new__(Route, fields)`` skips the Python-level ``Route.__new__``: about 0.4 s per
-    million routes, against 0.6 s through ``functools.partial`` and over 1 s calling ``Route``.
-    """
-    fields = zip(ids, starts, ends, groups, states, repeat(0), strict=False)
-    return list(map(tuple.__new__, repeat(Route), fields))
-
-
-def _layout_with_gaps(
-    ids: list[int],
-    starts: list[bytes],
-    ends: list[bytes | None],
-    groups: list[int],
-    states: list[Any],
-) -> tuple[list[bytes], _Slots, list[Route]]:
-    """Bounds, slots and routes for sorted, non-overlapping routes that may leave gaps.
-
-    Interleaves ``start0, end0, start1, end1, ...`` (a non-decreasing sequence) and drops each end
-    that equals the next start, or is unbounded; positions in the result give each route its end
-    object, so routes and bounds share keys. All passes are C-level.
-    """
-    n = len(starts)
-    flat: list[bytes | None] = [None] * (2 * n)
-    flat[0::2] = starts
-    flat[1::2] = ends
-    keep: list[bool] = [True] * (2 * n)
-    keep[1:-1:2] = map(ne, ends[:-1], islice(starts, 1, None))
-    keep[-1] = ends[-1] is not None
-    bounds: list[bytes] = list(compress(flat, keep))  # type: ignore[arg-type]
-    # After start i, the next kept key is its end (kept, or equal to the next start).
-    end_at = list(accumulate(keep))[0::2]
-    route_ends: list[bytes | None] = list(map(bounds.__getitem__, end_at[:-1]))
-    route_ends.append(bounds[end_at[-1]] if keep[-1] else None)
-    route_list = _make_routes(ids, starts, route_ends, groups, states)
-    flat_slots: _Slots = [None] * (2 * n)
-    flat_slots[0::2] = route_list
-    slots: _Slots = [None]
-    slots += compress(flat_slots, keep)
-    return bounds, slots, route_list
+def _empty_table(implementation: _Searches) -> tuple[RouteTable, _Loads, _Ids]:
+    """A table of no route, its loads and ids."""
+    return _build(implementation, ())
 
 
 def _sorted_valid(routes: Iterable[RouteDescriptor]) -> list[RouteDescriptor]:
@@ -335,10 +92,12 @@ def _check_pair(prev: RouteDescriptor | Route, cur: RouteDescriptor | Route) -> 
     )
 
 
-def _build(routes: Sequence[RouteDescriptor]) -> tuple[_Table, _Loads, dict[int, Route]]:
-    """Validate ``routes`` (raising the first error) and build a fresh table, loads and index."""
+def _build(
+    implementation: _Searches, routes: Sequence[RouteDescriptor]
+) -> tuple[RouteTable, _Loads, _Ids]:
+    """Validate ``routes`` (raising the first error) and build a fresh table, loads and ids."""
     with paused_gc(promote=True):
-        built = _fast_build(routes)
+        built = RouteTable.build(implementation, routes)
         if built is None:
             # Unsorted but otherwise valid? Sorting is cheaper than the per-route checks.
             try:
@@ -346,59 +105,11 @@ def _build(routes: Sequence[RouteDescriptor]) -> tuple[_Table, _Loads, dict[int,
             except (TypeError, AttributeError):
                 ordered = None
             if ordered is not None and any(map(is_not, ordered, routes)):
-                built = _fast_build(ordered)
+                built = RouteTable.build(implementation, ordered)
         if built is None:
-            built = _fast_build(_sorted_valid(routes))
+            built = RouteTable.build(implementation, _sorted_valid(routes))
             assert built is not None, "normalized routes must take the fast path"
-        bounds, slots, by_id = built
-        tops, chunks, loads = _chunked(bounds, slots, [0] * len(slots))
-    return (tops, chunks), loads, by_id
-
-
-# -- chunk manipulation ------------------------------------------------------------------------
-
-
-def _chunked(
-    bounds: list[bytes], slots: _Slots, loads: list[int]
-) -> tuple[list[bytes], list[_Chunk], _Loads]:
-    """Cut a flat table into chunks of about _CHUNK bounds; one bound between chunks is a top."""
-    m = len(bounds)
-    k = max(1, (m + _CHUNK // 2) // _CHUNK)
-    # Positions of the tops in ``bounds``: k - 1 evenly spread, strictly increasing indices.
-    cuts = [j * (m + 1) // k - 1 for j in range(1, k)]
-    tops = list(map(bounds.__getitem__, cuts))
-    edges = [-1, *cuts, m]
-    chunks: list[_Chunk] = [(bounds[a + 1 : b], slots[a + 1 : b + 1]) for a, b in pairwise(edges)]
-    chunk_loads = [loads[a + 1 : b + 1] for a, b in pairwise(edges)]
-    return tops, chunks, chunk_loads
-
-
-def _flatten(
-    table: _Table, loads: _Loads, first: int, last: int
-) -> tuple[list[bytes], _Slots, list[int]]:
-    """Chunks ``first..last`` (inclusive) as one flat bounds/slots/loads triple."""
-    tops, chunks = table
-    bounds: list[bytes] = []
-    slots: _Slots = []
-    flat_loads: list[int] = []
-    for c in range(first, last + 1):
-        if c > first:
-            bounds.append(tops[c - 1])
-        chunk_bounds, chunk_slots = chunks[c]
-        bounds += chunk_bounds
-        slots += chunk_slots
-        flat_loads += loads[c]
-    return bounds, slots, flat_loads
-
-
-def _intersects(route: Route, range_starts: list[bytes], ranges: list[_Range]) -> bool:
-    """Whether ``route`` intersects one of ``ranges`` (sorted, disjoint)."""
-    # Only the last range starting before route.end can intersect it (the others end earlier).
-    j = len(ranges) if route.end is None else bisect_left(range_starts, route.end)
-    if j == 0:
-        return False
-    end = ranges[j - 1][1]
-    return end is None or route.start < end
+    return built
 
 
 def _merge_ranges(ranges: Iterable[_Range]) -> list[_Range]:
@@ -415,158 +126,6 @@ def _merge_ranges(ranges: Iterable[_Range]) -> list[_Range]:
     return merged
 
 
-def _fill(
-    placed: list[tuple[Route, int]], lower: bytes | None, upper: bytes | None
-) -> tuple[_Slots, list[bytes], list[int]]:
-    """Slots, inner bounds and loads laying ``placed`` (sorted routes) over ``[lower, upper)``.
-
-    ``lower is None`` is the start of the key space (whose first slot is always a gap),
-    ``upper is None`` its end. Gaps become ``None`` slots; empty gaps are left out.
-    """
-    slots: _Slots = []
-    inner: list[bytes] = []
-    loads: list[int] = []
-    cur = lower
-    open_end = False
-    for route, load in placed:
-        if cur is None or route.start != cur:
-            slots.append(None)
-            loads.append(0)
-            inner.append(route.start)
-        slots.append(route)
-        loads.append(load)
-        if route.end is None:
-            open_end = True
-            break
-        if route.end != upper:
-            inner.append(route.end)
-        cur = route.end
-    if not slots or (not open_end and cur != upper):
-        slots.append(None)
-        loads.append(0)
-    return slots, inner, loads
-
-
-def _rewrite(
-    table: _Table,
-    loads: _Loads,
-    ranges: list[_Range],
-    dropped_ids: Container[int],
-    new_routes: list[Route],
-) -> tuple[_Table, _Loads]:
-    """A new table where ``new_routes`` (load 0) replace what they must inside ``ranges``.
-
-    ``ranges`` (sorted, disjoint) must cover every new route. Inside them, catalog routes whose id
-    is in ``dropped_ids`` and ephemeral routes that intersect a range are removed; everything else
-    is kept with its load. Only the chunks around the ranges are copied.
-    """
-    tops, chunks = table
-    n_tops = len(tops)
-    # Group the ranges by the chunks they touch, padded by one chunk on each side, so that a gap
-    # next to a range can be merged with a gap in the neighbouring slot.
-    clusters: list[tuple[int, int, list[_Range]]] = []
-    for start, end in ranges:
-        first = max(bisect_right(tops, start) - 1, 0)
-        last = n_tops if end is None else min(bisect_left(tops, end) + 1, n_tops)
-        if clusters and first <= clusters[-1][1] + 1:
-            c_first, c_last, c_ranges = clusters[-1]
-            clusters[-1] = (c_first, max(c_last, last), c_ranges)
-            c_ranges.append((start, end))
-        else:
-            clusters.append((first, last, [(start, end)]))
-    new_starts = list(map(_route_start, new_routes))
-    range_starts = list(map(_first_start, ranges))
-    new_tops: list[bytes] = []
-    new_chunks: list[_Chunk] = []
-    new_loads: _Loads = []
-    done = 0
-    for first, last, cluster_ranges in clusters:
-        bounds, slots, flat_loads = _flatten(table, loads, first, last)
-        lower = tops[first - 1] if first else None
-        upper = tops[last] if last < n_tops else None
-        out_bounds: list[bytes] = []
-        out_slots: _Slots = []
-        out_loads: list[int] = []
-        pos = 0
-        for window in _windows(bounds, cluster_ranges):
-            lo, hi = window
-            window_lower = bounds[lo - 1] if lo else lower
-            window_upper = bounds[hi - 1] if hi <= len(bounds) else upper
-            placed = [
-                (route, load)
-                for route, load in zip(slots[lo:hi], flat_loads[lo:hi], strict=True)
-                if route is not None
-                and not (
-                    route.route_id in dropped_ids
-                    if route.route_id
-                    else _intersects(route, range_starts, ranges)
-                )
-            ]
-            i = 0 if window_lower is None else bisect_left(new_starts, window_lower)
-            j = len(new_routes) if window_upper is None else bisect_left(new_starts, window_upper)
-            if i < j:
-                placed += zip(new_routes[i:j], repeat(0))
-                placed.sort(key=_placed_start)
-            fill, inner, fill_loads = _fill(placed, window_lower, window_upper)
-            # Two gaps must never be neighbours: absorb a gap slot next to the window.
-            if fill[0] is None and lo and slots[lo - 1] is None:
-                lo -= 1
-                window_lower = bounds[lo - 1] if lo else lower
-                fill, inner, fill_loads = _fill(placed, window_lower, window_upper)
-            if fill[-1] is None and hi < len(slots) and slots[hi] is None:
-                hi += 1
-                window_upper = bounds[hi - 1] if hi <= len(bounds) else upper
-                fill, inner, fill_loads = _fill(placed, window_lower, window_upper)
-            out_bounds += bounds[pos:lo]
-            out_slots += slots[pos:lo]
-            out_loads += flat_loads[pos:lo]
-            out_bounds += inner
-            out_slots += fill
-            out_loads += fill_loads
-            if hi <= len(bounds):
-                out_bounds.append(bounds[hi - 1])
-            pos = hi
-        out_bounds += bounds[pos:]
-        out_slots += slots[pos:]
-        out_loads += flat_loads[pos:]
-        part_tops, part_chunks, part_loads = _chunked(out_bounds, out_slots, out_loads)
-        new_chunks += chunks[done:first]
-        new_loads += loads[done:first]
-        new_tops += tops[done:first]
-        new_chunks += part_chunks
-        new_loads += part_loads
-        new_tops += part_tops
-        if last < n_tops:
-            new_tops.append(tops[last])
-        done = last + 1
-    new_chunks += chunks[done:]
-    new_loads += loads[done:]
-    new_tops += tops[done:]
-    return (new_tops, new_chunks), new_loads
-
-
-def _placed_start(item: tuple[Route, int]) -> bytes:
-    return item[0].start
-
-
-def _windows(bounds: list[bytes], ranges: list[_Range]) -> list[tuple[int, int]]:
-    """Slot windows ``[lo, hi)`` of a flat table covering ``ranges``, merged when one slot apart.
-
-    Windows at least two slots apart can each absorb a neighbouring gap without colliding, since
-    a valid table never has two gaps side by side.
-    """
-    windows: list[tuple[int, int]] = []
-    n_slots = len(bounds) + 1
-    for start, end in ranges:
-        lo = bisect_right(bounds, start)
-        hi = n_slots if end is None else bisect_left(bounds, end) + 1
-        if windows and lo <= windows[-1][1] + 1:
-            windows[-1] = (windows[-1][0], max(windows[-1][1], hi))
-        else:
-            windows.append((lo, hi))
-    return windows
-
-
 def _key_error(keys: Iterable[object], error: TypeError) -> TypeError:
     """The library's TypeError for the first of ``keys`` that is not bytes, else ``error``.
 
@@ -578,22 +137,6 @@ def _key_error(keys: Iterable[object], error: TypeError) -> TypeError:
         except TypeError as refused:
             return refused
     return error
-
-
-def _walk(table: _Table, key: bytes, forward: bool) -> Iterator[Route]:
-    """Routes from the slot holding ``key`` (excluded if forward) onwards or backwards."""
-    tops, chunks = table
-    c = bisect_right(tops, key)
-    i = bisect_right(chunks[c][0], key)
-    if forward:
-        here: Iterable[Route | None] = islice(chunks[c][1], i + 1, None)
-        rest = chain.from_iterable(slots for _, slots in islice(chunks, c + 1, None))
-    else:
-        here = reversed(chunks[c][1][: i + 1])
-        rest = chain.from_iterable(reversed(slots) for _, slots in reversed(chunks[:c]))
-    for route in chain(here, rest):
-        if route is not None:
-            yield route
 
 
 class Engine:
@@ -623,10 +166,13 @@ class Engine:
         self._ts_lock = threading.Lock()
         self._last_ts = 0
         self._version = 0
-        self._table: _Table
+        self._table: RouteTable
         self._loads: _Loads
-        self._table, self._loads = _empty_table()
-        self._catalog: dict[int, Route] = {}
+        #: Catalog route id -> its start's prefix (see :meth:`_catalog_route`).
+        self._ids: _Ids
+        #: The table implementation this Engine's tables are built by and searched with.
+        self._search = table_module.IMPLEMENTATION
+        self._table, self._loads, self._ids = _empty_table(self._search)
         #: Catalog routes split by a hotspot, sorted by start: their pieces serve their ranges.
         self._shadowed: list[Route] = []
 
@@ -640,6 +186,19 @@ class Engine:
         engine = cls(hotspot_threshold)
         engine.update_route(b"", None, 1)
         return engine
+
+    @property
+    def implementation(self) -> str:
+        """Which searches the lookups use: ``"c"``, or ``"python"`` without the extension. O(1).
+
+        ``"python"`` when the C extension was not built at install time, or when the environment
+        variable ``DISTRIBUTION_PURE_PYTHON`` was set (not to ``"0"``) when ``distribution`` was
+        imported.
+
+        >>> Engine().implementation in ("c", "python")
+        True
+        """
+        return self._search.IMPLEMENTATION
 
     @property
     def version(self) -> int:
@@ -666,7 +225,7 @@ class Engine:
         TypeError: key must be bytes, got str (encode text keys explicitly)
         """
         try:
-            return _find(self._table, key)
+            return self._search.find(self._table, key)
         except TypeError as error:
             raise _key_error((key,), error) from None
 
@@ -688,20 +247,7 @@ class Engine:
             check_key("end", end)
             if start >= end:
                 return []
-        tops, chunks = self._table
-        c = bisect_right(tops, start)
-        last = len(chunks) - 1 if end is None else bisect_left(tops, end)
-        bounds, slots = chunks[c]
-        lo = bisect_right(bounds, start)
-        found: list[Route] = []
-        while True:
-            hi = len(slots) if end is None or c < last else bisect_left(bounds, end) + 1
-            found += filter(None, slots[lo:hi])
-            if c >= last:
-                return found
-            c += 1
-            bounds, slots = chunks[c]
-            lo = 0
+        return self._table.intersecting(start, end)
 
     def group_keys(self, keys: Iterable[bytes]) -> list[tuple[Route, list[bytes]]]:
         """Route a batch of keys at once: ``[(route, [keys...]), ...]`` in key order.
@@ -719,7 +265,7 @@ class Engine:
         """
         batch = keys if keys.__class__ is list else list(keys)
         try:
-            return _group(self._table, batch)
+            return self._search.group(self._table, batch)
         except TypeError as error:
             raise _key_error(batch, error) from None
 
@@ -747,12 +293,12 @@ class Engine:
         version = check_u64("version", snapshot.version)
         if self._version_is_current(version):
             return
-        table, loads, by_id = _build(snapshot.routes)
+        table, loads, ids = _build(self._search, snapshot.routes)
         with self._lock:
             if self._version_is_current(version):
                 return
             self._table, self._loads = table, loads
-            self._catalog = by_id
+            self._ids = ids
             self._shadowed = []
             self._version = version
 
@@ -821,7 +367,7 @@ class Engine:
                 )
             pending = pending[k:]
             net = _net_effect(pending)
-            removed = [self._catalog[i] for i in net if i in self._catalog]
+            removed = [r for r in map(self._catalog_route, net) if r is not None]
             added = sorted(
                 (
                     Route(d.route_id, d.start, d.end, d.group_id, d.state, 0)
@@ -832,14 +378,28 @@ class Engine:
             )
             self._check_placement(added, net)
             ranges = _merge_ranges([(r.start, r.end) for r in chain(removed, added)])
-            table, loads = _rewrite(self._table, self._loads, ranges, net, added)
+            table, loads = self._table.rewrite(self._loads, ranges, net, added)
             for route_id in net:
-                self._catalog.pop(route_id, None)
-            self._catalog.update(zip(map(attrgetter("route_id"), added), added, strict=True))
+                if route_id in self._ids:
+                    del self._ids[route_id]
+            for route in added:
+                self._ids[route.route_id] = prefix(route.start)
             if self._shadowed:
                 self._shadowed = [r for r in self._shadowed if r.route_id not in net]
             self._table, self._loads = table, loads
             self._version = pending[-1].version
+
+    def _catalog_route(self, route_id: int) -> Route | None:
+        """The catalog route ``route_id`` (in the table or shadowed), or None if unknown.
+
+        Found from its start's prefix (see :meth:`RouteTable.find_catalog_route`).
+        """
+        if route_id not in self._ids:
+            return None
+        found = self._table.find_catalog_route(route_id, self._ids[route_id])
+        if found is not None:
+            return found
+        return next((r for r in self._shadowed if r.route_id == route_id), None)
 
     def _check_placement(self, added: list[Route], net: Container[int]) -> None:
         """Raise the first order/overlap error among the catalog routes after a change.
@@ -858,30 +418,30 @@ class Engine:
         for idx, route in enumerate(added):
             floor = added[idx - 1].start if idx else None
             ceiling = added[idx + 1].start if idx + 1 < len(added) else None
-            for candidate in _walk(self._table, route.start, forward=False):
+            for candidate in self._table.walk(route.start, forward=False):
                 if floor is not None and candidate.start <= floor:
                     break
                 if survives(candidate):
-                    neighbours[id(candidate)] = candidate
+                    neighbours[candidate.route_id] = candidate
                     break
-            for candidate in _walk(self._table, route.start, forward=True):
+            for candidate in self._table.walk(route.start, forward=True):
                 if ceiling is not None and candidate.start >= ceiling:
                     break
                 if survives(candidate):
-                    neighbours[id(candidate)] = candidate
+                    neighbours[candidate.route_id] = candidate
                     break
             s = bisect_right(shadow_starts, route.start)
             for candidate in reversed(self._shadowed[:s]):
                 if floor is not None and candidate.start <= floor:
                     break
                 if survives(candidate):
-                    neighbours[id(candidate)] = candidate
+                    neighbours[candidate.route_id] = candidate
                     break
             for candidate in self._shadowed[s:]:
                 if ceiling is not None and candidate.start >= ceiling:
                     break
                 if survives(candidate):
-                    neighbours[id(candidate)] = candidate
+                    neighbours[candidate.route_id] = candidate
                     break
         ordered = sorted(chain(neighbours.values(), added), key=_route_start)
         for prev, cur in pairwise(ordered):
@@ -920,9 +480,7 @@ class Engine:
                     f"engine routes overlap: new route [{start!r}, {end!r}) overlaps route "
                     f"{other.route_id} [{other.start!r}, {other.end!r})"
                 )
-            self._table, self._loads = _rewrite(
-                self._table, self._loads, [(start, end)], (), [route]
-            )
+            self._table, self._loads = self._table.rewrite(self._loads, [(start, end)], (), [route])
 
     def record_access(self, key: bytes) -> None:
         """Add 1 to the load of the route holding ``key`` (no route: nothing happens).
@@ -941,11 +499,8 @@ class Engine:
         if key.__class__ is not bytes:
             check_key("key", key)
         with self._lock:
-            tops, chunks = self._table
-            c = bisect_right(tops, key)
-            bounds, slots = chunks[c]
-            i = bisect_right(bounds, key)
-            route = slots[i]
+            c, i = self._table.locate(key)
+            route = self._table.chunks[c].route(i)
             if route is None:
                 return
             loads = self._loads[c]
@@ -965,8 +520,11 @@ class Engine:
                 Route(0, route.start, middle, route.group_id, RouteState.ACTIVE, 0),
                 Route(0, middle, route.end, route.group_id, RouteState.ACTIVE, 0),
             ]
-            self._table, self._loads = _rewrite(
-                self._table, self._loads, [(route.start, route.end)], (route.route_id,), pieces
+            self._table, self._loads = self._table.rewrite(
+                self._loads,
+                [(route.start, route.end)],
+                (route.route_id,),
+                pieces,
             )
             if route.route_id:
                 shadow_starts = list(map(_route_start, self._shadowed))
@@ -981,12 +539,12 @@ class Engine:
         1
         """
         with self._lock:
-            _, chunks = self._table
+            table = self._table
             loads = list(map(list.copy, self._loads))
         return [
             route if load == route.load else route._replace(load=load)
             for route, load in zip(
-                chain.from_iterable(map(itemgetter(1), chunks)),
+                table.slots(),
                 chain.from_iterable(loads),
                 strict=True,
             )
@@ -1010,52 +568,22 @@ class Engine:
     def _check(self) -> None:
         """Assert every structural invariant (tests call this after each change). O(routes)."""
         with self._lock:
-            tops, chunks = self._table
-            loads = self._loads
-            assert len(tops) == len(chunks) - 1
-            assert len(loads) == len(chunks)
-            bounds: list[bytes] = []
-            slots: _Slots = []
-            flat_loads: list[int] = []
-            for c, (chunk_bounds, chunk_slots) in enumerate(chunks):
-                assert len(chunk_slots) == len(chunk_bounds) + 1
-                assert len(loads[c]) == len(chunk_slots)
-                assert len(chunk_bounds) <= 2 * _CHUNK
-                if c:
-                    bounds.append(tops[c - 1])
-                bounds += chunk_bounds
-                slots += chunk_slots
-                flat_loads += loads[c]
-            assert all(type(b) is bytes for b in bounds)
-            assert all(map(lt, bounds, bounds[1:])), "bounds must strictly increase"
-            assert slots[0] is None, "nothing lies before the first bound"
-            assert all(a is not None or b is not None for a, b in pairwise(slots)), "two gaps"
+            self._table._check(self._loads)
+            slots = list(self._table.slots())
+            flat_loads = list(chain.from_iterable(self._loads))
             in_table: dict[int, Route] = {}
             for i, route in enumerate(slots):
                 if route is None:
-                    assert flat_loads[i] == 0
                     continue
-                assert type(route) is Route
-                assert route.start == bounds[i - 1]
-                if i < len(bounds):
-                    assert route.end == bounds[i]
-                else:
-                    assert route.end is None
-                assert route.group_id > 0
-                assert type(route.state) is RouteState
-                assert route.load == 0
                 load = flat_loads[i]
-                assert load >= 0
                 if self._threshold and route.state is RouteState.ACTIVE:
                     assert load < self._threshold
                 if route.route_id:
                     assert route.route_id not in in_table, "duplicate route id"
                     in_table[route.route_id] = route
-                    assert self._catalog.get(route.route_id) is route
-                else:
-                    assert route.state is RouteState.ACTIVE
+                    assert self._catalog_route(route.route_id) == route
             for route in self._shadowed:
-                assert self._catalog.get(route.route_id) is route
+                assert self._catalog_route(route.route_id) is route
                 assert route.route_id not in in_table
                 for piece in self.get_intersecting_routes(route.start, route.end):
                     assert piece.route_id == 0
@@ -1064,7 +592,7 @@ class Engine:
             assert list(map(_route_start, self._shadowed)) == sorted(
                 map(_route_start, self._shadowed)
             )
-            assert len(self._catalog) == len(in_table) + len(self._shadowed)
+            assert len(self._ids) == len(in_table) + len(self._shadowed)
 
 
 def _net_effect(changes: Sequence[CatalogChange]) -> dict[int, RouteDescriptor | None]:
