@@ -409,14 +409,14 @@ def test_watch_prints_a_concurrent_split(database_url: str) -> None:
             assert watch.stderr is not None
             banner = watch.stderr.readline()
             assert "watching the catalog after version 1" in banner
-            ok("split", "1", "m", url=url)
+            ok("split", "1", "m", "--actor", "root-of-the-test", url=url)
             out, err = watch.communicate(timeout=60)
         finally:
             watch.kill()
     assert watch.returncode == 0, err
     assert "Traceback" not in err
     lines = out.splitlines()
-    assert lines[0] == "version 2: 2 upserted, 1 deleted"
+    assert lines[0] == "version 2: split_route by root-of-the-test: 2 upserted, 1 deleted"
     assert any(line.split()[:2] == ["+", "2"] and '"m"' in line for line in lines)
     assert any(line.split() == ["-", "1"] for line in lines)
 

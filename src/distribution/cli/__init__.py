@@ -4,7 +4,8 @@
 The CLI is thin: it parses arguments, calls the library and formats what comes back. Layout:
 
 * :mod:`~distribution.cli.parser`: the argument parser;
-* :mod:`~distribution.cli.commands`: one function per subcommand;
+* :mod:`~distribution.cli.session`: one run of a command and the catalog it works on;
+* :mod:`~distribution.cli.commands`: one function per subcommand (the writes from one table);
 * :mod:`~distribution.cli.keys`: keys on the command line and in output;
 * :mod:`~distribution.cli.output`: tables and JSON;
 * :mod:`~distribution.cli.embedded`: the embedded PostgreSQL server used without a URL;
@@ -124,7 +125,8 @@ def _run(argv: Sequence[str] | None) -> int:
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     # Imported only now: the database layers take a while to import, and --help needs none.
-    from distribution.cli.commands import COMMANDS, Session
+    from distribution.cli.commands import COMMANDS
+    from distribution.cli.session import Session
 
     session = Session(args)
     try:

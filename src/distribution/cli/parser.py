@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from distribution.cli.errors import UsageError
@@ -36,6 +37,15 @@ exit codes:
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line: ``distribution: error: …`` (exit code 2)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and " " in self.prog:
+            # A subcommand's stray argument is that subcommand's error, and its help says why.
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
     def error(self, message: str) -> NoReturn:
         command = self.prog.partition(" ")[2]
@@ -97,9 +107,12 @@ def _state(text: str) -> RouteState:
 
 
 def _groups(text: str) -> int:
-    value = positive_int(text)
-    if value > MAX_INIT_GROUPS:
-        raise argparse.ArgumentTypeError(f"at most {MAX_INIT_GROUPS}: {text!r}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= MAX_INIT_GROUPS:
+        raise argparse.ArgumentTypeError(f"out of range 1..{MAX_INIT_GROUPS}: {text!r}")
     return value
 
 
