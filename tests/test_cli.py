@@ -475,7 +475,8 @@ def test_export_import_round_trips(
     assert "imported 4 routes" in ok("import", str(path), url=target)
     assert _catalog(target) == expected
 
-    # kv, through stdout and stdin, into a catalog that already has routes: they are replaced.
+    # kv, through stdout and stdin, into a catalog that has moved on: --replace retires its
+    # routes, and route 5, which the target has retired meanwhile, comes back under a new id.
     ok("split", "5", "0x70", url=target)
     kv = ok("export", "--format", "kv", url=source, sub=True)
     records = [json.loads(line) for line in kv.splitlines()]
@@ -493,9 +494,14 @@ def test_export_import_round_trips(
         "value": encode_route_descriptor(first).hex(),
     }
     assert len(records) == 2 + 4
-    text = ok("import", "--format", "kv", "-", "--actor", "restore", input=kv, url=target, sub=True)
+    text = ok(
+        "import", "--format", "kv", "-", "--actor", "restore", "--replace",
+        input=kv, url=target, sub=True,
+    )
     assert "catalog version 3" in text
-    assert _catalog(target) == expected
+    assert "5->8" in text
+    renumbered = [{**r, "route_id": 8} if r["route_id"] == 5 else r for r in expected]
+    assert _catalog(target) == renumbered
     assert json.loads(ok("history", "--since", "2", "--json", url=target))[0]["actor"] == "restore"
 
     # An export of the past.
@@ -534,7 +540,7 @@ def test_import_refuses_bad_input(database_url: str, tmp_path: Path) -> None:
         3, "import", "--format", "kv", "-", "--expect-version", "0", input=good, url=url
     )
     assert routes_json(url)["version"] == 1  # nothing was written
-    ok("import", "--format", "kv", "-", input=good, url=url)
+    ok("import", "--format", "kv", "-", "--replace", input=good, url=url)
     assert [r["route_id"] for r in _catalog(url)] == [7]
 
 

@@ -70,7 +70,7 @@ from distribution.types import (
     RouteState,
 )
 
-__all__ = ["COMMANDS", "PROGRESS_THRESHOLD", "init_routes"]
+__all__ = ["COMMANDS", "PROGRESS_THRESHOLD", "ImportPlan", "init_routes", "plan_import"]
 
 #: Catalogs with at least this many routes get a progress bar on export and import.
 PROGRESS_THRESHOLD = 10_000
@@ -547,25 +547,45 @@ def cmd_export(session: Session) -> int:
     return EXIT_OK
 
 
-def _read_json_routes(session: Session, handle: IO[str], name: str) -> list[RouteDescriptor]:
+class _Source(NamedTuple):
+    """What an import file holds: its routes, and its id counter when it says."""
+
+    routes: list[RouteDescriptor]
+    next_route_id: int | None
+
+
+def _read_json_routes(session: Session, handle: IO[str], name: str) -> _Source:
+    text = handle.read()
     try:
-        document = json.load(handle)
+        document = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CommandError(f"{name}: not valid JSON: {exc}") from None
+        hint = ""
+        first = text.lstrip().partition("\n")[0]
+        if first.startswith('{"key"'):
+            hint = " (it looks like key-value records: pass --format kv)"
+        raise CommandError(f"{name}: not valid JSON: {exc}{hint}") from None
+    next_route_id = None
     if isinstance(document, dict) and "routes" in document:
+        next_route_id = document.get("next_route_id")
+        if next_route_id is not None and (
+            not isinstance(next_route_id, int) or isinstance(next_route_id, bool)
+        ):
+            raise CommandError(f"{name}: \"next_route_id\" is not an integer: {next_route_id!r}")
         document = document["routes"]
     if not isinstance(document, list):
         raise CommandError(f"{name}: expected a JSON object with \"routes\" (as export writes)")
-    return [
+    routes = [
         route_from_json(item, f"{name}: route #{index}")
-        for index, item in enumerate(_progress(document, len(document), session, "import"), 1)
+        for index, item in enumerate(_progress(document, len(document), session, "read"), 1)
     ]
+    return _Source(routes, next_route_id)
 
 
-def _read_kv_routes(session: Session, handle: IO[str], name: str) -> list[RouteDescriptor]:
+def _read_kv_routes(session: Session, handle: IO[str], name: str) -> _Source:
     lines = handle.readlines()
     routes = []
-    for number, line in enumerate(_progress(lines, len(lines), session, "import"), 1):
+    next_route_id = None
+    for number, line in enumerate(_progress(lines, len(lines), session, "read"), 1):
         if not line.strip():
             continue
         where = f"{name}:{number}"
@@ -580,27 +600,138 @@ def _read_kv_routes(session: Session, handle: IO[str], name: str) -> list[RouteD
             if key == catalog_version_key():
                 decode_catalog_version(value)
             elif key == catalog_next_route_id_key():
-                decode_catalog_next_route_id(value)
+                next_route_id = decode_catalog_next_route_id(value)
             else:
                 routes.append(decode_catalog_route_entry(key, value))
         except (DistributionError, ValueError) as exc:
             # Keep the library's error type (for the exit code) and say where it happened.
             raise type(exc)(f"{where}: {exc}") from exc
-    return routes
+    return _Source(routes, next_route_id)
+
+
+class ImportPlan(NamedTuple):
+    """What an import changes in the catalog, computed before anything is written."""
+
+    #: The routes the catalog will hold.
+    routes: list[RouteDescriptor]
+    added: list[RouteDescriptor]
+    changed: list[RouteDescriptor]
+    retired: list[RouteDescriptor]
+    unchanged: int
+    #: Source ids the target catalog had already issued (and retired), and the new ids they get.
+    renumbered: dict[int, int]
+    #: The id counter after the import: the larger of the source's and the target's.
+    next_route_id: int
+    #: True when the import would raise the target's id counter.
+    raises_counter: bool
+
+    @property
+    def empty(self) -> bool:
+        """True when the import would change nothing at all."""
+        return not (self.added or self.changed or self.retired or self.raises_counter)
+
+
+def plan_import(
+    target: CatalogSnapshot, target_next_route_id: int, source: _Source
+) -> ImportPlan:
+    """Compare a source's routes with the target catalog, by route id.
+
+    A route whose id is live in the target replaces it (changed, or unchanged); a route whose id
+    the target never issued is added as it is; a route whose id the target issued and retired
+    since gets a fresh id, so a retired id never comes back. The id counter becomes the larger
+    of the source's and the target's (and of every id kept).
+    """
+    live = {route.route_id: route for route in target.routes}
+    floor = max(
+        target_next_route_id,
+        source.next_route_id or 0,
+        *(route.route_id + 1 for route in source.routes),
+    )
+    fresh = floor
+    routes, added, changed, renumbered = [], [], [], {}
+    unchanged = 0
+    for given in source.routes:
+        route = given
+        current = live.get(route.route_id)
+        if current is None and route.route_id < target_next_route_id:
+            renumbered[route.route_id] = fresh
+            route = route._replace(route_id=fresh)
+            fresh += 1
+        if current is None:
+            added.append(route)
+        elif current != route:
+            changed.append(route)
+        else:
+            unchanged += 1
+        routes.append(route)
+    kept = {route.route_id for route in routes}
+    retired = [route for route in target.routes if route.route_id not in kept]
+    return ImportPlan(
+        routes, added, changed, retired, unchanged, renumbered, fresh, fresh > target_next_route_id
+    )
+
+
+def _plan_lines(plan: ImportPlan) -> list[str]:
+    lines = [
+        f"{len(plan.added)} added, {len(plan.changed)} changed, {len(plan.retired)} retired, "
+        f"{plan.unchanged} unchanged; next route id {plan.next_route_id}"
+    ]
+    lines += [f"  + {_described(route)} group {route.group_id}" for route in plan.added[:20]]
+    lines += [f"  ~ {_described(route)} group {route.group_id}" for route in plan.changed[:20]]
+    lines += [f"  - {_described(route)}" for route in plan.retired[:20]]
+    if plan.renumbered:
+        shown = ", ".join(f"{old}->{new}" for old, new in list(plan.renumbered.items())[:20])
+        lines.append(f"  ids this catalog had retired get new ones: {shown}")
+    if max(len(plan.added), len(plan.changed), len(plan.retired), len(plan.renumbered)) > 20:
+        lines.append("  (lists cut at 20 routes each)")
+    return lines
 
 
 def cmd_import(session: Session) -> int:
-    """Replace the catalog's routes by those of a file, in one compare-and-set ``save``."""
+    """Make the catalog's routes those of a file, in one compare-and-set ``save``.
+
+    Shows the plan (routes added, changed, retired) first; retiring routes needs ``--replace``;
+    ``--dry-run`` stops after the plan; an import that changes nothing writes nothing.
+    """
     args = session.args
     name = "<stdin>" if args.file == "-" else args.file
     with _open_input(args.file) as handle:
         if args.format == "json":
-            routes = _read_json_routes(session, handle, name)
+            source = _read_json_routes(session, handle, name)
         else:
-            routes = _read_kv_routes(session, handle, name)
+            source = _read_kv_routes(session, handle, name)
     store = session.store()
-    expected = args.expect_version if args.expect_version is not None else store.version()
-    snapshot = store.save(expected, routes, actor=session.actor())
+    target = store.snapshot()
+    if args.expect_version is not None and args.expect_version != target.version:
+        raise CatalogVersionMismatchError(
+            f"the catalog is at version {target.version}, not {args.expect_version}"
+        )
+    plan = plan_import(target, store.next_route_id(), source)
+    lines = _plan_lines(plan)
+    if not args.json:
+        session.print(f"import of {name} into catalog version {target.version}: {lines[0]}", *lines[1:])
+    if plan.empty:
+        if args.json:
+            write_json(snapshot_to_json(target), session.out)
+        else:
+            session.print("nothing to import: the catalog already holds these routes")
+        return EXIT_OK
+    if args.dry_run:
+        if args.json:
+            write_json(snapshot_to_json(target), session.out)
+        else:
+            session.print("dry run: nothing written")
+        return EXIT_OK
+    if plan.retired and not args.replace:
+        raise CommandError(
+            f"the import would retire {len(plan.retired)} of the catalog's routes: pass --replace "
+            "to retire them (or --dry-run to see the plan); nothing was written"
+        )
+    if len(plan.routes) >= PROGRESS_THRESHOLD and not args.quiet:
+        session.note(f"import: writing {len(plan.routes):,} routes in one transaction…")
+    snapshot = store.save(
+        target.version, plan.routes, actor=session.actor(), next_route_id=plan.next_route_id
+    )
     if args.json:
         write_json(snapshot_to_json(snapshot), session.out)
     else:

@@ -272,9 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     import_ = add(
         "import",
-        "replace the catalog's routes by those of a file (or stdin)",
-        "Replace the catalog's routes by those of FILE, in one compare-and-set write.",
+        "make the catalog's routes those of a file (or stdin)",
+        "Make the catalog's routes those of FILE, in one compare-and-set write. It first prints\n"
+        "the plan: routes added, changed (same id) and retired (absent from FILE). Retiring\n"
+        "routes needs --replace. A route whose id this catalog issued and retired gets a new id,\n"
+        "and the id counter becomes the larger of FILE's and the catalog's, so no id is issued\n"
+        "twice. An import that changes nothing writes nothing.",
         writes,
+    )
+    import_.add_argument(
+        "--replace", action="store_true", help="retire the catalog's routes absent from FILE"
+    )
+    import_.add_argument(
+        "--dry-run", action="store_true", help="print the plan and write nothing"
     )
     import_.add_argument("file", metavar="FILE", help="a file written by export, or - for stdin")
     import_.add_argument("--format", choices=formats, default="json", help=format_help)
