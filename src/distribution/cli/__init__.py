@@ -27,6 +27,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from distribution.cli.embedded import embedded_database_url
 from distribution.cli.errors import (
     EXIT_CONFLICT,
     EXIT_ERROR,
@@ -41,7 +42,7 @@ from distribution.errors import (
     DistributionError,
 )
 
-__all__ = ["DEBUG_ENV", "main"]
+__all__ = ["DEBUG_ENV", "embedded_database_url", "main"]
 
 #: Set this environment variable to ``1`` to print the traceback of unexpected errors.
 DEBUG_ENV = "DISTRIBUTION_DEBUG"

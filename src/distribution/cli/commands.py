@@ -8,6 +8,7 @@ and an exit code (see :mod:`distribution.cli.errors`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import queue
 import sys
@@ -93,13 +94,37 @@ def _routes_header(snapshot: CatalogSnapshot) -> str:
     return f"catalog version {snapshot.version}: {count} route{'s' * (count != 1)}"
 
 
-def cmd_migrate(session: Session) -> int:
-    """Upgrade the database to the newest catalog schema."""
-    from distribution.schema import migrate
+def _revision(url: str) -> str | None:
+    """The schema revision the database at ``url`` holds (None: never migrated)."""
+    import sqlalchemy as sa
 
-    url = session.url()
+    from distribution.database import sqlalchemy_url
+    from distribution.schema import VERSION_TABLE
+
+    sa_engine = sa.create_engine(sqlalchemy_url(url))
+    try:
+        with sa_engine.connect() as connection:
+            if not connection.exec_driver_sql(f"SELECT to_regclass('{VERSION_TABLE}')").scalar():
+                return None
+            revision = connection.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}")
+            return revision.scalar()
+    finally:
+        sa_engine.dispose()
+
+
+def cmd_migrate(session: Session) -> int:
+    """Upgrade the database to the newest catalog schema, and say what it did."""
+    from distribution.schema import head_revision, migrate
+
+    url = session.url(migrated=False)
+    before = _revision(url)
     migrate(url)
-    session.print(f"the catalog schema is up to date on {redact(url)}")
+    head = head_revision()
+    if before == head:
+        session.print(f"the catalog schema is already up to date (revision {head}) on {redact(url)}")
+    else:
+        start = "an empty database" if before is None else f"revision {before}"
+        session.print(f"upgraded the catalog schema from {start} to revision {head} on {redact(url)}")
     return EXIT_OK
 
 
@@ -140,13 +165,47 @@ def cmd_init(session: Session) -> int:
     return EXIT_OK
 
 
+def _route_filter(session: Session) -> Callable[[RouteDescriptor], bool] | None:
+    """The ``routes`` filters as one predicate (None: no filter given)."""
+    args = session.args
+    start = None if args.from_key is None else _parse_keys(session, [args.from_key])[0]
+    end = None if args.to_key is None else _parse_keys(session, [args.to_key])[0]
+    if start is not None and end is not None and end <= start:
+        raise UsageError(f"--to {format_key(end)} must come after --from {format_key(start)}")
+    given = (args.route_id, args.group, args.state, start, end)
+    if all(value is None for value in given):
+        return None
+
+    def keep(route: RouteDescriptor) -> bool:
+        return (
+            (args.route_id is None or route.route_id == args.route_id)
+            and (args.group is None or route.group_id == args.group)
+            and (args.state is None or route.state == args.state)
+            and (start is None or route.end is None or route.end > start)
+            and (end is None or route.start < end)
+        )
+
+    return keep
+
+
 def cmd_routes(session: Session) -> int:
-    """Show the catalog's routes, now or at a past version."""
+    """Show the catalog's routes, now or at a past version, maybe filtered."""
+    keep = _route_filter(session)
     snapshot = _snapshot(session, session.args.at)
+    if keep is not None:
+        snapshot = dataclasses.replace(snapshot, routes=tuple(filter(keep, snapshot.routes)))
     if session.args.json:
         write_json(snapshot_to_json(snapshot), session.out)
         return EXIT_OK
     if not snapshot.routes:
+        if keep is not None:
+            session.print(f"catalog version {snapshot.version}: no route matches")
+            if session.args.route_id is not None:
+                raise CatalogRouteNotFoundError(
+                    f"route {session.args.route_id} not found: catalog version "
+                    f"{snapshot.version} has no live route {session.args.route_id} that matches"
+                )
+            return EXIT_OK
         empty_now = snapshot.version == 0 and session.args.at is None
         hint = " (seed it with 'distribution init')" if empty_now else ""
         session.print(f"catalog version {snapshot.version}: no routes{hint}")
@@ -214,7 +273,11 @@ def cmd_lookup(session: Session) -> int:
 
 def cmd_history(session: Session) -> int:
     """Show the audit trail of catalog writes."""
-    entries = session.store().history(since=session.args.since, limit=session.args.limit)
+    args = session.args
+    if args.last is not None:
+        entries = session.store().history(since=args.since, limit=args.last, newest_first=True)
+    else:
+        entries = session.store().history(since=args.since, limit=args.limit)
     if session.args.json:
         write_json([history_to_json(e) for e in entries], session.out)
         return EXIT_OK
@@ -232,6 +295,17 @@ def cmd_history(session: Session) -> int:
         for e in entries
     ]
     session.print(render_table(("VERSION", "COMMITTED", "ACTOR", "OPERATION", "ARGUMENTS"), rows, "><<<<"))
+    return EXIT_OK
+
+
+def cmd_prune(session: Session) -> int:
+    """Drop the history of all but the newest ``--keep`` versions."""
+    store = session.store()
+    floor = store.prune_history(session.args.keep)
+    session.print(
+        f"history kept from version {floor} (catalog version {store.version()}); "
+        "older versions can no longer be read"
+    )
     return EXIT_OK
 
 
@@ -769,8 +843,18 @@ def _server_lines(session: Session, url: str) -> list[str]:
     return lines
 
 
+def _confirm(session: Session, question: str) -> bool:
+    """Ask ``question`` on the terminal; without one, refuse (``--yes`` is the way)."""
+    if session.args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question.rstrip('?')}: pass --yes to confirm (no terminal to ask on)")
+    answer = input(f"{question} [y/N] ")
+    return answer.strip().lower() in {"y", "yes"}
+
+
 def cmd_db(session: Session) -> int:
-    """``db status``, ``db start`` and ``db stop``."""
+    """``db status``, ``start``, ``stop``, ``url`` and ``reset``: the embedded server."""
     action = session.args.db_command
     external = session.external_url
     if external is not None:
@@ -789,8 +873,28 @@ def cmd_db(session: Session) -> int:
         else:
             session.print(f"the embedded PostgreSQL server in {embedded.pgdata} is not running")
         return EXIT_OK
+    if action == "reset":
+        if not _confirm(session, f"delete the embedded catalog and its server's data in {embedded.pgdata}?"):
+            session.print("nothing deleted")
+            return EXIT_OK
+        if embedded.reset():
+            session.print(
+                f"deleted the embedded server's data in {embedded.pgdata}: the next command "
+                "starts an empty catalog"
+            )
+        else:
+            session.print(f"there is no embedded server's data in {embedded.pgdata}")
+        return EXIT_OK
+    if action == "url":
+        session.print(session.url())
+        return EXIT_OK
     if action == "start":
+        was_running = embedded.status().running
         session.url()
+        if was_running:
+            session.print("the embedded PostgreSQL server was already running")
+        else:
+            session.print("started the embedded PostgreSQL server")
     status = embedded.status()
     if not status.running:
         session.print(
@@ -824,6 +928,7 @@ COMMANDS: dict[str, Callable[[Session], int]] = {
     "lookup": cmd_lookup,
     **dict.fromkeys(_WRITES, cmd_write),
     "history": cmd_history,
+    "prune": cmd_prune,
     "watch": cmd_watch,
     "export": cmd_export,
     "import": cmd_import,

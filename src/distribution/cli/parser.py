@@ -200,7 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--actor", metavar="NAME", default=None, help="who asks, for the audit trail")
     init.add_argument("--json", action="store_true", help="print the new catalog as JSON")
 
-    routes = add("routes", "show the catalog's routes")
+    routes = add(
+        "routes",
+        "show the catalog's routes",
+        "Show the catalog's routes, now or at --at VERSION; the filters narrow them down (all\n"
+        "given filters apply): one route by id, a group, a state, the routes that hold keys in\n"
+        "[--from KEY, --to KEY).",
+    )
+    routes.add_argument(
+        "route_id", metavar="ROUTE_ID", nargs="?", type=_nonzero_u64, help="only this route"
+    )
+    routes.add_argument("--group", metavar="G", type=_nonzero_u64, help="only routes on group G")
+    routes.add_argument("--state", metavar="STATE", type=_state, help="only routes in STATE")
+    routes.add_argument(
+        "--from", dest="from_key", metavar="KEY", help="only routes holding keys at or after KEY"
+    )
+    routes.add_argument(
+        "--to", dest="to_key", metavar="KEY", help="only routes holding keys before KEY"
+    )
+    _key_options(routes)
     routes.add_argument("--json", action="store_true", help="print JSON (keys in hex)")
     routes.add_argument(
         "--at", metavar="VERSION", type=u64, help="show the catalog as it was at VERSION"
@@ -239,7 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument(
         "--since", metavar="V", type=u64, default=0, help="only the writes after version V"
     )
-    history.add_argument("--limit", metavar="N", type=positive_int, help="at most N writes")
+    shown = history.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--limit", metavar="N", type=positive_int, help="the N oldest writes (after --since)"
+    )
+    shown.add_argument(
+        "--last", metavar="N", type=positive_int, help="the N newest writes, newest first"
+    )
     history.add_argument("--json", action="store_true", help="print JSON")
 
     watch = add(
@@ -290,15 +314,38 @@ def build_parser() -> argparse.ArgumentParser:
     import_.add_argument("--format", choices=formats, default="json", help=format_help)
     import_.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    prune = add(
+        "prune",
+        "drop old history",
+        "Drop the history (audit entries and past routes) of all but the newest N versions.\n"
+        "Past versions then read as 'too old' (routes --at, export --at); watchers further\n"
+        "behind catch up with a full snapshot. The current routes are never touched.",
+    )
+    prune.add_argument(
+        "--keep",
+        metavar="N",
+        type=positive_int,
+        default=1024,
+        help="versions of history to keep, the current one included (default: 1024)",
+    )
+
     db = add("db", "manage the embedded database server")
     db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", parser_class=_Parser)
     db_commands.required = True
+    db_actions = {}
     for name, summary in (
         ("status", "whether the server runs, its folder, URL and catalog version"),
         ("start", "start the embedded server (and migrate it)"),
         ("stop", "stop the embedded server (its data is kept)"),
+        ("url", "print the embedded server's URL (starting the server if needed)"),
+        ("reset", "stop the embedded server and delete its data: an empty catalog next time"),
     ):
-        db_commands.add_parser(name, help=summary, description=summary, parents=[common])
+        db_actions[name] = db_commands.add_parser(
+            name, help=summary, description=summary, parents=[common]
+        )
+    db_actions["reset"].add_argument(
+        "--yes", action="store_true", help="do not ask for confirmation"
+    )
 
     demo = add(
         "demo",

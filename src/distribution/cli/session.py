@@ -75,8 +75,11 @@ class Session:
             return f"${DATABASE_URL_ENV}"
         return "the embedded server"
 
-    def url(self) -> str:
-        """The catalog database's URL; starts and migrates the embedded server if it is the one."""
+    def url(self, *, migrated: bool = True) -> str:
+        """The catalog database's URL; starts the embedded server if it is the one, and migrates
+        it unless ``migrated`` is False."""
+        if self._url is None and not migrated and self.external_url is None:
+            return EmbeddedDatabase().start()
         if self._url is None:
             url = self.external_url
             if url is not None:
