@@ -15,14 +15,11 @@ import re
 import signal
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from distribution import (
     RouteDescriptor,
@@ -118,19 +115,6 @@ def routes_json(url: str, *extra: str) -> dict[str, Any]:
     """The catalog as ``routes --json`` prints it."""
     document: dict[str, Any] = json.loads(ok("routes", "--json", *extra, url=url))
     return document
-
-
-@pytest.fixture
-def other_database_url(server_url: str, template_database: str) -> Iterator[str]:
-    """A second fresh, migrated, empty catalog (an import target)."""
-    name = f"distribution_cli_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    try:
-        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as connection:
-            connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 # -- in process: arguments, no database --------------------------------------------------------

@@ -93,8 +93,20 @@ def _message(exc: BaseException) -> str:
     return message
 
 
+def _not_a_follow_up(record: logging.LogRecord) -> bool:
+    """False for psycopg's note that closing a pipeline failed too, as the error the command
+    reports went through it: the same failure twice, the second time in psycopg's words."""
+    return not (
+        record.name.startswith("psycopg") and record.getMessage().startswith("error ignored")
+    )
+
+
 class _OneLineLogHandler(logging.Handler):
     """The library's warnings (a watcher retrying, say) as one line each on stderr."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.addFilter(_not_a_follow_up)
 
     def emit(self, record: logging.LogRecord) -> None:
         message = " ".join(record.getMessage().split())

@@ -59,6 +59,7 @@ from distribution.errors import (
     CatalogRouteNotFoundError,
     CatalogRoutesNotAdjacentError,
     CatalogSplitKeyAtBoundaryError,
+    CatalogUnavailableError,
     CatalogVersionMismatchError,
     DistributionError,
 )
@@ -468,7 +469,11 @@ def cmd_write(session: Session) -> int:
 
 def _watch_header(store: CatalogStore, version: int) -> tuple[str, str | None]:
     """The operation and actor of the write that produced ``version`` (pruned: unknown)."""
-    entries = store.history(since=version - 1, limit=1)
+    try:
+        entries = store.history(since=version - 1, limit=1)
+    except CatalogUnavailableError:
+        # A pooled connection the server dropped fails once; the watcher has reconnected.
+        entries = store.history(since=version - 1, limit=1)
     if not entries or entries[0].version != version:
         return "(history pruned)", None
     return entries[0].operation, entries[0].actor
