@@ -882,13 +882,11 @@ def cmd_db(session: Session) -> int:
         if not _confirm(session, f"delete the embedded catalog and its server's data in {embedded.pgdata}?"):
             session.print("nothing deleted")
             return EXIT_OK
-        if embedded.reset():
-            session.print(
-                f"deleted the embedded server's data in {embedded.pgdata}: the next command "
-                "starts an empty catalog"
-            )
-        else:
-            session.print(f"there is no embedded server's data in {embedded.pgdata}")
+        embedded.reset()
+        session.print(
+            f"the embedded catalog in {embedded.pgdata} is gone: the next command starts an "
+            "empty one"
+        )
         return EXIT_OK
     if action == "url":
         session.print(session.url())

@@ -163,13 +163,11 @@ class EmbeddedDatabase:
             ) from exc
         return True
 
-    def reset(self) -> bool:
-        """Stop the server and delete its data folder; return False when there was none."""
+    def reset(self) -> None:
+        """Stop the server and delete its data folder (if there is one)."""
         self.stop()
-        if not self.pgdata.exists():
-            return False
-        shutil.rmtree(self.pgdata)
-        return True
+        if self.pgdata.exists():
+            shutil.rmtree(self.pgdata)
 
     def _postmaster_info(self) -> Any:
         """Read ``postmaster.pid``, or None when there is none (or it is being written)."""
