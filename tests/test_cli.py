@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -115,6 +116,28 @@ def routes_json(url: str, *extra: str) -> dict[str, Any]:
     """The catalog as ``routes --json`` prints it."""
     document: dict[str, Any] = json.loads(ok("routes", "--json", *extra, url=url))
     return document
+
+
+@contextlib.contextmanager
+def watching(url: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``distribution watch ARGS`` in a process of its own, and its banner, once it has printed
+    it (the watcher then listens); the process is killed on the way out."""
+    command = [sys.executable, "-m", "distribution", "--database-url", url, "watch", *args]
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        env=_env(),
+    ) as watch:
+        try:
+            assert watch.stderr is not None
+            banner = watch.stderr.readline()
+            assert "watching" in banner, banner
+            yield watch, banner
+        finally:
+            watch.kill()
 
 
 # -- in process: arguments, no database --------------------------------------------------------
@@ -367,35 +390,11 @@ def test_lookup_of_an_unrouted_key_exits_4(database_url: str) -> None:
 def test_watch_prints_a_concurrent_split(database_url: str) -> None:
     url = database_url
     ok("init", url=url)
-    command = [
-        sys.executable,
-        "-m",
-        "distribution",
-        "--database-url",
-        url,
-        "watch",
-        "--count",
-        "1",
-        "--timeout",
-        "60",
-    ]
     # The split is made from this process while the watch runs in its own.
-    with subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        env=_env(),
-    ) as watch:
-        try:
-            assert watch.stderr is not None
-            banner = watch.stderr.readline()
-            assert "watching the catalog after version 1" in banner
-            ok("split", "1", "m", "--actor", "root-of-the-test", url=url)
-            out, err = watch.communicate(timeout=60)
-        finally:
-            watch.kill()
+    with watching(url, "--count", "1", "--timeout", "60") as (watch, banner):
+        assert "watching the catalog after version 1" in banner
+        ok("split", "1", "m", "--actor", "root-of-the-test", url=url)
+        out, err = watch.communicate(timeout=60)
     assert watch.returncode == 0, err
     assert "Traceback" not in err
     lines = out.splitlines()
@@ -411,22 +410,9 @@ def test_watch_prints_a_concurrent_split(database_url: str) -> None:
 
 
 def test_watch_stops_on_ctrl_c_and_times_out(database_url: str) -> None:
-    command = [sys.executable, "-m", "distribution", "--database-url", database_url, "watch"]
-    with subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        env=_env(),
-    ) as watch:
-        try:
-            assert watch.stderr is not None
-            assert "watching" in watch.stderr.readline()
-            watch.send_signal(signal.SIGINT)
-            _, err = watch.communicate(timeout=30)
-        finally:
-            watch.kill()
+    with watching(database_url) as (watch, _):
+        watch.send_signal(signal.SIGINT)
+        _, err = watch.communicate(timeout=30)
     assert watch.returncode == 0, err
     assert "Traceback" not in err
     # A timeout with --count unmet is an error; without --count it is a normal end.
@@ -608,16 +594,7 @@ def test_ctrl_c_while_a_command_runs_is_reported_in_one_line(database_url: str, 
 
 
 def test_library_warnings_are_one_line_each(database_url: str) -> None:
-    command = [sys.executable, "-m", "distribution", "--database-url", database_url]
-    with subprocess.Popen(
-        [*command, "watch", "--count", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    ) as watch:
-        assert watch.stderr is not None
-        assert "watching" in watch.stderr.readline()
+    with watching(database_url, "--count", "1") as (watch, _):
         with psycopg.connect(database_url, autocommit=True) as other:
             other.execute("NOTIFY distribution_catalog, 'not the catalog''s'")
         ok("init", url=database_url)

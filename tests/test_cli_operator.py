@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from test_cli import UNREACHABLE_URL, _env, cli, fails, ok, routes_json
+from test_cli import UNREACHABLE_URL, cli, fails, ok, routes_json, watching
 
 from distribution import (
     RouteDescriptor,
@@ -295,27 +293,14 @@ def test_a_large_import_says_when_it_writes(database_url: str, tmp_path: Path) -
 
 def test_watch_keeps_going_when_its_connections_are_killed(database_url: str) -> None:
     ok("init", url=database_url)
-    command = [sys.executable, "-m", "distribution", "--database-url", database_url]
-    with subprocess.Popen(
-        [*command, "watch", "--count", "1", "--timeout", "120"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        env=_env(),
-    ) as watch:
-        try:
-            assert watch.stderr is not None
-            assert "watching" in watch.stderr.readline()
-            with psycopg.connect(database_url, autocommit=True) as admin:
-                killed = admin.execute(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                ).fetchone()
-            assert killed is not None and killed[0] >= 1
-            ok("split", "1", "m", "--actor", "after-the-kill", url=database_url)
-            out, err = watch.communicate(timeout=120)
-        finally:
-            watch.kill()
+    with watching(database_url, "--count", "1", "--timeout", "120") as (watch, _):
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+        assert killed is not None and killed[0] >= 1
+        ok("split", "1", "m", "--actor", "after-the-kill", url=database_url)
+        out, err = watch.communicate(timeout=120)
     assert watch.returncode == 0, err
     assert out.splitlines()[0] == "version 2: split_route by after-the-kill: 2 upserted, 1 deleted"
