@@ -630,8 +630,7 @@ def test_demo_on_a_url(database_url: str) -> None:
         assert f"[{step}/6]" in out
     assert out.count("visible in:") == 6
     assert re.search(r"p50 [\d.]+ ms, p90 [\d.]+ ms, max [\d.]+ ms", out)
-    match = re.search(r"demo finished in ([\d.]+) s", out)
-    assert match is not None  # how long it took is the demo's to report, not to assert
+    assert re.search(r"demo finished in [\d.]+ s", out)  # reported, not bounded: no timing
     # The demo's catalog stays for `routes` to show: 6 writes after the seed.
     catalog = routes_json(database_url)
     assert catalog["version"] == 2 + 6
