@@ -37,6 +37,12 @@ from distribution.cli.commands import init_routes
 UNREACHABLE_URL = "postgresql://postgres@127.0.0.1:1/x"
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """In a command's process before it starts: SIGINT at its default, as a terminal leaves it
+    (a shell running this suite in the background has it ignored, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "DISTRIBUTION_DATABASE_URL"}
     env["PYTHONIOENCODING"] = "utf-8"
@@ -130,6 +136,7 @@ def watching(url: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]
         text=True,
         encoding="utf-8",
         env=_env(),
+        preexec_fn=_sigint_as_in_a_terminal,  # noqa: PLW1509 (it only sets a signal handler)
     ) as watch:
         try:
             assert watch.stderr is not None
@@ -587,6 +594,7 @@ def test_ctrl_c_while_a_command_runs_is_reported_in_one_line(database_url: str, 
         capture_output=True,
         text=True,
         env=_env(),
+        preexec_fn=_sigint_as_in_a_terminal,
         timeout=120,
         check=False,
     )
