@@ -121,3 +121,9 @@ def store(database_url: str) -> Iterator[CatalogStore]:
     """A CatalogStore on a fresh, empty catalog."""
     with CatalogStore.from_url(database_url) as catalog_store:
         yield catalog_store
+
+
+@pytest.fixture
+def other_database_url(server_url: str, template_database: str) -> Iterator[str]:
+    """A second fresh, migrated, empty catalog (an import target, say)."""
+    yield from _fresh_database(server_url, template_database)

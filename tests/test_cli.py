@@ -15,15 +15,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from distribution import (
     RouteDescriptor,
@@ -38,6 +35,12 @@ from distribution.cli import main
 from distribution.cli.commands import init_routes
 
 UNREACHABLE_URL = "postgresql://postgres@127.0.0.1:1/x"
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """In a command's process before it starts: SIGINT at its default, as a terminal leaves it
+    (a shell running this suite in the background has it ignored, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _env() -> dict[str, str]:
@@ -121,17 +124,27 @@ def routes_json(url: str, *extra: str) -> dict[str, Any]:
     return document
 
 
-@pytest.fixture
-def other_database_url(server_url: str, template_database: str) -> Iterator[str]:
-    """A second fresh, migrated, empty catalog (an import target)."""
-    name = f"distribution_cli_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    try:
-        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as connection:
-            connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+@contextlib.contextmanager
+def watching(url: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``distribution watch ARGS`` in a process of its own, and its banner, once it has printed
+    it (the watcher then listens); the process is killed on the way out."""
+    command = [sys.executable, "-m", "distribution", "--database-url", url, "watch", *args]
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        env=_env(),
+        preexec_fn=_sigint_as_in_a_terminal,  # noqa: PLW1509 (it only sets a signal handler)
+    ) as watch:
+        try:
+            assert watch.stderr is not None
+            banner = watch.stderr.readline()
+            assert "watching" in banner, banner
+            yield watch, banner
+        finally:
+            watch.kill()
 
 
 # -- in process: arguments, no database --------------------------------------------------------
@@ -384,39 +397,15 @@ def test_lookup_of_an_unrouted_key_exits_4(database_url: str) -> None:
 def test_watch_prints_a_concurrent_split(database_url: str) -> None:
     url = database_url
     ok("init", url=url)
-    command = [
-        sys.executable,
-        "-m",
-        "distribution",
-        "--database-url",
-        url,
-        "watch",
-        "--count",
-        "1",
-        "--timeout",
-        "60",
-    ]
     # The split is made from this process while the watch runs in its own.
-    with subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        env=_env(),
-    ) as watch:
-        try:
-            assert watch.stderr is not None
-            banner = watch.stderr.readline()
-            assert "watching the catalog after version 1" in banner
-            ok("split", "1", "m", url=url)
-            out, err = watch.communicate(timeout=60)
-        finally:
-            watch.kill()
+    with watching(url, "--count", "1", "--timeout", "60") as (watch, banner):
+        assert "watching the catalog after version 1" in banner
+        ok("split", "1", "m", "--actor", "root-of-the-test", url=url)
+        out, err = watch.communicate(timeout=60)
     assert watch.returncode == 0, err
     assert "Traceback" not in err
     lines = out.splitlines()
-    assert lines[0] == "version 2: 2 upserted, 1 deleted"
+    assert lines[0] == "version 2: split_route by root-of-the-test: 2 upserted, 1 deleted"
     assert any(line.split()[:2] == ["+", "2"] and '"m"' in line for line in lines)
     assert any(line.split() == ["-", "1"] for line in lines)
 
@@ -428,22 +417,9 @@ def test_watch_prints_a_concurrent_split(database_url: str) -> None:
 
 
 def test_watch_stops_on_ctrl_c_and_times_out(database_url: str) -> None:
-    command = [sys.executable, "-m", "distribution", "--database-url", database_url, "watch"]
-    with subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        env=_env(),
-    ) as watch:
-        try:
-            assert watch.stderr is not None
-            assert "watching" in watch.stderr.readline()
-            watch.send_signal(signal.SIGINT)
-            _, err = watch.communicate(timeout=30)
-        finally:
-            watch.kill()
+    with watching(database_url) as (watch, _):
+        watch.send_signal(signal.SIGINT)
+        _, err = watch.communicate(timeout=30)
     assert watch.returncode == 0, err
     assert "Traceback" not in err
     # A timeout with --count unmet is an error; without --count it is a normal end.
@@ -475,7 +451,8 @@ def test_export_import_round_trips(
     assert "imported 4 routes" in ok("import", str(path), url=target)
     assert _catalog(target) == expected
 
-    # kv, through stdout and stdin, into a catalog that already has routes: they are replaced.
+    # kv, through stdout and stdin, into a catalog that has moved on: --replace retires its
+    # routes, and route 5, which the target has retired meanwhile, comes back under a new id.
     ok("split", "5", "0x70", url=target)
     kv = ok("export", "--format", "kv", url=source, sub=True)
     records = [json.loads(line) for line in kv.splitlines()]
@@ -493,9 +470,14 @@ def test_export_import_round_trips(
         "value": encode_route_descriptor(first).hex(),
     }
     assert len(records) == 2 + 4
-    text = ok("import", "--format", "kv", "-", "--actor", "restore", input=kv, url=target, sub=True)
+    text = ok(
+        "import", "--format", "kv", "-", "--actor", "restore", "--replace",
+        input=kv, url=target, sub=True,
+    )
     assert "catalog version 3" in text
-    assert _catalog(target) == expected
+    assert "5->8" in text
+    renumbered = [{**r, "route_id": 8} if r["route_id"] == 5 else r for r in expected]
+    assert _catalog(target) == renumbered
     assert json.loads(ok("history", "--since", "2", "--json", url=target))[0]["actor"] == "restore"
 
     # An export of the past.
@@ -534,7 +516,7 @@ def test_import_refuses_bad_input(database_url: str, tmp_path: Path) -> None:
         3, "import", "--format", "kv", "-", "--expect-version", "0", input=good, url=url
     )
     assert routes_json(url)["version"] == 1  # nothing was written
-    ok("import", "--format", "kv", "-", input=good, url=url)
+    ok("import", "--format", "kv", "-", "--replace", input=good, url=url)
     assert [r["route_id"] for r in _catalog(url)] == [7]
 
 
@@ -570,36 +552,57 @@ def test_a_count_beyond_the_library_range_is_a_usage_error() -> None:
     assert "out of range" in fails(2, "history", "--limit", str(2**63), url=UNREACHABLE_URL)
 
 
-def test_ctrl_c_while_a_command_starts_is_reported_in_one_line(database_url: str) -> None:
-    """Wherever the interrupt lands (imports, connecting, the query), the user gets one line."""
-    command = [sys.executable, "-m", "distribution", "--database-url", database_url, "routes"]
-    for delay in (0.35, 0.5, 0.65, 0.8, 0.95):
-        with subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
-        ) as run:
-            time.sleep(delay)
-            run.send_signal(signal.SIGINT)
-            _, err = run.communicate(timeout=30)
-        # Interrupted (130); or done before it came (0), or exiting as it came (killed by the
-        # signal, silently: the interpreter was already shutting down).
-        assert (run.returncode, err) in {
-            (130, "distribution: error: interrupted\n"),
-            (0, ""),
-            (-signal.SIGINT, ""),
-        }, (delay, err)
+# Runs the command with a SIGINT raised at one chosen point: the first import of a module, or the
+# first call of a function (by qualified name). No timing: the interrupt lands exactly there.
+_INTERRUPT_AT = """
+import signal, sys
+point = sys.argv[1]
+fired = False
+def fire():
+    global fired
+    if not fired:
+        fired = True
+        signal.raise_signal(signal.SIGINT)
+def on_import(event, args):
+    if event == "import" and args[0] == point:
+        fire()
+def on_call(frame, event, arg):
+    if event == "call" and frame.f_code.co_qualname == point:
+        sys.setprofile(None)
+        fire()
+sys.addaudithook(on_import)
+sys.setprofile(on_call)
+from distribution.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "distribution.cli.commands",  # importing the command's modules
+        "sqlalchemy.engine",  # importing the database layers
+        "CatalogStore._checkout",  # connecting
+        "CatalogStore.snapshot",  # about to query
+        "Session.print",  # printing
+    ],
+)
+def test_ctrl_c_while_a_command_runs_is_reported_in_one_line(database_url: str, point: str) -> None:
+    """Wherever the interrupt lands (imports, connecting, the query, output), one line and 130."""
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERRUPT_AT, point, "--database-url", database_url, "routes"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        preexec_fn=_sigint_as_in_a_terminal,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (130, "distribution: error: interrupted\n"), point
 
 
 def test_library_warnings_are_one_line_each(database_url: str) -> None:
-    command = [sys.executable, "-m", "distribution", "--database-url", database_url]
-    with subprocess.Popen(
-        [*command, "watch", "--count", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    ) as watch:
-        assert watch.stderr is not None
-        assert "watching" in watch.stderr.readline()
+    with watching(database_url, "--count", "1") as (watch, _):
         with psycopg.connect(database_url, autocommit=True) as other:
             other.execute("NOTIFY distribution_catalog, 'not the catalog''s'")
         ok("init", url=database_url)
@@ -635,8 +638,7 @@ def test_demo_on_a_url(database_url: str) -> None:
         assert f"[{step}/6]" in out
     assert out.count("visible in:") == 6
     assert re.search(r"p50 [\d.]+ ms, p90 [\d.]+ ms, max [\d.]+ ms", out)
-    match = re.search(r"demo finished in ([\d.]+) s", out)
-    assert match is not None and float(match.group(1)) < 15
+    assert re.search(r"demo finished in [\d.]+ s", out)  # reported, not bounded: no timing
     # The demo's catalog stays for `routes` to show: 6 writes after the seed.
     catalog = routes_json(database_url)
     assert catalog["version"] == 2 + 6

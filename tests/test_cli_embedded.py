@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from distribution.cli import embedded_database_url
 from distribution.cli.embedded import EmbeddedDatabase
 
 pytestmark = pytest.mark.slow
@@ -49,6 +50,8 @@ def test_embedded_server_starts_on_demand_and_keeps_its_data(tmp_path: Path) -> 
         assert "not running" in status and "not created yet" in status
         assert not data_dir.exists()  # status starts nothing
 
+        started = _ok(data_dir, "db", "start")
+        assert started.startswith("started the embedded PostgreSQL server\n"), started
         assert "catalog version 1: 2 routes" in _ok(data_dir, "init", "--groups", "2")
         assert (data_dir / "pgdata" / "PG_VERSION").exists()
         routes = _ok(data_dir, "routes")  # a second process, on the same server
@@ -70,6 +73,18 @@ def test_embedded_server_starts_on_demand_and_keeps_its_data(tmp_path: Path) -> 
         assert "catalog version 2" in split
         assert embedded.status().running
         assert "catalog version 2: 3 routes" in _ok(data_dir, "routes")
+        again = _ok(data_dir, "db", "start")
+        assert again.startswith("the embedded PostgreSQL server was already running\n"), again
+        url = _ok(data_dir, "db", "url").strip()
+        assert url == embedded_database_url(data_dir) == embedded.status().url
+
+        # No terminal to ask on: a reset needs --yes, and nothing is deleted without it.
+        refused = _cli(data_dir, "db", "reset")
+        assert refused.returncode == 2 and "--yes" in refused.stderr
+        assert "catalog version 2" in _ok(data_dir, "routes")
+        assert "is gone" in _ok(data_dir, "db", "reset", "--yes")
+        assert not embedded.status().running and not embedded.pgdata.exists()
     finally:
         embedded.stop()
     assert not embedded.status().running
+

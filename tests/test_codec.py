@@ -2,21 +2,19 @@
 
 Two halves:
 
-* the reference vectors in ``shared/vectors/seed_codec_vectors.json``, produced by the original Go
+* the reference vectors in ``tests/data/seed_codec_vectors.json``, produced by the original Go
   code: every vector of every section is its own parametrized test, checked byte for byte;
 * Hypothesis properties: round trips, canonical encodings, and that decoding any bytes at all
   raises nothing but the library's own errors.
 
-The vectors file is looked up in ``$DISTRIBUTION_SEED_VECTORS`` if set, else in a
-``shared/vectors/`` folder beside any parent of this file (``<repo>/../shared/vectors/`` in
-practice). A missing file FAILS the vector tests, it never skips them.
+The vectors file is part of the repository (``tests/data/``), so a clone with nothing beside it runs
+them. A missing or unreadable file FAILS the vector tests, it never skips them.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +54,9 @@ from distribution import (
 # Locating and loading the reference vectors
 # --------------------------------------------------------------------------------------------
 
-VECTORS_ENV = "DISTRIBUTION_SEED_VECTORS"
 VECTORS_FILE = "seed_codec_vectors.json"
-VECTORS_RELATIVE = Path("shared", "vectors", VECTORS_FILE)
+#: The reference vectors, a copy of the seed's ``shared/vectors/seed_codec_vectors.json``.
+VECTORS_PATH = Path(__file__).resolve().parent / "data" / VECTORS_FILE
 
 #: Every section of the vectors file; a section added to the file must be tested here too.
 LIST_SECTIONS = frozenset(
@@ -75,40 +73,9 @@ LIST_SECTIONS = frozenset(
 SCALAR_SECTIONS = frozenset({"about", "catalog_next_route_id_key_hex", "catalog_version_key_hex"})
 
 
-def find_seed_vectors(start: Path, environ: Mapping[str, str]) -> Path:
-    """Return the path of the seed vectors file, or raise FileNotFoundError saying where we looked.
-
-    ``$DISTRIBUTION_SEED_VECTORS`` (a file, or a folder holding it) wins and is never
-    second-guessed; otherwise every parent of ``start`` is tried for
-    ``shared/vectors/seed_codec_vectors.json``.
-    """
-    override = environ.get(VECTORS_ENV)
-    if override:
-        path = Path(override)
-        if path.is_dir():
-            path = path / VECTORS_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"${VECTORS_ENV} is set to {override!r}, but {path} is not a file; point it at "
-                f"{VECTORS_FILE} (or unset it to search beside the repository)"
-            )
-        return path
-    tried = []
-    for parent in start.parents:
-        candidate = parent / VECTORS_RELATIVE
-        if candidate.is_file():
-            return candidate
-        tried.append(str(candidate))
-    raise FileNotFoundError(
-        f"seed codec vectors not found: set ${VECTORS_ENV} to the path of {VECTORS_FILE}, or put "
-        f"the shared/ folder beside the repository (<repo>/../shared/vectors/{VECTORS_FILE}). "
-        f"Tried: {', '.join(tried)}"
-    )
-
-
-def _load_vectors() -> tuple[dict[str, Any], str | None]:
+def load_vectors(path: Path) -> tuple[dict[str, Any], str | None]:
+    """Return the vectors at ``path``, or no vectors and why they could not be loaded."""
     try:
-        path = find_seed_vectors(Path(__file__).resolve(), os.environ)
         with path.open(encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
@@ -118,7 +85,7 @@ def _load_vectors() -> tuple[dict[str, Any], str | None]:
     return data, None
 
 
-VECTORS, VECTORS_PROBLEM = _load_vectors()
+VECTORS, VECTORS_PROBLEM = load_vectors(VECTORS_PATH)
 
 
 class _Missing:
@@ -215,37 +182,15 @@ def test_seed_vectors_are_found_and_complete() -> None:
         assert VECTORS[section], f"section {section} is empty"
 
 
-class TestFindSeedVectors:
-    def _layout(self, root: Path) -> tuple[Path, Path]:
-        test_file = root / "clone" / "tests" / "test_codec.py"
-        test_file.parent.mkdir(parents=True)
-        test_file.write_text("")
-        vectors = root / VECTORS_RELATIVE
-        vectors.parent.mkdir(parents=True)
-        vectors.write_text("{}")
-        return test_file, vectors
+class TestLoadVectors:
+    def test_the_vectors_ship_with_the_repository(self) -> None:
+        assert VECTORS_PROBLEM is None, VECTORS_PROBLEM
+        assert VECTORS_PATH.is_relative_to(Path(__file__).resolve().parent)
 
-    def test_finds_shared_beside_the_repository(self, tmp_path: Path) -> None:
-        test_file, vectors = self._layout(tmp_path)
-        assert find_seed_vectors(test_file, {}) == vectors
-
-    def test_environment_variable_wins(self, tmp_path: Path) -> None:
-        test_file, _ = self._layout(tmp_path)
-        other = tmp_path / "elsewhere.json"
-        other.write_text("{}")
-        assert find_seed_vectors(test_file, {VECTORS_ENV: str(other)}) == other
-        folder = str(tmp_path / "shared" / "vectors")
-        assert find_seed_vectors(test_file, {VECTORS_ENV: folder}) == tmp_path / VECTORS_RELATIVE
-
-    def test_bad_environment_variable_is_an_error_not_a_fallback(self, tmp_path: Path) -> None:
-        test_file, _ = self._layout(tmp_path)
-        with pytest.raises(FileNotFoundError, match=VECTORS_ENV):
-            find_seed_vectors(test_file, {VECTORS_ENV: str(tmp_path / "nope.json")})
-
-    def test_missing_file_says_where_it_looked(self, tmp_path: Path) -> None:
-        test_file = tmp_path / "clone" / "tests" / "test_codec.py"
-        with pytest.raises(FileNotFoundError, match=r"seed codec vectors not found.*Tried: "):
-            find_seed_vectors(test_file, {})
+    def test_a_missing_file_is_reported(self, tmp_path: Path) -> None:
+        data, problem = load_vectors(tmp_path / VECTORS_FILE)
+        assert data == {}
+        assert problem is not None and VECTORS_FILE in problem
 
     def test_missing_vectors_fail_rather_than_skip(self) -> None:
         with pytest.raises(pytest.fail.Exception):

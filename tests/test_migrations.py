@@ -22,6 +22,7 @@ import random
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import venv
 from collections.abc import Iterator
@@ -553,6 +554,14 @@ def test_migrate_from_an_installed_wheel(tmp_path: Path, empty_database_url: str
     environment = tmp_path / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(environment)
     python = environment / ("Scripts" if os.name == "nt" else "bin") / "python"
+    # The dependencies come from this environment, which may be a virtualenv of its own (not the
+    # system's): its folders go on the new one's path (their .pth files, such as an editable
+    # install of this project, are not run).
+    here = sysconfig.get_paths()
+    there = sysconfig.get_paths(vars={"base": str(environment), "platbase": str(environment)})
+    Path(there["purelib"], "dependencies.pth").write_text(
+        "\n".join(dict.fromkeys([here["purelib"], here["platlib"]])) + "\n"
+    )
     subprocess.run(
         [
             sys.executable,

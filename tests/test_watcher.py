@@ -383,3 +383,43 @@ def test_watcher_refuses_mistyped_components(store: CatalogStore) -> None:
         CatalogWatcher("postgresql://nowhere", Engine())  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         CatalogWatcher(store, object())  # type: ignore[arg-type]
+
+
+def test_listeners_hear_every_applied_change_in_order(store: CatalogStore) -> None:
+    store.save(0, routes(b"", b"m"))
+    engine = Engine()
+    watcher = CatalogWatcher(store, engine)
+    heard: list[object] = []
+    failing_calls: list[int] = []
+
+    def failing(applied: object) -> None:
+        failing_calls.append(1)
+        raise RuntimeError("a listener's own bug")
+
+    watcher.add_listener(heard.append)
+    watcher.add_listener(failing)
+    with watcher:
+        wait_until(lambda: engine.version == 1)
+        store.split_route(1, b"c", 1)
+        store.merge_routes(3, 4, 2)
+        wait_until(lambda: engine.version == 3)
+    # The fresh Engine's first load is a snapshot, then each write is one change, in order.
+    assert isinstance(heard[0], CatalogSnapshot) and heard[0].version == 1
+    assert [c.version for c in heard[1:]] == [2, 3]  # type: ignore[attr-defined]
+    assert [c.deletes for c in heard[1:]] == [(1,), (3, 4)]  # type: ignore[attr-defined]
+    assert len(failing_calls) == 3  # a failing listener neither stops the watcher nor the others
+    watcher.remove_listener(heard.append)
+    with pytest.raises(ValueError):
+        watcher.remove_listener(heard.append)
+
+
+def test_a_clean_stop_is_not_logged_as_a_disconnection(
+    store: CatalogStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="distribution.watcher")
+    engine = Engine()
+    with CatalogWatcher(store, engine) as watcher:
+        wait_until(lambda: watcher.listening)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "catalog watcher stopped" in messages
+    assert not any("disconnected" in m for m in messages), messages

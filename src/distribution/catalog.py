@@ -279,15 +279,18 @@ class CatalogStore:
             ).fetchall()
         return CatalogChangeSet(changes=_changes(version, last, opened, closed))
 
-    def history(self, since: int = 0, limit: int | None = None) -> list[CatalogHistoryEntry]:
+    def history(
+        self, since: int = 0, limit: int | None = None, *, newest_first: bool = False
+    ) -> list[CatalogHistoryEntry]:
         """Read the audit trail of the writes that produced versions after ``since``, oldest first.
 
+        With ``newest_first``, the newest first: then ``limit`` keeps the latest writes.
         O(entries returned). Entries older than the history window have been pruned.
         """
         check_u64("since", since)
         query = (
             "SELECT version, operation, arguments, actor, committed_at FROM distribution_history "
-            "WHERE version > %s ORDER BY version"
+            "WHERE version > %s ORDER BY version" + (" DESC" if newest_first else "")
         )
         params: list[Any] = [u64_to_db(since)]
         if limit is not None:
@@ -315,6 +318,7 @@ class CatalogStore:
         routes: Iterable[RouteDescriptor],
         *,
         actor: str | None = None,
+        next_route_id: int | None = None,
     ) -> CatalogSnapshot:
         """Replace the catalog's routes by ``routes`` if the catalog is at ``expected_version``.
 
@@ -333,9 +337,14 @@ class CatalogStore:
         compared against. When many routes changed, every route is copied to the server and
         diffed there. O(n) in the number of routes, with little Python work per route, and
         O(changes) written.
+
+        ``next_route_id``, when given, raises the id counter to at least that value too (a
+        catalog copied from another keeps that one's counter, so no id it issued is reissued).
         """
         check_u64("expected_version", expected_version)
         _check_actor(actor)
+        if next_route_id is not None:
+            check_u64("next_route_id", next_route_id)
         with paused_gc():
             given = _route_list(routes)
             table = _checked_table(given)
@@ -353,17 +362,21 @@ class CatalogStore:
                 change = _change_from(known, table)
             if change is not None:
                 try:
-                    return self._save_change(expected_version, known, change, actor)
+                    return self._save_change(expected_version, known, change, actor, next_route_id)
                 except _KnownRoutesStale:
                     _logger.info(
                         "the catalog at version %d holds other routes than this store read "
                         "(restored or rebuilt since?): sending every route",
                         expected_version,
                     )
-        return self._save_all(expected_version, table, actor)
+        return self._save_all(expected_version, table, actor, next_route_id)
 
     def _save_all(
-        self, expected_version: int, table: tuple[RouteDescriptor, ...], actor: str | None
+        self,
+        expected_version: int,
+        table: tuple[RouteDescriptor, ...],
+        actor: str | None,
+        next_route_id: int | None = None,
     ) -> CatalogSnapshot:
         """:meth:`save` of a valid ``table`` (sorted by start) sending every route: the server
         diffs them against the live routes."""
@@ -371,6 +384,7 @@ class CatalogStore:
             copy_data = _copy_data(table)
         with self._transaction() as cursor:
             written = self._begin_write(cursor, expected_version)
+            _raise_next_route_id(cursor, next_route_id)
             _stage(cursor, copy_data)
             cursor.execute("SELECT distribution_save_desired(%s, %s)", [written, actor])
             digest = _fetch_one(cursor, _DIGEST)[0]
@@ -378,7 +392,12 @@ class CatalogStore:
         return self._remember(_KnownRoutes(u64_from_db(written), digest, table))
 
     def _save_change(
-        self, expected_version: int, known: _KnownRoutes, change: _Change, actor: str | None
+        self,
+        expected_version: int,
+        known: _KnownRoutes,
+        change: _Change,
+        actor: str | None,
+        next_route_id: int | None = None,
     ) -> CatalogSnapshot:
         """:meth:`save` sending only what changed since ``known``, if the catalog still holds it.
 
@@ -390,6 +409,7 @@ class CatalogStore:
             written = self._begin_write(cursor, expected_version)
             if _fetch_one(cursor, _DIGEST)[0] != known.digest:
                 raise _KnownRoutesStale
+            _raise_next_route_id(cursor, next_route_id)
             _stage(cursor, _copy_data(change.upserts))
             cursor.execute(
                 "SELECT distribution_save_changes(%s, %s, %s, %s)",
@@ -731,6 +751,15 @@ def _translate(exc: BaseException | None) -> Exception:
     if isinstance(exc, psycopg.Error):
         return translate_error(exc)
     return CatalogUnavailableError(f"the catalog database is unavailable: {exc}")
+
+
+def _raise_next_route_id(cursor: psycopg.Cursor[Any], next_route_id: int | None) -> None:
+    """Raise the id counter to ``next_route_id`` (before the write's audit entry records it)."""
+    if next_route_id is not None:
+        cursor.execute(
+            "UPDATE distribution_meta SET next_route_id = greatest(next_route_id, %s)",
+            [u64_to_db(next_route_id)],
+        )
 
 
 def _check_actor(actor: object) -> None:

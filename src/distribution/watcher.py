@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -39,9 +39,13 @@ from distribution.errors import (
     EngineSnapshotVersionGapError,
     EngineSnapshotVersionStaleError,
 )
-from distribution.types import CatalogSnapshot
+from distribution.types import CatalogChange, CatalogSnapshot
 
-__all__ = ["DEFAULT_INTERVAL", "CatalogWatcher", "run_catalog_watcher"]
+__all__ = ["DEFAULT_INTERVAL", "CatalogWatcher", "ChangeListener", "run_catalog_watcher"]
+
+#: A callback told of what the watcher applied to the Engine: each change applied incrementally,
+#: in version order, or the snapshot applied whole (the first load of a fresh Engine, or a reset).
+ChangeListener = Callable[[CatalogChange | CatalogSnapshot], None]
 
 _logger = logging.getLogger(__name__)
 
@@ -62,6 +66,9 @@ class CatalogWatcher:
     :attr:`catalog_version` (the newest version seen), :attr:`lag`, :attr:`last_error`,
     :attr:`listening`, and the counters :attr:`syncs` (catalog reads), :attr:`resets` (full
     snapshots applied) and :attr:`notifications` (notifications received).
+
+    Listeners added with :meth:`add_listener` are told of every change the watcher applies, on
+    the watcher's thread, once the Engine holds it.
     """
 
     def __init__(
@@ -91,6 +98,7 @@ class CatalogWatcher:
         self.syncs = 0
         self.resets = 0
         self.notifications = 0
+        self._listeners: list[ChangeListener] = []
 
     @property
     def logger(self) -> logging.Logger:
@@ -111,6 +119,18 @@ class CatalogWatcher:
     def lag(self) -> int:
         """How many versions the Engine is behind the newest version seen."""
         return max(0, self.catalog_version - self._engine.version)
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        """Call ``listener`` with each change (or snapshot) applied from now on; O(1).
+
+        It runs on the watcher's thread, after the Engine holds the change, so it should return
+        quickly; an exception it raises is logged and does not stop the watcher.
+        """
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: ChangeListener) -> None:
+        """Stop calling ``listener``; ValueError if it was not added. O(listeners)."""
+        self._listeners.remove(listener)
 
     def sync_once(self) -> None:
         """Apply what the catalog has that the Engine lacks; do nothing at all when up to date.
@@ -140,7 +160,7 @@ class CatalogWatcher:
                 return
             self.catalog_version = max(self.catalog_version, answer.changes[-1].version)
             try:
-                self._engine.apply_changes(answer.changes)
+                self._apply_changes(answer.changes)
             except EngineSnapshotVersionStaleError:
                 return
             except EngineSnapshotVersionGapError:
@@ -192,7 +212,7 @@ class CatalogWatcher:
                     next_poll = time.monotonic() + LISTENING_POLL_INTERVAL
         finally:
             if listener is not None:
-                self._disconnect(listener)
+                self._disconnect(listener, stopping=True)
 
     def start(self) -> None:
         """Run the watcher on a background thread named ``distribution-catalog-watcher``."""
@@ -233,11 +253,18 @@ class CatalogWatcher:
         change = notification.change
         if change is not None and change.previous_version == self._engine.version:
             try:
-                self._engine.apply_changes([change])
+                self._apply_changes([change])
                 return
             except (EngineSnapshotVersionStaleError, EngineSnapshotVersionGapError):
                 pass
         self.sync_once()
+
+    def _apply_changes(self, changes: Sequence[CatalogChange]) -> None:
+        before = self._engine.version
+        self._engine.apply_changes(changes)
+        for change in changes:
+            if change.version > before:  # the Engine skips those it already holds
+                self._tell(change)
 
     def _apply_snapshot(self, snapshot: CatalogSnapshot, *, reset: bool) -> None:
         self.catalog_version = max(self.catalog_version, snapshot.version)
@@ -245,9 +272,17 @@ class CatalogWatcher:
             self._engine.apply_snapshot(snapshot)
         except EngineSnapshotVersionStaleError:
             return
+        self._tell(snapshot)
         if reset:
             self.resets += 1
             self._logger.info("catalog watcher reset the engine to version %d", snapshot.version)
+
+    def _tell(self, applied: CatalogChange | CatalogSnapshot) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(applied)
+            except Exception:
+                self._logger.exception("a catalog watcher listener failed")
 
     def _connect(self) -> CatalogListener | None:
         try:
@@ -259,10 +294,13 @@ class CatalogWatcher:
         self._logger.info("catalog watcher connected: listening for catalog notifications")
         return listener
 
-    def _disconnect(self, listener: CatalogListener) -> None:
+    def _disconnect(self, listener: CatalogListener, *, stopping: bool = False) -> None:
         self.listening = False
         listener.close()
-        self._logger.info("catalog watcher disconnected: polling every %.3fs", self._interval)
+        if stopping:
+            self._logger.info("catalog watcher stopped")
+        else:
+            self._logger.info("catalog watcher disconnected: polling every %.3fs", self._interval)
 
     def _guarded(self, step: Callable[..., None], *args: object) -> None:
         """Run one step of the loop; log and record a failure instead of ending the loop."""

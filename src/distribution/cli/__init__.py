@@ -4,7 +4,8 @@
 The CLI is thin: it parses arguments, calls the library and formats what comes back. Layout:
 
 * :mod:`~distribution.cli.parser`: the argument parser;
-* :mod:`~distribution.cli.commands`: one function per subcommand;
+* :mod:`~distribution.cli.session`: one run of a command and the catalog it works on;
+* :mod:`~distribution.cli.commands`: one function per subcommand (the writes from one table);
 * :mod:`~distribution.cli.keys`: keys on the command line and in output;
 * :mod:`~distribution.cli.output`: tables and JSON;
 * :mod:`~distribution.cli.embedded`: the embedded PostgreSQL server used without a URL;
@@ -26,6 +27,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from distribution.cli.embedded import embedded_database_url
 from distribution.cli.errors import (
     EXIT_CONFLICT,
     EXIT_ERROR,
@@ -40,7 +42,7 @@ from distribution.errors import (
     DistributionError,
 )
 
-__all__ = ["DEBUG_ENV", "main"]
+__all__ = ["DEBUG_ENV", "embedded_database_url", "main"]
 
 #: Set this environment variable to ``1`` to print the traceback of unexpected errors.
 DEBUG_ENV = "DISTRIBUTION_DEBUG"
@@ -91,8 +93,20 @@ def _message(exc: BaseException) -> str:
     return message
 
 
+def _not_a_follow_up(record: logging.LogRecord) -> bool:
+    """False for psycopg's note that closing a pipeline failed too, as the error the command
+    reports went through it: the same failure twice, the second time in psycopg's words."""
+    return not (
+        record.name.startswith("psycopg") and record.getMessage().startswith("error ignored")
+    )
+
+
 class _OneLineLogHandler(logging.Handler):
     """The library's warnings (a watcher retrying, say) as one line each on stderr."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.addFilter(_not_a_follow_up)
 
     def emit(self, record: logging.LogRecord) -> None:
         message = " ".join(record.getMessage().split())
@@ -124,7 +138,8 @@ def _run(argv: Sequence[str] | None) -> int:
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     # Imported only now: the database layers take a while to import, and --help needs none.
-    from distribution.cli.commands import COMMANDS, Session
+    from distribution.cli.commands import COMMANDS
+    from distribution.cli.session import Session
 
     session = Session(args)
     try:

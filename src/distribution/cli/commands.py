@@ -8,19 +8,22 @@ and an exit code (see :mod:`distribution.cli.errors`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
+import queue
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any, TextIO
+from typing import IO, Any, NamedTuple, TextIO
 
-from distribution.catalog import DEFAULT_CHANGES_LIMIT, CatalogStore
+from distribution.catalog import CatalogStore
+from distribution.cli.demo import run_demo
 from distribution.cli.embedded import EmbeddedDatabase
 from distribution.cli.errors import EXIT_NOT_FOUND, EXIT_OK, CommandError, UsageError
 from distribution.cli.keys import format_key, format_range, parse_key
 from distribution.cli.output import (
+    STATE_TRANSITIONS,
     change_lines,
     change_to_json,
     history_arguments,
@@ -35,7 +38,7 @@ from distribution.cli.output import (
     write_result_lines,
     write_result_to_json,
 )
-from distribution.cli.parser import default_actor
+from distribution.cli.session import Session, redact
 from distribution.codec import (
     catalog_next_route_id_key,
     catalog_route_key,
@@ -47,118 +50,36 @@ from distribution.codec import (
     encode_catalog_version,
     encode_route_descriptor,
 )
-from distribution.database import DATABASE_URL_ENV, sqlalchemy_url
-from distribution.errors import CatalogVersionMismatchError, DistributionError
-from distribution.types import CatalogSnapshot, CatalogWriteResult, RouteDescriptor
+from distribution.errors import (
+    CatalogInvalidSplitKeyError,
+    CatalogInvalidStateTransitionError,
+    CatalogRouteGroupMismatchError,
+    CatalogRouteNotActiveError,
+    CatalogRouteNotFencedError,
+    CatalogRouteNotFoundError,
+    CatalogRoutesNotAdjacentError,
+    CatalogSplitKeyAtBoundaryError,
+    CatalogUnavailableError,
+    CatalogVersionMismatchError,
+    DistributionError,
+)
+from distribution.types import (
+    CatalogChange,
+    CatalogSnapshot,
+    CatalogWriteResult,
+    Route,
+    RouteDescriptor,
+    RouteState,
+)
 
-__all__ = ["COMMANDS", "PROGRESS_THRESHOLD", "Session", "init_routes", "redact"]
+__all__ = ["COMMANDS", "PROGRESS_THRESHOLD", "ImportPlan", "init_routes", "plan_import"]
 
 #: Catalogs with at least this many routes get a progress bar on export and import.
 PROGRESS_THRESHOLD = 10_000
-# How often ``watch`` polls the catalog while listening, as a safety net for lost notifications.
-_WATCH_POLL_SECONDS = 1.0
-_CONNECT_TIMEOUT_SECONDS = 10
-
-
-def redact(url: str) -> str:
-    """Return ``url`` with its password hidden.
-
-    >>> redact("postgresql://app:secret@db.example/catalog")
-    'postgresql://app:***@db.example/catalog'
-    """
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparsable URL>"
-
-
-class Session:
-    """One run of a command: its arguments, its streams, and the catalog it works on.
-
-    The database is resolved on first use: ``--database-url``, else ``$DISTRIBUTION_DATABASE_URL``,
-    else the embedded server, started (and migrated) on demand.
-    """
-
-    def __init__(
-        self, args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
-    ) -> None:
-        self.args = args
-        self.out = out if out is not None else sys.stdout
-        self.err = err if err is not None else sys.stderr
-        self._url: str | None = None
-        self._store: CatalogStore | None = None
-
-    @property
-    def external_url(self) -> str | None:
-        """The database URL given by option or environment, if any."""
-        url: str | None = getattr(self.args, "database_url", None) or os.environ.get(
-            DATABASE_URL_ENV
-        )
-        return url or None
-
-    @property
-    def url_source(self) -> str:
-        """Where the database URL comes from, for messages."""
-        if getattr(self.args, "database_url", None):
-            return "--database-url"
-        if os.environ.get(DATABASE_URL_ENV):
-            return f"${DATABASE_URL_ENV}"
-        return "the embedded server"
-
-    def url(self) -> str:
-        """The catalog database's URL; starts and migrates the embedded server if it is the one."""
-        if self._url is None:
-            url = self.external_url
-            if url is not None:
-                try:
-                    sqlalchemy_url(url)
-                except Exception as exc:
-                    raise UsageError(f"invalid database URL {redact(url)!r}: {exc}") from None
-            else:
-                url = EmbeddedDatabase().start()
-                from distribution.schema import migrate
-
-                migrate(url)
-            self._url = url
-        return self._url
-
-    def open_store(self, url: str | None = None) -> CatalogStore:
-        """Open a new CatalogStore on ``url`` (default: the session's database)."""
-        url = url or self.url()
-        from sqlalchemy.engine import make_url
-
-        connect_args: dict[str, Any] = {"application_name": "distribution-cli"}
-        if "connect_timeout" not in make_url(url).query:
-            connect_args["connect_timeout"] = _CONNECT_TIMEOUT_SECONDS
-        return CatalogStore.from_url(url, connect_args=connect_args)
-
-    def store(self) -> CatalogStore:
-        """The session's CatalogStore, opened once."""
-        if self._store is None:
-            self._store = self.open_store()
-        return self._store
-
-    def actor(self) -> str:
-        """Who asks, for the audit trail: ``--actor``, else the OS user name."""
-        actor: str | None = getattr(self.args, "actor", None)
-        return actor or default_actor()
-
-    def print(self, *lines: str) -> None:
-        """Print lines on stdout."""
-        for line in lines:
-            print(line, file=self.out)
-
-    def note(self, message: str) -> None:
-        """Print a status line on stderr (it never mixes with the data on stdout)."""
-        print(message, file=self.err, flush=True)
-
-    def close(self) -> None:
-        """Close the store, if one was opened."""
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+# How often ``watch``'s main thread wakes while waiting for changes (to see a deadline).
+_WATCH_WAKE_SECONDS = 0.5
+# How long ``watch`` waits for its watcher to listen before it says it is watching anyway.
+_WATCH_LISTEN_SECONDS = 10.0
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -174,13 +95,37 @@ def _routes_header(snapshot: CatalogSnapshot) -> str:
     return f"catalog version {snapshot.version}: {count} route{'s' * (count != 1)}"
 
 
-def cmd_migrate(session: Session) -> int:
-    """Upgrade the database to the newest catalog schema."""
-    from distribution.schema import migrate
+def _revision(url: str) -> str | None:
+    """The schema revision the database at ``url`` holds (None: never migrated)."""
+    import sqlalchemy as sa
 
-    url = session.url()
+    from distribution.database import sqlalchemy_url
+    from distribution.schema import VERSION_TABLE
+
+    sa_engine = sa.create_engine(sqlalchemy_url(url))
+    try:
+        with sa_engine.connect() as connection:
+            if not connection.exec_driver_sql(f"SELECT to_regclass('{VERSION_TABLE}')").scalar():
+                return None
+            revision = connection.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}")
+            return revision.scalar()
+    finally:
+        sa_engine.dispose()
+
+
+def cmd_migrate(session: Session) -> int:
+    """Upgrade the database to the newest catalog schema, and say what it did."""
+    from distribution.schema import head_revision, migrate
+
+    url = session.url(migrated=False)
+    before = _revision(url)
     migrate(url)
-    session.print(f"the catalog schema is up to date on {redact(url)}")
+    head = head_revision()
+    if before == head:
+        session.print(f"the catalog schema is already up to date (revision {head}) on {redact(url)}")
+    else:
+        start = "an empty database" if before is None else f"revision {before}"
+        session.print(f"upgraded the catalog schema from {start} to revision {head} on {redact(url)}")
     return EXIT_OK
 
 
@@ -221,14 +166,49 @@ def cmd_init(session: Session) -> int:
     return EXIT_OK
 
 
+def _route_filter(session: Session) -> Callable[[RouteDescriptor], bool] | None:
+    """The ``routes`` filters as one predicate (None: no filter given)."""
+    args = session.args
+    start = None if args.from_key is None else _parse_keys(session, [args.from_key])[0]
+    end = None if args.to_key is None else _parse_keys(session, [args.to_key])[0]
+    if start is not None and end is not None and end <= start:
+        raise UsageError(f"--to {format_key(end)} must come after --from {format_key(start)}")
+    given = (args.route_id, args.group, args.state, start, end)
+    if all(value is None for value in given):
+        return None
+
+    def keep(route: RouteDescriptor) -> bool:
+        return (
+            (args.route_id is None or route.route_id == args.route_id)
+            and (args.group is None or route.group_id == args.group)
+            and (args.state is None or route.state == args.state)
+            and (start is None or route.end is None or route.end > start)
+            and (end is None or route.start < end)
+        )
+
+    return keep
+
+
 def cmd_routes(session: Session) -> int:
-    """Show the catalog's routes, now or at a past version."""
+    """Show the catalog's routes, now or at a past version, maybe filtered."""
+    keep = _route_filter(session)
     snapshot = _snapshot(session, session.args.at)
+    if keep is not None:
+        snapshot = dataclasses.replace(snapshot, routes=tuple(filter(keep, snapshot.routes)))
     if session.args.json:
         write_json(snapshot_to_json(snapshot), session.out)
         return EXIT_OK
     if not snapshot.routes:
-        hint = " (seed it with 'distribution init')" if snapshot.version == 0 else ""
+        if keep is not None:
+            session.print(f"catalog version {snapshot.version}: no route matches")
+            if session.args.route_id is not None:
+                raise CatalogRouteNotFoundError(
+                    f"route {session.args.route_id} not found: catalog version "
+                    f"{snapshot.version} has no live route {session.args.route_id} that matches"
+                )
+            return EXIT_OK
+        empty_now = snapshot.version == 0 and session.args.at is None
+        hint = " (seed it with 'distribution init')" if empty_now else ""
         session.print(f"catalog version {snapshot.version}: no routes{hint}")
         return EXIT_OK
     session.print(_routes_header(snapshot), routes_table(snapshot.routes))
@@ -240,6 +220,12 @@ def _parse_keys(session: Session, texts: Iterable[str]) -> list[bytes]:
     return [parse_key(text, hex_key=args.hex, text_key=args.text) for text in texts]
 
 
+def _found(
+    by_id: dict[int, RouteDescriptor], route: Route | None
+) -> RouteDescriptor | None:
+    return None if route is None else by_id[route.route_id]
+
+
 def cmd_lookup(session: Session) -> int:
     """Show which route holds each key, with an Engine built from the catalog."""
     from distribution.engine import Engine
@@ -248,7 +234,9 @@ def cmd_lookup(session: Session) -> int:
     snapshot = _snapshot(session, session.args.at)
     engine = Engine()
     engine.apply_snapshot(snapshot)
-    found = [(key, engine.get_route(key)) for key in keys]
+    # The Engine's routes carry no parent: show the catalog's descriptor of the route found.
+    by_id = {route.route_id: route for route in snapshot.routes}
+    found = [(key, _found(by_id, engine.get_route(key))) for key in keys]
     missing = [key for key, route in found if route is None]
     if session.args.json:
         write_json(
@@ -286,7 +274,11 @@ def cmd_lookup(session: Session) -> int:
 
 def cmd_history(session: Session) -> int:
     """Show the audit trail of catalog writes."""
-    entries = session.store().history(since=session.args.since, limit=session.args.limit)
+    args = session.args
+    if args.last is not None:
+        entries = session.store().history(since=args.since, limit=args.last, newest_first=True)
+    else:
+        entries = session.store().history(since=args.since, limit=args.limit)
     if session.args.json:
         write_json([history_to_json(e) for e in entries], session.out)
         return EXIT_OK
@@ -307,127 +299,260 @@ def cmd_history(session: Session) -> int:
     return EXIT_OK
 
 
-# -- writing -----------------------------------------------------------------------------------
-
-
-def _write(
-    session: Session, what: str, operation: Callable[[int, str], CatalogWriteResult]
-) -> int:
-    """Run one compare-and-set write at ``--expect-version``, or at the version read just before."""
+def cmd_prune(session: Session) -> int:
+    """Drop the history of all but the newest ``--keep`` versions."""
     store = session.store()
-    expected = session.args.expect_version
-    if expected is None:
-        expected = store.version()
-    result = operation(expected, session.actor())
-    if session.args.json:
-        write_json(write_result_to_json(result), session.out)
-    else:
-        lines = write_result_lines(result)
-        session.print(f"{what}: {lines[0]}", *lines[1:])
+    floor = store.prune_history(session.args.keep)
+    session.print(
+        f"history kept from version {floor} (catalog version {store.version()}); "
+        "older versions can no longer be read"
+    )
     return EXIT_OK
 
 
-def cmd_split(session: Session) -> int:
-    """Split a route in two at a key."""
-    args = session.args
-    (key,) = _parse_keys(session, [args.key])
-    return _write(
-        session,
-        f"split route {args.route_id} at {format_key(key)}",
-        lambda expected, actor: session.store().split_route(args.route_id, key, expected, actor=actor),
+# -- writing -----------------------------------------------------------------------------------
+
+
+def _route(snapshot: CatalogSnapshot, route_id: int) -> RouteDescriptor:
+    for route in snapshot.routes:
+        if route.route_id == route_id:
+            return route
+    raise CatalogRouteNotFoundError(
+        f"route {route_id} not found: catalog version {snapshot.version} has no live route {route_id}"
     )
 
 
-def cmd_merge(session: Session) -> int:
-    """Merge two adjacent ACTIVE routes of one group."""
+def _described(route: RouteDescriptor) -> str:
+    return f"route {route.route_id} {format_range(route.start, route.end)}"
+
+
+def _check_split(snapshot: CatalogSnapshot, args: argparse.Namespace) -> str | None:
+    route = _route(snapshot, args.route_id)
+    key: bytes = args.split_key
+    if key == route.start:
+        raise CatalogSplitKeyAtBoundaryError(
+            f"cannot split {_described(route)} at {format_key(key)}: that is its start boundary; "
+            "the split key must lie strictly inside the route"
+        )
+    inside = route.start < key and (route.end is None or key < route.end)
+    if not inside:
+        raise CatalogInvalidSplitKeyError(
+            f"cannot split {_described(route)} at {format_key(key)}: the split key must lie "
+            "strictly inside the route (after its start, before its end)"
+        )
+    return None
+
+
+def _check_merge(snapshot: CatalogSnapshot, args: argparse.Namespace) -> str | None:
+    left, right = _route(snapshot, args.left), _route(snapshot, args.right)
+    if right.end == left.start:
+        raise CatalogRoutesNotAdjacentError(
+            f"{_described(right)} comes before {_described(left)}: give the left route first "
+            f"(distribution merge {right.route_id} {left.route_id})"
+        )
+    if left.end != right.start:
+        raise CatalogRoutesNotAdjacentError(
+            f"{_described(left)} and {_described(right)} are not adjacent: the left route must "
+            "end where the right one starts"
+        )
+    if left.group_id != right.group_id:
+        raise CatalogRouteGroupMismatchError(
+            f"routes {left.route_id} (group {left.group_id}) and {right.route_id} "
+            f"(group {right.group_id}) are on different groups: move one first"
+        )
+    for route in (left, right):
+        if route.state != RouteState.ACTIVE:
+            raise CatalogRouteNotActiveError(
+                f"route {route.route_id} is {state_name(route.state)}: only active routes merge"
+            )
+    return None
+
+
+def _check_set_state(snapshot: CatalogSnapshot, args: argparse.Namespace) -> str | None:
+    route = _route(snapshot, args.route_id)
+    if route.state == args.state:
+        return f"route {route.route_id} is already {state_name(route.state)}: nothing written"
+    allowed = STATE_TRANSITIONS[RouteState(route.state)]
+    if args.state not in allowed:
+        raise CatalogInvalidStateTransitionError(
+            f"route {route.route_id} cannot go from {state_name(route.state)} to "
+            f"{state_name(args.state)}: from {state_name(route.state)} it can go to "
+            f"{' or '.join(map(state_name, allowed))}"
+        )
+    return None
+
+
+def _check_move(snapshot: CatalogSnapshot, args: argparse.Namespace) -> str | None:
+    route = _route(snapshot, args.route_id)
+    if route.state != RouteState.WRITE_FENCED:
+        raise CatalogRouteNotFencedError(
+            f"route {route.route_id} is {state_name(route.state)}: fence it before moving it "
+            f"(distribution set-state {route.route_id} write_fenced)"
+        )
+    if route.group_id == args.group_id:
+        return f"route {route.route_id} is already on group {args.group_id}: nothing written"
+    return None
+
+
+class _Write(NamedTuple):
+    """One compare-and-set command: what it says it did, its checks, and the library call."""
+
+    done: str
+    check: Callable[[CatalogSnapshot, argparse.Namespace], str | None]
+    call: Callable[[CatalogStore, argparse.Namespace, int, str], CatalogWriteResult]
+
+
+#: The write commands. ``done`` is formatted with the arguments; ``check`` reads the catalog the
+#: write is compared with and raises the library's error, worded for an operator, before the
+#: database would, or returns why there is nothing to write.
+_WRITES: dict[str, _Write] = {
+    "split": _Write(
+        "split route {route_id} at {split_key}",
+        _check_split,
+        lambda store, a, v, actor: store.split_route(a.route_id, a.split_key, v, actor=actor),
+    ),
+    "merge": _Write(
+        "merged routes {left} and {right}",
+        _check_merge,
+        lambda store, a, v, actor: store.merge_routes(a.left, a.right, v, actor=actor),
+    ),
+    "set-state": _Write(
+        "route {route_id} is now {state}",
+        _check_set_state,
+        lambda store, a, v, actor: store.set_route_state(a.route_id, a.state, v, actor=actor),
+    ),
+    "move": _Write(
+        "moved route {route_id} to group {group_id}",
+        _check_move,
+        lambda store, a, v, actor: store.move_route(a.route_id, a.group_id, v, actor=actor),
+    ),
+}
+
+
+def cmd_write(session: Session) -> int:
+    """Run one compare-and-set write at ``--expect-version``, or at the version read just before.
+
+    The write's checks run on the catalog at that version first, so that an operator's mistake
+    is reported with the routes' keys and state names; the database checks again as it writes.
+    """
     args = session.args
-    return _write(
-        session,
-        f"merged routes {args.left} and {args.right}",
-        lambda expected, actor: session.store().merge_routes(
-            args.left, args.right, expected, actor=actor
-        ),
-    )
-
-
-def cmd_set_state(session: Session) -> int:
-    """Change a route's state."""
-    args = session.args
-    return _write(
-        session,
-        f"route {args.route_id} is now {state_name(args.state)}",
-        lambda expected, actor: session.store().set_route_state(
-            args.route_id, args.state, expected, actor=actor
-        ),
-    )
-
-
-def cmd_move(session: Session) -> int:
-    """Move a WRITE_FENCED route to another group."""
-    args = session.args
-    return _write(
-        session,
-        f"moved route {args.route_id} to group {args.group_id}",
-        lambda expected, actor: session.store().move_route(
-            args.route_id, args.group_id, expected, actor=actor
-        ),
-    )
+    write = _WRITES[args.command]
+    if args.command == "split":
+        (args.split_key,) = _parse_keys(session, [args.key])
+    store = session.store()
+    expected = args.expect_version
+    snapshot = store.snapshot()
+    if expected is not None and expected != snapshot.version:
+        raise CatalogVersionMismatchError(
+            f"the catalog is at version {snapshot.version}, not {expected}"
+        )
+    nothing = write.check(snapshot, args)
+    if nothing is not None:
+        session.print(nothing)
+        return EXIT_OK
+    result = write.call(store, args, snapshot.version, session.actor())
+    if args.json:
+        write_json(write_result_to_json(result), session.out)
+    else:
+        shown = {
+            **vars(args),
+            "split_key": format_key(getattr(args, "split_key", b"")),
+            "state": state_name(getattr(args, "state", 0)),
+        }
+        lines = write_result_lines(result)
+        session.print(f"{write.done.format(**shown)}: {lines[0]}", *lines[1:])
+    return EXIT_OK
 
 
 # -- watching ----------------------------------------------------------------------------------
 
 
+def _watch_header(store: CatalogStore, version: int) -> tuple[str, str | None]:
+    """The operation and actor of the write that produced ``version`` (pruned: unknown)."""
+    try:
+        entries = store.history(since=version - 1, limit=1)
+    except CatalogUnavailableError:
+        # A pooled connection the server dropped fails once; the watcher has reconnected.
+        entries = store.history(since=version - 1, limit=1)
+    if not entries or entries[0].version != version:
+        return "(history pruned)", None
+    return entries[0].operation, entries[0].actor
+
+
+def _print_applied(session: Session, applied: CatalogChange | CatalogSnapshot) -> None:
+    args = session.args
+    if isinstance(applied, CatalogSnapshot):
+        if args.json:
+            write_json({"reset": True, **snapshot_to_json(applied)}, session.out, compact=True)
+        else:
+            session.print(
+                f"version {applied.version}: the whole catalog (its history does not reach "
+                f"back far enough), {len(applied.routes)} routes",
+                *("  " + line for line in routes_table(applied.routes).splitlines()),
+            )
+    else:
+        operation, actor = _watch_header(session.store(), applied.version)
+        if args.json:
+            document = {"operation": operation, "actor": actor, **change_to_json(applied)}
+            write_json(document, session.out, compact=True)
+        else:
+            session.print(*change_lines(applied, operation, actor))
+    session.out.flush()
+
+
 def cmd_watch(session: Session) -> int:
-    """Print each catalog change as it lands, until Ctrl-C, ``--count`` or ``--timeout``."""
+    """Print each catalog change as it lands, until Ctrl-C, ``--count`` or ``--timeout``.
+
+    A :class:`~distribution.CatalogWatcher` follows the catalog (notifications, polling, and
+    reconnecting when the server goes away); its listener hands each applied change to this
+    thread, which prints it.
+    """
+    from distribution.engine import Engine
+    from distribution.watcher import CatalogWatcher
+
     args = session.args
     store = session.store()
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    applied: queue.Queue[CatalogChange | CatalogSnapshot] = queue.Queue()
+    engine = Engine()
+    start = store.version() if args.since is None else args.since
+    # The changes after --since are replayed from the catalog's history first.
+    answer = store.changes_since(start)
+    if answer.reset is not None:
+        engine.apply_snapshot(answer.reset)
+        applied.put(answer.reset)
+    else:
+        if start > 0:
+            engine.apply_snapshot(store.snapshot_at(start))
+        engine.apply_changes(answer.changes)
+        for change in answer.changes:
+            applied.put(change)
     seen = 0
     try:
-        # Listen first, then read the version: no write can slip between the two unseen.
-        with store.listen() as listener:
-            last = store.version() if args.since is None else args.since
-            session.note(f"watching the catalog after version {last} (Ctrl-C to stop)")
-            while True:
-                answer = store.changes_since(last)
-                if answer.reset is not None:
-                    snapshot = answer.reset
-                    if args.json:
-                        write_json(
-                            {"reset": True, **snapshot_to_json(snapshot)}, session.out, compact=True
-                        )
-                    else:
-                        session.print(
-                            f"version {snapshot.version}: reset (the history no longer reaches "
-                            f"version {last}); {len(snapshot.routes)} routes",
-                            *("  " + line for line in routes_table(snapshot.routes).splitlines()),
-                        )
-                    session.out.flush()
-                    last = snapshot.version
+        with session.open_store() as watcher_store:
+            watcher = CatalogWatcher(watcher_store, engine)
+            watcher.add_listener(applied.put)
+            with watcher:
+                # Ready once the watcher listens (it polls meanwhile, and if it cannot listen).
+                ready = time.monotonic() + _WATCH_LISTEN_SECONDS
+                while not watcher.listening and time.monotonic() < ready:
+                    time.sleep(0.01)
+                session.note(f"watching the catalog after version {start} (Ctrl-C to stop)")
+                while args.count is None or seen < args.count:
+                    wait = _WATCH_WAKE_SECONDS
+                    if deadline is not None:
+                        wait = min(wait, deadline - time.monotonic())
+                        if wait <= 0:
+                            break
+                    try:
+                        event = applied.get(timeout=wait)
+                    except queue.Empty:
+                        continue
+                    _print_applied(session, event)
                     seen += 1
-                for change in answer.changes:
-                    if args.json:
-                        write_json(change_to_json(change), session.out, compact=True)
-                    else:
-                        session.print(*change_lines(change))
-                    session.out.flush()
-                    last = change.version
-                    seen += 1
-                    if args.count is not None and seen >= args.count:
-                        return EXIT_OK
-                if answer.reset is not None and args.count is not None and seen >= args.count:
-                    return EXIT_OK
-                if len(answer.changes) >= DEFAULT_CHANGES_LIMIT:
-                    continue  # there are more right away
-                wait = _WATCH_POLL_SECONDS
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
-                        break
-                listener.wait(wait)
     except KeyboardInterrupt:
         return EXIT_OK
-    if args.count is not None:
+    if args.count is not None and seen < args.count:
         raise CommandError(
             f"timed out after {args.timeout:g} s having seen {seen} of {args.count} changes"
         )
@@ -501,25 +626,45 @@ def cmd_export(session: Session) -> int:
     return EXIT_OK
 
 
-def _read_json_routes(session: Session, handle: IO[str], name: str) -> list[RouteDescriptor]:
+class _Source(NamedTuple):
+    """What an import file holds: its routes, and its id counter when it says."""
+
+    routes: list[RouteDescriptor]
+    next_route_id: int | None
+
+
+def _read_json_routes(session: Session, handle: IO[str], name: str) -> _Source:
+    text = handle.read()
     try:
-        document = json.load(handle)
+        document = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CommandError(f"{name}: not valid JSON: {exc}") from None
+        hint = ""
+        first = text.lstrip().partition("\n")[0]
+        if first.startswith('{"key"'):
+            hint = " (it looks like key-value records: pass --format kv)"
+        raise CommandError(f"{name}: not valid JSON: {exc}{hint}") from None
+    next_route_id = None
     if isinstance(document, dict) and "routes" in document:
+        next_route_id = document.get("next_route_id")
+        if next_route_id is not None and (
+            not isinstance(next_route_id, int) or isinstance(next_route_id, bool)
+        ):
+            raise CommandError(f"{name}: \"next_route_id\" is not an integer: {next_route_id!r}")
         document = document["routes"]
     if not isinstance(document, list):
         raise CommandError(f"{name}: expected a JSON object with \"routes\" (as export writes)")
-    return [
+    routes = [
         route_from_json(item, f"{name}: route #{index}")
-        for index, item in enumerate(_progress(document, len(document), session, "import"), 1)
+        for index, item in enumerate(_progress(document, len(document), session, "read"), 1)
     ]
+    return _Source(routes, next_route_id)
 
 
-def _read_kv_routes(session: Session, handle: IO[str], name: str) -> list[RouteDescriptor]:
+def _read_kv_routes(session: Session, handle: IO[str], name: str) -> _Source:
     lines = handle.readlines()
     routes = []
-    for number, line in enumerate(_progress(lines, len(lines), session, "import"), 1):
+    next_route_id = None
+    for number, line in enumerate(_progress(lines, len(lines), session, "read"), 1):
         if not line.strip():
             continue
         where = f"{name}:{number}"
@@ -534,27 +679,138 @@ def _read_kv_routes(session: Session, handle: IO[str], name: str) -> list[RouteD
             if key == catalog_version_key():
                 decode_catalog_version(value)
             elif key == catalog_next_route_id_key():
-                decode_catalog_next_route_id(value)
+                next_route_id = decode_catalog_next_route_id(value)
             else:
                 routes.append(decode_catalog_route_entry(key, value))
         except (DistributionError, ValueError) as exc:
             # Keep the library's error type (for the exit code) and say where it happened.
             raise type(exc)(f"{where}: {exc}") from exc
-    return routes
+    return _Source(routes, next_route_id)
+
+
+class ImportPlan(NamedTuple):
+    """What an import changes in the catalog, computed before anything is written."""
+
+    #: The routes the catalog will hold.
+    routes: list[RouteDescriptor]
+    added: list[RouteDescriptor]
+    changed: list[RouteDescriptor]
+    retired: list[RouteDescriptor]
+    unchanged: int
+    #: Source ids the target catalog had already issued (and retired), and the new ids they get.
+    renumbered: dict[int, int]
+    #: The id counter after the import: the larger of the source's and the target's.
+    next_route_id: int
+    #: True when the import would raise the target's id counter.
+    raises_counter: bool
+
+    @property
+    def empty(self) -> bool:
+        """True when the import would change nothing at all."""
+        return not (self.added or self.changed or self.retired or self.raises_counter)
+
+
+def plan_import(
+    target: CatalogSnapshot, target_next_route_id: int, source: _Source
+) -> ImportPlan:
+    """Compare a source's routes with the target catalog, by route id.
+
+    A route whose id is live in the target replaces it (changed, or unchanged); a route whose id
+    the target never issued is added as it is; a route whose id the target issued and retired
+    since gets a fresh id, so a retired id never comes back. The id counter becomes the larger
+    of the source's and the target's (and of every id kept).
+    """
+    live = {route.route_id: route for route in target.routes}
+    floor = max(
+        target_next_route_id,
+        source.next_route_id or 0,
+        *(route.route_id + 1 for route in source.routes),
+    )
+    fresh = floor
+    routes, added, changed, renumbered = [], [], [], {}
+    unchanged = 0
+    for given in source.routes:
+        route = given
+        current = live.get(route.route_id)
+        if current is None and route.route_id < target_next_route_id:
+            renumbered[route.route_id] = fresh
+            route = route._replace(route_id=fresh)
+            fresh += 1
+        if current is None:
+            added.append(route)
+        elif current != route:
+            changed.append(route)
+        else:
+            unchanged += 1
+        routes.append(route)
+    kept = {route.route_id for route in routes}
+    retired = [route for route in target.routes if route.route_id not in kept]
+    return ImportPlan(
+        routes, added, changed, retired, unchanged, renumbered, fresh, fresh > target_next_route_id
+    )
+
+
+def _plan_lines(plan: ImportPlan) -> list[str]:
+    lines = [
+        f"{len(plan.added)} added, {len(plan.changed)} changed, {len(plan.retired)} retired, "
+        f"{plan.unchanged} unchanged; next route id {plan.next_route_id}"
+    ]
+    lines += [f"  + {_described(route)} group {route.group_id}" for route in plan.added[:20]]
+    lines += [f"  ~ {_described(route)} group {route.group_id}" for route in plan.changed[:20]]
+    lines += [f"  - {_described(route)}" for route in plan.retired[:20]]
+    if plan.renumbered:
+        shown = ", ".join(f"{old}->{new}" for old, new in list(plan.renumbered.items())[:20])
+        lines.append(f"  ids this catalog had retired get new ones: {shown}")
+    if max(len(plan.added), len(plan.changed), len(plan.retired), len(plan.renumbered)) > 20:
+        lines.append("  (lists cut at 20 routes each)")
+    return lines
 
 
 def cmd_import(session: Session) -> int:
-    """Replace the catalog's routes by those of a file, in one compare-and-set ``save``."""
+    """Make the catalog's routes those of a file, in one compare-and-set ``save``.
+
+    Shows the plan (routes added, changed, retired) first; retiring routes needs ``--replace``;
+    ``--dry-run`` stops after the plan; an import that changes nothing writes nothing.
+    """
     args = session.args
     name = "<stdin>" if args.file == "-" else args.file
     with _open_input(args.file) as handle:
         if args.format == "json":
-            routes = _read_json_routes(session, handle, name)
+            source = _read_json_routes(session, handle, name)
         else:
-            routes = _read_kv_routes(session, handle, name)
+            source = _read_kv_routes(session, handle, name)
     store = session.store()
-    expected = args.expect_version if args.expect_version is not None else store.version()
-    snapshot = store.save(expected, routes, actor=session.actor())
+    target = store.snapshot()
+    if args.expect_version is not None and args.expect_version != target.version:
+        raise CatalogVersionMismatchError(
+            f"the catalog is at version {target.version}, not {args.expect_version}"
+        )
+    plan = plan_import(target, store.next_route_id(), source)
+    lines = _plan_lines(plan)
+    if not args.json:
+        session.print(f"import of {name} into catalog version {target.version}: {lines[0]}", *lines[1:])
+    if plan.empty:
+        if args.json:
+            write_json(snapshot_to_json(target), session.out)
+        else:
+            session.print("nothing to import: the catalog already holds these routes")
+        return EXIT_OK
+    if args.dry_run:
+        if args.json:
+            write_json(snapshot_to_json(target), session.out)
+        else:
+            session.print("dry run: nothing written")
+        return EXIT_OK
+    if plan.retired and not args.replace:
+        raise CommandError(
+            f"the import would retire {len(plan.retired)} of the catalog's routes: pass --replace "
+            "to retire them (or --dry-run to see the plan); nothing was written"
+        )
+    if len(plan.routes) >= PROGRESS_THRESHOLD and not args.quiet:
+        session.note(f"import: writing {len(plan.routes):,} routes in one transaction…")
+    snapshot = store.save(
+        target.version, plan.routes, actor=session.actor(), next_route_id=plan.next_route_id
+    )
     if args.json:
         write_json(snapshot_to_json(snapshot), session.out)
     else:
@@ -592,8 +848,18 @@ def _server_lines(session: Session, url: str) -> list[str]:
     return lines
 
 
+def _confirm(session: Session, question: str) -> bool:
+    """Ask ``question`` on the terminal; without one, refuse (``--yes`` is the way)."""
+    if session.args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question.rstrip('?')}: pass --yes to confirm (no terminal to ask on)")
+    answer = input(f"{question} [y/N] ")
+    return answer.strip().lower() in {"y", "yes"}
+
+
 def cmd_db(session: Session) -> int:
-    """``db status``, ``db start`` and ``db stop``."""
+    """``db status``, ``start``, ``stop``, ``url`` and ``reset``: the embedded server."""
     action = session.args.db_command
     external = session.external_url
     if external is not None:
@@ -612,8 +878,26 @@ def cmd_db(session: Session) -> int:
         else:
             session.print(f"the embedded PostgreSQL server in {embedded.pgdata} is not running")
         return EXIT_OK
+    if action == "reset":
+        if not _confirm(session, f"delete the embedded catalog and its server's data in {embedded.pgdata}?"):
+            session.print("nothing deleted")
+            return EXIT_OK
+        embedded.reset()
+        session.print(
+            f"the embedded catalog in {embedded.pgdata} is gone: the next command starts an "
+            "empty one"
+        )
+        return EXIT_OK
+    if action == "url":
+        session.print(session.url())
+        return EXIT_OK
     if action == "start":
+        was_running = embedded.status().running
         session.url()
+        if was_running:
+            session.print("the embedded PostgreSQL server was already running")
+        else:
+            session.print("started the embedded PostgreSQL server")
     status = embedded.status()
     if not status.running:
         session.print(
@@ -634,8 +918,6 @@ def cmd_db(session: Session) -> int:
 
 def cmd_demo(session: Session) -> int:
     """Run the guided tour (see :mod:`distribution.cli.demo`)."""
-    from distribution.cli.demo import run_demo
-
     url = session.url()
     source = "the embedded server" if session.external_url is None else redact(url)
     return run_demo(session, url, source)
@@ -647,11 +929,9 @@ COMMANDS: dict[str, Callable[[Session], int]] = {
     "init": cmd_init,
     "routes": cmd_routes,
     "lookup": cmd_lookup,
-    "split": cmd_split,
-    "merge": cmd_merge,
-    "set-state": cmd_set_state,
-    "move": cmd_move,
+    **dict.fromkeys(_WRITES, cmd_write),
     "history": cmd_history,
+    "prune": cmd_prune,
     "watch": cmd_watch,
     "export": cmd_export,
     "import": cmd_import,

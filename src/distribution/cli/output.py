@@ -24,6 +24,7 @@ from distribution.types import (
 
 __all__ = [
     "ROUTE_HEADERS",
+    "STATE_TRANSITIONS",
     "change_lines",
     "change_to_json",
     "history_arguments",
@@ -46,6 +47,19 @@ ROUTE_HEADERS = ("ID", "START", "END", "GROUP", "STATE", "PARENT")
 _ROUTE_ALIGN = "><<><>"
 
 _STATE_NAMES = {state: state.name.lower() for state in RouteState}
+
+#: The state changes the catalog allows (its database refuses the others): a route is fenced
+#: before it migrates or moves, and goes back to active or fenced from a migration.
+STATE_TRANSITIONS: dict[RouteState, tuple[RouteState, ...]] = {
+    RouteState.ACTIVE: (RouteState.WRITE_FENCED,),
+    RouteState.WRITE_FENCED: (
+        RouteState.ACTIVE,
+        RouteState.MIGRATING_SOURCE,
+        RouteState.MIGRATING_TARGET,
+    ),
+    RouteState.MIGRATING_SOURCE: (RouteState.ACTIVE, RouteState.WRITE_FENCED),
+    RouteState.MIGRATING_TARGET: (RouteState.ACTIVE, RouteState.WRITE_FENCED),
+}
 _STATES_BY_NAME = {name: state for state, name in _STATE_NAMES.items()}
 
 
@@ -228,10 +242,11 @@ def change_to_json(change: CatalogChange) -> dict[str, Any]:
     }
 
 
-def change_lines(change: CatalogChange) -> list[str]:
+def change_lines(change: CatalogChange, operation: str, actor: str | None) -> list[str]:
     """Return one catalog change for a human: a header, then ``+`` upserts and ``-`` deletes."""
     lines = [
-        f"version {change.version}: {len(change.upserts)} upserted, {len(change.deletes)} deleted"
+        f"version {change.version}: {operation} by {actor or '(no actor)'}: "
+        f"{len(change.upserts)} upserted, {len(change.deletes)} deleted"
     ]
     rows: list[list[str]] = [["+", *route_row(r)] for r in change.upserts]
     rows += [["-", str(route_id), "", "", "", "", ""] for route_id in change.deletes]
@@ -278,11 +293,22 @@ def history_arguments(entry: CatalogHistoryEntry) -> str:
 
 
 def history_to_json(entry: CatalogHistoryEntry) -> dict[str, Any]:
-    """Return a history entry as a JSON object (the time in ISO 8601)."""
+    """Return a history entry as a JSON object (states by name, the time in ISO 8601).
+
+    >>> import datetime
+    >>> when = datetime.datetime(2024, 1, 1)
+    >>> history_to_json(CatalogHistoryEntry(4, "set_route_state", {"from": 0, "to": 1}, "ann", when))["arguments"]
+    {'from': 'active', 'to': 'write_fenced'}
+    """
+    arguments = dict(entry.arguments)
+    if entry.operation == "set_route_state":
+        for name in ("from", "to"):
+            if isinstance(arguments.get(name), int):
+                arguments[name] = state_name(arguments[name])
     return {
         "version": entry.version,
         "operation": entry.operation,
-        "arguments": entry.arguments,
+        "arguments": arguments,
         "actor": entry.actor,
         "committed_at": entry.committed_at.isoformat(),
     }

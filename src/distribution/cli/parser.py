@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from distribution.cli.errors import UsageError
@@ -36,6 +37,15 @@ exit codes:
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line: ``distribution: error: …`` (exit code 2)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and " " in self.prog:
+            # A subcommand's stray argument is that subcommand's error, and its help says why.
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
     def error(self, message: str) -> NoReturn:
         command = self.prog.partition(" ")[2]
@@ -97,9 +107,12 @@ def _state(text: str) -> RouteState:
 
 
 def _groups(text: str) -> int:
-    value = positive_int(text)
-    if value > MAX_INIT_GROUPS:
-        raise argparse.ArgumentTypeError(f"at most {MAX_INIT_GROUPS}: {text!r}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= MAX_INIT_GROUPS:
+        raise argparse.ArgumentTypeError(f"out of range 1..{MAX_INIT_GROUPS}: {text!r}")
     return value
 
 
@@ -187,7 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--actor", metavar="NAME", default=None, help="who asks, for the audit trail")
     init.add_argument("--json", action="store_true", help="print the new catalog as JSON")
 
-    routes = add("routes", "show the catalog's routes")
+    routes = add(
+        "routes",
+        "show the catalog's routes",
+        "Show the catalog's routes, now or at --at VERSION; the filters narrow them down (all\n"
+        "given filters apply): one route by id, a group, a state, the routes that hold keys in\n"
+        "[--from KEY, --to KEY).",
+    )
+    routes.add_argument(
+        "route_id", metavar="ROUTE_ID", nargs="?", type=_nonzero_u64, help="only this route"
+    )
+    routes.add_argument("--group", metavar="G", type=_nonzero_u64, help="only routes on group G")
+    routes.add_argument("--state", metavar="STATE", type=_state, help="only routes in STATE")
+    routes.add_argument(
+        "--from", dest="from_key", metavar="KEY", help="only routes holding keys at or after KEY"
+    )
+    routes.add_argument(
+        "--to", dest="to_key", metavar="KEY", help="only routes holding keys before KEY"
+    )
+    _key_options(routes)
     routes.add_argument("--json", action="store_true", help="print JSON (keys in hex)")
     routes.add_argument(
         "--at", metavar="VERSION", type=u64, help="show the catalog as it was at VERSION"
@@ -226,7 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument(
         "--since", metavar="V", type=u64, default=0, help="only the writes after version V"
     )
-    history.add_argument("--limit", metavar="N", type=positive_int, help="at most N writes")
+    shown = history.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--limit", metavar="N", type=positive_int, help="the N oldest writes (after --since)"
+    )
+    shown.add_argument(
+        "--last", metavar="N", type=positive_int, help="the N newest writes, newest first"
+    )
     history.add_argument("--json", action="store_true", help="print JSON")
 
     watch = add(
@@ -259,23 +296,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     import_ = add(
         "import",
-        "replace the catalog's routes by those of a file (or stdin)",
-        "Replace the catalog's routes by those of FILE, in one compare-and-set write.",
+        "make the catalog's routes those of a file (or stdin)",
+        "Make the catalog's routes those of FILE, in one compare-and-set write. It first prints\n"
+        "the plan: routes added, changed (same id) and retired (absent from FILE). Retiring\n"
+        "routes needs --replace. A route whose id this catalog issued and retired gets a new id,\n"
+        "and the id counter becomes the larger of FILE's and the catalog's, so no id is issued\n"
+        "twice. An import that changes nothing writes nothing.",
         writes,
+    )
+    import_.add_argument(
+        "--replace", action="store_true", help="retire the catalog's routes absent from FILE"
+    )
+    import_.add_argument(
+        "--dry-run", action="store_true", help="print the plan and write nothing"
     )
     import_.add_argument("file", metavar="FILE", help="a file written by export, or - for stdin")
     import_.add_argument("--format", choices=formats, default="json", help=format_help)
     import_.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    prune = add(
+        "prune",
+        "drop old history",
+        "Drop the history (audit entries and past routes) of all but the newest N versions.\n"
+        "Past versions then read as 'too old' (routes --at, export --at); watchers further\n"
+        "behind catch up with a full snapshot. The current routes are never touched.",
+    )
+    prune.add_argument(
+        "--keep",
+        metavar="N",
+        type=positive_int,
+        default=1024,
+        help="versions of history to keep, the current one included (default: 1024)",
+    )
+
     db = add("db", "manage the embedded database server")
     db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", parser_class=_Parser)
     db_commands.required = True
+    db_actions = {}
     for name, summary in (
         ("status", "whether the server runs, its folder, URL and catalog version"),
         ("start", "start the embedded server (and migrate it)"),
         ("stop", "stop the embedded server (its data is kept)"),
+        ("url", "print the embedded server's URL (starting the server if needed)"),
+        ("reset", "stop the embedded server and delete its data: an empty catalog next time"),
     ):
-        db_commands.add_parser(name, help=summary, description=summary, parents=[common])
+        db_actions[name] = db_commands.add_parser(
+            name, help=summary, description=summary, parents=[common]
+        )
+    db_actions["reset"].add_argument(
+        "--yes", action="store_true", help="do not ask for confirmation"
+    )
 
     demo = add(
         "demo",
