@@ -13,7 +13,7 @@ from alembic import context
 
 from distribution.database import create_engine
 from distribution.models import Base
-from distribution.schema import MIGRATION_LOCK_KEY, VERSION_TABLE
+from distribution.migrator import MIGRATION_LOCK_KEY, VERSION_TABLE
 
 
 def _run(connection: sa.Connection) -> None:

@@ -31,7 +31,7 @@ from distribution import (
     RouteState,
 )
 from distribution.catalog import CatalogStore
-from distribution.schema import migrate
+from distribution.migrator import migrate
 
 THREADS = 8
 ATTEMPTS = 50

@@ -90,7 +90,7 @@ if TYPE_CHECKING:
         CatalogStore,
         ensure_catalog_snapshot,
     )
-    from distribution.schema import migrate
+    from distribution.migrator import migrate
     from distribution.watcher import CatalogWatcher, run_catalog_watcher
 
 #: Names whose modules load SQLAlchemy, psycopg and Alembic: imported on first use, so that a
@@ -100,7 +100,7 @@ _SQL_NAMES = {
     "CatalogNotification": "distribution.catalog",
     "CatalogStore": "distribution.catalog",
     "ensure_catalog_snapshot": "distribution.catalog",
-    "migrate": "distribution.schema",
+    "migrate": "distribution.migrator",
     "CatalogWatcher": "distribution.watcher",
     "run_catalog_watcher": "distribution.watcher",
 }

@@ -118,7 +118,7 @@ class Session:
                     raise UsageError(f"invalid database URL {redact(url)!r}: {exc}") from None
             else:
                 url = EmbeddedDatabase().start()
-                from distribution.schema import migrate
+                from distribution.migrator import migrate
 
                 migrate(url)
             self._url = url
@@ -176,7 +176,7 @@ def _routes_header(snapshot: CatalogSnapshot) -> str:
 
 def cmd_migrate(session: Session) -> int:
     """Upgrade the database to the newest catalog schema."""
-    from distribution.schema import migrate
+    from distribution.migrator import migrate
 
     url = session.url()
     migrate(url)
@@ -570,7 +570,7 @@ def cmd_import(session: Session) -> int:
 
 def _server_lines(session: Session, url: str) -> list[str]:
     """Describe the server at ``url``: its version, and the catalog's (if migrated)."""
-    from distribution.schema import VERSION_TABLE, head_revision
+    from distribution.migrator import VERSION_TABLE, head_revision
 
     with session.open_store(url) as store, store.engine.connect() as connection:
         server = connection.exec_driver_sql("SHOW server_version").scalar()
