@@ -1,4 +1,4 @@
-"""Running the Alembic migrations shipped in the package: upgrading a database to the catalog schema.
+"""Running the packaged Alembic migrations: upgrading a database to the catalog schema."""
 
 from __future__ import annotations
 
