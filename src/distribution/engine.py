@@ -63,8 +63,6 @@ from distribution.errors import (
     EngineSnapshotVersionStaleError,
 )
 from distribution.types import (
-    ROUTE_STATES,
-    UINT64_MAX,
     CatalogChange,
     CatalogSnapshot,
     Route,
@@ -73,6 +71,7 @@ from distribution.types import (
     check_key,
     check_route_pair,
     check_u64,
+    route_columns,
     validate_route_descriptor,
     validate_route_table,
 )
@@ -94,12 +93,6 @@ _Loads: TypeAlias = list[list[int]]
 #: A key range ``[start, end)``; ``end is None`` means unbounded.
 _Range: TypeAlias = tuple[bytes, bytes | None]
 
-_ONLY_DESCRIPTORS = frozenset({RouteDescriptor})
-_ONLY_BYTES = frozenset({bytes})
-_BYTES_OR_NONE = frozenset({bytes, type(None)})
-_ONLY_INT = frozenset({int})
-_ONLY_STATES = frozenset({RouteState})
-_STATE_TYPES = frozenset({RouteState, int})
 _route_start = attrgetter("start")
 _first_start = itemgetter(0)
 
@@ -119,45 +112,6 @@ def _copy_keys(keys: tuple[bytes | None, ...]) -> tuple[Any, ...]:
 
 
 # -- bulk build (apply_snapshot) ---------------------------------------------------------------
-
-
-_Columns: TypeAlias = tuple[tuple[Any, ...], ...]
-
-
-def _columns(block: Sequence[RouteDescriptor]) -> _Columns | None:
-    """The six fields of a block of descriptors, if each has a valid type and range, else None.
-
-    Returns ``(ids, starts, ends, groups, states, parents)`` tuples, states as RouteState members.
-    Every check is a C-level pass over the block, while its objects are still in the cache.
-    """
-    if not _ONLY_DESCRIPTORS.issuperset(map(type, block)):
-        return None
-    ids, starts, ends, groups, states, parents = zip(*block, strict=True)
-    if not (
-        _ONLY_BYTES.issuperset(map(type, starts))
-        and _BYTES_OR_NONE.issuperset(map(type, ends))
-        and _ONLY_INT.issuperset(map(type, ids))
-        and _ONLY_INT.issuperset(map(type, groups))
-        and _ONLY_INT.issuperset(map(type, parents))
-        and min(ids) > 0
-        and max(ids) <= UINT64_MAX
-    ):
-        return None
-    # Groups and parents repeat: the range check on their distinct values is cheaper.
-    distinct_groups = set(groups)
-    distinct_parents = set(parents)
-    if not (
-        min(distinct_groups) > 0
-        and max(distinct_groups) <= UINT64_MAX
-        and min(distinct_parents) >= 0
-        and max(distinct_parents) <= UINT64_MAX
-    ):
-        return None
-    if not _ONLY_STATES.issuperset(map(type, states)):
-        if not (_STATE_TYPES.issuperset(map(type, states)) and ROUTE_STATES.keys() >= set(states)):
-            return None
-        states = tuple(map(ROUTE_STATES.__getitem__, states))
-    return ids, starts, ends, groups, states, parents
 
 
 def _fast_build(
@@ -190,7 +144,7 @@ def _build_contiguous(
     by_id: dict[int, Route] = {}
     last_end: bytes | None = None
     for i in range(0, n, _BLOCK):
-        columns = _columns(routes[i : i + _BLOCK])
+        columns = route_columns(routes[i : i + _BLOCK])
         if columns is None:
             return None
         ids, starts, ends, groups, states, _ = columns
@@ -232,7 +186,7 @@ def _build_with_gaps(
     groups: list[int] = []
     states: list[RouteState] = []
     for i in range(0, n, _BLOCK):
-        columns = _columns(routes[i : i + _BLOCK])
+        columns = route_columns(routes[i : i + _BLOCK])
         if columns is None:
             return None
         b_ids, b_starts, b_ends, b_groups, b_states, _ = columns
