@@ -38,9 +38,9 @@ import distribution.migrator
 from distribution import RouteDescriptor
 from distribution.catalog import CatalogStore
 from distribution.database import create_engine
-from distribution.models import u64_to_db
 from distribution.migrator import VERSION_TABLE
 from distribution.migrator import alembic_config as packaged_alembic_config
+from distribution.models import u64_to_db
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 TABLES = {"distribution_meta", "distribution_routes", "distribution_history"}

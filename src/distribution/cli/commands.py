@@ -572,7 +572,7 @@ def _server_lines(session: Session, url: str) -> list[str]:
     """Describe the server at ``url``: its version, and the catalog's (if migrated)."""
     from distribution.migrator import VERSION_TABLE, head_revision
 
-    with session.open_store(url) as store, store.engine.connect() as connection:
+    with session.open_store(url) as store, store.sa_engine.connect() as connection:
         server = connection.exec_driver_sql("SHOW server_version").scalar()
         revision = None
         if connection.exec_driver_sql(f"SELECT to_regclass('{VERSION_TABLE}')").scalar():

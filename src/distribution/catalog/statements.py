@@ -1,0 +1,305 @@
+"""The statements the catalog client sends, and the decoding of what comes back.
+
+Cold paths (a version, a past snapshot, the change feed, the history, pruning) are SQLAlchemy Core
+over the mapped tables of :mod:`distribution.models`, whose types read u64 ids and states back as
+real values. Text SQL, run on the psycopg connection of the transaction, is kept for the measured
+hot paths; each says why. Their u64 columns come shifted (see :mod:`distribution.models`) and are
+decoded here, with C-level passes over columns rather than Python code per row.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from itertools import islice
+from operator import attrgetter, lt
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+
+from distribution.bulk import make_descriptors
+from distribution.models import Base, RouteRecord, u64_from_db, u64_to_db
+from distribution.types import UINT64_MAX, CatalogChange, RouteDescriptor
+
+__all__ = [
+    "BEGIN_WRITE",
+    "DIGEST",
+    "LIVE_COLUMNS",
+    "SAVE_CHANGES",
+    "SAVE_DESIRED",
+    "VERSION_AND_DIGEST",
+    "changes",
+    "closed_routes",
+    "column_descriptors",
+    "delete_history",
+    "delete_retired_routes",
+    "descriptors",
+    "history",
+    "live_routes",
+    "meta",
+    "meta_for_update",
+    "next_route_id",
+    "next_route_id_at",
+    "opened_routes",
+    "operation",
+    "routes_at",
+    "set_history_floor",
+    "stage",
+    "stored_descriptors",
+    "version",
+]
+
+_meta = Base.metadata.tables["distribution_meta"]
+_routes = Base.metadata.tables["distribution_routes"]
+_history = Base.metadata.tables["distribution_history"]
+_route_columns = [
+    _routes.c.route_id,
+    _routes.c.start,
+    _routes.c.end,
+    _routes.c.group_id,
+    _routes.c.state,
+    _routes.c.parent_route_id,
+]
+_route_start = attrgetter("start")
+
+# -- hot paths: text SQL on the psycopg connection ---------------------------------------------
+
+#: snapshot(): the live routes as six arrays, one per column, in the round trip that begins the
+#: transaction (pipelined with :data:`VERSION_AND_DIGEST`). Fetching columns skips building a
+#: tuple per row and transposing the rows afterwards; the six aggregates run in one pass over the
+#: same rows, so the arrays stay aligned whatever order the rows come in. u64 columns come with
+#: their sign bit flipped: that gives the u64 itself as a signed 64-bit integer (negative from
+#: 2**63 up), so most values need no Python work at all.
+LIVE_COLUMNS = (
+    "SELECT array_agg(route_id # _sign), array_agg(start), array_agg(\"end\"), "
+    "array_agg(group_id # _sign), array_agg(state), array_agg(parent_route_id # _sign) "
+    'FROM (SELECT route_id, start, "end", group_id, state, parent_route_id '
+    "FROM distribution_routes WHERE valid_to IS NULL ORDER BY start) AS live, "
+    "(SELECT -9223372036854775807 - 1 AS _sign) AS sign_bit"
+)
+#: snapshot() and save(): the version and the digest of the live routes, pipelined.
+VERSION_AND_DIGEST = "SELECT version, digest FROM distribution_meta"
+#: save(): the digest checked before, and read after, sending a change (binary, no decoding).
+DIGEST = "SELECT digest FROM distribution_meta"
+#: Every write: the compare-and-set on the version, one server-side call.
+BEGIN_WRITE = "SELECT distribution_begin_write(%s)"
+#: save(): the server diffs every staged route against the live ones.
+SAVE_DESIRED = "SELECT distribution_save_desired(%s, %s)"
+#: save(): the server applies the staged changed routes and retires the deleted ids.
+SAVE_CHANGES = "SELECT distribution_save_changes(%s, %s, %s, %s)"
+# save(): the routes are staged with a binary COPY into a temporary table.
+_DESIRED_TABLE = (
+    "CREATE TEMP TABLE IF NOT EXISTS distribution_desired ("
+    'route_id bigint, start bytea, "end" bytea, group_id bigint, state smallint, '
+    "parent_route_id bigint) ON COMMIT DELETE ROWS"
+)
+_COPY_DESIRED = "COPY pg_temp.distribution_desired FROM STDIN (FORMAT BINARY)"
+_DESIRED_TYPES = ("int8", "bytea", "bytea", "int8", "int2", "int8")
+#: Routes per block while staging: bounds the columns held in memory, not the rows sent.
+_STAGE_BLOCK = 8192
+
+
+def operation(function: str) -> str:
+    """split_route and the other operations (measured beside a bare compare-and-set): one call
+    of the server-side ``function``, which returns the routes it created."""
+    return (
+        'SELECT valid_from, route_id, start, "end", group_id, state, parent_route_id '
+        f"FROM {function}(%s, %s, %s, %s)"
+    )
+
+
+def stage(cursor: psycopg.Cursor[Any], routes: Sequence[RouteDescriptor]) -> None:
+    """Copy ``routes`` into the transaction's temporary ``distribution_desired``; O(n).
+
+    A binary COPY through psycopg's own row writer, streamed: rows go out as psycopg's buffer
+    fills, and only one block of columns is held at a time. The u64 fields are shifted per
+    column with C-level ``map`` calls, so no Python code runs per route.
+    """
+    cursor.execute(_DESIRED_TABLE)
+    with cursor.copy(_COPY_DESIRED) as copy:
+        copy.set_types(_DESIRED_TYPES)
+        write_row = copy.write_row
+        for i in range(0, len(routes), _STAGE_BLOCK):
+            ids, starts, ends, groups, states, parents = zip(
+                *routes[i : i + _STAGE_BLOCK], strict=True
+            )
+            rows = zip(
+                map(u64_to_db, ids),
+                starts,
+                ends,
+                map(u64_to_db, groups),
+                states,
+                map(u64_to_db, parents),
+                strict=True,
+            )
+            deque(map(write_row, rows), maxlen=0)
+
+
+# -- cold paths: SQLAlchemy Core over the mapped tables ------------------------------------------
+
+
+def version() -> sa.Select[Any]:
+    """The catalog version."""
+    return sa.select(_meta.c.version)
+
+
+def next_route_id() -> sa.Select[Any]:
+    """The next route id the catalog will allocate."""
+    return sa.select(_meta.c.next_route_id)
+
+
+def meta() -> sa.Select[Any]:
+    """The version and the oldest version still readable exactly."""
+    return sa.select(_meta.c.version, _meta.c.history_floor)
+
+
+def meta_for_update() -> sa.Select[Any]:
+    """:func:`meta`, locking the row (pruning must not race a write's history)."""
+    return meta().with_for_update()
+
+
+def next_route_id_at(read_ts: int) -> sa.Select[Any]:
+    """The route id counter as the write that produced ``read_ts`` left it."""
+    return sa.select(_history.c.next_route_id).where(_history.c.version == read_ts)
+
+
+def live_routes() -> sa.Select[Any]:
+    """The live routes, in key order."""
+    return routes_at(None)
+
+
+def routes_at(read_ts: int | None) -> sa.Select[Any]:
+    """The routes live at version ``read_ts`` (None: now), in key order."""
+    return (
+        sa.select(*_route_columns)
+        .where(RouteRecord.live_at(read_ts))
+        .order_by(_routes.c.start)
+    )
+
+
+def opened_routes(after: int, last: int) -> sa.Select[Any]:
+    """The route rows opened by the versions in ``(after, last]``, by version then start."""
+    return (
+        sa.select(_routes.c.valid_from, *_route_columns)
+        .where(_routes.c.valid_from > after, _routes.c.valid_from <= last)
+        .order_by(_routes.c.valid_from, _routes.c.start)
+    )
+
+
+def closed_routes(after: int, last: int) -> sa.Select[Any]:
+    """The ids of the route rows closed by the versions in ``(after, last]``."""
+    return (
+        sa.select(_routes.c.valid_to, _routes.c.route_id)
+        .where(_routes.c.valid_to > after, _routes.c.valid_to <= last)
+        .order_by(_routes.c.valid_to, _routes.c.route_id)
+    )
+
+
+def history(since: int, limit: int | None) -> sa.Select[Any]:
+    """The audit entries of the versions after ``since``, oldest first."""
+    query = (
+        sa.select(
+            _history.c.version,
+            _history.c.operation,
+            _history.c.arguments,
+            _history.c.actor,
+            _history.c.committed_at,
+        )
+        .where(_history.c.version > since)
+        .order_by(_history.c.version)
+    )
+    return query if limit is None else query.limit(limit)
+
+
+def delete_retired_routes(floor: int) -> sa.Delete:
+    """Drop the route rows no version from ``floor`` on can read."""
+    return sa.delete(_routes).where(_routes.c.valid_to <= floor)
+
+
+def delete_history(floor: int) -> sa.Delete:
+    """Drop the audit entries older than ``floor``."""
+    return sa.delete(_history).where(_history.c.version < floor)
+
+
+def set_history_floor(floor: int) -> sa.Update:
+    """Record ``floor`` as the oldest version readable exactly."""
+    return sa.update(_meta).values(history_floor=floor)
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+def descriptors(rows: Sequence[Sequence[Any]]) -> tuple[RouteDescriptor, ...]:
+    """Descriptors from rows of the route columns read through the models' types; O(n).
+
+    Call it with the GC paused (see :func:`~distribution.bulk.paused_gc`) for many rows.
+    """
+    if not rows:
+        return ()
+    return make_descriptors(*zip(*rows, strict=True))
+
+
+def stored_descriptors(rows: Sequence[Sequence[Any]]) -> tuple[RouteDescriptor, ...]:
+    """Descriptors from rows of the route columns as stored (u64s shifted); O(n)."""
+    if not rows:
+        return ()
+    return _from_columns(_shifted, *zip(*rows, strict=True))
+
+
+def column_descriptors(columns: Sequence[Any]) -> tuple[RouteDescriptor, ...]:
+    """Descriptors from the six column arrays of :data:`LIVE_COLUMNS`, sorted by start; O(n)."""
+    if columns[0] is None:  # no live route: every aggregate is NULL
+        return ()
+    routes = _from_columns(_sign_flipped, *columns)
+    starts = columns[1]
+    # The rows reach the aggregates in index order, but SQL does not promise an aggregate's
+    # input order: check it (one C-level pass) rather than trust it.
+    if all(map(lt, starts, islice(starts, 1, None))):
+        return routes
+    return tuple(sorted(routes, key=_route_start))
+
+
+def changes(
+    after: int, last: int, opened: Sequence[Sequence[Any]], closed: Sequence[Sequence[Any]]
+) -> tuple[CatalogChange, ...]:
+    """Group opened and closed route rows (of :func:`opened_routes` and :func:`closed_routes`)
+    into one change per version in ``(after, last]``; O(rows + versions)."""
+    upserts: dict[int, list[Sequence[Any]]] = {}
+    for row in opened:
+        upserts.setdefault(row[0], []).append(row[1:])
+    retired: dict[int, list[int]] = {}
+    for closed_at, route_id in closed:
+        retired.setdefault(closed_at, []).append(route_id)
+    result = []
+    for at in range(after + 1, last + 1):
+        opened_here = descriptors(upserts.get(at, []))
+        reopened = {route.route_id for route in opened_here}
+        deletes = tuple(i for i in retired.get(at, []) if i not in reopened)
+        result.append(CatalogChange(at - 1, at, opened_here, deletes))
+    return tuple(result)
+
+
+def _shifted(stored: Sequence[int]) -> Iterable[int]:
+    """The u64 values of a column of stored (shifted) values."""
+    return map(u64_from_db, stored)
+
+
+def _sign_flipped(values: Sequence[int]) -> Iterable[int]:
+    """The u64 values of a column read with its sign bit flipped (see :data:`LIVE_COLUMNS`)."""
+    if min(values) >= 0:
+        return values
+    return map(UINT64_MAX.__and__, values)
+
+
+def _from_columns(
+    u64s: Callable[[Sequence[int]], Iterable[int]],
+    route_ids: Sequence[int],
+    starts: Sequence[bytes],
+    ends: Sequence[bytes | None],
+    group_ids: Sequence[int],
+    states: Sequence[int],
+    parents: Sequence[int],
+) -> tuple[RouteDescriptor, ...]:
+    """Descriptors from route columns, ``u64s`` turning the id columns into u64 values."""
+    return make_descriptors(u64s(route_ids), starts, ends, u64s(group_ids), states, u64s(parents))
