@@ -143,7 +143,6 @@ class CatalogOperations:
         )
 
 
-
 def check_actor(actor: object) -> None:
     """Refuse an actor that is neither a ``str`` nor None with TypeError."""
     if actor is not None and not isinstance(actor, str):
