@@ -188,8 +188,9 @@ class RouteRecord(Base):
     parent_route_id: Mapped[int] = mapped_column(U64, nullable=False)
 
     @classmethod
-    def live_at(cls, version: int | None = None) -> ColumnElement[bool]:
-        """The condition of the rows live at ``version``, or live now when ``version`` is None."""
+    def live_at(cls, version: int | ColumnElement[int] | None = None) -> ColumnElement[bool]:
+        """The condition of the rows live at ``version`` (a value or a bound parameter), or live
+        now when ``version`` is None."""
         if version is None:
             return cls.valid_to.is_(None)
         return (cls.valid_from <= version) & or_(cls.valid_to.is_(None), cls.valid_to > version)

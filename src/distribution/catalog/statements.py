@@ -24,30 +24,30 @@ from distribution.types import UINT64_MAX, CatalogChange, RouteDescriptor
 
 __all__ = [
     "BEGIN_WRITE",
+    "CLOSED_ROUTES",
+    "DELETE_HISTORY",
+    "DELETE_RETIRED_ROUTES",
     "DIGEST",
+    "HISTORY",
     "LIVE_COLUMNS",
+    "LIVE_ROUTES",
+    "META",
+    "META_FOR_UPDATE",
+    "NEXT_ROUTE_ID",
+    "NEXT_ROUTE_ID_AT",
+    "OPENED_ROUTES",
+    "ROUTES_AT",
     "SAVE_CHANGES",
     "SAVE_DESIRED",
+    "SET_HISTORY_FLOOR",
+    "VERSION",
     "VERSION_AND_DIGEST",
     "changes",
-    "closed_routes",
     "column_descriptors",
-    "delete_history",
-    "delete_retired_routes",
     "descriptors",
-    "history",
-    "live_routes",
-    "meta",
-    "meta_for_update",
-    "next_route_id",
-    "next_route_id_at",
-    "opened_routes",
     "operation",
-    "routes_at",
-    "set_history_floor",
     "stage",
     "stored_descriptors",
-    "version",
 ]
 
 _meta = Base.metadata.tables["distribution_meta"]
@@ -137,94 +137,62 @@ def stage(cursor: psycopg.Cursor[Any], routes: Sequence[RouteDescriptor]) -> Non
 
 
 # -- cold paths: SQLAlchemy Core over the mapped tables ------------------------------------------
+# Built once: building a statement costs more than running a small one. Parameters are named
+# bindparams, typed by the columns they are compared with (u64s shifted by the models' type).
 
-
-def version() -> sa.Select[Any]:
-    """The catalog version."""
-    return sa.select(_meta.c.version)
-
-
-def next_route_id() -> sa.Select[Any]:
-    """The next route id the catalog will allocate."""
-    return sa.select(_meta.c.next_route_id)
-
-
-def meta() -> sa.Select[Any]:
-    """The version and the oldest version still readable exactly."""
-    return sa.select(_meta.c.version, _meta.c.history_floor)
-
-
-def meta_for_update() -> sa.Select[Any]:
-    """:func:`meta`, locking the row (pruning must not race a write's history)."""
-    return meta().with_for_update()
-
-
-def next_route_id_at(read_ts: int) -> sa.Select[Any]:
-    """The route id counter as the write that produced ``read_ts`` left it."""
-    return sa.select(_history.c.next_route_id).where(_history.c.version == read_ts)
-
-
-def live_routes() -> sa.Select[Any]:
-    """The live routes, in key order."""
-    return routes_at(None)
-
-
-def routes_at(read_ts: int | None) -> sa.Select[Any]:
-    """The routes live at version ``read_ts`` (None: now), in key order."""
-    return (
-        sa.select(*_route_columns)
-        .where(RouteRecord.live_at(read_ts))
-        .order_by(_routes.c.start)
+#: The catalog version.
+VERSION = sa.select(_meta.c.version)
+#: The next route id the catalog will allocate.
+NEXT_ROUTE_ID = sa.select(_meta.c.next_route_id)
+#: The version and the oldest version still readable exactly.
+META = sa.select(_meta.c.version, _meta.c.history_floor)
+#: :data:`META`, locking the row (pruning must not race a write's history).
+META_FOR_UPDATE = META.with_for_update()
+#: The route id counter as the write that produced version ``read_ts`` left it.
+NEXT_ROUTE_ID_AT = sa.select(_history.c.next_route_id).where(
+    _history.c.version == sa.bindparam("read_ts")
+)
+#: The live routes, in key order.
+LIVE_ROUTES = sa.select(*_route_columns).where(RouteRecord.live_at()).order_by(_routes.c.start)
+#: The routes live at version ``read_ts``, in key order.
+ROUTES_AT = (
+    sa.select(*_route_columns)
+    .where(RouteRecord.live_at(sa.bindparam("read_ts")))
+    .order_by(_routes.c.start)
+)
+#: The route rows opened by the versions in ``(after, last]``, by version then start.
+OPENED_ROUTES = (
+    sa.select(_routes.c.valid_from, *_route_columns)
+    .where(_routes.c.valid_from > sa.bindparam("after"))
+    .where(_routes.c.valid_from <= sa.bindparam("last"))
+    .order_by(_routes.c.valid_from, _routes.c.start)
+)
+#: The ids of the route rows closed by the versions in ``(after, last]``.
+CLOSED_ROUTES = (
+    sa.select(_routes.c.valid_to, _routes.c.route_id)
+    .where(_routes.c.valid_to > sa.bindparam("after"))
+    .where(_routes.c.valid_to <= sa.bindparam("last"))
+    .order_by(_routes.c.valid_to, _routes.c.route_id)
+)
+#: The audit entries of the versions after ``since``, oldest first, at most ``limit`` (None: all).
+HISTORY = (
+    sa.select(
+        _history.c.version,
+        _history.c.operation,
+        _history.c.arguments,
+        _history.c.actor,
+        _history.c.committed_at,
     )
-
-
-def opened_routes(after: int, last: int) -> sa.Select[Any]:
-    """The route rows opened by the versions in ``(after, last]``, by version then start."""
-    return (
-        sa.select(_routes.c.valid_from, *_route_columns)
-        .where(_routes.c.valid_from > after, _routes.c.valid_from <= last)
-        .order_by(_routes.c.valid_from, _routes.c.start)
-    )
-
-
-def closed_routes(after: int, last: int) -> sa.Select[Any]:
-    """The ids of the route rows closed by the versions in ``(after, last]``."""
-    return (
-        sa.select(_routes.c.valid_to, _routes.c.route_id)
-        .where(_routes.c.valid_to > after, _routes.c.valid_to <= last)
-        .order_by(_routes.c.valid_to, _routes.c.route_id)
-    )
-
-
-def history(since: int, limit: int | None) -> sa.Select[Any]:
-    """The audit entries of the versions after ``since``, oldest first."""
-    query = (
-        sa.select(
-            _history.c.version,
-            _history.c.operation,
-            _history.c.arguments,
-            _history.c.actor,
-            _history.c.committed_at,
-        )
-        .where(_history.c.version > since)
-        .order_by(_history.c.version)
-    )
-    return query if limit is None else query.limit(limit)
-
-
-def delete_retired_routes(floor: int) -> sa.Delete:
-    """Drop the route rows no version from ``floor`` on can read."""
-    return sa.delete(_routes).where(_routes.c.valid_to <= floor)
-
-
-def delete_history(floor: int) -> sa.Delete:
-    """Drop the audit entries older than ``floor``."""
-    return sa.delete(_history).where(_history.c.version < floor)
-
-
-def set_history_floor(floor: int) -> sa.Update:
-    """Record ``floor`` as the oldest version readable exactly."""
-    return sa.update(_meta).values(history_floor=floor)
+    .where(_history.c.version > sa.bindparam("since"))
+    .order_by(_history.c.version)
+    .limit(sa.bindparam("limit", type_=sa.BigInteger))
+)
+#: Drop the route rows no version from ``floor`` on can read.
+DELETE_RETIRED_ROUTES = sa.delete(_routes).where(_routes.c.valid_to <= sa.bindparam("floor"))
+#: Drop the audit entries older than ``floor``.
+DELETE_HISTORY = sa.delete(_history).where(_history.c.version < sa.bindparam("floor"))
+#: Record ``floor`` as the oldest version readable exactly.
+SET_HISTORY_FLOOR = sa.update(_meta).values(history_floor=sa.bindparam("floor"))
 
 
 # -- decoding ------------------------------------------------------------------------------------
@@ -263,7 +231,7 @@ def column_descriptors(columns: Sequence[Any]) -> tuple[RouteDescriptor, ...]:
 def changes(
     after: int, last: int, opened: Sequence[Sequence[Any]], closed: Sequence[Sequence[Any]]
 ) -> tuple[CatalogChange, ...]:
-    """Group opened and closed route rows (of :func:`opened_routes` and :func:`closed_routes`)
+    """Group opened and closed route rows (of :data:`OPENED_ROUTES` and :data:`CLOSED_ROUTES`)
     into one change per version in ``(after, last]``; O(rows + versions)."""
     upserts: dict[int, list[Sequence[Any]]] = {}
     for row in opened:

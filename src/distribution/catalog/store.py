@@ -158,20 +158,20 @@ class CatalogStore(CatalogOperations):
         with transaction(self._sa_engine, read_only=True) as connection:
             _check_readable(connection, read_ts)
             with paused_gc():
-                rows = connection.execute(statements.routes_at(read_ts)).all()
+                rows = connection.execute(statements.ROUTES_AT, {"read_ts": read_ts}).all()
                 routes = statements.descriptors(rows)
         return CatalogSnapshot(version=read_ts, routes=routes, read_ts=read_ts)
 
     def version(self) -> int:
         """Read the catalog version; O(1)."""
         with transaction(self._sa_engine, read_only=True) as connection:
-            version: int = connection.execute(statements.version()).scalar_one()
+            version: int = connection.execute(statements.VERSION).scalar_one()
         return version
 
     def next_route_id(self) -> int:
         """Read the next route id the catalog will allocate (1 for an empty catalog); O(1)."""
         with transaction(self._sa_engine, read_only=True) as connection:
-            next_id: int = connection.execute(statements.next_route_id()).scalar_one()
+            next_id: int = connection.execute(statements.NEXT_ROUTE_ID).scalar_one()
         return next_id
 
     def next_route_id_at(self, read_ts: int) -> int:
@@ -183,7 +183,7 @@ class CatalogStore(CatalogOperations):
         with transaction(self._sa_engine, read_only=True) as connection:
             _check_readable(connection, read_ts)
             next_id: int | None = connection.execute(
-                statements.next_route_id_at(read_ts)
+                statements.NEXT_ROUTE_ID_AT, {"read_ts": read_ts}
             ).scalar_one_or_none()
         return 1 if next_id is None else next_id
 
@@ -197,20 +197,21 @@ class CatalogStore(CatalogOperations):
         check_u64("version", version)
         _check_count("limit", limit, minimum=1)
         with transaction(self._sa_engine, read_only=True) as connection:
-            current, floor = connection.execute(statements.meta()).one()
+            current, floor = connection.execute(statements.META).one()
             if version > current:
                 raise _ahead(version, current)
             if version < floor:
                 with paused_gc():
                     routes = statements.descriptors(
-                        connection.execute(statements.live_routes()).all()
+                        connection.execute(statements.LIVE_ROUTES).all()
                     )
                 return CatalogChangeSet(
                     reset=CatalogSnapshot(version=current, routes=routes, read_ts=current)
                 )
             last = min(current, version + limit)
-            opened = connection.execute(statements.opened_routes(version, last)).all()
-            closed = connection.execute(statements.closed_routes(version, last)).all()
+            bounds = {"after": version, "last": last}
+            opened = connection.execute(statements.OPENED_ROUTES, bounds).all()
+            closed = connection.execute(statements.CLOSED_ROUTES, bounds).all()
         return CatalogChangeSet(changes=statements.changes(version, last, opened, closed))
 
     def history(self, since: int = 0, limit: int | None = None) -> list[CatalogHistoryEntry]:
@@ -222,7 +223,7 @@ class CatalogStore(CatalogOperations):
         if limit is not None:
             _check_count("limit", limit, minimum=0)
         with transaction(self._sa_engine, read_only=True) as connection:
-            rows = connection.execute(statements.history(since, limit)).all()
+            rows = connection.execute(statements.HISTORY, {"since": since, "limit": limit}).all()
         return [
             CatalogHistoryEntry(
                 version=version,
@@ -340,12 +341,13 @@ class CatalogStore(CatalogOperations):
         """
         _check_count("keep_versions", keep_versions, minimum=1)
         with transaction(self._sa_engine) as connection:
-            current, floor = connection.execute(statements.meta_for_update()).one()
+            current, floor = connection.execute(statements.META_FOR_UPDATE).one()
             new_floor: int = max(floor, current - keep_versions + 1)
             if new_floor > floor:
-                connection.execute(statements.delete_retired_routes(new_floor))
-                connection.execute(statements.delete_history(new_floor))
-                connection.execute(statements.set_history_floor(new_floor))
+                floor_parameter = {"floor": new_floor}
+                connection.execute(statements.DELETE_RETIRED_ROUTES, floor_parameter)
+                connection.execute(statements.DELETE_HISTORY, floor_parameter)
+                connection.execute(statements.SET_HISTORY_FLOOR, floor_parameter)
         return new_floor
 
     def listen(self) -> CatalogListener:
@@ -372,7 +374,7 @@ def _begin_write(cursor: psycopg.Cursor[Any], expected_version: int) -> int:
 
 
 def _check_readable(connection: sa.Connection, read_ts: int) -> None:
-    current, floor = connection.execute(statements.meta()).one()
+    current, floor = connection.execute(statements.META).one()
     if read_ts > current:
         raise _ahead(read_ts, current)
     if read_ts < floor:
