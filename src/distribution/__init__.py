@@ -3,7 +3,8 @@
 Layers, each importing only those above it:
 
 * ``types``, ``errors``, ``codec``, ``engine``: the pure core, no SQL;
-* ``models``, ``catalog`` (and the Alembic ``migrations``): the durable catalog;
+* ``models``, ``database``, ``migrator`` (running the Alembic ``migrations``), ``catalog``: the
+  durable catalog;
 * ``watcher``: mirrors the catalog into an Engine;
 * ``cli``: the ``distribution`` command.
 

@@ -29,8 +29,8 @@ __all__ = [
     "DELETE_RETIRED_ROUTES",
     "DIGEST",
     "HISTORY",
-    "LIVE_COLUMNS",
     "LIVE_ROUTES",
+    "LIVE_SNAPSHOT",
     "META",
     "META_FOR_UPDATE",
     "NEXT_ROUTE_ID",
@@ -41,7 +41,6 @@ __all__ = [
     "SAVE_DESIRED",
     "SET_HISTORY_FLOOR",
     "VERSION",
-    "VERSION_AND_DIGEST",
     "changes",
     "column_descriptors",
     "descriptors",
@@ -65,22 +64,21 @@ _route_start = attrgetter("start")
 
 # -- hot paths: text SQL on the psycopg connection ---------------------------------------------
 
-#: snapshot(): the live routes as six arrays, one per column, in the round trip that begins the
-#: transaction (pipelined with :data:`VERSION_AND_DIGEST`). Fetching columns skips building a
-#: tuple per row and transposing the rows afterwards; the six aggregates run in one pass over the
-#: same rows, so the arrays stay aligned whatever order the rows come in. u64 columns come with
-#: their sign bit flipped: that gives the u64 itself as a signed 64-bit integer (negative from
-#: 2**63 up), so most values need no Python work at all.
-LIVE_COLUMNS = (
+#: snapshot(): the version, the digest of the live routes, and the live routes as six arrays, one
+#: per column, in one statement (one result, so an error comes alone) pipelined with the BEGIN.
+#: Fetching columns skips building a tuple per row and transposing the rows afterwards; the six
+#: aggregates run in one pass over the same rows, so the arrays stay aligned whatever order the
+#: rows come in. u64 columns come with their sign bit flipped: that gives the u64 itself as a
+#: signed 64-bit integer (negative from 2**63 up), so most values need no Python work at all.
+LIVE_SNAPSHOT = (
+    "SELECT meta.version, meta.digest, live.* FROM distribution_meta AS meta, ("
     "SELECT array_agg(route_id # _sign), array_agg(start), array_agg(\"end\"), "
     "array_agg(group_id # _sign), array_agg(state), array_agg(parent_route_id # _sign) "
     'FROM (SELECT route_id, start, "end", group_id, state, parent_route_id '
-    "FROM distribution_routes WHERE valid_to IS NULL ORDER BY start) AS live, "
-    "(SELECT -9223372036854775807 - 1 AS _sign) AS sign_bit"
+    "FROM distribution_routes WHERE valid_to IS NULL ORDER BY start) AS rows, "
+    "(SELECT -9223372036854775807 - 1 AS _sign) AS sign_bit) AS live"
 )
-#: snapshot() and save(): the version and the digest of the live routes, pipelined.
-VERSION_AND_DIGEST = "SELECT version, digest FROM distribution_meta"
-#: save(): the digest checked before, and read after, sending a change (binary, no decoding).
+#: save(): the digest checked before, and read after, sending routes (binary, no decoding).
 DIGEST = "SELECT digest FROM distribution_meta"
 #: Every write: the compare-and-set on the version, one server-side call.
 BEGIN_WRITE = "SELECT distribution_begin_write(%s)"
@@ -216,7 +214,7 @@ def stored_descriptors(rows: Sequence[Sequence[Any]]) -> tuple[RouteDescriptor, 
 
 
 def column_descriptors(columns: Sequence[Any]) -> tuple[RouteDescriptor, ...]:
-    """Descriptors from the six column arrays of :data:`LIVE_COLUMNS`, sorted by start; O(n)."""
+    """Descriptors from the six column arrays of :data:`LIVE_SNAPSHOT`, sorted by start; O(n)."""
     if columns[0] is None:  # no live route: every aggregate is NULL
         return ()
     routes = _from_columns(_sign_flipped, *columns)
@@ -254,7 +252,7 @@ def _shifted(stored: Sequence[int]) -> Iterable[int]:
 
 
 def _sign_flipped(values: Sequence[int]) -> Iterable[int]:
-    """The u64 values of a column read with its sign bit flipped (see :data:`LIVE_COLUMNS`)."""
+    """The u64 values of a column read with its sign bit flipped (see :data:`LIVE_SNAPSHOT`)."""
     if min(values) >= 0:
         return values
     return map(UINT64_MAX.__and__, values)

@@ -137,15 +137,13 @@ class CatalogStore(CatalogOperations):
     def _read_live(self) -> KnownRoutes:
         """The version, digest and live routes, read in one REPEATABLE READ transaction."""
         with transaction(self._sa_engine, read_only=True) as connection:
-            routes_cursor = driver_cursor(connection)
-            meta_cursor = driver_cursor(connection)
-            # Pipelined: BEGIN and both queries travel in one round trip.
-            with routes_cursor.connection.pipeline():
-                meta_cursor.execute(statements.VERSION_AND_DIGEST)
-                with paused_gc():
-                    routes_cursor.execute(statements.LIVE_COLUMNS)
-                    version, digest = _fetch_one(meta_cursor)
-                    routes = statements.column_descriptors(_fetch_one(routes_cursor))
+            cursor = driver_cursor(connection)
+            # Pipelined: BEGIN and the query travel in one round trip.
+            with cursor.connection.pipeline():
+                cursor.execute(statements.LIVE_SNAPSHOT)
+            with paused_gc():
+                version, digest, *columns = _fetch_one(cursor)
+                routes = statements.column_descriptors(columns)
         return KnownRoutes(u64_from_db(version), digest, routes)
 
     def snapshot_at(self, read_ts: int) -> CatalogSnapshot:
