@@ -7,6 +7,8 @@
 * ``save()`` of the whole catalog with one route changed, beside ``snapshot()`` (target <= 2x):
   from the version the store has just read (it sends only the change), and from a store behind
   (stores take turns, each saving from a version another wrote: it reads the catalog first);
+* ``save(0, routes)`` loading each catalog, beside floor C: a bare binary COPY of the same rows
+  (psycopg's ``write_row``) into a temporary table, the transfer any load pays;
 * ``split_route`` beside floor B (target <= 3x), and flat in the catalog size (the largest
   catalog within 1.2x of the smallest).
 
@@ -114,6 +116,8 @@ class Catalog:
     routes: list[RouteDescriptor]
     version: int
     load_seconds: float
+    #: Floor C: a bare binary COPY of the same rows, in the same database.
+    copy_seconds: float
 
 
 def load_catalog(server: BenchServer, stack: ExitStack, size: int) -> Catalog:
@@ -124,8 +128,28 @@ def load_catalog(server: BenchServer, stack: ExitStack, size: int) -> Catalog:
     started = time.perf_counter()
     version = store.save(0, routes, actor="bench").version
     load_seconds = time.perf_counter() - started
+    copy_seconds = bare_copy_seconds(url, routes)
     settle(url)
-    return Catalog(size, url, store, routes, version, load_seconds)
+    return Catalog(size, url, store, routes, version, load_seconds, copy_seconds)
+
+
+def bare_copy_seconds(url: str, routes: Sequence[RouteDescriptor]) -> float:
+    """Floor C: the seconds a bare binary COPY of ``routes`` into a temporary table takes."""
+    shift = 2**63
+    with psycopg.connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            'CREATE TEMP TABLE floor_c (route_id bigint, start bytea, "end" bytea, '
+            "group_id bigint, state smallint, parent_route_id bigint)"
+        )
+        started = time.perf_counter()
+        with cursor.copy("COPY floor_c FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["int8", "bytea", "bytea", "int8", "int2", "int8"])
+            for route_id, start, end, group_id, state, parent in routes:
+                copy.write_row(
+                    (route_id - shift, start, end, group_id - shift, state, parent - shift)
+                )
+        connection.commit()
+        return time.perf_counter() - started
 
 
 def settle(url: str) -> None:
@@ -301,7 +325,14 @@ def run(quick: bool) -> list[Row]:
                     f"{LOAD_BUDGET_SECONDS:.0f} s budget"
                 )
             rows.append(
-                Row("catalog load: save(0, routes)", _label(size), catalog.load_seconds, "s")
+                Row(
+                    "catalog load: save(0, routes)",
+                    _label(size),
+                    catalog.load_seconds,
+                    "s",
+                    "floor C: bare binary COPY",
+                    catalog.copy_seconds,
+                )
             )
         # The data the cases hold lives through the whole run: keep the collector from walking
         # it again and again (the store's own allocations are still collected as usual).

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import psycopg
 from sqlalchemy.engine import make_url
 
-from distribution.schema import migrate
+from distribution.migrator import migrate
 
 __all__ = ["BENCH_DATABASE_URL_ENV", "BenchServer", "bench_database", "bench_server"]
 

@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from alembic import context
 
 from distribution.database import create_engine
+from distribution.migrator import MIGRATION_LOCK_KEY, VERSION_TABLE
 from distribution.models import Base
-from distribution.schema import MIGRATION_LOCK_KEY, VERSION_TABLE
 
 
 def _run(connection: sa.Connection) -> None:

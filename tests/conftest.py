@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from distribution.catalog import CatalogStore
 from distribution.database import create_engine
-from distribution.schema import alembic_config, migrate
+from distribution.migrator import alembic_config, migrate
 
 TEST_DATABASE_URL_ENV = "DISTRIBUTION_TEST_DATABASE_URL"
 

@@ -56,7 +56,6 @@ from distribution.catalog import (
     DEFAULT_HISTORY_VERSIONS,
     NOTIFY_CHANNEL,
     CatalogStore,
-    _column_descriptors,
     ensure_catalog_snapshot,
 )
 from distribution.database import create_engine, translate_error
@@ -204,11 +203,11 @@ def test_store_is_exported_from_the_package() -> None:
 
 def test_from_url_uses_psycopg_and_close_disposes_its_engine(database_url: str) -> None:
     store = CatalogStore.from_url(database_url)
-    assert store.engine.dialect.driver == "psycopg"
+    assert store.sa_engine.dialect.driver == "psycopg"
     assert store.snapshot() == EMPTY
-    assert store.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    assert store.sa_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
     store.close()
-    assert store.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+    assert store.sa_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
 
 
 def test_from_url_accepts_an_explicit_psycopg_url(database_url: str) -> None:
@@ -226,7 +225,7 @@ def test_from_url_passes_engine_options(database_url: str) -> None:
     name = "catalog-test-options"
     with (
         CatalogStore.from_url(database_url, connect_args={"application_name": name}) as store,
-        store.engine.connect() as connection,
+        store.sa_engine.connect() as connection,
     ):
         assert connection.scalar(sa.text("SELECT current_setting('application_name')")) == name
 
@@ -234,15 +233,15 @@ def test_from_url_passes_engine_options(database_url: str) -> None:
 def test_context_manager_disposes_its_engine(database_url: str) -> None:
     with CatalogStore.from_url(database_url) as store:
         assert store.next_route_id() == 1
-        assert store.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
-    assert store.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+        assert store.sa_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    assert store.sa_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
 
 
 def test_close_leaves_a_callers_engine_alone(database_url: str) -> None:
     engine = create_engine(database_url)
     try:
         with CatalogStore(engine) as store:
-            assert store.engine is engine
+            assert store.sa_engine is engine
             assert store.snapshot() == EMPTY
         assert engine.pool.checkedin() == 1  # type: ignore[attr-defined]
         assert CatalogStore(engine).version() == 0
@@ -620,21 +619,6 @@ def test_retired_routes_keep_their_history(
 # --------------------------------------------------------------------------------------------
 # Saves that send only the change, and the digest that guards them
 # --------------------------------------------------------------------------------------------
-
-
-def test_snapshot_columns_in_any_order_come_back_sorted() -> None:
-    """SQL does not promise the order an aggregate reads its rows in; the snapshot sorts.
-
-    The id columns arrive with the stored values' sign bit flipped: u64 values, negative from
-    2**63 up."""
-    columns = ([2, 1], [b"m", b""], [None, b"m"], [3, -1], [0, 1], [0, -(2**63)])
-    assert _column_descriptors(columns) == (
-        RouteDescriptor(
-            route_id=1, start=b"", end=b"m", group_id=U64_MAX, state=FENCED, parent_route_id=2**63
-        ),
-        RouteDescriptor(route_id=2, start=b"m", end=None, group_id=3),
-    )
-    assert _column_descriptors((None,) * 6) == ()
 
 
 @pytest.mark.parametrize("value", [1, 2**63 - 1, 2**63, 2**64 - 2])
@@ -1914,7 +1898,7 @@ def test_an_autocommit_engine_still_writes_in_one_transaction(database_url: str)
         with pytest.raises(CatalogVersionMismatchError):
             autocommit.save(0, chain(2))
         assert autocommit.snapshot().routes == first.routes
-        with autocommit.engine.connect() as connection:
+        with autocommit.sa_engine.connect() as connection:
             assert connection.connection.driver_connection.autocommit  # restored
 
 

@@ -31,7 +31,8 @@ from distribution import (
     RouteState,
 )
 from distribution.catalog import CatalogStore
-from distribution.schema import migrate
+from distribution.catalog.transactions import driver_cursor, transaction
+from distribution.migrator import migrate
 
 THREADS = 8
 ATTEMPTS = 50
@@ -298,7 +299,7 @@ def test_terminated_backends_are_replaced(
     ) as store:
         store.save(0, chain(2))
         # Fill the pool with idle connections, then kill them all.
-        held = [store.engine.raw_connection() for _ in range(pooled)]
+        held = [store.sa_engine.raw_connection() for _ in range(pooled)]
         for connection in held:
             connection.close()
         assert terminate_store_backends(raw) == pooled
@@ -396,9 +397,9 @@ def test_a_transaction_interrupted_mid_query_leaves_no_busy_connection_in_the_po
     with (
         caplog.at_level(logging.WARNING),
         pytest.raises(KeyboardInterrupt),
-        store._transaction() as cursor,
+        transaction(store.sa_engine) as connection,
     ):
-        cursor.connection.pgconn.send_query(b"SELECT pg_sleep(0.2)")
+        driver_cursor(connection).connection.pgconn.send_query(b"SELECT pg_sleep(0.2)")
         raise KeyboardInterrupt
     assert caplog.records == []
     assert store.snapshot() == expected

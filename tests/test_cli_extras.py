@@ -19,7 +19,7 @@ def test_importing_the_library_loads_no_cli_dependency() -> None:
         "import sys\n"
         "import distribution\n"
         "from distribution import *\n"
-        "import distribution.catalog, distribution.watcher, distribution.schema\n"
+        "import distribution.catalog, distribution.watcher, distribution.migrator\n"
         f"print(' '.join(m for m in {CLI_ONLY_MODULES!r} if m in sys.modules))\n"
     )
     done = subprocess.run(

@@ -45,13 +45,13 @@ from pytest_alembic.tests import (  # noqa: F401  (collected by pytest)
 )
 
 import distribution
-import distribution.schema
+import distribution.migrator
 from distribution import RouteDescriptor, RouteState
 from distribution.catalog import CatalogStore
 from distribution.database import create_engine
+from distribution.migrator import VERSION_TABLE
+from distribution.migrator import alembic_config as packaged_alembic_config
 from distribution.models import u64_to_db
-from distribution.schema import VERSION_TABLE
-from distribution.schema import alembic_config as packaged_alembic_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 TABLES = {"distribution_meta", "distribution_routes", "distribution_history"}
@@ -135,18 +135,18 @@ def assert_migrated(url: str) -> dict[str, Any]:
 
 
 def test_migrate_is_exported() -> None:
-    assert distribution.migrate is distribution.schema.migrate  # type: ignore[attr-defined]
+    assert distribution.migrate is distribution.migrator.migrate  # type: ignore[attr-defined]
 
 
 def test_migrate_is_idempotent(empty_database_url: str) -> None:
     assert schema_objects(empty_database_url)["tables"] == set()
-    distribution.schema.migrate(empty_database_url)
+    distribution.migrator.migrate(empty_database_url)
     first = assert_migrated(empty_database_url)
     # A catalog with data survives a second migrate untouched.
     with CatalogStore.from_url(empty_database_url) as store:
         saved = store.save(0, [RouteDescriptor(route_id=1, start=b"", end=None, group_id=1)])
-    distribution.schema.migrate(empty_database_url)
-    distribution.schema.migrate(empty_database_url)
+    distribution.migrator.migrate(empty_database_url)
+    distribution.migrator.migrate(empty_database_url)
     assert schema_objects(empty_database_url) == first
     with CatalogStore.from_url(empty_database_url) as store:
         assert store.snapshot() == saved
@@ -155,8 +155,8 @@ def test_migrate_is_idempotent(empty_database_url: str) -> None:
 def test_migrate_accepts_an_engine(empty_database_url: str) -> None:
     engine = create_engine(empty_database_url)
     try:
-        distribution.schema.migrate(engine)
-        distribution.schema.migrate(engine)
+        distribution.migrator.migrate(engine)
+        distribution.migrator.migrate(engine)
         with engine.connect() as connection:
             assert connection.scalar(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")) == HEAD
     finally:
@@ -169,7 +169,7 @@ def test_migrate_on_an_autocommit_engine_holds_its_lock_until_it_commits(
 ) -> None:
     """Each DDL statement runs while the migration lock is held, in the migration's one
     transaction, even when the caller's engine commits every statement on its own."""
-    key = distribution.schema.MIGRATION_LOCK_KEY
+    key = distribution.migrator.MIGRATION_LOCK_KEY
     lock_held = (
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
         " AND classid = %s AND objid = %s AND objsubid = 1"
@@ -186,7 +186,7 @@ def test_migrate_on_an_autocommit_engine_holds_its_lock_until_it_commits(
 
     sa.event.listen(engine, "before_cursor_execute", before_execute)
     try:
-        distribution.schema.migrate(engine)
+        distribution.migrator.migrate(engine)
     finally:
         engine.dispose()
     assert seen and set(seen) == {1}, seen
@@ -202,7 +202,7 @@ def test_packaged_alembic_config_points_at_the_migrations() -> None:
 _MIGRATE_WHEN_TOLD = textwrap.dedent(
     """
     import sys
-    from distribution.schema import migrate
+    from distribution.migrator import migrate
 
     print("ready", flush=True)
     sys.stdin.readline()
@@ -511,15 +511,15 @@ _INSTALLED_MIGRATE = textwrap.dedent(
     from pathlib import Path
 
     import distribution
-    import distribution.schema
+    import distribution.migrator
 
     prefix = Path(sys.prefix).resolve()
     module = Path(distribution.__file__).resolve()
     assert prefix in module.parents, f"{module} is not installed in {prefix}"
     assert "__editable__" not in str(module)
-    migrations = Path(distribution.schema.alembic_config().get_main_option("script_location"))
+    migrations = Path(distribution.migrator.alembic_config().get_main_option("script_location"))
     assert prefix in migrations.resolve().parents, migrations
-    migrate = getattr(distribution, "migrate", None) or distribution.schema.migrate
+    migrate = getattr(distribution, "migrate", None) or distribution.migrator.migrate
     migrate(sys.argv[1])
     # The Engine's compiled searches are in the wheel too.
     import distribution._lookup

@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import inspect
 import itertools
+import random
 from typing import Any
 
 import pytest
@@ -26,7 +27,13 @@ from distribution import (
     RouteState,
     validate_route_descriptor,
 )
-from distribution.types import check_key, check_u64
+from distribution.types import (
+    check_key,
+    check_u64,
+    route_columns,
+    sorted_route_table,
+    validate_route_table,
+)
 
 GOOD = RouteDescriptor(route_id=1, start=b"a", end=b"m", group_id=2)
 
@@ -311,3 +318,84 @@ def test_check_key() -> None:
     for value in (bytearray(b"a"), memoryview(b"a"), None, 1):
         with pytest.raises(TypeError, match="key"):
             check_key("key", value)
+
+
+# --------------------------------------------------------------------------------------------
+# The fast route-table validator agrees with the exact checks
+# --------------------------------------------------------------------------------------------
+
+
+def _exact(routes: list[Any]) -> tuple[RouteDescriptor, ...] | None:
+    """The exact checks' answer: the sorted table, or None when they raise."""
+    try:
+        valid = validate_route_table(
+            routes, duplicate=ValueError, order=ValueError, overlap=ValueError
+        )
+    except (TypeError, ValueError):
+        return None
+    return tuple(valid)
+
+
+def _random_table(rng: random.Random) -> list[Any]:
+    """A table that is valid, or broken in one of the ways a table can be."""
+    count = rng.randrange(1, 12)
+    keys = sorted({rng.randbytes(rng.randrange(0, 3)) for _ in range(count + 1)})
+    routes: list[Any] = [
+        RouteDescriptor(i + 1, start, end, rng.randrange(1, 4), RouteState(rng.randrange(4)))
+        for i, (start, end) in enumerate(itertools.pairwise([*keys[:-1], None]))
+    ]
+    rng.shuffle(routes)
+    if not routes or rng.random() < 0.3:
+        return routes
+    i = rng.randrange(len(routes))
+    breakages = [
+        {"route_id": 0},
+        {"route_id": routes[(i + 1) % len(routes)].route_id},
+        {"route_id": UINT64_MAX},
+        {"route_id": UINT64_MAX + 1},
+        {"group_id": 0},
+        {"group_id": True},
+        {"state": 4},
+        {"state": 1},
+        {"start": "text"},
+        {"end": b""},
+        {"end": None},
+        {"start": routes[(i + 1) % len(routes)].start},
+        {"parent_route_id": -1},
+    ]
+    return [*routes[:i], routes[i]._replace(**rng.choice(breakages)), *routes[i + 1 :]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sorted_route_table_agrees_with_the_exact_checks(seed: int) -> None:
+    """Whatever it accepts, the exact checks accept, sorted alike; it refuses (None) at least
+    whatever they refuse, and any table with a non-member state, which they would normalize."""
+    rng = random.Random(seed)
+    accepted = 0
+    for _ in range(400):
+        routes = _random_table(rng)
+        fast = sorted_route_table(routes)
+        exact = _exact(routes)
+        if fast is not None:
+            accepted += 1
+            assert fast == exact
+            assert all(type(route.state) is RouteState for route in fast)
+        elif exact is not None:
+            assert any(type(route.state) is not RouteState for route in routes)
+    assert accepted > 100
+
+
+def test_sorted_route_table_caps_route_ids() -> None:
+    top = RouteDescriptor(route_id=UINT64_MAX, start=b"", end=None, group_id=1)
+    assert sorted_route_table([top]) == (top,)
+    assert sorted_route_table([top], max_route_id=UINT64_MAX - 1) is None
+    assert sorted_route_table([]) == ()
+
+
+def test_route_columns_converts_plain_int_states_unless_told_not() -> None:
+    plain = GOOD._replace(state=1)
+    columns = route_columns([plain])
+    assert columns is not None and columns[4] == (RouteState.WRITE_FENCED,)
+    assert type(columns[4][0]) is RouteState
+    assert route_columns([plain], convert_states=False) is None
+    assert route_columns([GOOD._replace(state=9)]) is None

@@ -20,7 +20,7 @@ from distribution import (
     RouteDescriptor,
 )
 from distribution.catalog import CatalogStore
-from distribution.schema import migrate
+from distribution.migrator import migrate
 from distribution.watcher import CatalogWatcher, run_catalog_watcher
 
 WAIT = 15.0

@@ -3,7 +3,8 @@
 Layers, each importing only those above it:
 
 * ``types``, ``errors``, ``codec``, ``engine``: the pure core, no SQL;
-* ``models``, ``catalog`` (and the Alembic ``migrations``): the durable catalog;
+* ``models``, ``database``, ``migrator`` (running the Alembic ``migrations``), ``catalog``: the
+  durable catalog;
 * ``watcher``: mirrors the catalog into an Engine;
 * ``cli``: the ``distribution`` command.
 
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
         CatalogStore,
         ensure_catalog_snapshot,
     )
-    from distribution.schema import migrate
+    from distribution.migrator import migrate
     from distribution.watcher import CatalogWatcher, run_catalog_watcher
 
 #: Names whose modules load SQLAlchemy, psycopg and Alembic: imported on first use, so that a
@@ -65,7 +66,7 @@ _SQL_NAMES = {
     "CatalogNotification": "distribution.catalog",
     "CatalogStore": "distribution.catalog",
     "ensure_catalog_snapshot": "distribution.catalog",
-    "migrate": "distribution.schema",
+    "migrate": "distribution.migrator",
     "CatalogWatcher": "distribution.watcher",
     "run_catalog_watcher": "distribution.watcher",
 }

@@ -20,7 +20,7 @@ from itertools import accumulate, compress, islice, pairwise, repeat
 from operator import le, lt, ne
 from typing import Any, TypeAlias
 
-from distribution.types import ROUTE_STATES, UINT64_MAX, Route, RouteDescriptor, RouteState
+from distribution.types import Route, RouteDescriptor, RouteState, route_columns
 
 __all__ = ["IMPLEMENTATION", "Chunk", "IdIndex", "build", "find", "group", "make_index"]
 
@@ -37,12 +37,7 @@ _BLOCK = 1024
 _Slots: TypeAlias = list[Route | None]
 _Table: TypeAlias = tuple[list[bytes], Any, list[Any]]
 
-_ONLY_DESCRIPTORS = frozenset({RouteDescriptor})
 _ONLY_BYTES = frozenset({bytes})
-_BYTES_OR_NONE = frozenset({bytes, type(None)})
-_ONLY_INT = frozenset({int})
-_ONLY_STATES = frozenset({RouteState})
-_STATE_TYPES = frozenset({RouteState, int})
 
 
 class Chunk:
@@ -317,45 +312,6 @@ def _copy_keys(keys: tuple[bytes | None, ...]) -> tuple[Any, ...]:
 # -- bulk build (apply_snapshot) ---------------------------------------------------------------
 
 
-_Columns: TypeAlias = tuple[tuple[Any, ...], ...]
-
-
-def _columns(block: Sequence[RouteDescriptor]) -> _Columns | None:
-    """The six fields of a block of descriptors, if each has a valid type and range, else None.
-
-    Returns ``(ids, starts, ends, groups, states, parents)`` tuples, states as RouteState members.
-    Every check is a C-level pass over the block, while its objects are still in the cache.
-    """
-    if not _ONLY_DESCRIPTORS.issuperset(map(type, block)):
-        return None
-    ids, starts, ends, groups, states, parents = zip(*block, strict=True)
-    if not (
-        _ONLY_BYTES.issuperset(map(type, starts))
-        and _BYTES_OR_NONE.issuperset(map(type, ends))
-        and _ONLY_INT.issuperset(map(type, ids))
-        and _ONLY_INT.issuperset(map(type, groups))
-        and _ONLY_INT.issuperset(map(type, parents))
-        and min(ids) > 0
-        and max(ids) <= UINT64_MAX
-    ):
-        return None
-    # Groups and parents repeat: the range check on their distinct values is cheaper.
-    distinct_groups = set(groups)
-    distinct_parents = set(parents)
-    if not (
-        min(distinct_groups) > 0
-        and max(distinct_groups) <= UINT64_MAX
-        and min(distinct_parents) >= 0
-        and max(distinct_parents) <= UINT64_MAX
-    ):
-        return None
-    if not _ONLY_STATES.issuperset(map(type, states)):
-        if not (_STATE_TYPES.issuperset(map(type, states)) and ROUTE_STATES.keys() >= set(states)):
-            return None
-        states = tuple(map(ROUTE_STATES.__getitem__, states))
-    return ids, starts, ends, groups, states, parents
-
-
 def _build_contiguous(
     routes: Sequence[RouteDescriptor],
 ) -> tuple[list[bytes], _Slots, dict[int, Route]] | None:
@@ -370,7 +326,7 @@ def _build_contiguous(
     by_id: dict[int, Route] = {}
     last_end: bytes | None = None
     for i in range(0, n, _BLOCK):
-        columns = _columns(routes[i : i + _BLOCK])
+        columns = route_columns(routes[i : i + _BLOCK])
         if columns is None:
             return None
         ids, starts, ends, groups, states, _ = columns
@@ -412,7 +368,7 @@ def _build_with_gaps(
     groups: list[int] = []
     states: list[RouteState] = []
     for i in range(0, n, _BLOCK):
-        columns = _columns(routes[i : i + _BLOCK])
+        columns = route_columns(routes[i : i + _BLOCK])
         if columns is None:
             return None
         b_ids, b_starts, b_ends, b_groups, b_states, _ = columns

@@ -19,6 +19,13 @@ The invariants the database enforces itself, whoever writes:
   row against its two neighbours through the live-start index, so the cost stays flat with the
   catalog size. Writers serialize on the metadata row.
 
+Reading the catalog through the ORM: the records carry real values (u64 ids, states as
+:class:`~distribution.RouteState`), :meth:`RouteRecord.live` selects the routes live now or as of a
+version, and :meth:`RouteRecord.descriptor` turns a record into a ``RouteDescriptor``::
+
+    with Session(sa_engine) as session:
+        routes = [r.descriptor() for r in session.scalars(RouteRecord.live())]
+
 Triggers also keep ``distribution_meta.digest``, the XOR of a hash of every live route, whoever
 writes: two catalogs at one version hold the same routes exactly when their digests agree.
 """
@@ -32,19 +39,25 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    ColumnElement,
     DateTime,
     Index,
     LargeBinary,
     MetaData,
+    Select,
     SmallInteger,
     Text,
     func,
+    or_,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from distribution.types import ROUTE_STATES, RouteDescriptor, RouteState
 
 __all__ = [
     "U64",
@@ -54,6 +67,7 @@ __all__ = [
     "CatalogMeta",
     "HistoryRecord",
     "RouteRecord",
+    "RouteStateType",
     "u64_from_db",
     "u64_to_db",
 ]
@@ -85,6 +99,19 @@ class U64(TypeDecorator[int]):
 
     def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
         return None if value is None else int(value) + _SHIFT
+
+
+class RouteStateType(TypeDecorator[RouteState]):
+    """A route state kept in a ``SMALLINT``, read back as its :class:`~distribution.RouteState`."""
+
+    impl = SmallInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> int | None:
+        return None if value is None else int(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> RouteState | None:
+        return None if value is None else ROUTE_STATES[value]
 
 
 class Base(DeclarativeBase):
@@ -157,8 +184,36 @@ class RouteRecord(Base):
     start: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     end: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     group_id: Mapped[int] = mapped_column(U64, nullable=False)
-    state: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    state: Mapped[RouteState] = mapped_column(RouteStateType, nullable=False)
     parent_route_id: Mapped[int] = mapped_column(U64, nullable=False)
+
+    @classmethod
+    def live_at(cls, version: int | ColumnElement[int] | None = None) -> ColumnElement[bool]:
+        """The condition of the rows live at ``version`` (a value or a bound parameter), or live
+        now when ``version`` is None."""
+        if version is None:
+            return cls.valid_to.is_(None)
+        return (cls.valid_from <= version) & or_(cls.valid_to.is_(None), cls.valid_to > version)
+
+    @classmethod
+    def live(cls, version: int | None = None) -> Select[RouteRecord]:
+        """Select the routes live now (or as of ``version``) in key order; O(routes) to run.
+
+        ``version`` is read exactly only within the history window (see
+        :meth:`~distribution.CatalogStore.prune_history`): older versions may have lost rows.
+        """
+        return select(cls).where(cls.live_at(version)).order_by(cls.start)
+
+    def descriptor(self) -> RouteDescriptor:
+        """This record's route as a :class:`~distribution.RouteDescriptor`; O(1)."""
+        return RouteDescriptor(
+            route_id=self.route_id,
+            start=self.start,
+            end=self.end,
+            group_id=self.group_id,
+            state=self.state,
+            parent_route_id=self.parent_route_id,
+        )
 
 
 class HistoryRecord(Base):

@@ -100,7 +100,7 @@ def _revision(url: str) -> str | None:
     import sqlalchemy as sa
 
     from distribution.database import sqlalchemy_url
-    from distribution.schema import VERSION_TABLE
+    from distribution.migrator import VERSION_TABLE
 
     sa_engine = sa.create_engine(sqlalchemy_url(url))
     try:
@@ -115,7 +115,7 @@ def _revision(url: str) -> str | None:
 
 def cmd_migrate(session: Session) -> int:
     """Upgrade the database to the newest catalog schema, and say what it did."""
-    from distribution.schema import head_revision, migrate
+    from distribution.migrator import head_revision, migrate
 
     url = session.url(migrated=False)
     before = _revision(url)
@@ -826,9 +826,9 @@ def cmd_import(session: Session) -> int:
 
 def _server_lines(session: Session, url: str) -> list[str]:
     """Describe the server at ``url``: its version, and the catalog's (if migrated)."""
-    from distribution.schema import VERSION_TABLE, head_revision
+    from distribution.migrator import VERSION_TABLE, head_revision
 
-    with session.open_store(url) as store, store.engine.connect() as connection:
+    with session.open_store(url) as store, store.sa_engine.connect() as connection:
         server = connection.exec_driver_sql("SHOW server_version").scalar()
         revision = None
         if connection.exec_driver_sql(f"SELECT to_regclass('{VERSION_TABLE}')").scalar():

@@ -188,7 +188,7 @@ def _route_holding(routes: tuple[RouteDescriptor, ...], key: bytes) -> RouteDesc
 def run_demo(session: Session, url: str, source: str) -> int:
     """Run the demo on the catalog at ``url`` (described as ``source``); return the exit code."""
     from distribution.engine import Engine
-    from distribution.schema import migrate
+    from distribution.migrator import migrate
     from distribution.watcher import CatalogWatcher
 
     began = time.perf_counter()

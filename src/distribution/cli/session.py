@@ -89,7 +89,7 @@ class Session:
                     raise UsageError(f"invalid database URL {redact(url)!r}: {exc}") from None
             else:
                 url = EmbeddedDatabase().start()
-                from distribution.schema import migrate
+                from distribution.migrator import migrate
 
                 migrate(url)
             self._url = url

@@ -1,4 +1,4 @@
-"""Upgrading a database to the catalog schema with the Alembic migrations shipped in the package."""
+"""Running the packaged Alembic migrations: upgrading a database to the catalog schema."""
 
 from __future__ import annotations
 

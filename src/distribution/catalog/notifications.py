@@ -1,0 +1,114 @@
+"""Catalog writes announced by PostgreSQL's NOTIFY: the payload and the listening connection.
+
+Every write sends ``NOTIFY distribution_catalog`` inside its transaction, so the notification is
+delivered only on commit. The payload starts with the new version in decimal; when the change was
+small, a JSON body carrying it follows (see :func:`parse_notification`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import psycopg
+
+from distribution.codec import decode_route_descriptor
+from distribution.database import translate_error
+from distribution.types import CatalogChange, check_u64
+
+__all__ = ["NOTIFY_CHANNEL", "CatalogListener", "CatalogNotification", "parse_notification"]
+
+# One logger for the whole package, as applications configure it: "distribution.catalog".
+_logger = logging.getLogger(__package__)
+
+#: The channel every catalog write notifies, on commit.
+NOTIFY_CHANNEL = "distribution_catalog"
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogNotification:
+    """A catalog write announced by NOTIFY: its version and, when it was small, the change."""
+
+    version: int
+    change: CatalogChange | None
+
+
+def parse_notification(payload: str) -> CatalogNotification:
+    """Parse a ``distribution_catalog`` payload: the version in decimal, then maybe the change.
+
+    The change, when present, is JSON: ``previous`` (the version before the write, so one less
+    than ``version``: a write moves the catalog by exactly one), ``upserts`` (base64 seed route
+    records) and ``deletes`` (route ids). Raises ValueError when malformed. O(payload size).
+
+    >>> parse_notification("7")
+    CatalogNotification(version=7, change=None)
+    >>> parse_notification('7 {"previous": 6, "upserts": [], "deletes": [3]}').change
+    CatalogChange(previous_version=6, version=7, upserts=(), deletes=(3,))
+    """
+    head, _, body = payload.partition(" ")
+    try:
+        version = check_u64("version", int(head))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"malformed catalog notification: {payload[:200]!r}") from exc
+    if not body:
+        return CatalogNotification(version, None)
+    try:
+        fields = json.loads(body)
+        upserts = tuple(decode_route_descriptor(base64.b64decode(r)) for r in fields["upserts"])
+        deletes = tuple(check_u64("route_id", i) for i in fields["deletes"])
+        previous = check_u64("previous", fields["previous"])
+    except (KeyError, TypeError, binascii.Error, RecursionError) as exc:
+        raise ValueError(f"malformed catalog notification: {payload[:200]!r}") from exc
+    if previous + 1 != version:
+        raise ValueError(f"malformed catalog notification: {payload[:200]!r}")
+    return CatalogNotification(version, CatalogChange(previous, version, upserts, deletes))
+
+
+class CatalogListener:
+    """A dedicated connection listening on :data:`NOTIFY_CHANNEL`; see
+    :meth:`~distribution.CatalogStore.listen`."""
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        self._connection = connection
+
+    def wait(self, timeout: float) -> list[CatalogNotification]:
+        """Wait up to ``timeout`` seconds for notifications; return those that arrived.
+
+        Returns as soon as one arrives, with any others already received; payloads that are not
+        the catalog's are logged and skipped. Raises
+        :class:`~distribution.CatalogUnavailableError` when the connection is lost.
+        """
+        try:
+            received = list(self._connection.notifies(timeout=timeout, stop_after=1))
+            if received:
+                received += self._connection.notifies(timeout=0)
+        except psycopg.Error as exc:
+            raise translate_error(exc) from exc
+        parsed = []
+        for notify in received:
+            try:
+                parsed.append(parse_notification(notify.payload))
+            except ValueError as exc:
+                # Anyone may NOTIFY the channel: a payload that is not ours is skipped.
+                _logger.warning("ignored a malformed catalog notification: %s", exc)
+        return parsed
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._connection.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,149 @@
+"""The catalog's surgical operations: split, merge, state changes and moves.
+
+Each is one compare-and-set write, run as one call to a server-side function (see the
+migrations), so it costs one round trip and touches O(1) rows whatever the catalog's size.
+Checks run in the contract's order: argument types here, then, on the server, the expected
+version, that the route exists, and the operation's own preconditions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from distribution.catalog import statements
+from distribution.catalog.transactions import driver_cursor, transaction
+from distribution.errors import CatalogGroupIDRequiredError
+from distribution.models import u64_from_db, u64_to_db
+from distribution.types import (
+    CatalogWriteResult,
+    RouteState,
+    check_key,
+    check_route_state,
+    check_u64,
+)
+
+__all__ = ["CatalogOperations", "check_actor"]
+
+
+class CatalogOperations:
+    """The operations of :class:`~distribution.CatalogStore`, over its SQLAlchemy engine."""
+
+    _sa_engine: sa.Engine
+
+    def split_route(
+        self, route_id: int, split_key: bytes, expected_version: int, *, actor: str | None = None
+    ) -> CatalogWriteResult:
+        """Split a live route at ``split_key`` into two children; O(1) rows whatever the size.
+
+        The left child ``[start, split_key)`` gets the counter's next id and the right child
+        ``[split_key, end)`` the one after; both keep the parent's group and state and name it as
+        their parent. Checks, in order: the version, that the route exists
+        (:class:`~distribution.CatalogRouteNotFoundError`), that the key is not a boundary
+        (:class:`~distribution.CatalogSplitKeyAtBoundaryError`) and lies inside the route
+        (:class:`~distribution.CatalogInvalidSplitKeyError`).
+        """
+        check_u64("route_id", route_id)
+        check_key("split_key", split_key)
+        return self._operation(
+            "distribution_split_route",
+            [u64_to_db(route_id), split_key],
+            expected_version,
+            actor,
+            retired=(route_id,),
+        )
+
+    def merge_routes(
+        self, left_id: int, right_id: int, expected_version: int, *, actor: str | None = None
+    ) -> CatalogWriteResult:
+        """Merge two adjacent ACTIVE routes of one group into a new route; O(1) rows.
+
+        The new route gets a fresh id and names ``left_id`` as its parent. Checks, in order: the
+        version, that both routes exist, ``left.end == right.start``
+        (:class:`~distribution.CatalogRoutesNotAdjacentError`), the same group
+        (:class:`~distribution.CatalogRouteGroupMismatchError`), both ACTIVE
+        (:class:`~distribution.CatalogRouteNotActiveError`).
+        """
+        check_u64("left_id", left_id)
+        check_u64("right_id", right_id)
+        return self._operation(
+            "distribution_merge_routes",
+            [u64_to_db(left_id), u64_to_db(right_id)],
+            expected_version,
+            actor,
+            retired=(left_id, right_id),
+        )
+
+    def set_route_state(
+        self, route_id: int, state: RouteState, expected_version: int, *, actor: str | None = None
+    ) -> CatalogWriteResult:
+        """Move a route through the cutover lifecycle; O(1) rows.
+
+        Allowed transitions (anything else raises
+        :class:`~distribution.CatalogInvalidStateTransitionError`):
+
+        * ACTIVE → WRITE_FENCED (fence);
+        * WRITE_FENCED → ACTIVE (lift the fence), MIGRATING_SOURCE or MIGRATING_TARGET;
+        * MIGRATING_SOURCE or MIGRATING_TARGET → ACTIVE (cutover done) or WRITE_FENCED (back off).
+
+        The route keeps its id; ``created`` holds its new descriptor and ``retired`` is empty.
+        """
+        check_u64("route_id", route_id)
+        state = check_route_state(state)
+        return self._operation(
+            "distribution_set_route_state",
+            [u64_to_db(route_id), int(state)],
+            expected_version,
+            actor,
+            retired=(),
+        )
+
+    def move_route(
+        self, route_id: int, group_id: int, expected_version: int, *, actor: str | None = None
+    ) -> CatalogWriteResult:
+        """Reassign a WRITE_FENCED route to another group (fence, copy, move, unfence); O(1) rows.
+
+        Raises :class:`~distribution.CatalogRouteNotFencedError` unless the route is fenced.
+        """
+        check_u64("route_id", route_id)
+        check_u64("group_id", group_id)
+        if group_id == 0:
+            raise CatalogGroupIDRequiredError(
+                "catalog group id is required: cannot move to group 0"
+            )
+        return self._operation(
+            "distribution_move_route",
+            [u64_to_db(route_id), u64_to_db(group_id)],
+            expected_version,
+            actor,
+            retired=(),
+        )
+
+    def _operation(
+        self,
+        function: str,
+        arguments: list[Any],
+        expected_version: int,
+        actor: str | None,
+        *,
+        retired: tuple[int, ...],
+    ) -> CatalogWriteResult:
+        """Run one server-side catalog operation: a single round trip, whatever the size."""
+        check_u64("expected_version", expected_version)
+        check_actor(actor)
+        with transaction(self._sa_engine) as connection, driver_cursor(connection) as cursor:
+            rows = cursor.execute(
+                statements.operation(function), [*arguments, u64_to_db(expected_version), actor]
+            ).fetchall()
+        return CatalogWriteResult(
+            version=u64_from_db(rows[0][0]),
+            created=statements.stored_descriptors([row[1:] for row in rows]),
+            retired=retired,
+        )
+
+
+def check_actor(actor: object) -> None:
+    """Refuse an actor that is neither a ``str`` nor None with TypeError."""
+    if actor is not None and not isinstance(actor, str):
+        raise TypeError(f"actor must be a str, got {type(actor).__name__}")

@@ -1,0 +1,102 @@
+"""Transactions on the catalog database: one SQLAlchemy ``Connection`` per transaction.
+
+Reads run ``REPEATABLE READ`` and read-only, so that every query of a read sees one version.
+Writes run ``READ COMMITTED``: each starts with the compare-and-set on the metadata row, which
+queues concurrent writers and lets the loser see the winner's version. Both are the connection's
+``execution_options``, which override the engine's own settings (even ``AUTOCOMMIT``) for the
+transaction; the pool restores them when it takes the connection back.
+
+Cold paths run SQLAlchemy statements on the connection. The measured hot paths (a snapshot's
+pipelined read, a save's COPY, the one-call operations) use its psycopg connection, in the same
+transaction, through :func:`driver_cursor`. Every database error leaves as the library's own (see
+:func:`~distribution.database.translate_error`), the psycopg error as its ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+import sqlalchemy.exc
+from psycopg.pq import TransactionStatus
+
+from distribution.database import translate_error
+from distribution.errors import CatalogUnavailableError
+
+__all__ = ["dedicated_connection", "driver_cursor", "transaction"]
+
+_READ_ONLY: dict[str, Any] = {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+_READ_WRITE: dict[str, Any] = {"isolation_level": "READ COMMITTED"}
+
+
+@contextmanager
+def transaction(sa_engine: sa.Engine, *, read_only: bool = False) -> Iterator[sa.Connection]:
+    """Run one transaction on a pooled connection: committed at the end of the block, rolled
+    back on an error, every database error translated.
+
+    A connection the block leaves unusable (lost, or with a query still running after an
+    interrupt) is thrown away rather than pooled; a lost one also empties the pool, whose other
+    connections are presumed lost too (a server restart kills them all), so that only one call
+    fails.
+    """
+    with _translated_errors(), sa_engine.connect() as connection:
+        connection.execution_options(**(_READ_ONLY if read_only else _READ_WRITE))
+        with connection.begin():
+            try:
+                yield connection
+            except BaseException:
+                _discard_if_unusable(sa_engine, connection)
+                raise
+
+
+def driver_cursor(connection: sa.Connection) -> psycopg.Cursor[Any]:
+    """A binary psycopg cursor in ``connection``'s transaction, for the measured hot paths."""
+    driver: psycopg.Connection[Any] = connection.connection.driver_connection  # type: ignore[assignment]
+    return driver.cursor(binary=True)
+
+
+def dedicated_connection(sa_engine: sa.Engine) -> psycopg.Connection[Any]:
+    """A psycopg connection taken out of the pool for good, in autocommit (to LISTEN on)."""
+    with _translated_errors():
+        pooled = sa_engine.raw_connection()
+        # Read the driver connection now: once detached, the pooled proxy no longer reports it.
+        connection: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
+        pooled.detach()
+        try:
+            connection.rollback()
+            connection.autocommit = True
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+
+def _discard_if_unusable(sa_engine: sa.Engine, connection: sa.Connection) -> None:
+    if connection.invalidated:
+        return  # SQLAlchemy saw the disconnect itself, and emptied the pool
+    driver: psycopg.Connection[Any] = connection.connection.driver_connection  # type: ignore[assignment]
+    if driver.broken or driver.closed:
+        connection.invalidate()
+        sa_engine.dispose(close=False)
+    elif driver.pgconn.transaction_status == TransactionStatus.ACTIVE:
+        # Still running a command (an interrupt landed mid-query): the pool's reset would fail.
+        connection.invalidate()
+
+
+@contextmanager
+def _translated_errors() -> Iterator[None]:
+    """Raise the library's error for any database error of the block, ``from`` the driver's."""
+    try:
+        yield
+    except sqlalchemy.exc.DBAPIError as exc:
+        cause = exc.orig
+        if isinstance(cause, psycopg.Error):
+            raise translate_error(cause) from cause
+        raise CatalogUnavailableError(f"the catalog database is unavailable: {cause}") from cause
+    except sqlalchemy.exc.SQLAlchemyError as exc:  # a pool timeout, say
+        raise CatalogUnavailableError(f"no catalog connection available: {exc}") from exc
+    except psycopg.Error as exc:  # raised by the hot paths' driver cursors, or by a new connection
+        raise translate_error(exc) from exc
