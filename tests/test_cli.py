@@ -582,7 +582,7 @@ sys.exit(main(sys.argv[2:]))
     [
         "distribution.cli.commands",  # importing the command's modules
         "sqlalchemy.engine",  # importing the database layers
-        "CatalogStore._checkout",  # connecting
+        "transaction",  # connecting (the catalog's transactions)
         "CatalogStore.snapshot",  # about to query
         "Session.print",  # printing
     ],
