@@ -17,6 +17,7 @@ import pytest
 from test_cli import UNREACHABLE_URL, cli, fails, ok, routes_json, watching
 
 from distribution import (
+    CatalogSnapshot,
     RouteDescriptor,
     catalog_next_route_id_key,
     catalog_route_key,
@@ -24,6 +25,7 @@ from distribution import (
     encode_route_descriptor,
 )
 from distribution.cli import _OneLineLogHandler
+from distribution.cli.commands import _Source, plan_import
 from distribution.cli.keys import MAX_KEY_BYTES
 
 # -- what lookup and history show -----------------------------------------------------------------
@@ -246,6 +248,15 @@ def test_importing_an_old_export_never_revives_a_retired_id(
     assert exported["next_route_id"] == 5
     # Every id ever issued stays unused: the next split starts at 5.
     assert {r["route_id"] for r in json.loads(ok("split", "4", "q", "--json", url=url))["created"]} == {5, 6}
+
+
+def test_a_renumbered_route_s_children_name_its_new_id() -> None:
+    parent = RouteDescriptor(route_id=2, start=b"", end=b"m", group_id=1)
+    child = RouteDescriptor(route_id=9, start=b"m", end=None, group_id=1, parent_route_id=2)
+    target = CatalogSnapshot(version=5, routes=(), read_ts=5)  # ids 1..8 issued, all retired
+    plan = plan_import(target, 9, _Source([parent, child], None))
+    assert plan.renumbered == {2: 10}
+    assert [(r.route_id, r.parent_route_id) for r in plan.routes] == [(10, 0), (9, 10)]
 
 
 def test_a_kv_import_carries_the_source_id_counter(

@@ -2,7 +2,8 @@
 
 Layers, each importing only those above it:
 
-* ``types``, ``errors``, ``codec``, ``engine``: the pure core, no SQL;
+* ``types``, ``errors``, ``codec``, ``bulk``, ``table`` (with ``_lookup`` in C or ``_pylookup``),
+  ``engine``: the pure core, no SQL;
 * ``models``, ``database``, ``migrator`` (running the Alembic ``migrations``), ``catalog``: the
   durable catalog;
 * ``watcher``: mirrors the catalog into an Engine;

@@ -11,7 +11,14 @@ from alembic.script import ScriptDirectory
 
 from distribution.database import create_engine
 
-__all__ = ["MIGRATION_LOCK_KEY", "VERSION_TABLE", "alembic_config", "head_revision", "migrate"]
+__all__ = [
+    "MIGRATION_LOCK_KEY",
+    "VERSION_TABLE",
+    "alembic_config",
+    "current_revision",
+    "head_revision",
+    "migrate",
+]
 
 #: The table in which Alembic records the catalog schema's revision.
 VERSION_TABLE = "distribution_alembic_version"
@@ -39,6 +46,16 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None, "the packaged migrations have a single head"
     return head
+
+
+def current_revision(connection: sa.Connection) -> str | None:
+    """The schema revision the database of ``connection`` holds (None: never migrated)."""
+    if not connection.exec_driver_sql(f"SELECT to_regclass('{VERSION_TABLE}')").scalar():
+        return None
+    revision: str | None = connection.exec_driver_sql(
+        f"SELECT version_num FROM {VERSION_TABLE}"
+    ).scalar()
+    return revision
 
 
 def migrate(url_or_engine: str | sa.Engine) -> None:

@@ -268,10 +268,13 @@ class CatalogWatcher:
 
     def _apply_snapshot(self, snapshot: CatalogSnapshot, *, reset: bool) -> None:
         self.catalog_version = max(self.catalog_version, snapshot.version)
+        before = self._engine.version
         try:
             self._engine.apply_snapshot(snapshot)
         except EngineSnapshotVersionStaleError:
             return
+        if self._engine.version == before:
+            return  # another writer of the Engine got there first: nothing was applied
         self._tell(snapshot)
         if reset:
             self.resets += 1

@@ -100,15 +100,12 @@ def _revision(url: str) -> str | None:
     import sqlalchemy as sa
 
     from distribution.database import sqlalchemy_url
-    from distribution.migrator import VERSION_TABLE
+    from distribution.migrator import current_revision
 
     sa_engine = sa.create_engine(sqlalchemy_url(url))
     try:
         with sa_engine.connect() as connection:
-            if not connection.exec_driver_sql(f"SELECT to_regclass('{VERSION_TABLE}')").scalar():
-                return None
-            revision = connection.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}")
-            return revision.scalar()
+            return current_revision(connection)
     finally:
         sa_engine.dispose()
 
@@ -483,11 +480,11 @@ def _print_applied(session: Session, applied: CatalogChange | CatalogSnapshot) -
     args = session.args
     if isinstance(applied, CatalogSnapshot):
         if args.json:
-            write_json({"reset": True, **snapshot_to_json(applied)}, session.out, compact=True)
+            write_json({"snapshot": True, **snapshot_to_json(applied)}, session.out, compact=True)
         else:
+            # Read whole: the watcher's first read of a catalog, or history pruned past it.
             session.print(
-                f"version {applied.version}: the whole catalog (its history does not reach "
-                f"back far enough), {len(applied.routes)} routes",
+                f"version {applied.version}: the whole catalog, {len(applied.routes)} routes",
                 *("  " + line for line in routes_table(applied.routes).splitlines()),
             )
     else:
@@ -727,15 +724,20 @@ def plan_import(
         *(route.route_id + 1 for route in source.routes),
     )
     fresh = floor
-    routes, added, changed, renumbered = [], [], [], {}
+    renumbered: dict[int, int] = {}
+    for given in source.routes:
+        if given.route_id not in live and given.route_id < target_next_route_id:
+            renumbered[given.route_id] = fresh
+            fresh += 1
+    routes, added, changed = [], [], []
     unchanged = 0
     for given in source.routes:
-        route = given
+        # A renumbered route's children name its new id as their parent.
+        route = given._replace(
+            route_id=renumbered.get(given.route_id, given.route_id),
+            parent_route_id=renumbered.get(given.parent_route_id, given.parent_route_id),
+        )
         current = live.get(route.route_id)
-        if current is None and route.route_id < target_next_route_id:
-            renumbered[route.route_id] = fresh
-            route = route._replace(route_id=fresh)
-            fresh += 1
         if current is None:
             added.append(route)
         elif current != route:
@@ -826,15 +828,11 @@ def cmd_import(session: Session) -> int:
 
 def _server_lines(session: Session, url: str) -> list[str]:
     """Describe the server at ``url``: its version, and the catalog's (if migrated)."""
-    from distribution.migrator import VERSION_TABLE, head_revision
+    from distribution.migrator import current_revision, head_revision
 
     with session.open_store(url) as store, store.sa_engine.connect() as connection:
         server = connection.exec_driver_sql("SHOW server_version").scalar()
-        revision = None
-        if connection.exec_driver_sql(f"SELECT to_regclass('{VERSION_TABLE}')").scalar():
-            revision = connection.exec_driver_sql(
-                f"SELECT version_num FROM {VERSION_TABLE}"
-            ).scalar()
+        revision = current_revision(connection)
         lines = [f"server: PostgreSQL {server}"]
         if revision is None:
             return [*lines, "catalog: not migrated (run 'distribution migrate')"]
