@@ -253,7 +253,10 @@ def test_unknown_states_are_invalid(state: int) -> None:
         {"route_id": 0, "start": "a"},
         {"group_id": 0, "end": "m"},
     ],
-    ids=repr,
+    # The same in every process (which a memoryview's repr, holding its address, is not).
+    ids=lambda changes: ",".join(
+        f"{k}={'memoryview' if isinstance(v, memoryview) else repr(v)}" for k, v in changes.items()
+    ),
 )
 def test_wrong_types_are_type_errors(changes: dict[str, Any]) -> None:
     with pytest.raises(TypeError):
