@@ -25,8 +25,8 @@ from distribution import (
     encode_route_descriptor,
 )
 from distribution.cli import _OneLineLogHandler
-from distribution.cli.commands import _Source, plan_import
 from distribution.cli.keys import MAX_KEY_BYTES
+from distribution.cli.transfer import _Source, plan_import
 
 # -- what lookup and history show -----------------------------------------------------------------
 

@@ -5,7 +5,10 @@ The CLI is thin: it parses arguments, calls the library and formats what comes b
 
 * :mod:`~distribution.cli.parser`: the argument parser;
 * :mod:`~distribution.cli.session`: one run of a command and the catalog it works on;
-* :mod:`~distribution.cli.commands`: one function per subcommand (the writes from one table);
+* :mod:`~distribution.cli.commands`: one function per subcommand (the writes from one table),
+  and :data:`~distribution.cli.commands.COMMANDS`, every subcommand's function;
+* :mod:`~distribution.cli.transfer`: ``export`` and ``import`` (an import's plan first);
+* :mod:`~distribution.cli.db`: ``db``, the embedded server or the one a URL names;
 * :mod:`~distribution.cli.keys`: keys on the command line and in output;
 * :mod:`~distribution.cli.output`: tables and JSON;
 * :mod:`~distribution.cli.embedded`: the embedded PostgreSQL server used without a URL;

@@ -9,27 +9,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import queue
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from typing import IO, Any, NamedTuple, TextIO
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from distribution.catalog import CatalogStore
+from distribution.cli.db import cmd_db
 from distribution.cli.demo import run_demo
-from distribution.cli.embedded import EmbeddedDatabase
 from distribution.cli.errors import EXIT_NOT_FOUND, EXIT_OK, CommandError, UsageError
 from distribution.cli.keys import format_key, format_range, parse_key
 from distribution.cli.output import (
     STATE_TRANSITIONS,
     change_lines,
     change_to_json,
+    describe_route,
     history_arguments,
     history_to_json,
     render_table,
-    route_from_json,
     route_to_json,
     routes_table,
     snapshot_to_json,
@@ -39,17 +36,7 @@ from distribution.cli.output import (
     write_result_to_json,
 )
 from distribution.cli.session import Session, redact
-from distribution.codec import (
-    catalog_next_route_id_key,
-    catalog_route_key,
-    catalog_version_key,
-    decode_catalog_next_route_id,
-    decode_catalog_route_entry,
-    decode_catalog_version,
-    encode_catalog_next_route_id,
-    encode_catalog_version,
-    encode_route_descriptor,
-)
+from distribution.cli.transfer import cmd_export, cmd_import
 from distribution.errors import (
     CatalogInvalidSplitKeyError,
     CatalogInvalidStateTransitionError,
@@ -61,7 +48,6 @@ from distribution.errors import (
     CatalogSplitKeyAtBoundaryError,
     CatalogUnavailableError,
     CatalogVersionMismatchError,
-    DistributionError,
 )
 from distribution.types import (
     CatalogChange,
@@ -72,10 +58,8 @@ from distribution.types import (
     RouteState,
 )
 
-__all__ = ["COMMANDS", "PROGRESS_THRESHOLD", "ImportPlan", "init_routes", "plan_import"]
+__all__ = ["COMMANDS", "init_routes"]
 
-#: Catalogs with at least this many routes get a progress bar on export and import.
-PROGRESS_THRESHOLD = 10_000
 # How often ``watch``'s main thread wakes while waiting for changes (to see a deadline).
 _WATCH_WAKE_SECONDS = 0.5
 # How long ``watch`` waits for its watcher to listen before it says it is watching anyway.
@@ -83,11 +67,6 @@ _WATCH_LISTEN_SECONDS = 10.0
 
 
 # -- reading -----------------------------------------------------------------------------------
-
-
-def _snapshot(session: Session, at: int | None) -> CatalogSnapshot:
-    store = session.store()
-    return store.snapshot() if at is None else store.snapshot_at(at)
 
 
 def _routes_header(snapshot: CatalogSnapshot) -> str:
@@ -189,7 +168,7 @@ def _route_filter(session: Session) -> Callable[[RouteDescriptor], bool] | None:
 def cmd_routes(session: Session) -> int:
     """Show the catalog's routes, now or at a past version, maybe filtered."""
     keep = _route_filter(session)
-    snapshot = _snapshot(session, session.args.at)
+    snapshot = session.snapshot(session.args.at)
     if keep is not None:
         snapshot = dataclasses.replace(snapshot, routes=tuple(filter(keep, snapshot.routes)))
     if session.args.json:
@@ -228,7 +207,7 @@ def cmd_lookup(session: Session) -> int:
     from distribution.engine import Engine
 
     keys = _parse_keys(session, session.args.keys)
-    snapshot = _snapshot(session, session.args.at)
+    snapshot = session.snapshot(session.args.at)
     engine = Engine()
     engine.apply_snapshot(snapshot)
     # The Engine's routes carry no parent: show the catalog's descriptor of the route found.
@@ -319,22 +298,18 @@ def _route(snapshot: CatalogSnapshot, route_id: int) -> RouteDescriptor:
     )
 
 
-def _described(route: RouteDescriptor) -> str:
-    return f"route {route.route_id} {format_range(route.start, route.end)}"
-
-
 def _check_split(snapshot: CatalogSnapshot, args: argparse.Namespace) -> str | None:
     route = _route(snapshot, args.route_id)
     key: bytes = args.split_key
     if key == route.start:
         raise CatalogSplitKeyAtBoundaryError(
-            f"cannot split {_described(route)} at {format_key(key)}: that is its start boundary; "
+            f"cannot split {describe_route(route)} at {format_key(key)}: that is its start boundary; "
             "the split key must lie strictly inside the route"
         )
     inside = route.start < key and (route.end is None or key < route.end)
     if not inside:
         raise CatalogInvalidSplitKeyError(
-            f"cannot split {_described(route)} at {format_key(key)}: the split key must lie "
+            f"cannot split {describe_route(route)} at {format_key(key)}: the split key must lie "
             "strictly inside the route (after its start, before its end)"
         )
     return None
@@ -344,12 +319,12 @@ def _check_merge(snapshot: CatalogSnapshot, args: argparse.Namespace) -> str | N
     left, right = _route(snapshot, args.left), _route(snapshot, args.right)
     if right.end == left.start:
         raise CatalogRoutesNotAdjacentError(
-            f"{_described(right)} comes before {_described(left)}: give the left route first "
+            f"{describe_route(right)} comes before {describe_route(left)}: give the left route first "
             f"(distribution merge {right.route_id} {left.route_id})"
         )
     if left.end != right.start:
         raise CatalogRoutesNotAdjacentError(
-            f"{_described(left)} and {_described(right)} are not adjacent: the left route must "
+            f"{describe_route(left)} and {describe_route(right)} are not adjacent: the left route must "
             "end where the right one starts"
         )
     if left.group_id != right.group_id:
@@ -553,364 +528,6 @@ def cmd_watch(session: Session) -> int:
         raise CommandError(
             f"timed out after {args.timeout:g} s having seen {seen} of {args.count} changes"
         )
-    return EXIT_OK
-
-
-# -- export and import -------------------------------------------------------------------------
-
-
-def _progress(items: Iterable[Any], total: int, session: Session, what: str) -> Iterable[Any]:
-    """Wrap ``items`` in a tqdm progress bar on stderr for large catalogs on a terminal."""
-    if total < PROGRESS_THRESHOLD or session.args.quiet or not session.err.isatty():
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, total=total, desc=what, unit=" routes", file=session.err, leave=False)  # type: ignore[no-any-return]
-
-
-@contextmanager
-def _open_output(path: str) -> Iterator[TextIO]:
-    if path == "-":
-        yield sys.stdout
-        sys.stdout.flush()
-        return
-    with open(path, "w", encoding="utf-8") as handle:
-        yield handle
-
-
-@contextmanager
-def _open_input(path: str) -> Iterator[IO[str]]:
-    if path == "-":
-        yield sys.stdin
-        return
-    with open(path, encoding="utf-8") as handle:
-        yield handle
-
-
-def _kv_line(key: bytes, value: bytes) -> str:
-    return json.dumps({"key": key.hex(), "value": value.hex()}) + "\n"
-
-
-def cmd_export(session: Session) -> int:
-    """Write the catalog (or its state at ``--at``) as JSON or as the seed's key-value records."""
-    args = session.args
-    store = session.store()
-    snapshot = _snapshot(session, args.at)
-    next_route_id = store.next_route_id_at(snapshot.version)
-    routes = snapshot.routes
-    with _open_output(args.file) as out:
-        if args.format == "json":
-            out.write("{\n")
-            out.write(f'  "format": "distribution-catalog",\n  "version": {snapshot.version},\n')
-            out.write(f'  "next_route_id": {next_route_id},\n  "routes": [')
-            separator = "\n    "
-            for route in _progress(routes, len(routes), session, "export"):
-                out.write(separator + json.dumps(route_to_json(route)))
-                separator = ",\n    "
-            out.write("\n  ]\n}\n" if routes else "]\n}\n")
-        else:
-            out.write(_kv_line(catalog_version_key(), encode_catalog_version(snapshot.version)))
-            out.write(
-                _kv_line(catalog_next_route_id_key(), encode_catalog_next_route_id(next_route_id))
-            )
-            by_id = sorted(routes, key=lambda r: r.route_id)  # the route keys' byte order
-            for route in _progress(by_id, len(by_id), session, "export"):
-                out.write(_kv_line(catalog_route_key(route.route_id), encode_route_descriptor(route)))
-    if args.file != "-" and not args.quiet:
-        session.note(
-            f"exported {len(routes)} routes of catalog version {snapshot.version} to {args.file}"
-        )
-    return EXIT_OK
-
-
-class _Source(NamedTuple):
-    """What an import file holds: its routes, and its id counter when it says."""
-
-    routes: list[RouteDescriptor]
-    next_route_id: int | None
-
-
-def _read_json_routes(session: Session, handle: IO[str], name: str) -> _Source:
-    text = handle.read()
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        hint = ""
-        first = text.lstrip().partition("\n")[0]
-        if first.startswith('{"key"'):
-            hint = " (it looks like key-value records: pass --format kv)"
-        raise CommandError(f"{name}: not valid JSON: {exc}{hint}") from None
-    next_route_id = None
-    if isinstance(document, dict) and "routes" in document:
-        next_route_id = document.get("next_route_id")
-        if next_route_id is not None and (
-            not isinstance(next_route_id, int) or isinstance(next_route_id, bool)
-        ):
-            raise CommandError(f"{name}: \"next_route_id\" is not an integer: {next_route_id!r}")
-        document = document["routes"]
-    if not isinstance(document, list):
-        raise CommandError(f"{name}: expected a JSON object with \"routes\" (as export writes)")
-    routes = [
-        route_from_json(item, f"{name}: route #{index}")
-        for index, item in enumerate(_progress(document, len(document), session, "read"), 1)
-    ]
-    return _Source(routes, next_route_id)
-
-
-def _read_kv_routes(session: Session, handle: IO[str], name: str) -> _Source:
-    lines = handle.readlines()
-    routes = []
-    next_route_id = None
-    for number, line in enumerate(_progress(lines, len(lines), session, "read"), 1):
-        if not line.strip():
-            continue
-        where = f"{name}:{number}"
-        try:
-            record = json.loads(line)
-            key, value = bytes.fromhex(record["key"]), bytes.fromhex(record["value"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise CommandError(
-                f'{where}: expected {{"key": hex, "value": hex}}: {type(exc).__name__}: {exc}'
-            ) from None
-        try:
-            if key == catalog_version_key():
-                decode_catalog_version(value)
-            elif key == catalog_next_route_id_key():
-                next_route_id = decode_catalog_next_route_id(value)
-            else:
-                routes.append(decode_catalog_route_entry(key, value))
-        except (DistributionError, ValueError) as exc:
-            # Keep the library's error type (for the exit code) and say where it happened.
-            raise type(exc)(f"{where}: {exc}") from exc
-    return _Source(routes, next_route_id)
-
-
-class ImportPlan(NamedTuple):
-    """What an import changes in the catalog, computed before anything is written."""
-
-    #: The routes the catalog will hold.
-    routes: list[RouteDescriptor]
-    added: list[RouteDescriptor]
-    changed: list[RouteDescriptor]
-    retired: list[RouteDescriptor]
-    unchanged: int
-    #: Source ids the target catalog had already issued (and retired), and the new ids they get.
-    renumbered: dict[int, int]
-    #: The id counter after the import: the larger of the source's and the target's.
-    next_route_id: int
-    #: True when the import would raise the target's id counter.
-    raises_counter: bool
-
-    @property
-    def empty(self) -> bool:
-        """True when the import would change nothing at all."""
-        return not (self.added or self.changed or self.retired or self.raises_counter)
-
-
-def plan_import(
-    target: CatalogSnapshot, target_next_route_id: int, source: _Source
-) -> ImportPlan:
-    """Compare a source's routes with the target catalog, by route id.
-
-    A route whose id is live in the target replaces it (changed, or unchanged); a route whose id
-    the target never issued is added as it is; a route whose id the target issued and retired
-    since gets a fresh id, so a retired id never comes back. The id counter becomes the larger
-    of the source's and the target's (and of every id kept).
-    """
-    live = {route.route_id: route for route in target.routes}
-    floor = max(
-        target_next_route_id,
-        source.next_route_id or 0,
-        *(route.route_id + 1 for route in source.routes),
-    )
-    fresh = floor
-    renumbered: dict[int, int] = {}
-    for given in source.routes:
-        if given.route_id not in live and given.route_id < target_next_route_id:
-            renumbered[given.route_id] = fresh
-            fresh += 1
-    routes, added, changed = [], [], []
-    unchanged = 0
-    for given in source.routes:
-        # A renumbered route's children name its new id as their parent.
-        route = given._replace(
-            route_id=renumbered.get(given.route_id, given.route_id),
-            parent_route_id=renumbered.get(given.parent_route_id, given.parent_route_id),
-        )
-        current = live.get(route.route_id)
-        if current is None:
-            added.append(route)
-        elif current != route:
-            changed.append(route)
-        else:
-            unchanged += 1
-        routes.append(route)
-    kept = {route.route_id for route in routes}
-    retired = [route for route in target.routes if route.route_id not in kept]
-    return ImportPlan(
-        routes, added, changed, retired, unchanged, renumbered, fresh, fresh > target_next_route_id
-    )
-
-
-def _plan_lines(plan: ImportPlan) -> list[str]:
-    lines = [
-        f"{len(plan.added)} added, {len(plan.changed)} changed, {len(plan.retired)} retired, "
-        f"{plan.unchanged} unchanged; next route id {plan.next_route_id}"
-    ]
-    lines += [f"  + {_described(route)} group {route.group_id}" for route in plan.added[:20]]
-    lines += [f"  ~ {_described(route)} group {route.group_id}" for route in plan.changed[:20]]
-    lines += [f"  - {_described(route)}" for route in plan.retired[:20]]
-    if plan.renumbered:
-        shown = ", ".join(f"{old}->{new}" for old, new in list(plan.renumbered.items())[:20])
-        lines.append(f"  ids this catalog had retired get new ones: {shown}")
-    if max(len(plan.added), len(plan.changed), len(plan.retired), len(plan.renumbered)) > 20:
-        lines.append("  (lists cut at 20 routes each)")
-    return lines
-
-
-def cmd_import(session: Session) -> int:
-    """Make the catalog's routes those of a file, in one compare-and-set ``save``.
-
-    Shows the plan (routes added, changed, retired) first; retiring routes needs ``--replace``;
-    ``--dry-run`` stops after the plan; an import that changes nothing writes nothing.
-    """
-    args = session.args
-    name = "<stdin>" if args.file == "-" else args.file
-    with _open_input(args.file) as handle:
-        if args.format == "json":
-            source = _read_json_routes(session, handle, name)
-        else:
-            source = _read_kv_routes(session, handle, name)
-    store = session.store()
-    target = store.snapshot()
-    if args.expect_version is not None and args.expect_version != target.version:
-        raise CatalogVersionMismatchError(
-            f"the catalog is at version {target.version}, not {args.expect_version}"
-        )
-    plan = plan_import(target, store.next_route_id(), source)
-    lines = _plan_lines(plan)
-    if not args.json:
-        session.print(f"import of {name} into catalog version {target.version}: {lines[0]}", *lines[1:])
-    if plan.empty:
-        if args.json:
-            write_json(snapshot_to_json(target), session.out)
-        else:
-            session.print("nothing to import: the catalog already holds these routes")
-        return EXIT_OK
-    if args.dry_run:
-        if args.json:
-            write_json(snapshot_to_json(target), session.out)
-        else:
-            session.print("dry run: nothing written")
-        return EXIT_OK
-    if plan.retired and not args.replace:
-        raise CommandError(
-            f"the import would retire {len(plan.retired)} of the catalog's routes: pass --replace "
-            "to retire them (or --dry-run to see the plan); nothing was written"
-        )
-    if len(plan.routes) >= PROGRESS_THRESHOLD and not args.quiet:
-        session.note(f"import: writing {len(plan.routes):,} routes in one transaction…")
-    snapshot = store.save(
-        target.version, plan.routes, actor=session.actor(), next_route_id=plan.next_route_id
-    )
-    if args.json:
-        write_json(snapshot_to_json(snapshot), session.out)
-    else:
-        session.print(
-            f"imported {len(snapshot.routes)} routes from {name}: "
-            f"catalog version {snapshot.version}"
-        )
-    return EXIT_OK
-
-
-# -- the embedded server -----------------------------------------------------------------------
-
-
-def _server_lines(session: Session, url: str) -> list[str]:
-    """Describe the server at ``url``: its version, and the catalog's (if migrated)."""
-    from distribution.migrator import current_revision, head_revision
-
-    with session.open_store(url) as store, store.sa_engine.connect() as connection:
-        server = connection.exec_driver_sql("SHOW server_version").scalar()
-        revision = current_revision(connection)
-        lines = [f"server: PostgreSQL {server}"]
-        if revision is None:
-            return [*lines, "catalog: not migrated (run 'distribution migrate')"]
-        lines.append(f"catalog version: {store.version()}")
-        needed = head_revision()
-        if revision != needed:
-            lines.append(
-                f"catalog schema: revision {revision}, this library needs {needed} "
-                "(run 'distribution migrate')"
-            )
-    return lines
-
-
-def _confirm(session: Session, question: str) -> bool:
-    """Ask ``question`` on the terminal; without one, refuse (``--yes`` is the way)."""
-    if session.args.yes:
-        return True
-    if not sys.stdin.isatty():
-        raise UsageError(f"{question.rstrip('?')}: pass --yes to confirm (no terminal to ask on)")
-    answer = input(f"{question} [y/N] ")
-    return answer.strip().lower() in {"y", "yes"}
-
-
-def cmd_db(session: Session) -> int:
-    """``db status``, ``start``, ``stop``, ``url`` and ``reset``: the embedded server."""
-    action = session.args.db_command
-    external = session.external_url
-    if external is not None:
-        if action != "status":
-            raise UsageError(
-                f"db {action} manages the embedded server only, but {session.url_source} "
-                "names a database"
-            )
-        session.print(f"database: {redact(external)} (from {session.url_source})")
-        session.print(*_server_lines(session, session.url()))
-        return EXIT_OK
-    embedded = EmbeddedDatabase()
-    if action == "stop":
-        if embedded.stop():
-            session.print(f"stopped the embedded PostgreSQL server in {embedded.pgdata}")
-        else:
-            session.print(f"the embedded PostgreSQL server in {embedded.pgdata} is not running")
-        return EXIT_OK
-    if action == "reset":
-        if not _confirm(session, f"delete the embedded catalog and its server's data in {embedded.pgdata}?"):
-            session.print("nothing deleted")
-            return EXIT_OK
-        embedded.reset()
-        session.print(
-            f"the embedded catalog in {embedded.pgdata} is gone: the next command starts an "
-            "empty one"
-        )
-        return EXIT_OK
-    if action == "url":
-        session.print(session.url())
-        return EXIT_OK
-    if action == "start":
-        was_running = embedded.status().running
-        session.url()
-        if was_running:
-            session.print("the embedded PostgreSQL server was already running")
-        else:
-            session.print("started the embedded PostgreSQL server")
-    status = embedded.status()
-    if not status.running:
-        session.print(
-            "embedded PostgreSQL server: not running",
-            f"folder: {status.pgdata}"
-            + ("" if status.initialised else " (not created yet: the next command creates it)"),
-        )
-        return EXIT_OK
-    session.print(
-        f"embedded PostgreSQL server: running (pid {status.pid})",
-        f"folder: {status.pgdata}",
-        f"url: {status.url}",
-    )
-    if status.url is not None:
-        session.print(*_server_lines(session, status.url))
     return EXIT_OK
 
 

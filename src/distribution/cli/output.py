@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
 from distribution.cli.errors import CommandError
-from distribution.cli.keys import format_end, format_key
+from distribution.cli.keys import format_end, format_key, format_range
 from distribution.types import (
     CatalogChange,
     CatalogHistoryEntry,
@@ -27,6 +27,7 @@ __all__ = [
     "STATE_TRANSITIONS",
     "change_lines",
     "change_to_json",
+    "describe_route",
     "history_arguments",
     "history_to_json",
     "parse_state",
@@ -61,6 +62,15 @@ STATE_TRANSITIONS: dict[RouteState, tuple[RouteState, ...]] = {
     RouteState.MIGRATING_TARGET: (RouteState.ACTIVE, RouteState.WRITE_FENCED),
 }
 _STATES_BY_NAME = {name: state for state, name in _STATE_NAMES.items()}
+
+
+def describe_route(route: RouteDescriptor) -> str:
+    """A route as operators read it in messages: its id and range.
+
+    >>> describe_route(RouteDescriptor(route_id=3, start=b"a", end=None, group_id=1))
+    'route 3 ["a", +∞)'
+    """
+    return f"route {route.route_id} {format_range(route.start, route.end)}"
 
 
 def state_name(state: int) -> str:

@@ -12,6 +12,7 @@ from distribution.cli.embedded import EmbeddedDatabase
 from distribution.cli.errors import UsageError
 from distribution.cli.parser import default_actor
 from distribution.database import DATABASE_URL_ENV, sqlalchemy_url
+from distribution.types import CatalogSnapshot
 
 __all__ = ["Session", "redact"]
 
@@ -110,6 +111,11 @@ class Session:
         if self._store is None:
             self._store = self.open_store()
         return self._store
+
+    def snapshot(self, at: int | None = None) -> CatalogSnapshot:
+        """The catalog now, or as of version ``at``."""
+        store = self.store()
+        return store.snapshot() if at is None else store.snapshot_at(at)
 
     def actor(self) -> str:
         """Who asks, for the audit trail: ``--actor``, else the OS user name."""
