@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from distribution.catalog import statements
-from distribution.catalog.transactions import driver_cursor, transaction
+from distribution.catalog.transactions import driver_transaction
 from distribution.errors import CatalogGroupIDRequiredError
 from distribution.models import u64_from_db, u64_to_db
 from distribution.types import (
@@ -132,7 +132,7 @@ class CatalogOperations:
         """Run one server-side catalog operation: a single round trip, whatever the size."""
         check_u64("expected_version", expected_version)
         check_actor(actor)
-        with transaction(self._sa_engine) as connection, driver_cursor(connection) as cursor:
+        with driver_transaction(self._sa_engine) as cursor:
             rows = cursor.execute(
                 statements.operation(function), [*arguments, u64_to_db(expected_version), actor]
             ).fetchall()
