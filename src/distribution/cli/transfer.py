@@ -280,15 +280,11 @@ def cmd_import(session: Session) -> int:
     lines = _plan_lines(plan)
     if not args.json:
         session.print(f"import of {name} into catalog version {target.version}: {lines[0]}", *lines[1:])
-    if plan.empty:
+    if plan.empty or args.dry_run:
         if args.json:
             write_json(snapshot_to_json(target), session.out)
-        else:
+        elif plan.empty:
             session.print("nothing to import: the catalog already holds these routes")
-        return EXIT_OK
-    if args.dry_run:
-        if args.json:
-            write_json(snapshot_to_json(target), session.out)
         else:
             session.print("dry run: nothing written")
         return EXIT_OK
