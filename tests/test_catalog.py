@@ -34,6 +34,7 @@ from distribution import (
     CatalogChangeSet,
     CatalogDuplicateRouteIDError,
     CatalogGroupIDRequiredError,
+    CatalogHead,
     CatalogInvalidRouteRangeError,
     CatalogInvalidRouteStateError,
     CatalogRouteIDOverflowError,
@@ -58,6 +59,7 @@ from distribution.catalog import (
     CatalogStore,
     ensure_catalog_snapshot,
 )
+from distribution.codec import routes_digest
 from distribution.database import create_engine, translate_error
 from distribution.models import u64_to_db
 
@@ -262,7 +264,7 @@ def test_empty_catalog(store: CatalogStore) -> None:
     assert store.next_route_id() == 1
     assert store.next_route_id_at(0) == 1
     assert store.snapshot_at(0) == EMPTY
-    assert store.changes_since(0) == CatalogChangeSet(changes=(), reset=None)
+    assert store.changes_since(0) == CatalogChangeSet(changes=(), reset=None, head=CatalogHead(0, 0))
     assert store.history() == []
 
 
@@ -1012,9 +1014,26 @@ def test_changes_since_respects_the_limit(store: CatalogStore) -> None:
 
 
 def test_changes_since_the_current_version_is_empty(store: CatalogStore) -> None:
-    assert store.changes_since(0) == CatalogChangeSet()
+    assert store.changes_since(0) == CatalogChangeSet(head=CatalogHead(0, 0))
     store.save(0, chain(2))
-    assert store.changes_since(1) == CatalogChangeSet(changes=(), reset=None)
+    assert store.changes_since(1) == CatalogChangeSet(
+        changes=(), reset=None, head=CatalogHead(1, routes_digest(chain(2)))
+    )
+
+
+def test_every_read_brings_the_digest_of_the_routes_it_read(store: CatalogStore) -> None:
+    """The database's digest (kept by triggers) is the codec's, over the routes read with it."""
+    snapshots, _ = _build_history(store)
+    current = store.snapshot()
+    assert current.digest == routes_digest(current.routes) == store.head().digest
+    assert store.head() == CatalogHead(current.version, routes_digest(current.routes))
+    for version in range(7):
+        answer = store.changes_since(version)
+        assert answer.head == store.head()
+    store.prune_history(keep_versions=1)
+    reset = store.changes_since(0).reset
+    assert reset is not None and reset.digest == routes_digest(reset.routes) == current.digest
+    assert routes_digest(snapshots[3].routes) != routes_digest(snapshots[4].routes)
 
 
 def test_prune_history_keeps_the_last_versions(store: CatalogStore) -> None:

@@ -48,6 +48,8 @@ from distribution import (
     encode_route_descriptor,
     is_catalog_route_key,
     next_route_id_floor,
+    route_hash,
+    routes_digest,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -723,3 +725,22 @@ def test_next_route_id_floor_is_max_plus_one(routes: list[RouteDescriptor]) -> N
             next_route_id_floor(routes)
     else:
         assert next_route_id_floor(routes) == highest + 1
+
+
+def test_route_hash_follows_the_route_record() -> None:
+    base = RouteDescriptor(route_id=7, start=b"a", end=b"b", group_id=3)
+    variants = [
+        base,
+        base._replace(route_id=8),
+        base._replace(start=b""),
+        base._replace(end=None),
+        base._replace(end=b"bb"),
+        base._replace(group_id=4),
+        base._replace(state=RouteState.WRITE_FENCED),
+        base._replace(parent_route_id=1),
+    ]
+    hashes = [route_hash(route) for route in variants]
+    assert len(set(hashes)) == len(variants)
+    assert all(-(2**63) <= h < 2**63 for h in hashes)
+    assert routes_digest(variants) == routes_digest(reversed(variants))
+    assert routes_digest(variants[1:]) == routes_digest(variants) ^ hashes[0]

@@ -133,7 +133,7 @@ def test_route_fields_and_immutability() -> None:
 
 
 def test_catalog_snapshot() -> None:
-    assert field_names(CatalogSnapshot) == ["version", "routes", "read_ts"]
+    assert field_names(CatalogSnapshot) == ["version", "routes", "read_ts", "digest"]
     snap = CatalogSnapshot(version=3, routes=(GOOD,))
     assert snap.read_ts == 0
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -143,7 +143,13 @@ def test_catalog_snapshot() -> None:
 
 
 def test_change_values() -> None:
-    assert field_names(CatalogChange) == ["previous_version", "version", "upserts", "deletes"]
+    assert field_names(CatalogChange) == [
+        "previous_version",
+        "version",
+        "upserts",
+        "deletes",
+        "digest",
+    ]
     change = CatalogChange(previous_version=1, version=2, upserts=(GOOD,), deletes=(5,))
     with pytest.raises(AttributeError):
         change.version = 3  # type: ignore[misc]

@@ -33,6 +33,8 @@ from distribution.codec import (
     encode_route_descriptor,
     is_catalog_route_key,
     next_route_id_floor,
+    route_hash,
+    routes_digest,
 )
 from distribution.engine import Engine
 from distribution.errors import *  # noqa: F403  (the names of errors.__all__)
@@ -41,6 +43,7 @@ from distribution.types import (
     UINT64_MAX,
     CatalogChange,
     CatalogChangeSet,
+    CatalogHead,
     CatalogHistoryEntry,
     CatalogSnapshot,
     CatalogWriteResult,
@@ -77,6 +80,7 @@ __all__ = [
     "UINT64_MAX",
     "CatalogChange",
     "CatalogChangeSet",
+    "CatalogHead",
     "CatalogHistoryEntry",
     "CatalogListener",
     "CatalogNotification",
@@ -103,6 +107,8 @@ __all__ = [
     "is_catalog_route_key",
     "migrate",
     "next_route_id_floor",
+    "route_hash",
+    "routes_digest",
     "run_catalog_watcher",
     "validate_route_descriptor",
 ]

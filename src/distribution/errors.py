@@ -14,6 +14,7 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── CatalogVersionAheadError
     ├── EngineSnapshotVersionStaleError
     ├── EngineSnapshotVersionGapError
+    ├── EngineDigestMismatchError
     ├── CatalogRouteNotFoundError             (+ LookupError)
     ├── CatalogPermissionError                (+ PermissionError)
     ├── CatalogUnavailableError               (+ ConnectionError)
@@ -85,6 +86,7 @@ __all__ = [
     "CatalogVersionMismatchError",
     "CatalogVersionOverflowError",
     "DistributionError",
+    "EngineDigestMismatchError",
     "EngineRequiredError",
     "EngineSnapshotDuplicateIDError",
     "EngineSnapshotRouteOrderError",
@@ -141,6 +143,10 @@ class EngineSnapshotVersionStaleError(DistributionError):
 
 class EngineSnapshotVersionGapError(DistributionError):
     """Changes do not continue from the Engine's version: fall back to a full snapshot."""
+
+
+class EngineDigestMismatchError(DistributionError):
+    """A change does not produce the catalog digest it claims: it was not applied."""
 
 
 class CatalogRouteNotFoundError(DistributionError, LookupError, sqlstate="UD004"):

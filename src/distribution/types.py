@@ -30,6 +30,7 @@ __all__ = [
     "UINT64_MAX",
     "CatalogChange",
     "CatalogChangeSet",
+    "CatalogHead",
     "CatalogHistoryEntry",
     "CatalogSnapshot",
     "CatalogWriteResult",
@@ -99,12 +100,16 @@ class Route(NamedTuple):
 class CatalogSnapshot:
     """A consistent point-in-time view of the catalog.
 
-    ``read_ts`` is the catalog version the snapshot was read at.
+    ``read_ts`` is the catalog version the snapshot was read at. ``digest`` is the catalog's route
+    digest at ``version`` (see :func:`distribution.codec.routes_digest`) when the snapshot was
+    read with it, else None.
     """
 
     version: int
     routes: tuple[RouteDescriptor, ...]
     read_ts: int = 0
+    #: Derived from ``routes`` (where it is right), so it takes no part in equality.
+    digest: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,21 +117,34 @@ class CatalogChange:
     """What one write did to the catalog: from ``previous_version`` to ``version``.
 
     ``upserts`` carries the new descriptor of every created or changed route, ``deletes`` the id of
-    every retired route.
+    every retired route. ``digest`` is the catalog's route digest after the write, when known.
     """
 
     previous_version: int
     version: int
     upserts: tuple[RouteDescriptor, ...]
     deletes: tuple[int, ...]
+    #: A claim about the catalog after the write, so it takes no part in equality.
+    digest: int | None = field(default=None, compare=False)
+
+
+class CatalogHead(NamedTuple):
+    """The catalog's version and its route digest, read together."""
+
+    version: int
+    digest: int
 
 
 @dataclass(frozen=True, slots=True)
 class CatalogChangeSet:
-    """The answer of ``changes_since``: either ``reset`` (a full snapshot) or ``changes``."""
+    """The answer of ``changes_since``: either ``reset`` (a full snapshot) or ``changes``.
+
+    ``head`` is the catalog's version and digest in the same read, when it was read with them.
+    """
 
     changes: tuple[CatalogChange, ...] = ()
     reset: CatalogSnapshot | None = None
+    head: CatalogHead | None = None
 
 
 @dataclass(frozen=True, slots=True)

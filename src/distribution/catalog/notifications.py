@@ -48,7 +48,7 @@ def parse_notification(payload: str) -> CatalogNotification:
     >>> parse_notification("7")
     CatalogNotification(version=7, change=None)
     >>> parse_notification('7 {"previous": 6, "upserts": [], "deletes": [3]}').change
-    CatalogChange(previous_version=6, version=7, upserts=(), deletes=(3,))
+    CatalogChange(previous_version=6, version=7, upserts=(), deletes=(3,), digest=None)
     """
     head, _, body = payload.partition(" ")
     try:

@@ -44,6 +44,7 @@ from distribution.errors import (
 from distribution.models import u64_from_db, u64_to_db
 from distribution.types import (
     CatalogChangeSet,
+    CatalogHead,
     CatalogHistoryEntry,
     CatalogSnapshot,
     RouteDescriptor,
@@ -160,6 +161,12 @@ class CatalogStore(CatalogOperations):
                 routes = statements.descriptors(rows)
         return CatalogSnapshot(version=read_ts, routes=routes, read_ts=read_ts)
 
+    def head(self) -> CatalogHead:
+        """Read the catalog version and its route digest together; O(1)."""
+        with transaction(self._sa_engine, read_only=True) as connection:
+            version, digest = connection.execute(statements.HEAD).one()
+        return CatalogHead(version, digest)
+
     def version(self) -> int:
         """Read the catalog version; O(1)."""
         with transaction(self._sa_engine, read_only=True) as connection:
@@ -195,22 +202,28 @@ class CatalogStore(CatalogOperations):
         check_u64("version", version)
         _check_count("limit", limit, minimum=1)
         with transaction(self._sa_engine, read_only=True) as connection:
-            current, floor = connection.execute(statements.META).one()
+            current, digest, floor = connection.execute(statements.HEAD_AND_FLOOR).one()
             if version > current:
                 raise _ahead(version, current)
+            head = CatalogHead(current, digest)
             if version < floor:
                 with paused_gc():
                     routes = statements.descriptors(
                         connection.execute(statements.LIVE_ROUTES).all()
                     )
                 return CatalogChangeSet(
-                    reset=CatalogSnapshot(version=current, routes=routes, read_ts=current)
+                    reset=CatalogSnapshot(
+                        version=current, routes=routes, read_ts=current, digest=digest
+                    ),
+                    head=head,
                 )
             last = min(current, version + limit)
             bounds = {"after": version, "last": last}
             opened = connection.execute(statements.OPENED_ROUTES, bounds).all()
             closed = connection.execute(statements.CLOSED_ROUTES, bounds).all()
-        return CatalogChangeSet(changes=statements.changes(version, last, opened, closed))
+        return CatalogChangeSet(
+            changes=statements.changes(version, last, opened, closed), head=head
+        )
 
     def history(
         self, since: int = 0, limit: int | None = None, *, newest_first: bool = False
@@ -350,7 +363,9 @@ class CatalogStore(CatalogOperations):
     def _remember(self, known: KnownRoutes) -> CatalogSnapshot:
         """Keep ``known`` as the catalog this store last read or wrote; return it as a snapshot."""
         self._known = known
-        return CatalogSnapshot(version=known.version, routes=known.routes, read_ts=known.version)
+        return CatalogSnapshot(
+            version=known.version, routes=known.routes, read_ts=known.version, digest=known.digest
+        )
 
     def prune_history(self, keep_versions: int = DEFAULT_HISTORY_VERSIONS) -> int:
         """Drop history older than the newest ``keep_versions`` versions; returns the new floor.
