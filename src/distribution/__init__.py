@@ -39,6 +39,8 @@ from distribution.codec import (
 from distribution.engine import Engine
 from distribution.errors import *  # noqa: F403  (the names of errors.__all__)
 from distribution.types import (
+    MAX_ACTOR_BYTES,
+    MAX_ROUTE_KEY_BYTES,
     ROUTE_STATES,
     UINT64_MAX,
     CatalogChange,
@@ -76,6 +78,8 @@ _SQL_NAMES = {
 }
 
 __all__ = [
+    "MAX_ACTOR_BYTES",
+    "MAX_ROUTE_KEY_BYTES",
     "ROUTE_STATES",
     "UINT64_MAX",
     "CatalogChange",

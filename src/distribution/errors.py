@@ -15,6 +15,7 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── EngineSnapshotVersionStaleError
     ├── EngineSnapshotVersionGapError
     ├── EngineDigestMismatchError
+    ├── EngineDivergedError
     ├── CatalogRouteNotFoundError             (+ LookupError)
     ├── CatalogPermissionError                (+ PermissionError)
     ├── CatalogUnavailableError               (+ ConnectionError)
@@ -39,7 +40,9 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── CatalogRouteNotFencedError
     ├── EngineSnapshotDuplicateIDError
     ├── EngineSnapshotRouteOverlapError
-    └── EngineSnapshotRouteOrderError
+    ├── EngineSnapshotRouteOrderError
+    ├── RouteKeyTooLongError
+    └── CatalogInvalidActorError
 
 Arguments of the wrong type raise the built-in :class:`TypeError`; integers outside the unsigned
 64-bit range raise the built-in :class:`ValueError`.
@@ -59,6 +62,7 @@ from typing import Any, ClassVar
 __all__ = [
     "CatalogDuplicateRouteIDError",
     "CatalogGroupIDRequiredError",
+    "CatalogInvalidActorError",
     "CatalogInvalidNextRouteIDError",
     "CatalogInvalidRouteKeyError",
     "CatalogInvalidRouteRangeError",
@@ -87,12 +91,14 @@ __all__ = [
     "CatalogVersionOverflowError",
     "DistributionError",
     "EngineDigestMismatchError",
+    "EngineDivergedError",
     "EngineRequiredError",
     "EngineSnapshotDuplicateIDError",
     "EngineSnapshotRouteOrderError",
     "EngineSnapshotRouteOverlapError",
     "EngineSnapshotVersionGapError",
     "EngineSnapshotVersionStaleError",
+    "RouteKeyTooLongError",
 ]
 
 
@@ -147,6 +153,11 @@ class EngineSnapshotVersionGapError(DistributionError):
 
 class EngineDigestMismatchError(DistributionError):
     """A change does not produce the catalog digest it claims: it was not applied."""
+
+
+class EngineDivergedError(DistributionError):
+    """The Engine held other routes than the catalog at the same version (a forged notification,
+    say): the watcher reset it from a snapshot."""
 
 
 class CatalogRouteNotFoundError(DistributionError, LookupError, sqlstate="UD004"):
@@ -250,3 +261,12 @@ class EngineSnapshotRouteOverlapError(DistributionError, ValueError):
 
 class EngineSnapshotRouteOrderError(DistributionError, ValueError):
     """Two routes share a start, or an unbounded route is followed by another."""
+
+
+class RouteKeyTooLongError(DistributionError, ValueError):
+    """A route bound is longer than :data:`~distribution.MAX_ROUTE_KEY_BYTES`."""
+
+
+class CatalogInvalidActorError(DistributionError, ValueError):
+    """An actor is longer than :data:`~distribution.MAX_ACTOR_BYTES` bytes of UTF-8, is not valid
+    UTF-8 (a lone surrogate), or holds a NUL character."""

@@ -26,6 +26,8 @@ from distribution.errors import (
 )
 
 __all__ = [
+    "MAX_ACTOR_BYTES",
+    "MAX_ROUTE_KEY_BYTES",
     "ROUTE_STATES",
     "UINT64_MAX",
     "CatalogChange",
@@ -45,6 +47,11 @@ __all__ = [
 
 #: The largest id, version or timestamp: every one is an unsigned 64-bit integer.
 UINT64_MAX = 2**64 - 1
+#: The longest route bound (start or end), in bytes: well inside what PostgreSQL's B-tree index on
+#: the live starts can hold (about 2,700 bytes a row), checked before anything is sent.
+MAX_ROUTE_KEY_BYTES = 1024
+#: The longest actor a write may name, in bytes of UTF-8.
+MAX_ACTOR_BYTES = 256
 
 
 class RouteState(enum.IntEnum):
