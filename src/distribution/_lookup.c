@@ -27,6 +27,11 @@
 #include "structmember.h"
 #include <stdint.h>
 #include <string.h>
+#ifdef _WIN32
+#include <windows.h>
+#else
+#include <time.h>
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
 #define PREFETCH(address) __builtin_prefetch(address)
@@ -1523,23 +1528,76 @@ prefetch_ahead(PyObject *const *items, Py_ssize_t i, Py_ssize_t n, const IdIndex
     }
 }
 
-/* Descriptors (or chunks) built between two moments where the GIL is let go: lookups in other
- * threads must not wait for a whole snapshot. */
-#define YIELD_EVERY 4096
+/* Letting lookups in other threads run while a build holds the GIL.
+ *
+ * A thread waiting for the GIL asks the holder to let go only when a whole switch interval
+ * (sys.getswitchinterval()) ends without a release waking it; a release that wakes it but is
+ * taken back before it runs restarts that wait. So a build releasing the GIL more often than
+ * the interval starves the waiting lookups for the whole build. A Pacer releases it once per
+ * interval and a half: by then a waiting thread has asked, and the release hands it over. A
+ * lookup then waits about two intervals at most (10 ms by default), as behind any Python code. */
+typedef struct {
+    uint64_t spacing; /* microseconds between two releases */
+    uint64_t next;    /* when the next release is due */
+    unsigned stride;  /* calls to pacer_tick between two readings of the clock */
+    unsigned count;   /* calls since the clock was last read */
+} Pacer;
 
-/* Let other threads run a moment. Only called while no Python object is in use but those the
- * caller holds a reference to and never changes (the tuple of descriptors, their fields). */
-static void
-yield_gil(void)
+static uint64_t
+monotonic_us(void)
 {
+#ifdef _WIN32
+    return (uint64_t)GetTickCount64() * 1000u;
+#else
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000u + (uint64_t)now.tv_nsec / 1000u;
+#endif
+}
+
+/* Start pacing a loop whose steps take about a microsecond times stride / 16 or less. */
+static void
+pacer_start(Pacer *pacer, unsigned stride)
+{
+    double interval = 0.005;
+    PyObject *get = PySys_GetObject("getswitchinterval");
+    PyObject *value = get == NULL ? NULL : PyObject_CallNoArgs(get);
+    if (value != NULL) {
+        interval = PyFloat_AsDouble(value);
+        Py_DECREF(value);
+    }
+    PyErr_Clear();
+    if (!(interval > 0.0 && interval < 1.0)) {
+        interval = 0.005;
+    }
+    pacer->spacing = (uint64_t)(interval * 1.5e6) + 1;
+    pacer->next = monotonic_us() + pacer->spacing;
+    pacer->stride = stride;
+    pacer->count = 0;
+}
+
+/* Let other threads run a moment if one release is due. Only called while no Python object is
+ * in use but those the caller holds a reference to and never changes (the tuple of
+ * descriptors, their fields, the chunks built so far). */
+static inline void
+pacer_tick(Pacer *pacer)
+{
+    if (++pacer->count < pacer->stride) {
+        return;
+    }
+    pacer->count = 0;
+    if (monotonic_us() < pacer->next) {
+        return;
+    }
     Py_BEGIN_ALLOW_THREADS
     Py_END_ALLOW_THREADS
+    pacer->next = monotonic_us() + pacer->spacing;
 }
 
 /* Validate and lay out the descriptors; 1 if every one is usual (see build), 0 if not, -1 on
  * error. Each descriptor is read once, in order. */
 static int
-lay_out(PyObject *const *items, Py_ssize_t n, Layout *layout, IdIndex *ids)
+lay_out(PyObject *const *items, Py_ssize_t n, Layout *layout, IdIndex *ids, Pacer *pacer)
 {
     PyObject *prev_start = NULL, *prev_end = NULL;
     layout->m = 0;
@@ -1547,9 +1605,7 @@ lay_out(PyObject *const *items, Py_ssize_t n, Layout *layout, IdIndex *ids)
     layout->ids[0] = layout->groups[0] = 0;
     layout->states[0] = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (i % YIELD_EVERY == YIELD_EVERY - 1) {
-            yield_gil();
-        }
+        pacer_tick(pacer);
         prefetch_ahead(items, i, n, ids);
         PyObject *d = items[i];
         uint64_t id, group, parent;
@@ -1627,7 +1683,7 @@ chunk_of_layout(const Layout *layout, Py_ssize_t first, Py_ssize_t n, PyObject *
 
 /* (tops, index, chunks) of a laid-out table cut into chunks of about chunk_size bounds. */
 static PyObject *
-cut_into_chunks(const Layout *layout, Py_ssize_t chunk_size)
+cut_into_chunks(const Layout *layout, Py_ssize_t chunk_size, Pacer *pacer)
 {
     Py_ssize_t m = layout->m;
     Py_ssize_t k = (m + chunk_size / 2) / chunk_size;
@@ -1653,9 +1709,7 @@ cut_into_chunks(const Layout *layout, Py_ssize_t chunk_size)
         Py_ssize_t b = j + 1 < k ? (j + 1) * (m + 1) / k - 1 : m;
         PyObject *lower = j ? PyList_GET_ITEM(tops, j - 1) : Py_None;
         PyObject *upper = j + 1 < k ? PyList_GET_ITEM(tops, j) : Py_None;
-        if (j % 16 == 15) {
-            yield_gil();
-        }
+        pacer_tick(pacer);
         Chunk *chunk = chunk_of_layout(layout, a + 1, b - a - 1, lower, upper);
         if (chunk == NULL) {
             goto error;
@@ -1731,9 +1785,12 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     layout.prefix = layout.groups + cells;
     layout.offset = (Py_ssize_t *)(layout.prefix + cells);
     layout.states = (unsigned char *)(layout.offset + cells);
-    int usual = lay_out(items, n, &layout, ids);
+    Pacer pacer;
+    pacer_start(&pacer, 64);
+    int usual = lay_out(items, n, &layout, ids, &pacer);
     if (usual > 0) {
-        PyObject *table = cut_into_chunks(&layout, chunk_size);
+        pacer.stride = 1;
+        PyObject *table = cut_into_chunks(&layout, chunk_size, &pacer);
         if (table != NULL) {
             result = PyTuple_Pack(2, table, (PyObject *)ids);
             Py_DECREF(table);
