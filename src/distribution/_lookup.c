@@ -928,7 +928,12 @@ index_subscript(IdIndex *index, PyObject *key)
         PyErr_SetObject(PyExc_KeyError, key);
         return NULL;
     }
-    return Py_BuildValue("(KK)", (unsigned long long)cell[1], (unsigned long long)cell[2]);
+    PyObject *prefix = PyLong_FromUnsignedLongLong(cell[1]);
+    PyObject *parent = PyLong_FromUnsignedLongLong(cell[2]);
+    PyObject *value = prefix && parent ? PyTuple_Pack(2, prefix, parent) : NULL;
+    Py_XDECREF(prefix);
+    Py_XDECREF(parent);
+    return value;
 }
 
 static int

@@ -469,7 +469,8 @@ class Engine:
         for change in pending:
             check_u64("previous_version", change.previous_version)
             check_u64("version", change.version)
-            _check_digest("change digest", change.digest)
+            if change.digest is not None:
+                _check_digest("change digest", change.digest)
             if change.version <= change.previous_version:
                 raise EngineSnapshotVersionGapError(
                     f"engine change is malformed: version {change.version} does not follow "
@@ -538,17 +539,17 @@ class Engine:
         """
         route_hash = self._search.route_hash
         digest = self._current_digest()
-        # Route id -> the hash of the route the batch left under it so far (None: no route).
-        hashes: dict[int, int | None] = {r.route_id: self._route_hash(r) for r in removed}
+        # Route id -> the hash of the route the batch left under it so far (absent: no route).
+        hashes = {r.route_id: self._route_hash(r) for r in removed}
         for change, (deletes, upserts) in zip(changes, steps, strict=True):
-            for route_id in chain(deletes, (u.route_id for u in upserts)):
-                old = hashes.get(route_id)
+            for route_id in deletes:
+                old = hashes.pop(route_id, None)
                 if old is not None:
                     digest ^= old
-                    hashes[route_id] = None
             for upsert in upserts:
+                old = hashes.pop(upsert.route_id, None)
                 new = route_hash(*upsert)
-                digest ^= new
+                digest ^= new if old is None else new ^ old
                 hashes[upsert.route_id] = new
             if change.digest is not None and change.digest != digest:
                 raise EngineDigestMismatchError(
