@@ -18,7 +18,16 @@ from types import ModuleType
 import pytest
 
 import distribution.table as table_module
-from distribution import Engine, Route, RouteDescriptor, RouteState, _pylookup, codec
+from distribution import (
+    MAX_ROUTE_KEY_BYTES,
+    Engine,
+    Route,
+    RouteDescriptor,
+    RouteState,
+    _pylookup,
+    codec,
+    validate_route_descriptor,
+)
 from distribution.types import CatalogSnapshot
 
 _lookup = pytest.importorskip("distribution._lookup")
@@ -385,3 +394,25 @@ def test_id_index_holds_a_prefix_and_a_parent() -> None:
         index[5] = 7
     with pytest.raises(KeyError):
         index[1]
+
+
+def test_usual_route_vouches_only_for_what_validation_returns_unchanged() -> None:
+    rng = random.Random(3)
+    fields: list[list[object]] = [
+        [0, 1, 2**64 - 1, 2**64, -1, True, 1.0],
+        [b"", b"a", b"b" * MAX_ROUTE_KEY_BYTES, b"c" * (MAX_ROUTE_KEY_BYTES + 1), "a", bytearray(b"a")],
+        [None, b"", b"b", b"z", b"y" * (MAX_ROUTE_KEY_BYTES + 1), "z"],
+        [0, 1, 2**64 - 1, 2**64, False],
+        [RouteState.ACTIVE, RouteState.MIGRATING_TARGET, 0, 2, 9, "x"],
+        [0, 5, 2**64 - 1, -1, None],
+    ]
+    vouched = 0
+    for _ in range(30000):
+        route = RouteDescriptor(*(rng.choice(column) for column in fields))  # type: ignore[arg-type]
+        if not _lookup.usual_route(route):
+            continue
+        vouched += 1
+        assert validate_route_descriptor(route) is route
+    assert vouched > 50
+    assert not _lookup.usual_route((1, b"", None, 1, RouteState.ACTIVE, 0))
+    assert not _pylookup.usual_route(RouteDescriptor(1, b"", None, 1))

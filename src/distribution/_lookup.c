@@ -44,6 +44,8 @@ static PyTypeObject *route_type;
 static PyTypeObject *descriptor_type;
 static PyObject *state_members[256];
 static PyTypeObject *state_type;
+/* distribution.types.MAX_ROUTE_KEY_BYTES. */
+static Py_ssize_t max_key_bytes;
 
 static int
 not_bytes(PyObject *value)
@@ -1076,6 +1078,20 @@ chunk_at(PyObject *chunks, Py_ssize_t c)
     return (Chunk *)chunk;
 }
 
+/* The route (or None) in the slot holding key (bytes) of a checked table. */
+static PyObject *
+find_in(Chunk *index, PyObject *chunks, PyObject *key)
+{
+    const char *k = PyBytes_AS_STRING(key);
+    Py_ssize_t length = PyBytes_GET_SIZE(key);
+    uint64_t kp = prefix_raw(k, length);
+    Chunk *chunk = chunk_at(chunks, chunk_bisect(index, kp, k, length, 1));
+    if (chunk == NULL) {
+        return NULL;
+    }
+    return chunk_route(chunk, chunk_bisect(chunk, kp, k, length, 1));
+}
+
 PyDoc_STRVAR(find_doc,
 "find(table, key, /)\n--\n\n"
 "The route (or None) in the slot of ``table`` holding the bytes ``key``: two searches over\n"
@@ -1098,15 +1114,104 @@ find(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (unpack_table(args[0], &index, &chunks) < 0) {
         return NULL;
     }
-    const char *k = PyBytes_AS_STRING(key);
-    Py_ssize_t length = PyBytes_GET_SIZE(key);
-    uint64_t kp = prefix_raw(k, length);
-    Chunk *chunk = chunk_at(chunks, chunk_bisect(index, kp, k, length, 1));
-    if (chunk == NULL) {
+    return find_in(index, chunks, key);
+}
+
+/* -- Reader: the Engine's lookup without a Python frame ---------------------------------- */
+
+/* The base of distribution.Engine: its table, in _table, and get_route in C, so that a lookup
+ * costs one C call. Writers assign _table (one reference swap, under the GIL). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *table;
+} Reader;
+
+static int
+reader_traverse(Reader *reader, visitproc visit, void *arg)
+{
+    Py_VISIT(reader->table);
+    return 0;
+}
+
+static int
+reader_clear(Reader *reader)
+{
+    Py_CLEAR(reader->table);
+    return 0;
+}
+
+static void
+reader_dealloc(Reader *reader)
+{
+    PyObject_GC_UnTrack(reader);
+    reader_clear(reader);
+    Py_TYPE(reader)->tp_free((PyObject *)reader);
+}
+
+PyDoc_STRVAR(get_route_doc,
+"get_route(key, /)\n--\n\n"
+"The route whose ``[start, end)`` holds ``key``, or None. O(log routes), no lock.\n\n"
+"The route's ``load`` is not kept up to date (see :meth:`stats`). A key that is not ``bytes``\n"
+"raises TypeError.");
+
+static PyObject *
+reader_get_route(Reader *reader, PyObject *key)
+{
+    if (!PyBytes_CheckExact(key)) {
+        PyObject *name = PyType_GetName(Py_TYPE(key));
+        if (name != NULL) {
+            PyErr_Format(PyExc_TypeError, "key must be bytes, got %U%s", name,
+                         PyUnicode_Check(key) ? " (encode text keys explicitly)" : "");
+            Py_DECREF(name);
+        }
         return NULL;
     }
-    return chunk_route(chunk, chunk_bisect(chunk, kp, k, length, 1));
+    PyObject *table = reader->table;
+    if (table == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_table");
+        return NULL;
+    }
+    /* Held: building the Route may run a collection, and with it code that swaps the table. */
+    Py_INCREF(table);
+    PyObject *route;
+    if (PyTuple_Check(table) && PyTuple_GET_SIZE(table) >= 4 &&
+        !Py_IS_TYPE(PyTuple_GET_ITEM(table, 1), &ChunkType)) {
+        /* Another implementation's table (distribution._pylookup): its own find. */
+        route = PyObject_CallMethod(PyTuple_GET_ITEM(table, 3), "find", "OO", table, key);
+    }
+    else {
+        Chunk *index;
+        PyObject *chunks;
+        route = unpack_table(table, &index, &chunks) < 0 ? NULL : find_in(index, chunks, key);
+    }
+    Py_DECREF(table);
+    return route;
 }
+
+static PyMethodDef reader_methods[] = {
+    {"get_route", (PyCFunction)reader_get_route, METH_O, get_route_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef reader_members[] = {
+    {"_table", T_OBJECT_EX, offsetof(Reader, table), 0,
+     "The routing table lookups search (a distribution.table.RouteTable)."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "distribution._lookup.Reader",
+    .tp_doc = PyDoc_STR("Reader(): the base of distribution.Engine, its lookup in C."),
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)reader_dealloc,
+    .tp_traverse = (traverseproc)reader_traverse,
+    .tp_clear = (inquiry)reader_clear,
+    .tp_methods = reader_methods,
+    .tp_members = reader_members,
+};
 
 /* -- group -------------------------------------------------------------------------------- */
 
@@ -1825,59 +1930,91 @@ typedef struct {
     unsigned char buffer[64];   /* length % 64 of them waiting */
 } Md5;
 
-static const uint32_t md5_k[64] = {
-    0xd76aa478, 0xe8c7b756, 0x242070db, 0xc1bdceee, 0xf57c0faf, 0x4787c62a, 0xa8304613,
-    0xfd469501, 0x698098d8, 0x8b44f7af, 0xffff5bb1, 0x895cd7be, 0x6b901122, 0xfd987193,
-    0xa679438e, 0x49b40821, 0xf61e2562, 0xc040b340, 0x265e5a51, 0xe9b6c7aa, 0xd62f105d,
-    0x02441453, 0xd8a1e681, 0xe7d3fbc8, 0x21e1cde6, 0xc33707d6, 0xf4d50d87, 0x455a14ed,
-    0xa9e3e905, 0xfcefa3f8, 0x676f02d9, 0x8d2a4c8a, 0xfffa3942, 0x8771f681, 0x6d9d6122,
-    0xfde5380c, 0xa4beea44, 0x4bdecfa9, 0xf6bb4b60, 0xbebfbc70, 0x289b7ec6, 0xeaa127fa,
-    0xd4ef3085, 0x04881d05, 0xd9d4d039, 0xe6db99e5, 0x1fa27cf8, 0xc4ac5665, 0xf4292244,
-    0x432aff97, 0xab9423a7, 0xfc93a039, 0x655b59c3, 0x8f0ccc92, 0xffeff47d, 0x85845dd1,
-    0x6fa87e4f, 0xfe2ce6e0, 0xa3014314, 0x4e0811a1, 0xf7537e82, 0xbd3af235, 0x2ad7d2bb,
-    0xeb86d391,
-};
-
-static const unsigned char md5_r[64] = {
-    7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 5, 9,  14, 20, 5, 9,
-    14, 20, 5, 9,  14, 20, 5, 9,  14, 20, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23,
-    4, 11, 16, 23, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21,
-};
+/* One 64-byte block, the four rounds unrolled (RFC 1321, section 3.4). */
+#define MD5_F(x, y, z) ((z) ^ ((x) & ((y) ^ (z))))
+#define MD5_G(x, y, z) ((y) ^ ((z) & ((x) ^ (y))))
+#define MD5_H(x, y, z) ((x) ^ (y) ^ (z))
+#define MD5_I(x, y, z) ((y) ^ ((x) | ~(z)))
+#define MD5_STEP(f, a, b, c, d, x, t, s)                                                        \
+    do {                                                                                        \
+        (a) += f((b), (c), (d)) + (x) + (uint32_t)(t);                                          \
+        (a) = ((a) << (s)) | ((a) >> (32 - (s)));                                               \
+        (a) += (b);                                                                             \
+    } while (0)
 
 static void
 md5_block(uint32_t state[4], const unsigned char *block)
 {
-    uint32_t w[16];
+    uint32_t x[16];
     for (int i = 0; i < 16; i++) {
-        w[i] = (uint32_t)block[4 * i] | (uint32_t)block[4 * i + 1] << 8 |
+        x[i] = (uint32_t)block[4 * i] | (uint32_t)block[4 * i + 1] << 8 |
                (uint32_t)block[4 * i + 2] << 16 | (uint32_t)block[4 * i + 3] << 24;
     }
     uint32_t a = state[0], b = state[1], c = state[2], d = state[3];
-    for (int i = 0; i < 64; i++) {
-        uint32_t f;
-        int g;
-        if (i < 16) {
-            f = (b & c) | (~b & d);
-            g = i;
-        }
-        else if (i < 32) {
-            f = (d & b) | (~d & c);
-            g = (5 * i + 1) & 15;
-        }
-        else if (i < 48) {
-            f = b ^ c ^ d;
-            g = (3 * i + 5) & 15;
-        }
-        else {
-            f = c ^ (b | ~d);
-            g = (7 * i) & 15;
-        }
-        uint32_t t = a + f + md5_k[i] + w[g];
-        a = d;
-        d = c;
-        c = b;
-        b = b + ((t << md5_r[i]) | (t >> (32 - md5_r[i])));
-    }
+    MD5_STEP(MD5_F, a, b, c, d, x[0], 0xd76aa478, 7);
+    MD5_STEP(MD5_F, d, a, b, c, x[1], 0xe8c7b756, 12);
+    MD5_STEP(MD5_F, c, d, a, b, x[2], 0x242070db, 17);
+    MD5_STEP(MD5_F, b, c, d, a, x[3], 0xc1bdceee, 22);
+    MD5_STEP(MD5_F, a, b, c, d, x[4], 0xf57c0faf, 7);
+    MD5_STEP(MD5_F, d, a, b, c, x[5], 0x4787c62a, 12);
+    MD5_STEP(MD5_F, c, d, a, b, x[6], 0xa8304613, 17);
+    MD5_STEP(MD5_F, b, c, d, a, x[7], 0xfd469501, 22);
+    MD5_STEP(MD5_F, a, b, c, d, x[8], 0x698098d8, 7);
+    MD5_STEP(MD5_F, d, a, b, c, x[9], 0x8b44f7af, 12);
+    MD5_STEP(MD5_F, c, d, a, b, x[10], 0xffff5bb1, 17);
+    MD5_STEP(MD5_F, b, c, d, a, x[11], 0x895cd7be, 22);
+    MD5_STEP(MD5_F, a, b, c, d, x[12], 0x6b901122, 7);
+    MD5_STEP(MD5_F, d, a, b, c, x[13], 0xfd987193, 12);
+    MD5_STEP(MD5_F, c, d, a, b, x[14], 0xa679438e, 17);
+    MD5_STEP(MD5_F, b, c, d, a, x[15], 0x49b40821, 22);
+    MD5_STEP(MD5_G, a, b, c, d, x[1], 0xf61e2562, 5);
+    MD5_STEP(MD5_G, d, a, b, c, x[6], 0xc040b340, 9);
+    MD5_STEP(MD5_G, c, d, a, b, x[11], 0x265e5a51, 14);
+    MD5_STEP(MD5_G, b, c, d, a, x[0], 0xe9b6c7aa, 20);
+    MD5_STEP(MD5_G, a, b, c, d, x[5], 0xd62f105d, 5);
+    MD5_STEP(MD5_G, d, a, b, c, x[10], 0x02441453, 9);
+    MD5_STEP(MD5_G, c, d, a, b, x[15], 0xd8a1e681, 14);
+    MD5_STEP(MD5_G, b, c, d, a, x[4], 0xe7d3fbc8, 20);
+    MD5_STEP(MD5_G, a, b, c, d, x[9], 0x21e1cde6, 5);
+    MD5_STEP(MD5_G, d, a, b, c, x[14], 0xc33707d6, 9);
+    MD5_STEP(MD5_G, c, d, a, b, x[3], 0xf4d50d87, 14);
+    MD5_STEP(MD5_G, b, c, d, a, x[8], 0x455a14ed, 20);
+    MD5_STEP(MD5_G, a, b, c, d, x[13], 0xa9e3e905, 5);
+    MD5_STEP(MD5_G, d, a, b, c, x[2], 0xfcefa3f8, 9);
+    MD5_STEP(MD5_G, c, d, a, b, x[7], 0x676f02d9, 14);
+    MD5_STEP(MD5_G, b, c, d, a, x[12], 0x8d2a4c8a, 20);
+    MD5_STEP(MD5_H, a, b, c, d, x[5], 0xfffa3942, 4);
+    MD5_STEP(MD5_H, d, a, b, c, x[8], 0x8771f681, 11);
+    MD5_STEP(MD5_H, c, d, a, b, x[11], 0x6d9d6122, 16);
+    MD5_STEP(MD5_H, b, c, d, a, x[14], 0xfde5380c, 23);
+    MD5_STEP(MD5_H, a, b, c, d, x[1], 0xa4beea44, 4);
+    MD5_STEP(MD5_H, d, a, b, c, x[4], 0x4bdecfa9, 11);
+    MD5_STEP(MD5_H, c, d, a, b, x[7], 0xf6bb4b60, 16);
+    MD5_STEP(MD5_H, b, c, d, a, x[10], 0xbebfbc70, 23);
+    MD5_STEP(MD5_H, a, b, c, d, x[13], 0x289b7ec6, 4);
+    MD5_STEP(MD5_H, d, a, b, c, x[0], 0xeaa127fa, 11);
+    MD5_STEP(MD5_H, c, d, a, b, x[3], 0xd4ef3085, 16);
+    MD5_STEP(MD5_H, b, c, d, a, x[6], 0x04881d05, 23);
+    MD5_STEP(MD5_H, a, b, c, d, x[9], 0xd9d4d039, 4);
+    MD5_STEP(MD5_H, d, a, b, c, x[12], 0xe6db99e5, 11);
+    MD5_STEP(MD5_H, c, d, a, b, x[15], 0x1fa27cf8, 16);
+    MD5_STEP(MD5_H, b, c, d, a, x[2], 0xc4ac5665, 23);
+    MD5_STEP(MD5_I, a, b, c, d, x[0], 0xf4292244, 6);
+    MD5_STEP(MD5_I, d, a, b, c, x[7], 0x432aff97, 10);
+    MD5_STEP(MD5_I, c, d, a, b, x[14], 0xab9423a7, 15);
+    MD5_STEP(MD5_I, b, c, d, a, x[5], 0xfc93a039, 21);
+    MD5_STEP(MD5_I, a, b, c, d, x[12], 0x655b59c3, 6);
+    MD5_STEP(MD5_I, d, a, b, c, x[3], 0x8f0ccc92, 10);
+    MD5_STEP(MD5_I, c, d, a, b, x[10], 0xffeff47d, 15);
+    MD5_STEP(MD5_I, b, c, d, a, x[1], 0x85845dd1, 21);
+    MD5_STEP(MD5_I, a, b, c, d, x[8], 0x6fa87e4f, 6);
+    MD5_STEP(MD5_I, d, a, b, c, x[15], 0xfe2ce6e0, 10);
+    MD5_STEP(MD5_I, c, d, a, b, x[6], 0xa3014314, 15);
+    MD5_STEP(MD5_I, b, c, d, a, x[13], 0x4e0811a1, 21);
+    MD5_STEP(MD5_I, a, b, c, d, x[4], 0xf7537e82, 6);
+    MD5_STEP(MD5_I, d, a, b, c, x[11], 0xbd3af235, 10);
+    MD5_STEP(MD5_I, c, d, a, b, x[2], 0x2ad7d2bb, 15);
+    MD5_STEP(MD5_I, b, c, d, a, x[9], 0xeb86d391, 21);
     state[0] += a;
     state[1] += b;
     state[2] += c;
@@ -2098,7 +2235,36 @@ digest(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return signed_of(value);
 }
 
+PyDoc_STRVAR(usual_route_doc,
+"usual_route(route, /)\n--\n\n"
+"True if ``route`` is exactly a RouteDescriptor whose fields have their exact types and valid\n"
+"values (a RouteState member as state, bounds within MAX_ROUTE_KEY_BYTES): what\n"
+"validate_route_descriptor returns unchanged. False means: validate it. O(1) but the bounds'\n"
+"comparison.");
+
+static PyObject *
+usual_route(PyObject *module, PyObject *d)
+{
+    uint64_t id, group, parent;
+    if (Py_TYPE(d) != descriptor_type || PyTuple_GET_SIZE(d) != 6 ||
+        u64_of(PyTuple_GET_ITEM(d, 0), &id) < 0 || id == 0 ||
+        u64_of(PyTuple_GET_ITEM(d, 3), &group) < 0 || group == 0 ||
+        u64_of(PyTuple_GET_ITEM(d, 5), &parent) < 0 ||
+        Py_TYPE(PyTuple_GET_ITEM(d, 4)) != state_type) {
+        Py_RETURN_FALSE;
+    }
+    PyObject *start = PyTuple_GET_ITEM(d, 1), *end = PyTuple_GET_ITEM(d, 2);
+    if (!PyBytes_CheckExact(start) || PyBytes_GET_SIZE(start) > max_key_bytes ||
+        (end != Py_None &&
+         (!PyBytes_CheckExact(end) || PyBytes_GET_SIZE(end) > max_key_bytes ||
+          compare_bytes(start, end) >= 0))) {
+        Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef lookup_methods[] = {
+    {"usual_route", (PyCFunction)usual_route, METH_O, usual_route_doc},
     {"find", (PyCFunction)(void (*)(void))find, METH_FASTCALL, find_doc},
     {"group", (PyCFunction)(void (*)(void))group, METH_FASTCALL, group_doc},
     {"build", (PyCFunction)(void (*)(void))build, METH_FASTCALL, build_doc},
@@ -2123,6 +2289,15 @@ lookup_exec(PyObject *module)
     if (route_type == NULL || descriptor_type == NULL || state_type == NULL) {
         goto done;
     }
+    PyObject *max_key = PyObject_GetAttrString(types, "MAX_ROUTE_KEY_BYTES");
+    if (max_key == NULL) {
+        goto done;
+    }
+    max_key_bytes = PyLong_AsSsize_t(max_key);
+    Py_DECREF(max_key);
+    if (max_key_bytes < 0) {
+        goto done;
+    }
     members = PySequence_List((PyObject *)state_type);
     if (members == NULL) {
         goto done;
@@ -2138,6 +2313,7 @@ lookup_exec(PyObject *module)
     }
     if (PyType_Ready(&ChunkType) < 0 || PyType_Ready(&IdIndexType) < 0 ||
         PyModule_AddType(module, &ChunkType) < 0 || PyModule_AddType(module, &IdIndexType) < 0 ||
+        PyModule_AddType(module, &ReaderType) < 0 ||
         /* What distribution.Engine.implementation reports while this module is in use. */
         PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         goto done;

@@ -21,18 +21,20 @@ from operator import attrgetter, le, lt, ne
 from typing import Any, TypeAlias
 
 from distribution import codec
-from distribution.types import Route, RouteDescriptor, RouteState, route_columns
+from distribution.types import Route, RouteDescriptor, RouteState, check_key, route_columns
 
 __all__ = [
     "IMPLEMENTATION",
     "Chunk",
     "IdIndex",
+    "Reader",
     "build",
     "digest",
     "find",
     "group",
     "make_index",
     "route_hash",
+    "usual_route",
 ]
 
 #: What :attr:`distribution.Engine.implementation` reports while this module is in use.
@@ -171,6 +173,37 @@ class Chunk:
         return list(self._slots)
 
 
+class Reader:
+    """The base of :class:`distribution.Engine`: its table, in ``_table``, and its lookup.
+
+    :mod:`distribution._lookup` has the same in C, sparing a lookup its Python frame.
+    """
+
+    _table: Any
+
+    def get_route(self, key: bytes) -> Route | None:
+        """The route whose ``[start, end)`` holds ``key``, or None. O(log routes), no lock.
+
+        The route's ``load`` is not kept up to date (see ``Engine.stats``).
+
+        >>> from distribution import _pylookup
+        >>> route = Route(1, b"a", None, 1, RouteState.ACTIVE, 0)
+        >>> reader = Reader()
+        >>> reader._table = ([], [], [Chunk([b"a"], [None, route], None, None)], _pylookup)
+        >>> reader.get_route(b"b") is route
+        True
+        >>> reader.get_route("b")
+        Traceback (most recent call last):
+        ...
+        TypeError: key must be bytes, got str (encode text keys explicitly)
+        """
+        if key.__class__ is not bytes:
+            check_key("key", key)
+        table = self._table
+        found: Route | None = table[3].find(table, key)
+        return found
+
+
 def make_index(tops: list[bytes]) -> list[bytes]:
     """The search index over ``tops``: here the list itself. O(1).
 
@@ -283,6 +316,16 @@ def route_hash(
     return codec.route_hash(
         RouteDescriptor(route_id, start, end, group_id, state, parent_route_id)
     )
+
+
+def usual_route(route: object, /) -> bool:
+    """Whether ``route`` is known valid as it is, sparing its validation: never, here (a check in
+    Python costs what the validation does; ``_lookup.usual_route`` answers in C). O(1).
+
+    >>> usual_route(RouteDescriptor(1, b"", None, 1))
+    False
+    """
+    return False
 
 
 def digest(table: _Table, ids: dict[int, tuple[int, int]], /) -> int:

@@ -28,10 +28,10 @@ from __future__ import annotations
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from itertools import chain, pairwise, repeat
 from operator import attrgetter, is_not, itemgetter
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from distribution import table as table_module
 from distribution._pylookup import prefix
@@ -64,6 +64,12 @@ from distribution.types import (
 )
 
 __all__ = ["Engine"]
+
+if TYPE_CHECKING:
+    from distribution._lookup import Reader as _Reader
+else:
+    # The C base where the extension is in use: get_route without a Python frame.
+    _Reader = table_module.IMPLEMENTATION.Reader
 
 _Loads: TypeAlias = list[list[int]]
 #: What a change does, validated: the ids it deletes, then the routes it upserts.
@@ -167,11 +173,13 @@ def _key_error(keys: Iterable[object], error: TypeError) -> TypeError:
     return error
 
 
-class Engine:
+class Engine(_Reader):
     """The in-memory routing table of a service: which route holds a key.
 
     Thread-safe: lookups never lock (they read an immutable table that writers swap in whole);
     writers (snapshots, changes, :meth:`update_route`, :meth:`record_access`) serialize on a lock.
+    :meth:`get_route` (``get_route(key) -> Route | None``, O(log routes)) comes from the table
+    implementation's ``Reader``: in C, a lookup is one C call.
 
     >>> from distribution import CatalogSnapshot, RouteDescriptor
     >>> engine = Engine()
@@ -294,30 +302,9 @@ class Engine:
 
     def _route_hash(self, route: Route) -> int:
         """The catalog hash of catalog route ``route`` (its parent from the id index)."""
-        parent = self._ids[route.route_id][1]
-        return self._search.route_hash(
-            route.route_id, route.start, route.end, route.group_id, route.state, parent
-        )
+        return self._search.route_hash(*route[:5], self._ids[route[0]][1])
 
     # -- lookups (lock-free) -------------------------------------------------------------------
-
-    def get_route(self, key: bytes) -> Route | None:
-        """The route whose ``[start, end)`` holds ``key``, or None. O(log routes), no lock.
-
-        The route's ``load`` is not kept up to date (see :meth:`stats`).
-
-        >>> engine = Engine.with_default_route()
-        >>> engine.get_route(b"k").group_id
-        1
-        >>> Engine().get_route("k")
-        Traceback (most recent call last):
-        ...
-        TypeError: key must be bytes, got str (encode text keys explicitly)
-        """
-        try:
-            return self._search.find(self._table, key)
-        except TypeError as error:
-            raise _key_error((key,), error) from None
 
     def get_intersecting_routes(self, start: bytes, end: bytes | None) -> list[Route]:
         """Routes intersecting ``[start, end)`` in key order; ``end None`` is unbounded.
@@ -499,7 +486,7 @@ class Engine:
                     f"than engine catalog version {current}"
                 )
             pending = pending[k:]
-            steps = _validated(pending)
+            steps = _validated(pending, self._search.usual_route)
             net = _net_effect(steps)
             removed = [r for r in map(self._catalog_route, net) if r is not None]
             added = sorted(
@@ -538,9 +525,11 @@ class Engine:
         before it left that id) and XORs in those of its upserts.
         """
         route_hash = self._search.route_hash
-        digest = self._current_digest()
+        digest = self._digest
+        if digest is None:
+            digest = self._current_digest()
         # Route id -> the hash of the route the batch left under it so far (absent: no route).
-        hashes = {r.route_id: self._route_hash(r) for r in removed}
+        hashes = {r[0]: self._route_hash(r) for r in removed}
         for change, (deletes, upserts) in zip(changes, steps, strict=True):
             for route_id in deletes:
                 old = hashes.pop(route_id, None)
@@ -784,12 +773,14 @@ class Engine:
                 assert self._digest == digest, "the digest is the catalog routes' digest"
 
 
-def _validated(changes: Sequence[CatalogChange]) -> list[_Step]:
-    """Each change's deletes type-checked and upserts validated (normalized descriptors)."""
+def _validated(changes: Sequence[CatalogChange], usual: Callable[[object], bool]) -> list[_Step]:
+    """Each change's deletes type-checked and upserts validated (normalized descriptors); an
+    upsert ``usual`` vouches for is taken as it is (``validate_route_descriptor`` would return it
+    unchanged)."""
     return [
         (
             [check_u64("route_id", d) for d in change.deletes],
-            [validate_route_descriptor(u) for u in change.upserts],
+            [u if usual(u) else validate_route_descriptor(u) for u in change.upserts],
         )
         for change in changes
     ]

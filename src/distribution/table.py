@@ -129,6 +129,8 @@ class _Searches(Protocol):
 
     def digest(self, table: Any, ids: Any, /) -> int: ...
 
+    def usual_route(self, route: object, /) -> bool: ...
+
 
 def _searches() -> _Searches:
     """The module whose ``find`` and ``group`` the lookups use: C unless absent or refused."""
