@@ -23,6 +23,7 @@ from distribution.errors import (
     CatalogInvalidRouteRangeError,
     CatalogInvalidRouteStateError,
     CatalogRouteIDRequiredError,
+    RouteKeyTooLongError,
 )
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
     "RouteState",
     "validate_route_descriptor",
 ]
-# The checks below (check_u64, check_key, the route-table validators...) are shared with the other
+# The checks below (check_u64, check_key, check_bound, the route-table validators...) are shared with the other
 # modules of the package but are not public API (SPEC.md does not name them, and the package does
 # not export them), so they stay out of __all__.
 
@@ -210,6 +211,31 @@ def check_key(name: str, value: object) -> bytes:
     return value
 
 
+def check_bound(name: str, value: object) -> bytes:
+    """Return ``value`` if it can be a route bound: ``bytes`` of at most
+    :data:`MAX_ROUTE_KEY_BYTES`; O(1).
+
+    A key given to split a route at becomes a bound, so it is held to the same limit. Keys that
+    are only looked up are not: they may be longer than any bound.
+
+    >>> check_bound("split_key", bytes(MAX_ROUTE_KEY_BYTES + 1))
+    Traceback (most recent call last):
+    ...
+    distribution.errors.RouteKeyTooLongError: split_key is 1,025 bytes long: route bounds are at most 1,024 bytes (MAX_ROUTE_KEY_BYTES)
+    """
+    key = check_key(name, value)
+    if len(key) > MAX_ROUTE_KEY_BYTES:
+        raise _too_long(name, key)
+    return key
+
+
+def _too_long(name: str, key: bytes) -> RouteKeyTooLongError:
+    return RouteKeyTooLongError(
+        f"{name} is {len(key):,} bytes long: route bounds are at most "
+        f"{MAX_ROUTE_KEY_BYTES:,} bytes (MAX_ROUTE_KEY_BYTES)"
+    )
+
+
 def check_route_state(value: object) -> RouteState:
     """Return the RouteState of ``value`` (a member or its int value).
 
@@ -231,8 +257,9 @@ def check_route_state(value: object) -> RouteState:
 def validate_route_descriptor(route: RouteDescriptor) -> RouteDescriptor:
     """Check that ``route`` is a valid descriptor and return it with its state as a RouteState.
 
-    Types are checked first (``TypeError``, ``ValueError`` for ids outside u64), then, in order:
-    ``route_id != 0``, ``group_id != 0``, a known state, ``end is None or start < end``.
+    Types are checked first (``TypeError``, ``ValueError`` for ids outside u64), then the bounds'
+    lengths (:class:`~distribution.RouteKeyTooLongError` past :data:`MAX_ROUTE_KEY_BYTES`), then,
+    in order: ``route_id != 0``, ``group_id != 0``, a known state, ``end is None or start < end``.
 
     >>> validate_route_descriptor(RouteDescriptor(route_id=1, start=b"b", end=b"a", group_id=1))
     Traceback (most recent call last):
@@ -248,6 +275,10 @@ def validate_route_descriptor(route: RouteDescriptor) -> RouteDescriptor:
     # A bool is an int, but ``state=True`` is a mistake, not WRITE_FENCED (as with check_u64).
     if not isinstance(route.state, int) or isinstance(route.state, bool):
         raise TypeError(f"state must be a RouteState, got {type(route.state).__name__}")
+    if len(route.start) > MAX_ROUTE_KEY_BYTES:
+        raise _too_long(f"the start of route {route.route_id}", route.start)
+    if route.end is not None and len(route.end) > MAX_ROUTE_KEY_BYTES:
+        raise _too_long(f"the end of route {route.route_id}", route.end)
     if route.route_id == 0:
         raise CatalogRouteIDRequiredError("catalog route id is required")
     if route.group_id == 0:
@@ -361,7 +392,7 @@ def route_columns(
     The fast half of validation: each check is one C-level pass, with no Python code run per
     route. Every route must be a :class:`RouteDescriptor` whose ids are ``int`` (route ids
     ``1..2**64-1``, group ids ``1..2**64-1``, parents ``0..2**64-1``), whose start is ``bytes``
-    and end ``bytes`` or None. States come back as RouteState members: plain int states are
+    and end ``bytes`` or None, each at most :data:`MAX_ROUTE_KEY_BYTES` long. States come back as RouteState members: plain int states are
     converted, unless ``convert_states`` is false, when they make the answer None. None means
     "something is unusual": the caller runs the exact checks (:func:`validate_route_table`), which
     raise the first error in the contract's order. ``routes`` must not be empty. O(n).
@@ -382,6 +413,8 @@ def route_columns(
         and _ONLY_INT.issuperset(map(type, parents))
         and min(ids) > 0
         and max(ids) <= UINT64_MAX
+        and max(map(len, starts)) <= MAX_ROUTE_KEY_BYTES
+        and max(map(len, filter(None, ends)), default=0) <= MAX_ROUTE_KEY_BYTES
     ):
         return None
     # Groups and parents repeat: the range check on their distinct values is cheaper.
