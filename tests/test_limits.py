@@ -18,15 +18,17 @@ from distribution import (
     MAX_ACTOR_BYTES,
     MAX_ROUTE_KEY_BYTES,
     CatalogInvalidActorError,
+    CatalogSnapshot,
     CatalogStore,
     CatalogUnavailableError,
+    Engine,
     RouteDescriptor,
     RouteKeyTooLongError,
     RouteState,
     catalog_route_key,
     validate_route_descriptor,
 )
-from distribution.types import check_bound, route_columns, sorted_route_table
+from distribution.types import check_bound, check_route_bounds
 
 LONGEST = MAX_ROUTE_KEY_BYTES
 #: The size of the key the fault run shipped to the server before it was refused.
@@ -64,27 +66,18 @@ def test_the_limits_are_within_what_the_database_can_index() -> None:
 @pytest.mark.parametrize("field", ["start", "end"])
 def test_a_bound_one_byte_past_the_limit_is_refused(field: str) -> None:
     at_limit = RouteDescriptor(route_id=3, start=b"a" * LONGEST, end=b"b" * LONGEST, group_id=1)
-    assert validate_route_descriptor(at_limit) == at_limit
+    check_route_bounds([at_limit])
     over = at_limit._replace(**{field: (b"a" if field == "start" else b"b") * (LONGEST + 1)})
     with pytest.raises(RouteKeyTooLongError, match=f"{field} of route 3 is 1,025 bytes") as info:
-        validate_route_descriptor(over)
+        check_route_bounds([*two_routes(b"m"), over])
     assert isinstance(info.value, ValueError)
     assert str(LONGEST) in str(info.value).replace(",", "")
 
 
 def test_a_huge_bound_is_refused_with_a_short_message() -> None:
     with pytest.raises(RouteKeyTooLongError) as info:
-        validate_route_descriptor(
-            RouteDescriptor(route_id=1, start=bytes(HUNDRED_MB), end=None, group_id=1)
-        )
+        check_route_bounds(two_routes(bytes(HUNDRED_MB)))
     assert len(str(info.value)) < 200
-
-
-def test_types_are_checked_before_lengths() -> None:
-    with pytest.raises(TypeError, match="end must be bytes"):
-        validate_route_descriptor(
-            RouteDescriptor(route_id=1, start=bytes(LONGEST + 1), end=loose("z"), group_id=1)
-        )
 
 
 def test_check_bound() -> None:
@@ -95,18 +88,16 @@ def test_check_bound() -> None:
         check_bound("split_key", "k")
 
 
-@pytest.mark.parametrize("field", ["start", "end"])
-def test_the_fast_validators_send_an_over_long_bound_to_the_exact_checks(field: str) -> None:
-    table = two_routes(b"m" * LONGEST)
-    assert route_columns(table) is not None
-    assert sorted_route_table(table) == tuple(table)
-    if field == "start":
-        over = b"m" * (LONGEST + 1)
-        table = [table[0]._replace(end=over), table[1]._replace(start=over)]
-    else:
-        table = [table[0], table[1]._replace(end=b"n" * (LONGEST + 1))]
-    assert route_columns(table) is None
-    assert sorted_route_table(table) is None
+def test_what_a_catalog_holds_is_mirrored_whatever_its_length() -> None:
+    """The limit is on writes: a catalog written before it may hold longer bounds, and every
+    Engine (and watcher) must still mirror it."""
+    long_bound = b"m" * (4 * LONGEST)
+    routes = two_routes(long_bound)
+    assert [validate_route_descriptor(route) for route in routes] == routes
+    engine = Engine()
+    engine.apply_snapshot(CatalogSnapshot(version=1, routes=tuple(routes)))
+    route = engine.get_route(long_bound + b"!")
+    assert route is not None and route.route_id == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,6 +126,12 @@ def test_save_refuses_a_hundred_megabyte_bound_before_connecting(
         RouteDescriptor(route_id=1, start=b"", end=huge, group_id=1)
     ]
     with pytest.raises(RouteKeyTooLongError):
+        unreachable.save(0, routes)
+
+
+def test_types_are_checked_before_lengths(unreachable: CatalogStore) -> None:
+    routes = [RouteDescriptor(route_id=1, start=bytes(LONGEST + 1), end=loose("z"), group_id=1)]
+    with pytest.raises(TypeError, match="end must be bytes"):
         unreachable.save(0, routes)
 
 

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from distribution import (
-    MAX_ROUTE_KEY_BYTES,
     UINT64_MAX,
     CatalogChange,
     CatalogChangeSet,
@@ -372,8 +371,6 @@ def _random_table(rng: random.Random) -> list[Any]:
         {"end": None},
         {"start": routes[(i + 1) % len(routes)].start},
         {"parent_route_id": -1},
-        {"start": b"s" * (MAX_ROUTE_KEY_BYTES + 1)},
-        {"end": b"\xff" * (MAX_ROUTE_KEY_BYTES + 1)},
     ]
     return [*routes[:i], routes[i]._replace(**rng.choice(breakages)), *routes[i + 1 :]]
 

@@ -42,9 +42,9 @@ __all__ = [
     "RouteState",
     "validate_route_descriptor",
 ]
-# The checks below (check_u64, check_key, check_bound, the route-table validators...) are shared with the other
-# modules of the package but are not public API (SPEC.md does not name them, and the package does
-# not export them), so they stay out of __all__.
+# The checks below (check_u64, check_key, check_bound, check_route_bounds, the route-table
+# validators...) are shared with the other modules of the package but are not public API (SPEC.md
+# does not name them, and the package does not export them), so they stay out of __all__.
 
 #: The largest id, version or timestamp: every one is an unsigned 64-bit integer.
 UINT64_MAX = 2**64 - 1
@@ -229,6 +229,31 @@ def check_bound(name: str, value: object) -> bytes:
     return key
 
 
+def check_route_bounds(routes: Iterable[RouteDescriptor]) -> None:
+    """Refuse routes to write with a start or end longer than :data:`MAX_ROUTE_KEY_BYTES`.
+
+    Raises :class:`~distribution.RouteKeyTooLongError` naming the first such route. For routes
+    whose types were checked (a validated table, say): O(n) in two C-level passes, with Python
+    code per route only to name the culprit.
+
+    >>> check_route_bounds([RouteDescriptor(route_id=4, start=b"", end=bytes(2000), group_id=1)])
+    Traceback (most recent call last):
+    ...
+    distribution.errors.RouteKeyTooLongError: the end of route 4 is 2,000 bytes long: route bounds are at most 1,024 bytes (MAX_ROUTE_KEY_BYTES)
+    """
+    table = routes if isinstance(routes, Sequence) else list(routes)
+    if (
+        max(map(len, map(_start, table)), default=0) <= MAX_ROUTE_KEY_BYTES
+        and max(map(len, filter(None, map(_end, table))), default=0) <= MAX_ROUTE_KEY_BYTES
+    ):
+        return
+    for route in table:
+        if len(route.start) > MAX_ROUTE_KEY_BYTES:
+            raise _too_long(f"the start of route {route.route_id}", route.start)
+        if route.end is not None and len(route.end) > MAX_ROUTE_KEY_BYTES:
+            raise _too_long(f"the end of route {route.route_id}", route.end)
+
+
 def _too_long(name: str, key: bytes) -> RouteKeyTooLongError:
     return RouteKeyTooLongError(
         f"{name} is {len(key):,} bytes long: route bounds are at most "
@@ -257,9 +282,10 @@ def check_route_state(value: object) -> RouteState:
 def validate_route_descriptor(route: RouteDescriptor) -> RouteDescriptor:
     """Check that ``route`` is a valid descriptor and return it with its state as a RouteState.
 
-    Types are checked first (``TypeError``, ``ValueError`` for ids outside u64), then the bounds'
-    lengths (:class:`~distribution.RouteKeyTooLongError` past :data:`MAX_ROUTE_KEY_BYTES`), then,
-    in order: ``route_id != 0``, ``group_id != 0``, a known state, ``end is None or start < end``.
+    Types are checked first (``TypeError``, ``ValueError`` for ids outside u64), then, in order:
+    ``route_id != 0``, ``group_id != 0``, a known state, ``end is None or start < end``. Bounds of
+    any length are valid: what the catalog holds, the Engine mirrors; the library's writes hold
+    them to :data:`MAX_ROUTE_KEY_BYTES` (:func:`check_route_bounds`).
 
     >>> validate_route_descriptor(RouteDescriptor(route_id=1, start=b"b", end=b"a", group_id=1))
     Traceback (most recent call last):
@@ -275,10 +301,6 @@ def validate_route_descriptor(route: RouteDescriptor) -> RouteDescriptor:
     # A bool is an int, but ``state=True`` is a mistake, not WRITE_FENCED (as with check_u64).
     if not isinstance(route.state, int) or isinstance(route.state, bool):
         raise TypeError(f"state must be a RouteState, got {type(route.state).__name__}")
-    if len(route.start) > MAX_ROUTE_KEY_BYTES:
-        raise _too_long(f"the start of route {route.route_id}", route.start)
-    if route.end is not None and len(route.end) > MAX_ROUTE_KEY_BYTES:
-        raise _too_long(f"the end of route {route.route_id}", route.end)
     if route.route_id == 0:
         raise CatalogRouteIDRequiredError("catalog route id is required")
     if route.group_id == 0:
@@ -392,7 +414,7 @@ def route_columns(
     The fast half of validation: each check is one C-level pass, with no Python code run per
     route. Every route must be a :class:`RouteDescriptor` whose ids are ``int`` (route ids
     ``1..2**64-1``, group ids ``1..2**64-1``, parents ``0..2**64-1``), whose start is ``bytes``
-    and end ``bytes`` or None, each at most :data:`MAX_ROUTE_KEY_BYTES` long. States come back as RouteState members: plain int states are
+    and end ``bytes`` or None. States come back as RouteState members: plain int states are
     converted, unless ``convert_states`` is false, when they make the answer None. None means
     "something is unusual": the caller runs the exact checks (:func:`validate_route_table`), which
     raise the first error in the contract's order. ``routes`` must not be empty. O(n).
@@ -413,8 +435,6 @@ def route_columns(
         and _ONLY_INT.issuperset(map(type, parents))
         and min(ids) > 0
         and max(ids) <= UINT64_MAX
-        and max(map(len, starts)) <= MAX_ROUTE_KEY_BYTES
-        and max(map(len, filter(None, ends)), default=0) <= MAX_ROUTE_KEY_BYTES
     ):
         return None
     # Groups and parents repeat: the range check on their distinct values is cheaper.

@@ -42,6 +42,7 @@ from distribution.errors import (
 from distribution.types import (
     CatalogSnapshot,
     RouteDescriptor,
+    check_route_bounds,
     validate_route_descriptor,
 )
 
@@ -149,6 +150,7 @@ def _read_json_routes(session: Session, handle: IO[str], name: str) -> _Source:
         # Checked as read, as the key-value records are: a dry run refuses what a save would.
         with _located(where):
             routes.append(validate_route_descriptor(route))
+            check_route_bounds((route,))
     return _Source(routes, next_route_id)
 
 
@@ -184,6 +186,7 @@ def _read_kv_routes(session: Session, handle: IO[str], name: str) -> _Source:
                 next_route_id = decode_catalog_next_route_id(value)
             else:
                 routes.append(decode_catalog_route_entry(key, value))
+                check_route_bounds(routes[-1:])
     return _Source(routes, next_route_id)
 
 
