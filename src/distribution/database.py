@@ -84,8 +84,8 @@ _CONSTRAINT_ERRORS: Mapping[str, type[DistributionError]] = {
 }
 
 
-# SQLSTATEs a server sends as it ends the session (administrator command, crash, start-up or
-# shut-down in progress, idle-session timeout): the connection is gone, as in class 08.
+# SQLSTATEs a server sends as it ends or refuses a session (administrator command, crash,
+# start-up or shut-down in progress, idle-session timeout): the connection is gone, as in class 08.
 _SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P05"})
 # SQLSTATE classes of values the server refuses: a data exception, a program limit exceeded
 # (a key too long for an index, a string past 1 GB). Sending the same value again fails again.
