@@ -427,3 +427,23 @@ def test_a_watcher_never_goes_back_behind_the_version_it_was_given(
         wait_until(lambda: _mirrors(ahead, final) and watcher.last_error is None)
         assert watcher.repairs >= 1
     assert min(heard) >= 3, heard
+
+
+def test_hotspot_pieces_and_ephemeral_routes_are_no_divergence(store: CatalogStore) -> None:
+    """What a service adds itself (a hotspot's pieces, an ephemeral route) is not the catalog's:
+    the digest checks leave it, and the loads, alone."""
+    store.save(0, routes(b"", b"m", b"t"))
+    engine = Engine(hotspot_threshold=3)
+    watcher = CatalogWatcher(store, engine)
+    watcher.sync_once()
+    for _ in range(3):
+        engine.record_access(b"a")  # route 1 splits into two ephemeral pieces
+    engine.record_access(b"q")
+    before = engine.stats()
+    assert [r.route_id for r in before] == [0, 0, 2, 3]
+    store.split_route(3, b"x", 1)  # a real write elsewhere, then nothing new
+    watcher.sync_once()
+    watcher.sync_once()
+    assert watcher.repairs == 0 and watcher.last_error is None
+    assert engine.stats()[:3] == before[:3]
+    assert watcher.verified_version == engine.version == 2
