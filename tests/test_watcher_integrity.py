@@ -284,6 +284,29 @@ def test_a_chain_of_a_thousand_lies_among_real_writes_is_undone(
         assert final.version == written
 
 
+def test_lies_that_keep_coming_do_not_hold_off_the_safety_poll(
+    store: CatalogStore, reader_url: str
+) -> None:
+    """A forger sending a chain of lies one by one, without pause: the watchers read the catalog
+    and go back to it while the lies still arrive, not after."""
+    store.save(0, routes(b"", b"g", b"t"))
+    with ExitStack() as stack:
+        fleet = Fleet(store, stack)
+        snapshot = fleet.settle()
+        forger = Forger(reader_url, snapshot)
+        stack.callback(forger.close)
+        before = fleet.repairs()
+        started = time.monotonic()
+        sent = 0
+        while time.monotonic() - started < UNDO_BOUND + 0.5:
+            forger.send([forger.regroup()])
+            sent += 1
+        assert all(r > b for r, b in zip(fleet.repairs(), before, strict=True)), (
+            f"no watcher repaired while {sent} lies arrived in {UNDO_BOUND + 0.5} s"
+        )
+        fleet.undone_by(time.monotonic() + UNDO_BOUND, before)
+
+
 def test_a_change_that_does_not_leave_its_digest_is_not_applied(
     store: CatalogStore, reader_url: str
 ) -> None:
