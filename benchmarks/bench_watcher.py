@@ -226,7 +226,9 @@ def _lookup_case(engine: Engine, keys: list[bytes]) -> Case:
 def _in_process_rows(size: int, quick: bool) -> list[Row]:
     """The watcher's work per notification, and lookups on the Engine it feeds, at ``size``."""
     rng = random.Random(size)
-    snapshot = CatalogSnapshot(1, tuple(make_routes(size)), 1)
+    table = tuple(make_routes(size))
+    # As the catalog sends it: with its digest (else the Engine computes it on first use).
+    snapshot = CatalogSnapshot(1, table, 1, routes_digest(table))
     with_digest, without, final = _split_payloads(snapshot, 200 if quick else 1000, rng)
     fed = Engine()
     fed.apply_snapshot(snapshot)
