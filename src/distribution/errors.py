@@ -42,7 +42,8 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── EngineSnapshotRouteOverlapError
     ├── EngineSnapshotRouteOrderError
     ├── RouteKeyTooLongError
-    └── CatalogInvalidActorError
+    ├── CatalogInvalidActorError
+    └── WatcherNameError
 
 Arguments of the wrong type raise the built-in :class:`TypeError`; integers outside the unsigned
 64-bit range raise the built-in :class:`ValueError`.
@@ -99,6 +100,7 @@ __all__ = [
     "EngineSnapshotVersionGapError",
     "EngineSnapshotVersionStaleError",
     "RouteKeyTooLongError",
+    "WatcherNameError",
 ]
 
 
@@ -270,3 +272,8 @@ class RouteKeyTooLongError(DistributionError, ValueError):
 class CatalogInvalidActorError(DistributionError, ValueError):
     """An actor is longer than :data:`~distribution.MAX_ACTOR_BYTES` bytes of UTF-8, is not valid
     UTF-8 (a lone surrogate), or holds a NUL character."""
+
+
+class WatcherNameError(DistributionError, ValueError):
+    """A watcher name is empty, holds a NUL character, or is longer than
+    :data:`~distribution.catalog.fleet.MAX_WATCHER_NAME_BYTES` bytes of UTF-8."""
