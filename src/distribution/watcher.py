@@ -137,6 +137,11 @@ class CatalogWatcher:
         return max(0, self.catalog_version - self._engine.version)
 
     @property
+    def engine(self) -> Engine:
+        """The Engine the watcher keeps in step."""
+        return self._engine
+
+    @property
     def name(self) -> str:
         """The name the watcher answers roll calls with."""
         return self._fleet.name
