@@ -81,6 +81,8 @@ _MAX_PENDING = 64
 _MAX_ASK_SECONDS = 3600.0
 # How often a waiting barrier looks for watchers that connected meanwhile.
 _RECHECK_SECONDS = 0.25
+_MARKER = f"{WATCHER_APPLICATION_NAME} "
+_MARKER_PATTERN = _MARKER.replace("_", r"\_") + "%"
 _SESSIONS = (
     "SELECT pid, application_name FROM pg_stat_activity "
     "WHERE datname = current_database() AND application_name LIKE %s"
@@ -331,24 +333,30 @@ class _Asker:
     def __init__(self, store: CatalogStore) -> None:
         self._connection = dedicated_connection(store.sa_engine)
         self.channel = f"{FLEET_CHANNEL}_{uuid.uuid4().hex}"
-        self._run(f"LISTEN {self.channel}")
+        self._listening = False
 
-    def _run(self, query: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+    def ask(self, version: int | None, seconds: float) -> dict[int, str]:
+        """Ask the fleet (LISTENing first, the first time); return :meth:`sessions` as they are
+        just after the ask. One round trip."""
+        payload = _ask_payload(self.channel, version, seconds)
         try:
-            cursor = self._connection.execute(query, params)
-            return cursor.fetchall() if cursor.description else []
+            with self._connection.pipeline():
+                if not self._listening:
+                    self._connection.execute(f"LISTEN {self.channel}")
+                self._connection.execute("SELECT pg_notify(%s, %s)", [FLEET_CHANNEL, payload])
+                cursor = self._connection.execute(_SESSIONS, [_MARKER_PATTERN])
         except psycopg.Error as exc:
             raise translate_error(exc) from exc
-
-    def ask(self, version: int | None, seconds: float) -> None:
-        payload = _ask_payload(self.channel, version, seconds)
-        self._run("SELECT pg_notify(%s, %s)", [FLEET_CHANNEL, payload])
+        self._listening = True
+        return _sessions(cursor.fetchall())
 
     def sessions(self) -> dict[int, str]:
         """Server pid -> watcher name, of every watcher connected to this database."""
-        marker = f"{WATCHER_APPLICATION_NAME} "
-        rows = self._run(_SESSIONS, [marker.replace("_", r"\_") + "%"])
-        return {pid: name.removeprefix(marker) for pid, name in rows}
+        try:
+            rows = self._connection.execute(_SESSIONS, [_MARKER_PATTERN]).fetchall()
+        except psycopg.Error as exc:
+            raise translate_error(exc) from exc
+        return _sessions(rows)
 
     def replies(self, timeout: float) -> list[tuple[WatcherStatus, float]]:
         """The replies that arrive within ``timeout`` (returning at the first), each with the
@@ -383,6 +391,10 @@ class _Asker:
         self.close()
 
 
+def _sessions(rows: Iterable[tuple[Any, ...]]) -> dict[int, str]:
+    return {pid: name.removeprefix(_MARKER) for pid, name in rows}
+
+
 def _silent(sessions: dict[int, str], answers: Iterable[WatcherStatus]) -> list[WatcherStatus]:
     answered = {status.backend_pid for status in answers}
     return [silent_watcher(name, pid) for pid, name in sessions.items() if pid not in answered]
@@ -399,8 +411,7 @@ def roll_call(store: CatalogStore, *, window: float = DEFAULT_ROLL_CALL_WINDOW) 
     began = time.monotonic()
     with _Asker(store) as asker:
         catalog_version = store.version()
-        asker.ask(None, 0.0)
-        sessions = asker.sessions()
+        sessions = asker.ask(None, 0.0)
         answers: dict[str, WatcherStatus] = {}
         asked_again = False
         while _silent(sessions, answers.values()):
@@ -410,8 +421,7 @@ def roll_call(store: CatalogStore, *, window: float = DEFAULT_ROLL_CALL_WINDOW) 
             if not asked_again and remaining < window / 2:
                 # Watchers that connected after the ask never heard it: ask once more.
                 asked_again = True
-                sessions = asker.sessions()
-                asker.ask(None, 0.0)
+                sessions = asker.ask(None, 0.0)
             for status, _ in asker.replies(min(remaining, window / 2)):
                 answers[status.id] = status
         watchers = [*answers.values(), *_silent(sessions, answers.values())]
@@ -434,8 +444,7 @@ def wait_applied(store: CatalogStore, version: int, timeout: float) -> BarrierRe
     answers: dict[str, WatcherStatus] = {}
     arrived: dict[str, float] = {}
     with _Asker(store) as asker:
-        asker.ask(version, timeout)
-        sessions = asker.sessions()
+        sessions = asker.ask(version, timeout)
         next_check = began + _RECHECK_SECONDS
         while True:
             now = time.monotonic()
@@ -450,7 +459,7 @@ def wait_applied(store: CatalogStore, version: int, timeout: float) -> BarrierRe
                     reached = True
                     break
                 if _silent(sessions, answers.values()):
-                    asker.ask(version, deadline - now)
+                    sessions = asker.ask(version, deadline - now)
                 next_check = now + _RECHECK_SECONDS
             if now >= deadline:
                 reached = False

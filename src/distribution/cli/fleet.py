@@ -67,7 +67,7 @@ def _row(status: WatcherStatus, catalog_version: int) -> list[str]:
         str(max(0, catalog_version - applied)),
         "yes" if status.listening else "no",
         _duration(status.uptime),
-        status.last_error or "",
+        " ".join((status.last_error or "").split()),
     ]
 
 
