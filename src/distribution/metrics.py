@@ -58,19 +58,21 @@ class WatcherCollector(Collector):
             lag_seconds = max(0.0, time.time() - applied_at)
         gauges: list[tuple[str, str, float]] = [
             ("applied_version", "The catalog version the Engine holds.", watcher.applied_version),
-            ("catalog_version", "The newest catalog version the watcher has seen.", watcher.catalog_version),
+            ("catalog_version", "The newest catalog version seen.", watcher.catalog_version),
             ("lag_versions", "Versions the Engine is behind the newest seen.", lag),
-            ("lag_seconds", "0 when up to date, else seconds since the last write applied.", lag_seconds),
+            ("lag_seconds", "0 when up to date, else seconds since the last apply.", lag_seconds),
             (
                 "last_apply_timestamp_seconds",
                 "When the watcher last applied a write (Unix time; 0: never).",
                 applied_at or 0.0,
             ),
-            ("listening", "1 while the watcher listens for notifications, else 0.", float(watcher.listening)),
+            ("listening", "1 while the watcher listens, else 0.", float(watcher.listening)),
             ("routes", "The routes the Engine holds.", float(len(watcher.engine.stats()))),
         ]
         for name, documentation, value in gauges:
-            gauge = GaugeMetricFamily(f"distribution_watcher_{name}", documentation, labels=_LABELS)
+            gauge = GaugeMetricFamily(
+                f"distribution_watcher_{name}", documentation, labels=_LABELS
+            )
             gauge.add_metric(label, value)
             yield gauge
         counters: list[tuple[str, str, int]] = [
@@ -79,7 +81,9 @@ class WatcherCollector(Collector):
             ("resets", "Full snapshots applied in place of changes.", watcher.resets),
         ]
         for name, documentation, count in counters:
-            counter = CounterMetricFamily(f"distribution_watcher_{name}", documentation, labels=_LABELS)
+            counter = CounterMetricFamily(
+                f"distribution_watcher_{name}", documentation, labels=_LABELS
+            )
             counter.add_metric(label, count)
             yield counter
         errors = CounterMetricFamily(
@@ -90,8 +94,9 @@ class WatcherCollector(Collector):
         yield errors
 
 
-def serve_metrics(watcher: CatalogWatcher, port: int, address: str = "") -> WSGIServer:
-    """Serve ``watcher``'s metrics over HTTP on ``port`` from a background thread, with a
+def serve_metrics(watcher: CatalogWatcher, port: int, address: str = "0.0.0.0") -> WSGIServer:
+    """Serve ``watcher``'s metrics over HTTP on ``address`` (every interface by default) and
+    ``port`` (0: any free one, ``server_port`` tells which) from a background thread, with a
     registry of their own; ``shutdown()`` and ``server_close()`` the server returned to stop."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(WatcherCollector(watcher))
