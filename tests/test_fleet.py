@@ -76,7 +76,8 @@ def test_a_watcher_is_named_after_its_process_unless_given_a_name(store: Catalog
 
 
 @pytest.mark.parametrize(
-    "name", ["", "a\0b", "x" * (MAX_WATCHER_NAME_BYTES + 1), "é" * (MAX_WATCHER_NAME_BYTES // 2 + 1)]
+    "name",
+    ["", "a\0b", "x" * (MAX_WATCHER_NAME_BYTES + 1), "é" * (MAX_WATCHER_NAME_BYTES // 2 + 1)],
 )
 def test_a_bad_watcher_name_is_refused(store: CatalogStore, name: str) -> None:
     with pytest.raises(WatcherNameError) as info:
@@ -204,7 +205,9 @@ def test_a_watcher_that_starts_during_the_wait_is_counted(
         stack.enter_context(watching(database_url, "early"))
         results: list[Any] = []
         # Waiting for a version not written yet: "early" answers that it is behind.
-        waiter = threading.Thread(target=lambda: results.append(wait_applied(store, version + 1, WAIT)))
+        waiter = threading.Thread(
+            target=lambda: results.append(wait_applied(store, version + 1, WAIT))
+        )
         waiter.start()
         late = stack.enter_context(watching(database_url, "late"))
         # Written once the late watcher can be seen connected.
@@ -229,7 +232,9 @@ def test_a_watcher_that_leaves_during_the_wait_is_not_waited_for(
         watcher.start()
         wait_until(lambda: watcher.listening)
         results: list[Any] = []
-        waiter = threading.Thread(target=lambda: results.append(wait_applied(store, version + 1, WAIT)))
+        waiter = threading.Thread(
+            target=lambda: results.append(wait_applied(store, version + 1, WAIT))
+        )
         waiter.start()
         wait_until(lambda: sorted(names(roll_call(store).watchers)) == ["leaves", "stays"])
         watcher.stop()
@@ -246,7 +251,17 @@ def test_a_watcher_that_leaves_during_the_wait_is_not_waited_for(
 
 def _watch_process(url: str, name: str, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "distribution", "--database-url", url, "watch", "--name", name, *extra],
+        [
+            sys.executable,
+            "-m",
+            "distribution",
+            "--database-url",
+            url,
+            "watch",
+            "--name",
+            name,
+            *extra,
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -370,7 +385,9 @@ def test_wait_for_wakes_while_the_watcher_runs_in_the_calling_thread_of_run(
         watcher = CatalogWatcher(own, Engine(), name="foreground")
         stop = threading.Event()
         results: list[bool] = []
-        waiter = threading.Thread(target=lambda: results.append(watcher.wait_for(version + 1, WAIT)))
+        waiter = threading.Thread(
+            target=lambda: results.append(watcher.wait_for(version + 1, WAIT))
+        )
         waiter.start()
         runner = threading.Thread(target=watcher.run, args=(stop,))
         runner.start()

@@ -39,7 +39,9 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
@@ -66,7 +68,9 @@ def test_a_scrape_shows_the_watcher_as_it_stands(store: CatalogStore, database_u
                 assert value(samples, "distribution_watcher_notifications_total", **w) >= 1
                 assert value(samples, "distribution_watcher_syncs_total", **w) >= 1
                 assert value(samples, "distribution_watcher_resets_total", **w) == 0
-                applied_at = value(samples, "distribution_watcher_last_apply_timestamp_seconds", **w)
+                applied_at = value(
+                    samples, "distribution_watcher_last_apply_timestamp_seconds", **w
+                )
                 assert 0 < time.time() - applied_at < WAIT
                 assert not [key for key in samples if key[0] == "distribution_watcher_errors_total"]
 
@@ -77,7 +81,10 @@ def test_a_scrape_shows_the_watcher_as_it_stands(store: CatalogStore, database_u
                 wait_until(lambda: watcher.errors["CatalogUnavailableError"] >= 1)
                 samples = scrape(port)
                 errors = value(
-                    samples, "distribution_watcher_errors_total", type="CatalogUnavailableError", **w
+                    samples,
+                    "distribution_watcher_errors_total",
+                    type="CatalogUnavailableError",
+                    **w,
                 )
                 assert errors >= 1
             finally:
@@ -97,8 +104,16 @@ def test_watch_serves_its_metrics(store: CatalogStore, database_url: str) -> Non
     port = _free_port()
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "distribution", "--database-url", database_url,
-            "watch", "--name", "cli", "--metrics-port", str(port),
+            sys.executable,
+            "-m",
+            "distribution",
+            "--database-url",
+            database_url,
+            "watch",
+            "--name",
+            "cli",
+            "--metrics-port",
+            str(port),
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

@@ -155,7 +155,8 @@ class _Tour:
                 f"{_VISIBLE_TIMEOUT:g} s"
             )
         count = len(result.watchers)
-        return f"      barrier: all {count} watchers hold version {version} after {_ms(result.elapsed)}"
+        took = _ms(result.elapsed)
+        return f"      barrier: all {count} watchers hold version {version} after {took}"
 
     def step(
         self,
