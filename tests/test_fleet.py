@@ -151,11 +151,29 @@ def test_malformed_asks_are_ignored_and_never_reach_the_catalog_channel(
             json.dumps({"reply": f"{FLEET_CHANNEL}_zz", "version": None, "seconds": 1}),
             json.dumps({"reply": f"{FLEET_CHANNEL}_ab", "version": -1, "seconds": 1}),
             json.dumps([1, 2]),
+            json.dumps(
+                {"reply": f"{FLEET_CHANNEL}_ab", "version": None, "seconds": 1, "only": ["x"]}
+            ),
         ]:
             spy.execute("SELECT pg_notify(%s, %s)", [FLEET_CHANNEL, payload])
         report = roll_call(store)
         assert [(w.name, w.applied_version) for w in report.watchers] == [("a", version)]
         assert list(spy.notifies(timeout=0.2)) == []
+
+
+def test_an_ask_naming_other_connections_is_not_answered(
+    store: CatalogStore, database_url: str
+) -> None:
+    seed(store)
+    reply = f"{FLEET_CHANNEL}_{uuid.uuid4().hex}"
+    with watching(database_url, "a"), psycopg.connect(database_url, autocommit=True) as asker:
+        backend = roll_call(store).watchers[0].backend_pid
+        asker.execute(f"LISTEN {reply}")
+        for only, answered in [([backend + 1], False), ([backend], True)]:
+            ask = json.dumps({"reply": reply, "version": None, "seconds": 1, "only": only})
+            asker.execute("SELECT pg_notify(%s, %s)", [FLEET_CHANNEL, ask])
+            received = list(asker.notifies(timeout=2 if answered else 0.5, stop_after=1))
+            assert [json.loads(n.payload)["name"] for n in received] == (["a"] if answered else [])
 
 
 def test_a_read_only_role_can_roll_call_and_answer(

@@ -79,6 +79,8 @@ _MAX_ERROR_BYTES = 1024
 # at most this long: an ask is anyone's to send.
 _MAX_PENDING = 64
 _MAX_ASK_SECONDS = 3600.0
+# The most connections an ask names (a NOTIFY payload is under 8000 bytes).
+_MAX_ONLY = 500
 # How often a waiting barrier looks for watchers that connected meanwhile.
 _RECHECK_SECONDS = 0.25
 _MARKER = f"{WATCHER_APPLICATION_NAME} "
@@ -254,10 +256,17 @@ class _Ask:
     reply: str
     version: int | None
     seconds: float
+    #: The server pids of the listening connections that are to answer (None: every one).
+    only: frozenset[int] | None
 
 
-def _ask_payload(reply: str, version: int | None, seconds: float) -> str:
-    return json.dumps({"reply": reply, "version": version, "seconds": seconds})
+def _ask_payload(
+    reply: str, version: int | None, seconds: float, only: Iterable[int] | None
+) -> str:
+    fields: dict[str, Any] = {"reply": reply, "version": version, "seconds": seconds}
+    if only is not None:
+        fields["only"] = sorted(only)
+    return json.dumps(fields, separators=(",", ":"))
 
 
 def _parse_ask(payload: str) -> _Ask:
@@ -268,9 +277,14 @@ def _parse_ask(payload: str) -> _Ask:
             raise ValueError("not a reply channel")
         if version is not None and (not isinstance(version, int) or version < 0):
             raise ValueError("not a version")
+        only = fields.get("only")
+        if only is not None:
+            only = frozenset(only)
+            if not all(isinstance(pid, int) for pid in only):
+                raise ValueError("not server pids")
     except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"malformed roll call: {payload[:200]!r}") from exc
-    return _Ask(reply, version, min(max(seconds, 0.0), _MAX_ASK_SECONDS))
+    return _Ask(reply, version, min(max(seconds, 0.0), _MAX_ASK_SECONDS), only)
 
 
 class FleetMember:
@@ -311,6 +325,8 @@ class FleetMember:
             except ValueError as exc:
                 _logger.warning("ignored a malformed roll call: %s", exc)
                 continue
+            if ask.only is not None and current.backend_pid not in ask.only:
+                continue  # asked again, of the watchers that have not answered yet
             replies.add(ask.reply)
             room = ask.reply in self._pending or len(self._pending) < _MAX_PENDING
             if ask.version is not None and applied < ask.version and room:
@@ -335,10 +351,17 @@ class _Asker:
         self.channel = f"{FLEET_CHANNEL}_{uuid.uuid4().hex}"
         self._listening = False
 
-    def ask(self, version: int | None, seconds: float) -> dict[int, str]:
-        """Ask the fleet (LISTENing first, the first time); return :meth:`sessions` as they are
-        just after the ask. One round trip."""
-        payload = _ask_payload(self.channel, version, seconds)
+    def ask(
+        self, version: int | None, seconds: float, only: Iterable[int] | None = None
+    ) -> dict[int, str]:
+        """Ask the fleet, or the watchers on the connections ``only`` names (LISTENing first,
+        the first time); return :meth:`sessions` as they are just after the ask. One round
+        trip."""
+        if only is not None:
+            only = list(only)
+            if len(only) > _MAX_ONLY:
+                only = None  # the payload must fit: ask everyone
+        payload = _ask_payload(self.channel, version, seconds, only)
         try:
             with self._connection.pipeline():
                 if not self._listening:
@@ -421,7 +444,9 @@ def roll_call(store: CatalogStore, *, window: float = DEFAULT_ROLL_CALL_WINDOW) 
             if not asked_again and remaining < window / 2:
                 # Watchers that connected after the ask never heard it: ask once more.
                 asked_again = True
-                sessions = asker.ask(None, 0.0)
+                sessions = asker.sessions()
+                unanswered = [s.backend_pid for s in _silent(sessions, answers.values())]
+                sessions = asker.ask(None, 0.0, unanswered)
             for status, _ in asker.replies(min(remaining, window / 2)):
                 answers[status.id] = status
         watchers = [*answers.values(), *_silent(sessions, answers.values())]
@@ -458,8 +483,9 @@ def wait_applied(store: CatalogStore, version: int, timeout: float) -> BarrierRe
                 if not behind and not _silent(sessions, answers.values()):
                     reached = True
                     break
-                if _silent(sessions, answers.values()):
-                    sessions = asker.ask(version, deadline - now)
+                unanswered = [s.backend_pid for s in _silent(sessions, answers.values())]
+                if unanswered:
+                    sessions = asker.ask(version, deadline - now, unanswered)
                 next_check = now + _RECHECK_SECONDS
             if now >= deadline:
                 reached = False
