@@ -740,11 +740,14 @@ static PyTypeObject ChunkType = {
 
 /* -- IdIndex ----------------------------------------------------------------------------- */
 
+/* Words per cell: the route id, its start's prefix, its parent route id. */
+#define CELL 3
+
 typedef struct {
     PyObject_HEAD
     Py_ssize_t used;
     size_t mask;     /* capacity - 1, a power of two minus one */
-    uint64_t *cells; /* (id, value) pairs; id 0 marks an empty cell: route ids are positive */
+    uint64_t *cells; /* CELL words a cell; id 0 marks an empty cell: route ids are positive */
 } IdIndex;
 
 static PyTypeObject IdIndexType;
@@ -771,7 +774,7 @@ index_alloc(Py_ssize_t expected)
     }
     index->used = 0;
     index->mask = capacity - 1;
-    index->cells = PyMem_Calloc(capacity, 2 * sizeof(uint64_t));
+    index->cells = PyMem_Calloc(capacity, CELL * sizeof(uint64_t));
     if (index->cells == NULL) {
         Py_DECREF(index);
         PyErr_NoMemory();
@@ -787,38 +790,36 @@ index_dealloc(IdIndex *index)
     PyObject_Free(index);
 }
 
-/* The cell of id, or of the empty cell where it would go. */
-static inline size_t
+/* The cell of id (its first word), or of the empty cell where it would go. */
+static inline uint64_t *
 index_cell(const IdIndex *index, uint64_t id)
 {
     size_t cell = id_hash(id) & index->mask;
-    while (index->cells[2 * (cell)] != 0 && index->cells[2 * (cell)] != id) {
+    while (index->cells[CELL * cell] != 0 && index->cells[CELL * cell] != id) {
         cell = (cell + 1) & index->mask;
     }
-    return cell;
+    return index->cells + CELL * cell;
 }
 
 static int index_grow(IdIndex *index);
 
-/* Set id -> value; 1 if id was new, 0 if replaced, -1 on memory error. */
+/* Set id -> (prefix, parent); 1 if id was new, 0 if replaced, -1 on memory error. */
 static int
-index_set(IdIndex *index, uint64_t id, uint64_t value)
+index_set(IdIndex *index, uint64_t id, uint64_t prefix, uint64_t parent)
 {
-    size_t cell = index_cell(index, id);
-    if (index->cells[2 * (cell)] == id) {
-        index->cells[2 * (cell) + 1] = value;
-        return 0;
-    }
-    if (2 * ((size_t)index->used + 1) > index->mask + 1) {
+    uint64_t *cell = index_cell(index, id);
+    int added = cell[0] != id;
+    if (added && 2 * ((size_t)index->used + 1) > index->mask + 1) {
         if (index_grow(index) < 0) {
             return -1;
         }
         cell = index_cell(index, id);
     }
-    index->cells[2 * (cell)] = id;
-    index->cells[2 * (cell) + 1] = value;
-    index->used++;
-    return 1;
+    cell[0] = id;
+    cell[1] = prefix;
+    cell[2] = parent;
+    index->used += added;
+    return added;
 }
 
 static int
@@ -826,7 +827,7 @@ index_grow(IdIndex *index)
 {
     size_t old_capacity = index->mask + 1;
     uint64_t *old_cells = index->cells;
-    uint64_t *cells = PyMem_Calloc(2 * old_capacity, 2 * sizeof(uint64_t));
+    uint64_t *cells = PyMem_Calloc(2 * old_capacity, CELL * sizeof(uint64_t));
     if (cells == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -834,40 +835,50 @@ index_grow(IdIndex *index)
     index->cells = cells;
     index->mask = 2 * old_capacity - 1;
     for (size_t i = 0; i < old_capacity; i++) {
-        if (old_cells[2 * i] != 0) {
-            size_t cell = index_cell(index, old_cells[2 * i]);
-            index->cells[2 * cell] = old_cells[2 * i];
-            index->cells[2 * cell + 1] = old_cells[2 * i + 1];
+        const uint64_t *old = old_cells + CELL * i;
+        if (old[0] != 0) {
+            memcpy(index_cell(index, old[0]), old, CELL * sizeof(uint64_t));
         }
     }
     PyMem_Free(old_cells);
     return 0;
 }
 
-/* Remove id (linear probing: the cells after it that could use its place move back). */
+/* Remove id (linear probing: the cells after it that could use its place move back); 1 if it
+ * was there, else 0. */
 static int
-index_remove(IdIndex *index, uint64_t id, uint64_t *value)
+index_remove(IdIndex *index, uint64_t id)
 {
-    size_t cell = index_cell(index, id);
-    if (index->cells[2 * (cell)] != id) {
+    uint64_t *found = index_cell(index, id);
+    if (found[0] != id) {
         return 0;
     }
-    *value = index->cells[2 * (cell) + 1];
-    size_t hole = cell;
+    size_t hole = (size_t)(found - index->cells) / CELL;
     size_t next = (hole + 1) & index->mask;
-    while (index->cells[2 * (next)] != 0) {
-        size_t home = id_hash(index->cells[2 * (next)]) & index->mask;
+    while (index->cells[CELL * next] != 0) {
+        size_t home = id_hash(index->cells[CELL * next]) & index->mask;
         /* Move next into the hole unless its home lies in (hole, next]. */
         if (((next - home) & index->mask) >= ((next - hole) & index->mask)) {
-            index->cells[2 * (hole)] = index->cells[2 * (next)];
-            index->cells[2 * (hole) + 1] = index->cells[2 * (next) + 1];
+            memcpy(index->cells + CELL * hole, index->cells + CELL * next,
+                   CELL * sizeof(uint64_t));
             hole = next;
         }
         next = (next + 1) & index->mask;
     }
-    index->cells[2 * (hole)] = 0;
+    index->cells[CELL * hole] = 0;
     index->used--;
     return 1;
+}
+
+/* The cell of id, or NULL if id is not in the index. */
+static inline const uint64_t *
+index_find(const IdIndex *index, uint64_t id)
+{
+    if (id == 0) {
+        return NULL;
+    }
+    const uint64_t *cell = index_cell(index, id);
+    return cell[0] == id ? cell : NULL;
 }
 
 static int
@@ -907,18 +918,18 @@ index_subscript(IdIndex *index, PyObject *key)
     if (id_arg(key, &id) < 0) {
         return NULL;
     }
-    size_t cell = id ? index_cell(index, id) : 0;
-    if (id == 0 || index->cells[2 * (cell)] != id) {
+    const uint64_t *cell = index_find(index, id);
+    if (cell == NULL) {
         PyErr_SetObject(PyExc_KeyError, key);
         return NULL;
     }
-    return PyLong_FromUnsignedLongLong(index->cells[2 * (cell) + 1]);
+    return Py_BuildValue("(KK)", (unsigned long long)cell[1], (unsigned long long)cell[2]);
 }
 
 static int
 index_ass_subscript(IdIndex *index, PyObject *key, PyObject *value)
 {
-    uint64_t id, v;
+    uint64_t id, prefix, parent;
     if (id_arg(key, &id) < 0) {
         return -1;
     }
@@ -927,16 +938,21 @@ index_ass_subscript(IdIndex *index, PyObject *key, PyObject *value)
         return -1;
     }
     if (value == NULL) {
-        if (!index_remove(index, id, &v)) {
+        if (!index_remove(index, id)) {
             PyErr_SetObject(PyExc_KeyError, key);
             return -1;
         }
         return 0;
     }
-    if (id_arg(value, &v) < 0) {
+    if (!PyTuple_Check(value) || PyTuple_GET_SIZE(value) != 2) {
+        PyErr_SetString(PyExc_TypeError, "an IdIndex value is a (prefix, parent) pair");
         return -1;
     }
-    return index_set(index, id, v) < 0 ? -1 : 0;
+    if (id_arg(PyTuple_GET_ITEM(value, 0), &prefix) < 0 ||
+        id_arg(PyTuple_GET_ITEM(value, 1), &parent) < 0) {
+        return -1;
+    }
+    return index_set(index, id, prefix, parent) < 0 ? -1 : 0;
 }
 
 static int
@@ -950,7 +966,7 @@ index_contains(IdIndex *index, PyObject *key)
         PyErr_Clear();
         return 0;
     }
-    return id != 0 && index->cells[2 * (index_cell(index, id))] == id;
+    return index_find(index, id) != NULL;
 }
 
 static PyObject *
@@ -961,11 +977,12 @@ index_items(IdIndex *index, PyObject *Py_UNUSED(ignored))
         return NULL;
     }
     for (size_t i = 0; i <= index->mask; i++) {
-        if (index->cells[2 * (i)] == 0) {
+        const uint64_t *cell = index->cells + CELL * i;
+        if (cell[0] == 0) {
             continue;
         }
-        PyObject *item = Py_BuildValue("(KK)", (unsigned long long)index->cells[2 * (i)],
-                                       (unsigned long long)index->cells[2 * (i) + 1]);
+        PyObject *item = Py_BuildValue("(K(KK))", (unsigned long long)cell[0],
+                                       (unsigned long long)cell[1], (unsigned long long)cell[2]);
         if (item == NULL || PyList_Append(items, item) < 0) {
             Py_XDECREF(item);
             Py_DECREF(items);
@@ -979,12 +996,13 @@ index_items(IdIndex *index, PyObject *Py_UNUSED(ignored))
 static PyObject *
 index_sizeof(IdIndex *index, PyObject *Py_UNUSED(ignored))
 {
-    return PyLong_FromSize_t(sizeof(IdIndex) + (index->mask + 1) * 2 * sizeof(uint64_t));
+    return PyLong_FromSize_t(sizeof(IdIndex) + (index->mask + 1) * CELL * sizeof(uint64_t));
 }
 
 static PyMethodDef index_methods[] = {
     {"items", (PyCFunction)index_items, METH_NOARGS,
-     "items(): a new list of (route id, start prefix) pairs, in no order. O(capacity)."},
+     "items(): a new list of (route id, (start prefix, parent id)) pairs, in no order. "
+     "O(capacity)."},
     {"__sizeof__", (PyCFunction)index_sizeof, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
@@ -1002,7 +1020,7 @@ static PySequenceMethods index_as_sequence = {
 static PyTypeObject IdIndexType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "distribution._lookup.IdIndex",
-    .tp_doc = PyDoc_STR("IdIndex(): route id -> start prefix, a mapping of u64 to u64 in 16 "
+    .tp_doc = PyDoc_STR("IdIndex(): route id -> (start prefix, parent route id), u64s in 24 "
                         "bytes a cell, at most half full."),
     .tp_basicsize = sizeof(IdIndex),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -1488,7 +1506,7 @@ prefetch_ahead(PyObject *const *items, Py_ssize_t i, Py_ssize_t n, const IdIndex
         if (PyTuple_Check(d) && PyTuple_GET_SIZE(d) == 6 &&
             PyLong_CheckExact(PyTuple_GET_ITEM(d, 0)) &&
             u64_of(PyTuple_GET_ITEM(d, 0), &id) == 0) {
-            PREFETCH(&ids->cells[2 * (id_hash(id) & ids->mask)]);
+            PREFETCH(&ids->cells[CELL * (id_hash(id) & ids->mask)]);
         }
     }
     if (i + AHEAD < n) {
@@ -1558,7 +1576,7 @@ lay_out(PyObject *const *items, Py_ssize_t n, Layout *layout, IdIndex *ids)
             }
             joined = c == 0;
         }
-        int added = index_set(ids, id, prefix_of(start));
+        int added = index_set(ids, id, prefix_of(start), parent);
         if (added <= 0) {
             return added;
         }
@@ -1732,11 +1750,299 @@ done:
     return result;
 }
 
+/* -- the catalog digest --------------------------------------------------------------------- */
+
+/* A route's hash in the catalog digest (distribution.codec.route_hash): the first 8 bytes of the
+ * MD5 of its route record, big-endian, as a signed 64-bit value. MD5 (RFC 1321) here, because
+ * a change hashes the routes it touches while writers wait, and building the record and calling
+ * hashlib costs several times a change's own work. */
+
+typedef struct {
+    uint32_t state[4];
+    uint64_t length;            /* bytes hashed */
+    unsigned char buffer[64];   /* length % 64 of them waiting */
+} Md5;
+
+static const uint32_t md5_k[64] = {
+    0xd76aa478, 0xe8c7b756, 0x242070db, 0xc1bdceee, 0xf57c0faf, 0x4787c62a, 0xa8304613,
+    0xfd469501, 0x698098d8, 0x8b44f7af, 0xffff5bb1, 0x895cd7be, 0x6b901122, 0xfd987193,
+    0xa679438e, 0x49b40821, 0xf61e2562, 0xc040b340, 0x265e5a51, 0xe9b6c7aa, 0xd62f105d,
+    0x02441453, 0xd8a1e681, 0xe7d3fbc8, 0x21e1cde6, 0xc33707d6, 0xf4d50d87, 0x455a14ed,
+    0xa9e3e905, 0xfcefa3f8, 0x676f02d9, 0x8d2a4c8a, 0xfffa3942, 0x8771f681, 0x6d9d6122,
+    0xfde5380c, 0xa4beea44, 0x4bdecfa9, 0xf6bb4b60, 0xbebfbc70, 0x289b7ec6, 0xeaa127fa,
+    0xd4ef3085, 0x04881d05, 0xd9d4d039, 0xe6db99e5, 0x1fa27cf8, 0xc4ac5665, 0xf4292244,
+    0x432aff97, 0xab9423a7, 0xfc93a039, 0x655b59c3, 0x8f0ccc92, 0xffeff47d, 0x85845dd1,
+    0x6fa87e4f, 0xfe2ce6e0, 0xa3014314, 0x4e0811a1, 0xf7537e82, 0xbd3af235, 0x2ad7d2bb,
+    0xeb86d391,
+};
+
+static const unsigned char md5_r[64] = {
+    7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 5, 9,  14, 20, 5, 9,
+    14, 20, 5, 9,  14, 20, 5, 9,  14, 20, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23,
+    4, 11, 16, 23, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21,
+};
+
+static void
+md5_block(uint32_t state[4], const unsigned char *block)
+{
+    uint32_t w[16];
+    for (int i = 0; i < 16; i++) {
+        w[i] = (uint32_t)block[4 * i] | (uint32_t)block[4 * i + 1] << 8 |
+               (uint32_t)block[4 * i + 2] << 16 | (uint32_t)block[4 * i + 3] << 24;
+    }
+    uint32_t a = state[0], b = state[1], c = state[2], d = state[3];
+    for (int i = 0; i < 64; i++) {
+        uint32_t f;
+        int g;
+        if (i < 16) {
+            f = (b & c) | (~b & d);
+            g = i;
+        }
+        else if (i < 32) {
+            f = (d & b) | (~d & c);
+            g = (5 * i + 1) & 15;
+        }
+        else if (i < 48) {
+            f = b ^ c ^ d;
+            g = (3 * i + 5) & 15;
+        }
+        else {
+            f = c ^ (b | ~d);
+            g = (7 * i) & 15;
+        }
+        uint32_t t = a + f + md5_k[i] + w[g];
+        a = d;
+        d = c;
+        c = b;
+        b = b + ((t << md5_r[i]) | (t >> (32 - md5_r[i])));
+    }
+    state[0] += a;
+    state[1] += b;
+    state[2] += c;
+    state[3] += d;
+}
+
+static void
+md5_init(Md5 *md5)
+{
+    md5->state[0] = 0x67452301;
+    md5->state[1] = 0xefcdab89;
+    md5->state[2] = 0x98badcfe;
+    md5->state[3] = 0x10325476;
+    md5->length = 0;
+}
+
+static void
+md5_update(Md5 *md5, const void *data, size_t size)
+{
+    const unsigned char *bytes = data;
+    size_t have = (size_t)(md5->length % 64);
+    md5->length += size;
+    if (have) {
+        size_t take = 64 - have < size ? 64 - have : size;
+        memcpy(md5->buffer + have, bytes, take);
+        bytes += take;
+        size -= take;
+        if (have + take < 64) {
+            return;
+        }
+        md5_block(md5->state, md5->buffer);
+    }
+    for (; size >= 64; size -= 64, bytes += 64) {
+        md5_block(md5->state, bytes);
+    }
+    memcpy(md5->buffer, bytes, size);
+}
+
+/* The first 8 bytes of the digest, big-endian. */
+static uint64_t
+md5_head(Md5 *md5)
+{
+    uint64_t bits = md5->length * 8;
+    unsigned char pad[72] = {0x80};
+    size_t have = (size_t)(md5->length % 64);
+    size_t fill = (have < 56 ? 56 : 120) - have;
+    for (int i = 0; i < 8; i++) {
+        pad[fill + (size_t)i] = (unsigned char)(bits >> (8 * i));
+    }
+    md5_update(md5, pad, fill + 8);
+    uint64_t head = 0;
+    for (int i = 0; i < 2; i++) {
+        for (int j = 0; j < 4; j++) {
+            head = head << 8 | ((md5->state[i] >> (8 * j)) & 0xff);
+        }
+    }
+    return head;
+}
+
+static inline void
+put_u64(unsigned char *out, uint64_t value)
+{
+    for (int i = 7; i >= 0; i--) {
+        out[i] = (unsigned char)value;
+        value >>= 8;
+    }
+}
+
+/* The route record's hash (see distribution.codec.encode_route_descriptor); end NULL if
+ * unbounded. */
+static uint64_t
+record_hash(uint64_t id, const char *start, Py_ssize_t start_length, const char *end,
+            Py_ssize_t end_length, uint64_t group, unsigned char state, uint64_t parent)
+{
+    unsigned char header[34];
+    header[0] = 1;
+    put_u64(header + 1, id);
+    put_u64(header + 9, group);
+    header[17] = state;
+    put_u64(header + 18, parent);
+    put_u64(header + 26, (uint64_t)start_length);
+    Md5 md5;
+    md5_init(&md5);
+    md5_update(&md5, header, sizeof header);
+    md5_update(&md5, start, (size_t)start_length);
+    if (end == NULL) {
+        md5_update(&md5, "\0", 1);
+    }
+    else {
+        unsigned char tail[9] = {1};
+        put_u64(tail + 1, (uint64_t)end_length);
+        md5_update(&md5, tail, sizeof tail);
+        md5_update(&md5, end, (size_t)end_length);
+    }
+    return md5_head(&md5);
+}
+
+static PyObject *
+signed_of(uint64_t value)
+{
+    return PyLong_FromLongLong((long long)value);
+}
+
+PyDoc_STRVAR(route_hash_doc,
+"route_hash(route_id, start, end, group_id, state, parent_route_id, /)\n--\n\n"
+"The route's hash in the catalog digest, as distribution.codec.route_hash computes it, for\n"
+"fields already validated. O(len(start) + len(end)).");
+
+static PyObject *
+route_hash(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t id, group, parent;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "route_hash() takes exactly 6 arguments");
+        return NULL;
+    }
+    PyObject *start = args[1], *end = args[2];
+    int state = state_of(args[4]);
+    if (u64_of(args[0], &id) < 0 || u64_of(args[3], &group) < 0 || u64_of(args[5], &parent) < 0 ||
+        state < 0 || !PyBytes_CheckExact(start) || (end != Py_None && !PyBytes_CheckExact(end))) {
+        PyErr_SetString(PyExc_ValueError, "route_hash() takes a valid route's fields");
+        return NULL;
+    }
+    return signed_of(record_hash(id, PyBytes_AS_STRING(start), PyBytes_GET_SIZE(start),
+                                 end == Py_None ? NULL : PyBytes_AS_STRING(end),
+                                 end == Py_None ? 0 : PyBytes_GET_SIZE(end), group,
+                                 (unsigned char)state, parent));
+}
+
+/* The XOR of the hashes of chunk's catalog routes (id != 0), their parents from ids; 0 with
+ * *missing set if a route's id is not in ids. Touches no Python object's reference counts:
+ * runs without the GIL. */
+static uint64_t
+chunk_digest(const Chunk *chunk, const IdIndex *ids, int *missing)
+{
+    uint64_t digest = 0;
+    for (Py_ssize_t i = 0; i <= chunk->n; i++) {
+        uint64_t id = chunk->ids[i];
+        if (id == 0 || chunk->groups[i] == 0) {
+            continue;
+        }
+        const uint64_t *cell = index_find(ids, id);
+        if (cell == NULL) {
+            *missing = 1;
+            return 0;
+        }
+        const char *start, *end = NULL;
+        Py_ssize_t start_length, end_length = 0;
+        if (i) {
+            start = bound_at(chunk, i - 1, &start_length);
+        }
+        else {
+            start = PyBytes_AS_STRING(chunk->lower);
+            start_length = PyBytes_GET_SIZE(chunk->lower);
+        }
+        if (i < chunk->n) {
+            end = bound_at(chunk, i, &end_length);
+        }
+        else if (chunk->upper != NULL) {
+            end = PyBytes_AS_STRING(chunk->upper);
+            end_length = PyBytes_GET_SIZE(chunk->upper);
+        }
+        digest ^= record_hash(id, start, start_length, end, end_length, chunk->groups[i],
+                              chunk->states[i], cell[2]);
+    }
+    return digest;
+}
+
+PyDoc_STRVAR(digest_doc,
+"digest(table, ids, /)\n--\n\n"
+"The catalog digest of the table's catalog routes (route id not 0), each with the parent its id\n"
+"has in the IdIndex ``ids``. O(routes), without holding the GIL: lookups go on meanwhile. The\n"
+"caller keeps ``ids`` from changing (the Engine's lock).");
+
+static PyObject *
+digest(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Chunk *index;
+    PyObject *chunks;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "digest() takes exactly 2 arguments");
+        return NULL;
+    }
+    if (unpack_table(args[0], &index, &chunks) < 0) {
+        return NULL;
+    }
+    if (!Py_IS_TYPE(args[1], &IdIndexType)) {
+        PyErr_SetString(PyExc_TypeError, "digest() takes an IdIndex");
+        return NULL;
+    }
+    const IdIndex *ids = (const IdIndex *)args[1];
+    /* A tuple of our own: the chunks stay alive while the GIL is let go. */
+    PyObject *held = PyList_AsTuple(chunks);
+    if (held == NULL) {
+        return NULL;
+    }
+    Py_ssize_t k = PyTuple_GET_SIZE(held);
+    for (Py_ssize_t c = 0; c < k; c++) {
+        if (!Py_IS_TYPE(PyTuple_GET_ITEM(held, c), &ChunkType)) {
+            Py_DECREF(held);
+            PyErr_SetString(PyExc_SystemError,
+                            "routing table is malformed: a chunk is not a Chunk");
+            return NULL;
+        }
+    }
+    uint64_t value = 0;
+    int missing = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t c = 0; c < k && !missing; c++) {
+        value ^= chunk_digest((const Chunk *)PyTuple_GET_ITEM(held, c), ids, &missing);
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(held);
+    if (missing) {
+        PyErr_SetString(PyExc_SystemError, "a catalog route of the table is not in the IdIndex");
+        return NULL;
+    }
+    return signed_of(value);
+}
+
 static PyMethodDef lookup_methods[] = {
     {"find", (PyCFunction)(void (*)(void))find, METH_FASTCALL, find_doc},
     {"group", (PyCFunction)(void (*)(void))group, METH_FASTCALL, group_doc},
     {"build", (PyCFunction)(void (*)(void))build, METH_FASTCALL, build_doc},
     {"make_index", (PyCFunction)make_index, METH_O, make_index_doc},
+    {"route_hash", (PyCFunction)(void (*)(void))route_hash, METH_FASTCALL, route_hash_doc},
+    {"digest", (PyCFunction)(void (*)(void))digest, METH_FASTCALL, digest_doc},
     {NULL, NULL, 0, NULL},
 };
 

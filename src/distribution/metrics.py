@@ -34,11 +34,12 @@ class WatcherCollector(Collector):
     """The metrics of one watcher, read at scrape time. ``collect`` is O(routes) while the
     Engine's route count is computed from its routes, O(1) otherwise.
 
-    ``distribution_watcher_``: ``applied_version``, ``catalog_version`` (the newest seen),
+    ``distribution_watcher_``: ``applied_version``, ``verified_version`` (checked against the
+    catalog's digest), ``catalog_version`` (the newest seen),
     ``lag_versions``, ``lag_seconds`` (0 when up to date, else the time since the watcher last
     applied a write), ``last_apply_timestamp_seconds``, ``listening`` (1 or 0), ``routes`` (in
-    the Engine), and the counters ``notifications_total``, ``syncs_total``, ``resets_total`` and
-    ``errors_total`` (label ``type``: the exception's class name).
+    the Engine), and the counters ``notifications_total``, ``syncs_total``, ``resets_total``,
+    ``repairs_total`` and ``errors_total`` (label ``type``: the exception's class name).
     """
 
     def __init__(self, watcher: CatalogWatcher) -> None:
@@ -58,6 +59,11 @@ class WatcherCollector(Collector):
             lag_seconds = max(0.0, time.time() - applied_at)
         gauges: list[tuple[str, str, float]] = [
             ("applied_version", "The catalog version the Engine holds.", watcher.applied_version),
+            (
+                "verified_version",
+                "The newest version checked against the catalog's digest.",
+                watcher.verified_version,
+            ),
             ("catalog_version", "The newest catalog version seen.", watcher.catalog_version),
             ("lag_versions", "Versions the Engine is behind the newest seen.", lag),
             ("lag_seconds", "0 when up to date, else seconds since the last apply.", lag_seconds),
@@ -79,6 +85,7 @@ class WatcherCollector(Collector):
             ("notifications", "Catalog notifications received.", watcher.notifications),
             ("syncs", "Catalog reads.", watcher.syncs),
             ("resets", "Full snapshots applied in place of changes.", watcher.resets),
+            ("repairs", "Resets of an Engine found holding other routes.", watcher.repairs),
         ]
         for name, documentation, count in counters:
             counter = CounterMetricFamily(

@@ -8,7 +8,6 @@ small, a JSON body carrying it follows (see :func:`parse_notification`).
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 from dataclasses import dataclass
@@ -44,12 +43,16 @@ def parse_notification(payload: str) -> CatalogNotification:
 
     The change, when present, is JSON: ``previous`` (the version before the write, so one less
     than ``version``: a write moves the catalog by exactly one), ``upserts`` (base64 seed route
-    records) and ``deletes`` (route ids). Raises ValueError when malformed. O(payload size).
+    records), ``deletes`` (route ids) and, optionally, ``digest`` (the catalog's route digest
+    after the write, a signed 64-bit integer, see :func:`~distribution.codec.routes_digest`),
+    which becomes the change's ``digest``. Raises ValueError when malformed. O(payload size).
 
     >>> parse_notification("7")
     CatalogNotification(version=7, change=None)
     >>> parse_notification('7 {"previous": 6, "upserts": [], "deletes": [3]}').change
     CatalogChange(previous_version=6, version=7, upserts=(), deletes=(3,), digest=None)
+    >>> parse_notification('7 {"previous": 6, "upserts": [], "deletes": [], "digest": -5}').change
+    CatalogChange(previous_version=6, version=7, upserts=(), deletes=(), digest=-5)
     """
     head, _, body = payload.partition(" ")
     try:
@@ -63,11 +66,25 @@ def parse_notification(payload: str) -> CatalogNotification:
         upserts = tuple(decode_route_descriptor(base64.b64decode(r)) for r in fields["upserts"])
         deletes = tuple(check_u64("route_id", i) for i in fields["deletes"])
         previous = check_u64("previous", fields["previous"])
-    except (KeyError, TypeError, binascii.Error, RecursionError) as exc:
+        digest = _check_digest(fields.get("digest"))
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"malformed catalog notification: {payload[:200]!r}") from exc
     if previous + 1 != version:
         raise ValueError(f"malformed catalog notification: {payload[:200]!r}")
-    return CatalogNotification(version, CatalogChange(previous, version, upserts, deletes))
+    return CatalogNotification(
+        version, CatalogChange(previous, version, upserts, deletes, digest=digest)
+    )
+
+
+def _check_digest(value: object) -> int | None:
+    """A payload's ``digest``: None when absent, else a signed 64-bit integer (ValueError)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"digest must be an integer, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"digest must be a signed 64-bit integer, got {value}")
+    return value
 
 
 class CatalogListener:
