@@ -68,6 +68,9 @@ def test_a_scrape_shows_the_watcher_as_it_stands(store: CatalogStore, database_u
                 assert value(samples, "distribution_watcher_notifications_total", **w) >= 1
                 assert value(samples, "distribution_watcher_syncs_total", **w) >= 1
                 assert value(samples, "distribution_watcher_resets_total", **w) == 0
+                assert value(samples, "distribution_watcher_repairs_total", **w) == 0
+                verified = value(samples, "distribution_watcher_verified_version", **w)
+                assert verified == watcher.verified_version <= written
                 applied_at = value(
                     samples, "distribution_watcher_last_apply_timestamp_seconds", **w
                 )

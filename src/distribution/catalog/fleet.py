@@ -14,7 +14,13 @@ instead of listening (``listen=False``), has no session to see and cannot answer
 and the barrier cover the watchers connected to the catalog's database.
 
 Any role that can connect may LISTEN, NOTIFY and read ``pg_stat_activity``'s names: a role that
-can only read the catalog can ask and answer.
+can only read the catalog can ask and answer. By the same token, such a role could answer in a
+watcher's place or pose as a silent one: the fleet trusts the roles that can connect, as the
+catalog's notifications do (README.md, "Roles and privileges").
+
+Every NOTIFY in a database wakes each listening server process of that database, so one roll call
+of N watchers costs the server O(N²) such wake-ups (each a read of the notification queue); an
+idle fleet costs nothing.
 """
 
 from __future__ import annotations
