@@ -6,6 +6,7 @@ Watchers run in real processes (``distribution watch``) where the test needs to 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -31,7 +32,12 @@ from distribution.catalog import (
     roll_call,
     wait_applied,
 )
-from distribution.catalog.fleet import MAX_WATCHER_NAME_BYTES
+from distribution.catalog.fleet import (
+    MAX_WATCHER_NAME_BYTES,
+    WatcherStatus,
+    parse_status,
+    status_payload,
+)
 from distribution.cli.errors import EXIT_BEHIND
 from distribution.watcher import CatalogWatcher
 
@@ -91,6 +97,29 @@ def test_a_watcher_name_must_be_text(store: CatalogStore) -> None:
 
 
 # -- roll call ----------------------------------------------------------------------------------
+
+
+GOOD_REPLY = WatcherStatus("w", "h", 1, 7, 7, 0, True, None, 2.5, 99, "ab")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"pid": "1"}, {"pid": True}, {"listening": 1}, {"uptime": "2"}, {"name": None}, {"extra": 1}],
+)
+def test_a_malformed_reply_is_refused(change: dict[str, Any]) -> None:
+    assert parse_status(status_payload(GOOD_REPLY)) == GOOD_REPLY
+    fields = {**json.loads(status_payload(GOOD_REPLY)), **change}
+    with pytest.raises(ValueError, match="malformed roll call reply"):
+        parse_status(json.dumps(fields))
+
+
+def test_a_reply_fits_one_notification_whatever_its_error() -> None:
+    status = dataclasses.replace(GOOD_REPLY, name="é" * 128, last_error="\0\n€" * 5000)
+    payload = status_payload(status)
+    assert len(payload.encode()) < 8000
+    parsed = parse_status(payload)
+    assert parsed.last_error is not None and status.last_error.startswith(parsed.last_error)
+    assert parsed.name == status.name
 
 
 def test_roll_call_of_an_idle_catalog_finds_nobody(store: CatalogStore) -> None:

@@ -60,7 +60,10 @@ __all__ = [
     "WatcherStatus",
     "check_watcher_name",
     "default_watcher_name",
+    "parse_status",
     "roll_call",
+    "silent_watcher",
+    "status_payload",
     "wait_applied",
 ]
 
@@ -247,14 +250,29 @@ def parse_status(payload: str) -> WatcherStatus:
     try:
         fields = json.loads(payload)
         status = WatcherStatus(**fields)
-        numbers = (status.pid, status.applied_version, status.catalog_version, status.lag)
-        if not all(isinstance(n, int) for n in (*numbers, status.backend_pid)):
-            raise TypeError("not an integer")
-        if not isinstance(status.name, str) or not isinstance(status.id, str):
-            raise TypeError("not a string")
-    except (TypeError, ValueError, RecursionError) as exc:
+        for name, kinds in _REPLY_FIELDS.items():
+            field = fields[name]
+            if not isinstance(field, kinds) or (isinstance(field, bool) and bool not in kinds):
+                raise TypeError(f"{name} is a {type(field).__name__}")
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"malformed roll call reply: {payload[:200]!r}") from exc
     return status
+
+
+# The type(s) of each field of a reply.
+_REPLY_FIELDS: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "host": (str,),
+    "pid": (int,),
+    "applied_version": (int,),
+    "catalog_version": (int,),
+    "lag": (int,),
+    "listening": (bool,),
+    "last_error": (str, type(None)),
+    "uptime": (float, int),
+    "backend_pid": (int,),
+    "id": (str,),
+}
 
 
 @dataclass(frozen=True, slots=True)
