@@ -42,6 +42,7 @@ import psycopg
 from distribution.catalog.transactions import dedicated_connection
 from distribution.database import translate_error
 from distribution.errors import WatcherNameError
+from distribution.models import u64_from_db
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -94,6 +95,7 @@ _MAX_ONLY = 500
 _RECHECK_SECONDS = 0.25
 _MARKER = f"{WATCHER_APPLICATION_NAME} "
 _MARKER_PATTERN = _MARKER.replace("_", r"\_") + "%"
+_VERSION = "SELECT version FROM distribution_meta"
 _SESSIONS = (
     "SELECT pid, application_name FROM pg_stat_activity "
     "WHERE datname = current_database() AND application_name LIKE %s"
@@ -156,7 +158,8 @@ def _laggards_first(watchers: Iterable[WatcherStatus]) -> tuple[WatcherStatus, .
 
 @dataclass(frozen=True, slots=True)
 class FleetReport:
-    """One roll call: the catalog's version when asked, and every watcher, laggards first."""
+    """One roll call: the catalog's version when asked, every watcher, laggards first, and the
+    seconds from the ask to the last answer (or to the end of the window)."""
 
     catalog_version: int
     watchers: tuple[WatcherStatus, ...]
@@ -171,7 +174,8 @@ class FleetReport:
 @dataclass(frozen=True, slots=True)
 class BarrierResult:
     """What :func:`wait_applied` saw: whether every live watcher reached ``version``, how long
-    that took, the last to arrive, and the laggards (with their last status) when not."""
+    that took (``elapsed``: seconds from the ask to the last arrival, or to the timeout), the last
+    to arrive, and the laggards (with their last status) when not."""
 
     version: int
     reached: bool
@@ -377,10 +381,10 @@ class _Asker:
 
     def ask(
         self, version: int | None, seconds: float, only: Iterable[int] | None = None
-    ) -> dict[int, str]:
+    ) -> tuple[dict[int, str], int]:
         """Ask the fleet, or the watchers on the connections ``only`` names (LISTENing first,
-        the first time); return :meth:`sessions` as they are just after the ask. One round
-        trip."""
+        the first time); return :meth:`sessions` as they are just after the ask, and the
+        catalog's version just before it. One round trip."""
         if only is not None:
             only = list(only)
             if len(only) > _MAX_ONLY:
@@ -390,12 +394,14 @@ class _Asker:
             with self._connection.pipeline():
                 if not self._listening:
                     self._connection.execute(f"LISTEN {self.channel}")
+                head = self._connection.execute(_VERSION)
                 self._connection.execute("SELECT pg_notify(%s, %s)", [FLEET_CHANNEL, payload])
-                cursor = self._connection.execute(_SESSIONS, [_MARKER_PATTERN])
+                sessions = self._connection.execute(_SESSIONS, [_MARKER_PATTERN])
+            row = head.fetchone()
         except psycopg.Error as exc:
             raise translate_error(exc) from exc
         self._listening = True
-        return _sessions(cursor.fetchall())
+        return _sessions(sessions.fetchall()), 0 if row is None else u64_from_db(row[0])
 
     def sessions(self) -> dict[int, str]:
         """Server pid -> watcher name, of every watcher connected to this database."""
@@ -457,8 +463,8 @@ def roll_call(store: CatalogStore, *, window: float = DEFAULT_ROLL_CALL_WINDOW) 
         raise ValueError(f"window must be positive, got {window!r}")
     began = time.monotonic()
     with _Asker(store) as asker:
-        catalog_version = store.version()
-        sessions = asker.ask(None, 0.0)
+        asked = time.monotonic()
+        sessions, catalog_version = asker.ask(None, 0.0)
         answers: dict[str, WatcherStatus] = {}
         asked_again = False
         while _silent(sessions, answers.values()):
@@ -470,11 +476,11 @@ def roll_call(store: CatalogStore, *, window: float = DEFAULT_ROLL_CALL_WINDOW) 
                 asked_again = True
                 sessions = asker.sessions()
                 unanswered = [s.backend_pid for s in _silent(sessions, answers.values())]
-                sessions = asker.ask(None, 0.0, unanswered)
+                sessions, _ = asker.ask(None, 0.0, unanswered)
             for status, _ in asker.replies(min(remaining, window / 2)):
                 answers[status.id] = status
         watchers = [*answers.values(), *_silent(sessions, answers.values())]
-    return FleetReport(catalog_version, _laggards_first(watchers), time.monotonic() - began)
+    return FleetReport(catalog_version, _laggards_first(watchers), time.monotonic() - asked)
 
 
 def wait_applied(store: CatalogStore, version: int, timeout: float) -> BarrierResult:
@@ -493,7 +499,8 @@ def wait_applied(store: CatalogStore, version: int, timeout: float) -> BarrierRe
     answers: dict[str, WatcherStatus] = {}
     arrived: dict[str, float] = {}
     with _Asker(store) as asker:
-        sessions = asker.ask(version, timeout)
+        asked = time.monotonic()
+        sessions, _ = asker.ask(version, timeout)
         next_check = began + _RECHECK_SECONDS
         while True:
             now = time.monotonic()
@@ -509,7 +516,7 @@ def wait_applied(store: CatalogStore, version: int, timeout: float) -> BarrierRe
                     break
                 unanswered = [s.backend_pid for s in _silent(sessions, answers.values())]
                 if unanswered:
-                    sessions = asker.ask(version, deadline - now, unanswered)
+                    sessions, _ = asker.ask(version, deadline - now, unanswered)
                 next_check = now + _RECHECK_SECONDS
             if now >= deadline:
                 reached = False
@@ -524,7 +531,7 @@ def wait_applied(store: CatalogStore, version: int, timeout: float) -> BarrierRe
     return BarrierResult(
         version=version,
         reached=reached,
-        elapsed=time.monotonic() - began,
+        elapsed=time.monotonic() - asked,
         last=None if last is None else answers[last],
         watchers=watchers,
         laggards=tuple(w for w in watchers if not w.holds(version)),
