@@ -1476,11 +1476,12 @@ def test_notify_channel_name() -> None:
 
 def test_a_save_notifies_its_change(store: CatalogStore, listener: psycopg.Connection[Any]) -> None:
     routes = [*chain(3)[:2], RouteDescriptor(route_id=3, start=key(2), end=None, group_id=2)]
-    store.save(0, routes)
+    saved = store.save(0, routes)
     version, body = parse_payload(next_payload(listener))
     assert version == 1
     assert body is not None
-    assert set(body) == {"previous", "upserts", "deletes"}
+    assert set(body) == {"previous", "upserts", "deletes", "digest"}
+    assert body["digest"] == saved.digest == routes_digest(routes)
     assert body["previous"] == 0
     assert decoded_upserts(body) == routes
     assert body["deletes"] == []
@@ -1517,7 +1518,7 @@ def test_an_empty_save_notifies_an_empty_change(
     store.save(0, [])
     assert parse_payload(next_payload(listener)) == (
         1,
-        {"previous": 0, "upserts": [], "deletes": []},
+        {"previous": 0, "upserts": [], "deletes": [], "digest": 0},
     )
 
 

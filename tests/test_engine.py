@@ -1448,6 +1448,7 @@ def test_random_operations_match_the_model(
                     call()
         model.compare(engine, rng)
         same_in_c_and_python(engine, twin, rng)
+        assert engine.route_count == twin.route_count == len(model.catalog)
     assert engine.digest == twin.digest == model.digest()
 
 

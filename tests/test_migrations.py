@@ -55,7 +55,7 @@ from distribution.models import u64_to_db
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 TABLES = {"distribution_meta", "distribution_routes", "distribution_history"}
-HEAD = "0003"
+HEAD = "0004"
 
 
 @pytest.fixture
@@ -354,6 +354,7 @@ REVISION_DIGESTS = {
     "0001": "62305d32d786695ba786c7c60d2839f8741eda4f0a24e35a2e506624faadb6d5",
     "0002": "0c4e1b0aeabddb20194faa342466e8c6c2d9863ed921455e90551a77319dd6e4",
     "0003": "9c13a23c7aad44de5b19353c418facbcad5d249b2e6717982d99193c9d7304cc",
+    "0004": "04b03754339f0e1c59c32984e66b8491dabf0facee7aecaded105863218c1c53",
 }
 
 
@@ -461,7 +462,8 @@ def test_an_upgrade_from_0002_keeps_the_data_and_matches_a_fresh_catalog(
     empty_database_url: str, database_url: str
 ) -> None:
     """A catalog with routes and history at revision 0002 upgrades to what a fresh catalog holds,
-    keeps every row, notifies as the new definitions do, and downgrades to exactly 0002 again."""
+    keeps every row (the columns added since are NULL in them), notifies as the new definitions
+    do, and downgrades to exactly 0002 again."""
     upgrade = _alembic(empty_database_url, "upgrade", "0002")
     assert upgrade.returncode == 0, upgrade.stderr
     with CatalogStore.from_url(empty_database_url) as store:
@@ -487,14 +489,25 @@ def test_an_upgrade_from_0002_keeps_the_data_and_matches_a_fresh_catalog(
     assert definitions(empty_database_url) == definitions(database_url)
     with psycopg.connect(empty_database_url, autocommit=True) as connection:
         after = {table: connection.execute(rows.format(table)).fetchall() for table in before}
-        assert after == before
+        width = {table: len(rows_before[0]) for table, rows_before in before.items()}
+        assert {t: [row[: width[t]] for row in after[t]] for t in after} == before
+        assert {value for t in after for row in after[t] for value in row[width[t] :]} <= {None}
         connection.execute("LISTEN distribution_catalog")
         with CatalogStore.from_url(empty_database_url) as store:
             saved = store.save(3, [*store.snapshot().routes[:2]])
+            # Writes made before the upgrade recorded no digest; the first one after it does.
+            assert [c.digest for c in store.changes_since(0).changes] == [None] * 3 + [
+                saved.digest
+            ]
         (notify,) = connection.notifies(timeout=10, stop_after=1)
     version, _, change = notify.payload.partition(" ")
     assert int(version) == saved.version == 4
-    assert json.loads(change) == {"previous": 3, "upserts": [], "deletes": [2]}
+    assert json.loads(change) == {
+        "previous": 3,
+        "upserts": [],
+        "deletes": [2],
+        "digest": saved.digest,
+    }
 
     downgrade = _alembic(empty_database_url, "downgrade", "0002")
     assert downgrade.returncode == 0, downgrade.stderr

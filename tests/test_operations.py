@@ -42,6 +42,7 @@ from distribution import (
     decode_route_descriptor,
 )
 from distribution.catalog import NOTIFY_CHANNEL, CatalogStore
+from distribution.codec import routes_digest
 from distribution.models import u64_from_db, u64_to_db
 
 ACTIVE = RouteState.ACTIVE
@@ -1000,6 +1001,46 @@ def test_every_operation_notifies_its_change(
         assert sorted(feed.deletes) == expected_deletes
     # Nothing else was sent.
     assert list(listener.notifies(timeout=0.2)) == []
+
+
+def test_every_write_announces_and_records_the_digest_it_left(
+    catalog: CatalogStore, listener: psycopg.Connection[Any]
+) -> None:
+    """The payload of each kind of write, and its entry in the change feed, carry the catalog's
+    route digest after that write: as the database keeps it, and as the routes hash."""
+    many = [RouteDescriptor(20 + i, bytes([i]), None, 3) for i in range(40)]
+    many[-1] = RouteDescriptor(route_id=59, start=bytes([39]), end=None, group_id=3)
+    many = [
+        RouteDescriptor(route_id=r.route_id, start=r.start, end=n.start, group_id=3)
+        for r, n in itertools.pairwise(many)
+    ] + [many[-1]]
+    writes: list[Callable[[int], int]] = [
+        lambda v: catalog.split_route(2, b"k", v).version,
+        lambda v: catalog.merge_routes(1, 5, v).version,
+        lambda v: catalog.set_route_state(6, FENCED, v).version,
+        lambda v: catalog.move_route(6, 11, v).version,
+        # A save that sends only what changed, then one that sends every route.
+        lambda v: catalog.save(v, catalog.snapshot().routes[1:]).version,
+        lambda v: catalog.save(v, many).version,
+        # And one that empties the catalog: the digest of nothing.
+        lambda v: catalog.save(v, []).version,
+    ]
+    version = 1
+    for write in writes:
+        version = write(version)
+        head = catalog.head()
+        assert head.version == version
+        payload_version, change = _next_payload(listener)
+        assert payload_version == version
+        assert isinstance(change["digest"], int)
+        assert change["digest"] == head.digest
+        assert head.digest == routes_digest(catalog.snapshot().routes)
+        (feed,) = catalog.changes_since(version - 1).changes
+        assert feed.digest == head.digest
+    assert catalog.head().digest == 0
+    # The whole feed, read at once, gives each version its own digest.
+    digests = [c.digest for c in catalog.changes_since(1).changes]
+    assert len(set(digests)) == len(writes)
 
 
 def test_split_notification_payload(

@@ -284,6 +284,29 @@ def test_a_chain_of_a_thousand_lies_among_real_writes_is_undone(
         assert final.version == written
 
 
+def test_lies_that_keep_coming_do_not_hold_off_the_safety_poll(
+    store: CatalogStore, reader_url: str
+) -> None:
+    """A forger sending a chain of lies one by one, without pause: the watchers read the catalog
+    and go back to it while the lies still arrive, not after."""
+    store.save(0, routes(b"", b"g", b"t"))
+    with ExitStack() as stack:
+        fleet = Fleet(store, stack)
+        snapshot = fleet.settle()
+        forger = Forger(reader_url, snapshot)
+        stack.callback(forger.close)
+        before = fleet.repairs()
+        started = time.monotonic()
+        sent = 0
+        while time.monotonic() - started < UNDO_BOUND + 0.5:
+            forger.send([forger.regroup()])
+            sent += 1
+        assert all(r > b for r, b in zip(fleet.repairs(), before, strict=True)), (
+            f"no watcher repaired while {sent} lies arrived in {UNDO_BOUND + 0.5} s"
+        )
+        fleet.undone_by(time.monotonic() + UNDO_BOUND, before)
+
+
 def test_a_change_that_does_not_leave_its_digest_is_not_applied(
     store: CatalogStore, reader_url: str
 ) -> None:
@@ -427,3 +450,23 @@ def test_a_watcher_never_goes_back_behind_the_version_it_was_given(
         wait_until(lambda: _mirrors(ahead, final) and watcher.last_error is None)
         assert watcher.repairs >= 1
     assert min(heard) >= 3, heard
+
+
+def test_hotspot_pieces_and_ephemeral_routes_are_no_divergence(store: CatalogStore) -> None:
+    """What a service adds itself (a hotspot's pieces, an ephemeral route) is not the catalog's:
+    the digest checks leave it, and the loads, alone."""
+    store.save(0, routes(b"", b"m", b"t"))
+    engine = Engine(hotspot_threshold=3)
+    watcher = CatalogWatcher(store, engine)
+    watcher.sync_once()
+    for _ in range(3):
+        engine.record_access(b"a")  # route 1 splits into two ephemeral pieces
+    engine.record_access(b"q")
+    before = engine.stats()
+    assert [r.route_id for r in before] == [0, 0, 2, 3]
+    store.split_route(3, b"x", 1)  # a real write elsewhere, then nothing new
+    watcher.sync_once()
+    watcher.sync_once()
+    assert watcher.repairs == 0 and watcher.last_error is None
+    assert engine.stats()[:3] == before[:3]
+    assert watcher.verified_version == engine.version == 2

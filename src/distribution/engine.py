@@ -240,6 +240,23 @@ class Engine:
         return self._version
 
     @property
+    def route_count(self) -> int:
+        """How many catalog routes the Engine holds (those a hotspot split shadows included,
+        ephemeral routes not). O(1).
+
+        >>> from distribution import CatalogSnapshot, RouteDescriptor
+        >>> engine = Engine.with_default_route()
+        >>> engine.route_count
+        0
+        >>> engine.apply_snapshot(CatalogSnapshot(version=1, routes=(
+        ...     RouteDescriptor(route_id=1, start=b"", end=b"m", group_id=1),
+        ...     RouteDescriptor(route_id=2, start=b"m", end=None, group_id=2))))
+        >>> engine.route_count
+        2
+        """
+        return len(self._ids)
+
+    @property
     def digest(self) -> int:
         """The catalog digest of the catalog routes the Engine holds, as
         :func:`distribution.codec.routes_digest` computes it (the catalog's

@@ -227,6 +227,8 @@ class HistoryRecord(Base):
     actor: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: The route id counter after the write, so ``next_route_id_at`` answers exactly.
     next_route_id: Mapped[int] = mapped_column(U64, nullable=False)
+    #: The catalog's route digest after the write (None for writes made before revision 0004).
+    digest: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     committed_at: Mapped[datetime.datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )

@@ -419,7 +419,7 @@ class CatalogWatcher:
         for notification in received:
             self.notifications += 1
             self.catalog_version = max(self.catalog_version, notification.version)
-            # Once a read is due, the rest cannot continue from the Engine's version anyway.
+            # Once a read is due, it brings whatever the rest carry: they are only counted.
             read = read or not self._take(notification)
         if read:
             self.sync_once()

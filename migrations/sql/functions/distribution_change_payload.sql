@@ -1,8 +1,9 @@
 -- The notification payload of the write of version `written`, the only place one is built: the
 -- version in decimal, then, when the change is small enough, a JSON object with the previous
--- version, the upserted routes as base64 seed route records, and the deleted route ids. An
--- operation passes the rows it holds; a save passes NULLs, and the rows it opened and closed are
--- read back from the table.
+-- version, the upserted routes as base64 seed route records, the deleted route ids, and the
+-- catalog's route digest after the write (a signed 64-bit number), so a watcher can check that
+-- the change it applies leaves the routes the catalog holds. An operation passes the rows it
+-- holds; a save passes NULLs, and the rows it opened and closed are read back from the table.
 CREATE OR REPLACE FUNCTION distribution_change_payload(
     written bigint, upserts distribution_routes[], deletes bigint[]
 ) RETURNS text
@@ -39,7 +40,8 @@ BEGIN
                         'base64'), E'\n', '') ORDER BY u.start), '[]')
                     FROM unnest(upserts) u),
         'deletes', (SELECT coalesce(json_agg(distribution_u64(d) ORDER BY d), '[]')
-                    FROM unnest(deletes) d))::text;
+                    FROM unnest(deletes) d),
+        'digest', (SELECT m.digest FROM distribution_meta m))::text;
     IF octet_length(payload) >= max_payload_bytes THEN
         RETURN head;
     END IF;

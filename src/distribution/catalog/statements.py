@@ -10,7 +10,7 @@ decoded here, with C-level passes over columns rather than Python code per row.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from operator import attrgetter, lt
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "DELETE_RETIRED_ROUTES",
     "DIGEST",
     "HISTORY",
+    "HISTORY_DIGESTS",
     "HISTORY_NEWEST_FIRST",
     "LIVE_ROUTES",
     "LIVE_SNAPSHOT",
@@ -182,6 +183,12 @@ CLOSED_ROUTES = (
     .where(_routes.c.valid_to <= sa.bindparam("last"))
     .order_by(_routes.c.valid_to, _routes.c.route_id)
 )
+#: The route digest each version in ``(after, last]`` left (NULL for writes before revision 0004).
+HISTORY_DIGESTS = (
+    sa.select(_history.c.version, _history.c.digest)
+    .where(_history.c.version > sa.bindparam("after"))
+    .where(_history.c.version <= sa.bindparam("last"))
+)
 _HISTORY_SINCE = sa.select(
     _history.c.version,
     _history.c.operation,
@@ -236,10 +243,15 @@ def column_descriptors(columns: Sequence[Any]) -> tuple[RouteDescriptor, ...]:
 
 
 def changes(
-    after: int, last: int, opened: Sequence[Sequence[Any]], closed: Sequence[Sequence[Any]]
+    after: int,
+    last: int,
+    opened: Sequence[Sequence[Any]],
+    closed: Sequence[Sequence[Any]],
+    digests: Mapping[int, int | None],
 ) -> tuple[CatalogChange, ...]:
     """Group opened and closed route rows (of :data:`OPENED_ROUTES` and :data:`CLOSED_ROUTES`)
-    into one change per version in ``(after, last]``; O(rows + versions)."""
+    into one change per version in ``(after, last]``, each with the digest its version left
+    (by version, as :data:`HISTORY_DIGESTS` reads them; None where unknown); O(rows + versions)."""
     upserts: dict[int, list[Sequence[Any]]] = {}
     for row in opened:
         upserts.setdefault(row[0], []).append(row[1:])
@@ -251,7 +263,7 @@ def changes(
         opened_here = descriptors(upserts.get(at, []))
         reopened = {route.route_id for route in opened_here}
         deletes = tuple(i for i in retired.get(at, []) if i not in reopened)
-        result.append(CatalogChange(at - 1, at, opened_here, deletes))
+        result.append(CatalogChange(at - 1, at, opened_here, deletes, digests.get(at)))
     return tuple(result)
 
 

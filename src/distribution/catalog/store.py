@@ -195,6 +195,10 @@ class CatalogStore(CatalogOperations):
     def changes_since(self, version: int, limit: int = DEFAULT_CHANGES_LIMIT) -> CatalogChangeSet:
         """Return what changed after ``version``: at most ``limit`` contiguous changes.
 
+        Each change carries the route digest its write left (``digest``; None for writes made
+        before the database had revision 0004), and ``head`` the catalog's version and digest as
+        read in the same transaction.
+
         When ``version`` predates the history window, the answer is a ``reset`` carrying a full
         snapshot instead. Raises :class:`~distribution.CatalogVersionAheadError` for a version the
         catalog has not reached. O(routes changed in the versions returned).
@@ -221,8 +225,9 @@ class CatalogStore(CatalogOperations):
             bounds = {"after": version, "last": last}
             opened = connection.execute(statements.OPENED_ROUTES, bounds).all()
             closed = connection.execute(statements.CLOSED_ROUTES, bounds).all()
+            digests = dict(connection.execute(statements.HISTORY_DIGESTS, bounds).all())
         return CatalogChangeSet(
-            changes=statements.changes(version, last, opened, closed), head=head
+            changes=statements.changes(version, last, opened, closed, digests), head=head
         )
 
     def history(
