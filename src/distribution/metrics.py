@@ -31,8 +31,7 @@ _LABELS = ("watcher",)
 
 
 class WatcherCollector(Collector):
-    """The metrics of one watcher, read at scrape time. ``collect`` is O(routes) while the
-    Engine's route count is computed from its routes, O(1) otherwise.
+    """The metrics of one watcher, read at scrape time; ``collect`` is O(error types).
 
     ``distribution_watcher_``: ``applied_version``, ``verified_version`` (checked against the
     catalog's digest), ``catalog_version`` (the newest seen),
@@ -73,7 +72,7 @@ class WatcherCollector(Collector):
                 applied_at or 0.0,
             ),
             ("listening", "1 while the watcher listens, else 0.", float(watcher.listening)),
-            ("routes", "The routes the Engine holds.", float(len(watcher.engine.stats()))),
+            ("routes", "The routes the Engine holds.", watcher.engine.route_count),
         ]
         for name, documentation, value in gauges:
             gauge = GaugeMetricFamily(
