@@ -38,6 +38,7 @@ from distribution.catalog.fleet import (
     parse_status,
     status_payload,
 )
+from distribution.cli import main
 from distribution.cli.errors import EXIT_BEHIND
 from distribution.watcher import CatalogWatcher
 
@@ -461,3 +462,13 @@ def test_wait_for_times_out_and_wait_caught_up_reads_the_catalog(
         with watcher:
             assert watcher.wait_caught_up(WAIT) is True
         assert watcher.applied_version == version
+
+
+def test_timeout_without_wait_is_a_usage_error(
+    store: CatalogStore, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version = seed(store)
+    code = main(["--database-url", database_url, "split", "1", "m", "--timeout", "3"])
+    assert code == 2
+    assert "--timeout needs --wait" in capsys.readouterr().err
+    assert store.version() == version

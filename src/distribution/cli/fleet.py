@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from distribution.cli.session import Session
     from distribution.watcher import CatalogWatcher
 
-__all__ = ["cmd_fleet", "describe_watcher", "serving_metrics", "waiting"]
+__all__ = ["DEFAULT_WAIT_TIMEOUT", "cmd_fleet", "describe_watcher", "serving_metrics", "waiting"]
 
 
 def _duration(seconds: float | None) -> str:
@@ -119,10 +119,14 @@ def barrier_line(result: BarrierResult) -> str:
     )
 
 
+#: How long ``--wait`` waits without ``--timeout``, in seconds.
+DEFAULT_WAIT_TIMEOUT = 10.0
+
+
 def _wait(session: Session) -> None:
     """The barrier after a write: every watcher holds the catalog's version, or EXIT_BEHIND."""
     store = session.store()
-    timeout: float = session.args.timeout
+    timeout: float = session.args.timeout or DEFAULT_WAIT_TIMEOUT
     result = wait_applied(store, store.version(), timeout)
     if not result.reached:
         raise CommandError(
@@ -143,6 +147,8 @@ def waiting(command: Callable[[Session], int]) -> Callable[[Session], int]:
 
     @functools.wraps(command)
     def run(session: Session) -> int:
+        if session.args.timeout is not None and not session.args.wait:
+            raise UsageError("--timeout needs --wait")
         code = command(session)
         if code == EXIT_OK and session.args.wait:
             _wait(session)

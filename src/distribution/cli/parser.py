@@ -185,7 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         metavar="SECONDS",
         type=_seconds,
-        default=10.0,
         help="how long --wait waits (default: 10)",
     )
 
