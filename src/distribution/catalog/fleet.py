@@ -384,7 +384,8 @@ class _Asker:
     ) -> tuple[dict[int, str], int]:
         """Ask the fleet, or the watchers on the connections ``only`` names (LISTENing first,
         the first time); return :meth:`sessions` as they are just after the ask, and the
-        catalog's version just before it. One round trip."""
+        catalog's version just before it. Two round trips: the ask commits (and so reaches the
+        watchers) before the sessions are read."""
         if only is not None:
             only = list(only)
             if len(only) > _MAX_ONLY:
@@ -396,12 +397,11 @@ class _Asker:
                     self._connection.execute(f"LISTEN {self.channel}")
                 head = self._connection.execute(_VERSION)
                 self._connection.execute("SELECT pg_notify(%s, %s)", [FLEET_CHANNEL, payload])
-                sessions = self._connection.execute(_SESSIONS, [_MARKER_PATTERN])
             row = head.fetchone()
         except psycopg.Error as exc:
             raise translate_error(exc) from exc
         self._listening = True
-        return _sessions(sessions.fetchall()), 0 if row is None else u64_from_db(row[0])
+        return self.sessions(), 0 if row is None else u64_from_db(row[0])
 
     def sessions(self) -> dict[int, str]:
         """Server pid -> watcher name, of every watcher connected to this database."""
