@@ -43,7 +43,8 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── EngineSnapshotRouteOrderError
     ├── RouteKeyTooLongError
     ├── CatalogInvalidActorError
-    └── CatalogDataError
+    ├── CatalogDataError
+    └── WatcherNameError
 
 Arguments of the wrong type raise the built-in :class:`TypeError`; integers outside the unsigned
 64-bit range raise the built-in :class:`ValueError`.
@@ -108,6 +109,7 @@ __all__ = [
     "EngineSnapshotVersionGapError",
     "EngineSnapshotVersionStaleError",
     "RouteKeyTooLongError",
+    "WatcherNameError",
 ]
 
 
@@ -298,3 +300,8 @@ class CatalogDataError(DistributionError, ValueError):
     def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+
+
+class WatcherNameError(DistributionError, ValueError):
+    """A watcher name is empty, holds a NUL character, or is longer than
+    :data:`~distribution.catalog.fleet.MAX_WATCHER_NAME_BYTES` bytes of UTF-8."""

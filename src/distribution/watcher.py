@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
@@ -51,6 +52,7 @@ from distribution.catalog import (
     CatalogStore,
     check_catalog_and_engine,
 )
+from distribution.catalog.fleet import FleetMember, WatcherStatus
 from distribution.engine import Engine
 from distribution.errors import (
     CatalogVersionAheadError,
@@ -86,12 +88,17 @@ class CatalogWatcher:
     :attr:`verified_version`, :attr:`catalog_version` (the newest version seen), :attr:`lag`,
     :attr:`last_error`, :attr:`listening`, and the counters :attr:`syncs` (catalog reads),
     :attr:`resets` (full snapshots applied), :attr:`repairs` (resets of an Engine found holding
-    other routes than the catalog, see the module's docstring) and :attr:`notifications`
-    (notifications received).
+    other routes than the catalog, see the module's docstring), :attr:`notifications`
+    (notifications received) and :attr:`errors` (failures, by type name); :meth:`status`
+    gathers them.
 
     With ``trust_notifications=False``, notifications only wake the watcher, which reads every
     change from the catalog: for deployments that cannot restrict who connects to the catalog
     database (anyone who can may NOTIFY its channel).
+
+    The watcher has a :attr:`name` (``program@host:pid`` unless given) and answers the roll
+    calls of :mod:`distribution.catalog.fleet` while it listens; :meth:`wait_for` and
+    :meth:`wait_caught_up` let any thread wait for a version.
 
     Listeners added with :meth:`add_listener` are told of every change the watcher applies, on
     the watcher's thread, once the Engine holds it.
@@ -106,8 +113,10 @@ class CatalogWatcher:
         logger: logging.Logger | None = None,
         listen: bool = True,
         trust_notifications: bool = True,
+        name: str | None = None,
     ) -> None:
         catalog, engine = check_catalog_and_engine(catalog, engine)
+        self._fleet = FleetMember(name)
         if not 0 < interval <= threading.TIMEOUT_MAX:
             raise ValueError(
                 f"interval must be positive and at most {threading.TIMEOUT_MAX:g} s, got {interval!r}"
@@ -130,7 +139,14 @@ class CatalogWatcher:
         # The Engine's version before the first change the watcher took from a notification and
         # no catalog read has confirmed since; None when there is no such change.
         self._unverified_from: int | None = None
+        #: Failures recorded in :attr:`last_error` so far, by the exception's type name.
+        self.errors: Counter[str] = Counter()
+        #: When (``time.time()``) the watcher last applied a change or snapshot; None: never.
+        self.applied_at: float | None = None
         self._listeners: list[ChangeListener] = []
+        self._created = time.monotonic()
+        # Notified each time the watcher applies something: wakes wait_for.
+        self._applied = threading.Condition()
 
     @property
     def logger(self) -> logging.Logger:
@@ -166,6 +182,51 @@ class CatalogWatcher:
     def lag(self) -> int:
         """How many versions the Engine is behind the newest version seen."""
         return max(0, self.catalog_version - self._engine.version)
+
+    @property
+    def engine(self) -> Engine:
+        """The Engine the watcher keeps in step."""
+        return self._engine
+
+    @property
+    def name(self) -> str:
+        """The name the watcher answers roll calls with."""
+        return self._fleet.name
+
+    def wait_for(self, version: int, timeout: float | None = None) -> bool:
+        """Wait until the Engine holds ``version`` or newer: True, or False once ``timeout``
+        seconds have passed. Any thread may call it; it wakes when the watcher applies a
+        change (no polling). O(changes applied meanwhile).
+        """
+        with self._applied:
+            return self._applied.wait_for(lambda: self._engine.version >= version, timeout)
+
+    def wait_caught_up(self, timeout: float | None = None) -> bool:
+        """Wait until the Engine holds the version the catalog has now (one catalog read), as
+        :meth:`wait_for` does. Catalog errors propagate. O(1) reads.
+        """
+        began = time.monotonic()
+        version = self._catalog.version()
+        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - began))
+        return self.wait_for(version, remaining)
+
+    def status(self, backend_pid: int = 0) -> WatcherStatus:
+        """The watcher's state, as it answers a roll call (``backend_pid``: its listening
+        connection's server process). O(1)."""
+        error = self.last_error
+        return WatcherStatus(
+            name=self._fleet.name,
+            host=self._fleet.host,
+            pid=self._fleet.pid,
+            applied_version=self.applied_version,
+            catalog_version=self.catalog_version,
+            lag=self.lag,
+            listening=self.listening,
+            last_error=None if error is None else f"{type(error).__name__}: {error}",
+            uptime=round(time.monotonic() - self._created, 3),
+            backend_pid=backend_pid,
+            id=self._fleet.id,
+        )
 
     def add_listener(self, listener: ChangeListener) -> None:
         """Call ``listener`` with each change (or snapshot) applied from now on; O(1).
@@ -316,6 +377,7 @@ class CatalogWatcher:
                 if time.monotonic() >= next_poll:
                     self._guarded(self.sync_once)
                     next_poll = time.monotonic() + LISTENING_POLL_INTERVAL
+                self._answer_roll_calls(listener)
         finally:
             if listener is not None:
                 self._disconnect(listener, stopping=True)
@@ -413,15 +475,38 @@ class CatalogWatcher:
             self._logger.info("catalog watcher reset the engine to version %d", snapshot.version)
 
     def _tell(self, applied: CatalogChange | CatalogSnapshot) -> None:
+        self._signal_applied()
         for listener in list(self._listeners):
             try:
                 listener(applied)
             except Exception:
                 self._logger.exception("a catalog watcher listener failed")
 
+    def _signal_applied(self) -> None:
+        self.applied_at = time.time()
+        with self._applied:
+            self._applied.notify_all()
+
+    def _open_listener(self) -> CatalogListener:
+        """A listener on the catalog's channel that also answers roll calls."""
+        listener = self._catalog.listen()
+        try:
+            self._fleet.join(listener)
+        except BaseException:
+            listener.close()
+            raise
+        return listener
+
+    def _answer_roll_calls(self, listener: CatalogListener) -> None:
+        try:
+            self._fleet.answer(listener, lambda: self.status(listener.backend_pid))
+        except Exception as exc:
+            # A lost connection shows at the next wait, which reconnects.
+            self._logger.debug("catalog watcher could not answer a roll call: %s", exc)
+
     def _connect(self) -> CatalogListener | None:
         try:
-            listener = self._catalog.listen()
+            listener = self._open_listener()
         except Exception as exc:
             self._record(exc, "cannot listen for catalog notifications")
             return None
@@ -460,6 +545,7 @@ class CatalogWatcher:
     def _record(self, exc: BaseException, what: str) -> None:
         first = self.last_error is None or isinstance(self.last_error, EngineDivergedError)
         self.last_error = exc
+        self.errors[type(exc).__name__] += 1
         # The first failure of a run of them is a warning; repeats of an outage stay quiet.
         self._logger.log(logging.WARNING if first else logging.DEBUG, "%s: %s", what, exc)
 

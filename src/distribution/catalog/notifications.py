@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import psycopg
+import psycopg.sql
 
 from distribution.codec import decode_route_descriptor
 from distribution.database import translate_error
@@ -92,12 +93,60 @@ class CatalogListener:
 
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
         self._connection = connection
+        #: Payloads received on the other channels this connection LISTENs on, by channel.
+        self._others: dict[str, list[str]] = {}
+
+    @property
+    def backend_pid(self) -> int:
+        """The server process of the listening connection. O(1)."""
+        return self._connection.info.backend_pid
+
+    def listen(self, channel: str, *, application_name: str | None = None) -> None:
+        """LISTEN on ``channel`` too (its payloads wait for :meth:`take`), and set the
+        connection's ``application_name`` when given. One round trip.
+
+        Raises :class:`~distribution.CatalogUnavailableError` when the connection is lost.
+        """
+        try:
+            with self._connection.pipeline():
+                if application_name is not None:
+                    self._connection.execute(
+                        "SELECT set_config('application_name', %s, false)", [application_name]
+                    )
+                self._connection.execute(
+                    psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel))
+                )
+        except psycopg.Error as exc:
+            raise translate_error(exc) from exc
+        self._others.setdefault(channel, [])
+
+    def take(self, channel: str) -> list[str]:
+        """The payloads received on ``channel`` (see :meth:`listen`) since the last call. O(1)."""
+        taken = self._others.get(channel)
+        if not taken:
+            return []
+        self._others[channel] = []
+        return taken
+
+    def notify(self, channels: list[str], payload: str) -> None:
+        """Send ``payload`` on each of ``channels``, in one statement.
+
+        Raises :class:`~distribution.CatalogUnavailableError` when the connection is lost.
+        """
+        try:
+            self._connection.execute(
+                "SELECT pg_notify(channel, %s) FROM unnest(%s::text[]) AS channel",
+                [payload, channels],
+            )
+        except psycopg.Error as exc:
+            raise translate_error(exc) from exc
 
     def wait(self, timeout: float) -> list[CatalogNotification]:
         """Wait up to ``timeout`` seconds for notifications; return those that arrived.
 
         Returns as soon as one arrives, with any others already received; payloads that are not
-        the catalog's are logged and skipped. Raises
+        the catalog's are logged and skipped. Those of the other channels it LISTENs on wake it
+        too, and are kept for :meth:`take`. Raises
         :class:`~distribution.CatalogUnavailableError` when the connection is lost.
         """
         try:
@@ -108,6 +157,9 @@ class CatalogListener:
             raise translate_error(exc) from exc
         parsed = []
         for notify in received:
+            if notify.channel != NOTIFY_CHANNEL and notify.channel in self._others:
+                self._others[notify.channel].append(notify.payload)
+                continue
             try:
                 parsed.append(parse_notification(notify.payload))
             except ValueError as exc:
