@@ -19,6 +19,8 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── CatalogRouteNotFoundError             (+ LookupError)
     ├── CatalogPermissionError                (+ PermissionError)
     ├── CatalogUnavailableError               (+ ConnectionError)
+    ├── CatalogReadOnlyError
+    ├── NotificationsUnavailableError         (+ ConnectionError)
     ├── CatalogNotMigratedError
     ├── CatalogRouteIDRequiredError           (+ ValueError, and every class below)
     ├── CatalogGroupIDRequiredError
@@ -42,7 +44,8 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── EngineSnapshotRouteOverlapError
     ├── EngineSnapshotRouteOrderError
     ├── RouteKeyTooLongError
-    └── CatalogInvalidActorError
+    ├── CatalogInvalidActorError
+    └── NotificationSubjectInvalidError
 
 Arguments of the wrong type raise the built-in :class:`TypeError`; integers outside the unsigned
 64-bit range raise the built-in :class:`ValueError`.
@@ -73,6 +76,7 @@ __all__ = [
     "CatalogInvalidVersionRecordError",
     "CatalogNotMigratedError",
     "CatalogPermissionError",
+    "CatalogReadOnlyError",
     "CatalogRouteGroupMismatchError",
     "CatalogRouteIDOverflowError",
     "CatalogRouteIDRequiredError",
@@ -98,6 +102,8 @@ __all__ = [
     "EngineSnapshotRouteOverlapError",
     "EngineSnapshotVersionGapError",
     "EngineSnapshotVersionStaleError",
+    "NotificationSubjectInvalidError",
+    "NotificationsUnavailableError",
     "RouteKeyTooLongError",
 ]
 
@@ -270,3 +276,24 @@ class RouteKeyTooLongError(DistributionError, ValueError):
 class CatalogInvalidActorError(DistributionError, ValueError):
     """An actor is longer than :data:`~distribution.MAX_ACTOR_BYTES` bytes of UTF-8, is not valid
     UTF-8 (a lone surrogate), or holds a NUL character."""
+
+
+# -- reading from standbys, notifications through NATS -------------------------------------------
+
+
+class CatalogReadOnlyError(DistributionError, sqlstate="25006"):
+    """The database refused a write (or a LISTEN) as read-only: a hot standby, most often.
+
+    Writes go to the primary; a standby serves reads only. Its ``sqlstate`` is PostgreSQL's own
+    ``read_only_sql_transaction``.
+    """
+
+
+class NotificationsUnavailableError(DistributionError, ConnectionError):
+    """The notification source (a NATS server) cannot be reached, or dropped the connection, so
+    notifications may have been missed."""
+
+
+class NotificationSubjectInvalidError(DistributionError, ValueError):
+    """A NATS subject to publish or follow catalog notifications on is empty, holds whitespace or
+    a wildcard (``*``, ``>``), or has an empty token."""

@@ -29,7 +29,6 @@ from typing import Self
 
 from distribution.catalog import (
     DEFAULT_CHANGES_LIMIT,
-    CatalogListener,
     CatalogNotification,
     CatalogStore,
     check_catalog_and_engine,
@@ -39,6 +38,7 @@ from distribution.errors import (
     EngineSnapshotVersionGapError,
     EngineSnapshotVersionStaleError,
 )
+from distribution.sources import NotificationSource, NotificationSourceFactory
 from distribution.types import CatalogChange, CatalogSnapshot
 
 __all__ = ["DEFAULT_INTERVAL", "CatalogWatcher", "ChangeListener", "run_catalog_watcher"]
@@ -67,6 +67,10 @@ class CatalogWatcher:
     :attr:`listening`, and the counters :attr:`syncs` (catalog reads), :attr:`resets` (full
     snapshots applied) and :attr:`notifications` (notifications received).
 
+    ``notifications`` opens the source of notifications to follow instead of LISTEN on the
+    catalog's database (see :mod:`distribution.sources`); the catalog is still read for the first
+    snapshot, gaps and changes too large for one notification.
+
     Listeners added with :meth:`add_listener` are told of every change the watcher applies, on
     the watcher's thread, once the Engine holds it.
     """
@@ -79,6 +83,7 @@ class CatalogWatcher:
         interval: float = DEFAULT_INTERVAL,
         logger: logging.Logger | None = None,
         listen: bool = True,
+        notifications: NotificationSourceFactory | None = None,
     ) -> None:
         catalog, engine = check_catalog_and_engine(catalog, engine)
         if not 0 < interval <= threading.TIMEOUT_MAX:
@@ -90,6 +95,9 @@ class CatalogWatcher:
         self._interval = float(interval)
         self._logger = logger or _logger
         self._listen = listen
+        # Where notifications come from: LISTEN on the catalog's database unless told otherwise
+        # (a NATS subscription, say: see distribution.fanout).
+        self._notifications: NotificationSourceFactory = notifications or catalog.listen
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.catalog_version = 0
@@ -178,7 +186,7 @@ class CatalogWatcher:
         never end the loop.
         """
         self._guarded(self.sync_once)
-        listener: CatalogListener | None = None
+        listener: NotificationSource | None = None
         backoff = self._interval
         next_connect = 0.0
         next_poll = time.monotonic() + LISTENING_POLL_INTERVAL
@@ -287,9 +295,9 @@ class CatalogWatcher:
             except Exception:
                 self._logger.exception("a catalog watcher listener failed")
 
-    def _connect(self) -> CatalogListener | None:
+    def _connect(self) -> NotificationSource | None:
         try:
-            listener = self._catalog.listen()
+            listener = self._notifications()
         except Exception as exc:
             self._record(exc, "cannot listen for catalog notifications")
             return None
@@ -297,7 +305,7 @@ class CatalogWatcher:
         self._logger.info("catalog watcher connected: listening for catalog notifications")
         return listener
 
-    def _disconnect(self, listener: CatalogListener, *, stopping: bool = False) -> None:
+    def _disconnect(self, listener: NotificationSource, *, stopping: bool = False) -> None:
         self.listening = False
         listener.close()
         if stopping:
