@@ -22,6 +22,7 @@ from distribution.errors import (
     CatalogInvalidRouteStateError,
     CatalogNotMigratedError,
     CatalogPermissionError,
+    CatalogReadOnlyError,
     CatalogRouteIDRequiredError,
     CatalogRouteOverlapError,
     CatalogUnavailableError,
@@ -120,6 +121,10 @@ def translate_error(exc: psycopg.Error) -> DistributionError:
     """
     sqlstate = exc.sqlstate or ""
     message = exc.diag.message_primary or str(exc).strip()
+    if _read_only(exc, sqlstate, message):
+        return CatalogReadOnlyError(
+            f"the catalog database is read-only (a hot standby? writes go to the primary): {message}"
+        )
     error_class = _SQLSTATE_ERRORS.get(sqlstate)
     if error_class is not None:
         return error_class(message)
@@ -140,3 +145,12 @@ def translate_error(exc: psycopg.Error) -> DistributionError:
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
         return CatalogUnavailableError(f"the catalog database is unavailable: {message}")
     return DistributionError(f"the catalog database failed ({sqlstate or 'no sqlstate'}): {message}")
+
+
+def _read_only(exc: psycopg.Error, sqlstate: str, message: str) -> bool:
+    """Whether the server refused ``exc``'s statement as read-only: a write in a read-only
+    transaction, or a read-write transaction (or LISTEN) on a standby in recovery, which
+    PostgreSQL reports as an unsupported feature."""
+    return sqlstate == CatalogReadOnlyError.sqlstate or (
+        isinstance(exc, psycopg.errors.FeatureNotSupported) and "during recovery" in message
+    )
