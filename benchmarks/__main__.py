@@ -23,6 +23,7 @@ SECTIONS: dict[str, str] = {
     "engine": "benchmarks.bench_engine",
     "catalog": "benchmarks.bench_catalog",
     "watcher": "benchmarks.bench_watcher",
+    "scale": "benchmarks.bench_scale",
 }
 
 
