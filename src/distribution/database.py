@@ -121,7 +121,7 @@ def translate_error(exc: psycopg.Error) -> DistributionError:
     """
     sqlstate = exc.sqlstate or ""
     message = exc.diag.message_primary or str(exc).strip()
-    if _read_only(exc, sqlstate, message):
+    if _read_only(exc, message):
         return CatalogReadOnlyError(
             f"the catalog database is read-only (a hot standby? writes go to the primary): {message}"
         )
@@ -147,10 +147,10 @@ def translate_error(exc: psycopg.Error) -> DistributionError:
     return DistributionError(f"the catalog database failed ({sqlstate or 'no sqlstate'}): {message}")
 
 
-def _read_only(exc: psycopg.Error, sqlstate: str, message: str) -> bool:
+def _read_only(exc: psycopg.Error, message: str) -> bool:
     """Whether the server refused ``exc``'s statement as read-only: a write in a read-only
     transaction, or a read-write transaction (or LISTEN) on a standby in recovery, which
     PostgreSQL reports as an unsupported feature."""
-    return sqlstate == CatalogReadOnlyError.sqlstate or (
+    return isinstance(exc, psycopg.errors.ReadOnlySqlTransaction) or (
         isinstance(exc, psycopg.errors.FeatureNotSupported) and "during recovery" in message
     )

@@ -281,11 +281,10 @@ class CatalogInvalidActorError(DistributionError, ValueError):
 # -- reading from standbys, notifications through NATS -------------------------------------------
 
 
-class CatalogReadOnlyError(DistributionError, sqlstate="25006"):
+class CatalogReadOnlyError(DistributionError):
     """The database refused a write (or a LISTEN) as read-only: a hot standby, most often.
 
-    Writes go to the primary; a standby serves reads only. Its ``sqlstate`` is PostgreSQL's own
-    ``read_only_sql_transaction``.
+    Writes go to the primary; a standby serves reads only.
     """
 
 
