@@ -20,12 +20,17 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
+from standby import StreamingPair, streaming_pair
 
 pytest.importorskip("nats", reason="the nats extra (nats-py) is not installed")
 
 from distribution import CatalogStore, CatalogWatcher, Engine
 from distribution.catalog import CatalogNotification
-from distribution.errors import NotificationSubjectInvalidError, NotificationsUnavailableError
+from distribution.errors import (
+    CatalogVersionAheadError,
+    NotificationSubjectInvalidError,
+    NotificationsUnavailableError,
+)
 from distribution.fanout import NatsNotifications, NatsSubscription
 from distribution.types import CatalogChange, CatalogSnapshot, RouteDescriptor
 
@@ -429,3 +434,62 @@ def test_relay_command_needs_nats_and_a_good_subject(database_url: str) -> None:
     bad = run("--nats", "nats://127.0.0.1:4222", "--subject", "a.*")
     assert bad.returncode == 1
     assert "invalid NATS subject" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def pair(server_url: str) -> Iterator[StreamingPair]:
+    yield from streaming_pair(server_url)
+
+
+def test_nats_followers_reading_from_a_lagging_standby_never_go_back(
+    pair: StreamingPair, nats_url: str, subject: str
+) -> None:
+    """The third layout: notifications through NATS, reads from a standby, writes on the primary."""
+    pair.resume_replay()
+    with (
+        CatalogStore.from_url(pair.primary_url) as primary,
+        CatalogStore.from_url(pair.standby_url) as standby,
+        NatsNotifications(nats_url, subject) as nats,
+    ):
+        current = primary.snapshot()
+        routes = [
+            RouteDescriptor(i + 1, b"" if i == 0 else i.to_bytes(2, "big"),
+                            None if i == 299 else (i + 1).to_bytes(2, "big"), 1)
+            for i in range(300)
+        ]
+        primary.save(current.version, routes)
+        pair.wait_replayed()
+        relay = Relay(pair.primary_url, nats_url, subject)
+        probe = Probe(nats_url, subject)
+        try:
+            probe.take(_catch_up(primary.version()), "the relay's catch-up")
+            with followers(standby, nats, 2) as running:
+                wait_until(
+                    lambda: all(e.version == primary.version() for _, e, _ in running), "start"
+                )
+                pair.pause_replay()
+                lagged = standby.version()
+                split = [_split(primary) for _ in range(3)]
+                # Carried by the messages: applied with no read of the standby.
+                wait_until(lambda: all(e.version == split[-1] for _, e, _ in running), "splits")
+                snapshot = primary.snapshot()
+                moved = primary.save(
+                    snapshot.version, [r._replace(group_id=2) for r in snapshot.routes]
+                ).version
+                # Too large for a message: the watchers read the standby, which is behind them.
+                wait_until(
+                    lambda: all(
+                        isinstance(w.last_error, CatalogVersionAheadError) for w, _, _ in running
+                    ),
+                    "the standby found behind",
+                )
+                assert all(e.version == split[-1] for _, e, _ in running)
+                assert standby.version() == lagged
+                pair.resume_replay()
+                wait_until(lambda: all(e.version == moved for _, e, _ in running), "catching up")
+                _assert_correct(primary, [e for _, e, _ in running])
+            relay.stop()
+        finally:
+            probe.close()
+            relay.kill()
+            pair.resume_replay()
