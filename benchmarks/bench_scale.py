@@ -58,7 +58,10 @@ _REPO = Path(__file__).resolve().parent.parent
 _NATS_HOST, _NATS_PORT = "127.0.0.1", 4222
 _WATCHERS_PER_PROCESS = 50
 _WRITE_GAP = 0.25
+# How long the benchmark waits for one more process to become ready before it goes on anyway.
 _SETTLE = 60.0
+# How many processes start at once.
+_BATCH = 10
 _SERVICE_ROLE = "bench_service"
 
 
@@ -94,10 +97,14 @@ class _Process:
             return 0.0
         return float(times.user + times.system)
 
-    def stop(self) -> None:
+    def close_stdin(self) -> None:
+        """Tell the worker to exit."""
         with contextlib.suppress(OSError):
             assert self.popen.stdin is not None
             self.popen.stdin.close()
+
+    def stop(self) -> None:
+        self.close_stdin()
         try:
             self.popen.wait(30)
         except subprocess.TimeoutExpired:
@@ -182,10 +189,41 @@ def _wait_all(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         held = [seen[version] for seen in _applied(processes).values() if version in seen]
-        if len(held) >= watchers:
+        if held and len(held) >= watchers:
             return max(held)
         time.sleep(0.05)
     return None
+
+
+def _wait_ready(processes: Sequence[_Process]) -> int:
+    """Wait until every process is ready, or none became ready for a while (those that cannot
+    connect never do); return how many are."""
+    ready, changed = 0, time.monotonic()
+    while ready < len(processes) and time.monotonic() - changed < _SETTLE:
+        time.sleep(0.2)
+        now = sum(p.ready.is_set() for p in processes)
+        if now != ready:
+            ready, changed = now, time.monotonic()
+    return ready
+
+
+def _start_fleet(
+    service_url: str, config: _Config, nats: str | None, subject: str, fleet: list[_Process]
+) -> int:
+    """Start the fleet's processes a batch at a time (all at once, 90 interpreters starting on
+    2 cores starve each other for minutes), each batch once the previous one is ready or stalled.
+    Appends them to ``fleet`` (so that the caller stops them whatever happens); returns how many
+    became ready."""
+    remaining = config.watchers
+    while remaining:
+        batch = []
+        while remaining and len(batch) < _BATCH:
+            count = min(config.per_process, remaining)
+            batch.append(_spawn(_worker_args(service_url, "bench-watcher", count, nats, subject)))
+            remaining -= count
+        fleet += batch
+        _wait_ready(batch)
+    return sum(p.ready.is_set() for p in fleet)
 
 
 def _measure(
@@ -215,17 +253,12 @@ def _measure(
         # The relays need a moment to LISTEN before anything is published.
         time.sleep(2.0 if nats else 0)
         probe = _spawn(_worker_args(service_url, "bench-probe", 1, nats, subject))
-        probe.ready.wait(_SETTLE)
-        remaining = config.watchers
-        while remaining:
-            count = min(config.per_process, remaining)
-            fleet.append(_spawn(_worker_args(service_url, "bench-watcher", count, nats, subject)))
-            remaining -= count
-        deadline = time.monotonic() + _SETTLE + config.watchers * 0.2
-        while time.monotonic() < deadline and not all(p.ready.is_set() for p in fleet):
-            time.sleep(0.2)
-        progress(f"scale: {config.path} {config.watchers}: "
-                 f"{sum(p.ready.is_set() for p in fleet)} of {len(fleet)} processes ready")
+        probe.ready.wait(2 * _SETTLE)
+        ready = _start_fleet(service_url, config, nats, subject, fleet)
+        progress(
+            f"scale: {config.path} {config.watchers}: {ready} of {len(fleet)} processes ready "
+            f"(load average {os.getloadavg()[0]:.1f})"
+        )
         time.sleep(2.0)
         # One connection for the writer: with the benchmark's own reads, within the slots
         # PostgreSQL keeps for superusers when the services' role has taken all the others.
@@ -278,7 +311,10 @@ def _measure(
             storm_commit = time.time()
             storm_done = _wait_all(fleet, storm_version, following, 120.0)
     finally:
-        for process in [*fleet, *([probe] if probe else [])]:
+        workers = [*fleet, *([probe] if probe else [])]
+        for process in workers:
+            process.close_stdin()
+        for process in workers:
             process.stop()
         for relay in relays:
             relay.popen.terminate()
@@ -385,6 +421,12 @@ def _worker(argv: Sequence[str]) -> None:
         parser.add_argument(name)
     parser.add_argument("nats", nargs="?")
     args = parser.parse_args(argv)
+
+    def exit_with_the_benchmark() -> None:
+        sys.stdin.read()  # until the benchmark closes it, or ends
+        os._exit(0)
+
+    threading.Thread(target=exit_with_the_benchmark, name="bench-scale-stdin", daemon=True).start()
     from distribution import CatalogWatcher, Engine
     from distribution.fanout import NatsNotifications
     from distribution.types import CatalogChange, CatalogSnapshot
@@ -423,7 +465,7 @@ def _worker(argv: Sequence[str]) -> None:
         with lock:
             sys.stdout.write("ready\n")
             sys.stdout.flush()
-        sys.stdin.read()  # until the benchmark closes it
+        threading.Event().wait()  # until the benchmark closes stdin
 
 
 if __name__ == "__main__":
