@@ -24,6 +24,7 @@ SECTIONS: dict[str, str] = {
     "catalog": "benchmarks.bench_catalog",
     "watcher": "benchmarks.bench_watcher",
     "fleet": "benchmarks.bench_fleet",
+    "scale": "benchmarks.bench_scale",
 }
 
 

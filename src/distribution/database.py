@@ -25,6 +25,7 @@ from distribution.errors import (
     CatalogInvalidRouteStateError,
     CatalogNotMigratedError,
     CatalogPermissionError,
+    CatalogReadOnlyError,
     CatalogRouteIDRequiredError,
     CatalogRouteOverlapError,
     CatalogUnavailableError,
@@ -128,7 +129,8 @@ def create_engine(url: str | None = None, **options: object) -> sa.Engine:
 def translate_error(exc: psycopg.Error) -> DistributionError:
     """Return the library error that stands for the psycopg error ``exc``; O(1).
 
-    In order: the SQLSTATE of a server function's error (its class in
+    In order: a write refused as read-only, on a hot standby most often
+    (:class:`~distribution.CatalogReadOnlyError`); the SQLSTATE of a server function's error (its class in
     :mod:`distribution.errors`); a missing table, column or function
     (:class:`~distribution.CatalogNotMigratedError`); an integrity constraint (its class);
     a refused privilege (:class:`~distribution.CatalogPermissionError`); a serialization
@@ -148,6 +150,10 @@ def translate_error(exc: psycopg.Error) -> DistributionError:
     """
     sqlstate = exc.sqlstate or ""
     message = exc.diag.message_primary or str(exc).strip()
+    if _read_only(exc, message):
+        return CatalogReadOnlyError(
+            f"the catalog database is read-only (a hot standby? writes go to the primary): {message}"
+        )
     error_class = _SQLSTATE_ERRORS.get(sqlstate)
     if error_class is not None:
         return error_class(message)
@@ -205,3 +211,10 @@ def _connection_lost(exc: psycopg.Error, sqlstate: str) -> bool:
         return False
     # Without a SQLSTATE, the driver itself failed: connecting, or reading from a dead socket.
     return not sqlstate or sqlstate[:2] == "08" or sqlstate in _SESSION_ENDED
+def _read_only(exc: psycopg.Error, message: str) -> bool:
+    """Whether the server refused ``exc``'s statement as read-only: a write in a read-only
+    transaction, or a read-write transaction (or LISTEN) on a standby in recovery, which
+    PostgreSQL reports as an unsupported feature."""
+    return isinstance(exc, psycopg.errors.ReadOnlySqlTransaction) or (
+        isinstance(exc, psycopg.errors.FeatureNotSupported) and "during recovery" in message
+    )

@@ -19,6 +19,8 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── CatalogRouteNotFoundError             (+ LookupError)
     ├── CatalogPermissionError                (+ PermissionError)
     ├── CatalogUnavailableError               (+ ConnectionError)
+    ├── CatalogReadOnlyError
+    ├── NotificationsUnavailableError         (+ ConnectionError)
     ├── CatalogNotMigratedError
     ├── CatalogRouteIDRequiredError           (+ ValueError, and every class below)
     ├── CatalogGroupIDRequiredError
@@ -44,7 +46,8 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── RouteKeyTooLongError
     ├── CatalogInvalidActorError
     ├── CatalogDataError
-    └── WatcherNameError
+    ├── WatcherNameError
+    └── NotificationSubjectInvalidError
 
 Arguments of the wrong type raise the built-in :class:`TypeError`; integers outside the unsigned
 64-bit range raise the built-in :class:`ValueError`.
@@ -83,6 +86,7 @@ __all__ = [
     "CatalogInvalidVersionRecordError",
     "CatalogNotMigratedError",
     "CatalogPermissionError",
+    "CatalogReadOnlyError",
     "CatalogRouteGroupMismatchError",
     "CatalogRouteIDOverflowError",
     "CatalogRouteIDRequiredError",
@@ -108,6 +112,8 @@ __all__ = [
     "EngineSnapshotRouteOverlapError",
     "EngineSnapshotVersionGapError",
     "EngineSnapshotVersionStaleError",
+    "NotificationSubjectInvalidError",
+    "NotificationsUnavailableError",
     "RouteKeyTooLongError",
     "WatcherNameError",
 ]
@@ -305,3 +311,21 @@ class CatalogDataError(DistributionError, ValueError):
 class WatcherNameError(DistributionError, ValueError):
     """A watcher name is empty, holds a NUL character, or is longer than
     :data:`~distribution.catalog.fleet.MAX_WATCHER_NAME_BYTES` bytes of UTF-8."""
+# -- reading from standbys, notifications through NATS -------------------------------------------
+
+
+class CatalogReadOnlyError(DistributionError):
+    """The database refused a write (or a LISTEN) as read-only: a hot standby, most often.
+
+    Writes go to the primary; a standby serves reads only.
+    """
+
+
+class NotificationsUnavailableError(DistributionError, ConnectionError):
+    """The notification source (a NATS server) cannot be reached, or dropped the connection, so
+    notifications may have been missed."""
+
+
+class NotificationSubjectInvalidError(DistributionError, ValueError):
+    """A NATS subject to publish or follow catalog notifications on is empty, holds whitespace or
+    a wildcard (``*``, ``>``), or has an empty token."""

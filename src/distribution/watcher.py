@@ -61,6 +61,7 @@ from distribution.errors import (
     EngineSnapshotVersionGapError,
     EngineSnapshotVersionStaleError,
 )
+from distribution.sources import NotificationSource, NotificationSourceFactory
 from distribution.types import CatalogChange, CatalogHead, CatalogSnapshot
 
 __all__ = ["DEFAULT_INTERVAL", "CatalogWatcher", "ChangeListener", "run_catalog_watcher"]
@@ -100,6 +101,10 @@ class CatalogWatcher:
     calls of :mod:`distribution.catalog.fleet` while it listens; :meth:`wait_for` and
     :meth:`wait_caught_up` let any thread wait for a version.
 
+    ``notifications`` opens the source of notifications to follow instead of LISTEN on the
+    catalog's database (see :mod:`distribution.sources`); the catalog is still read for the first
+    snapshot, gaps and changes too large for one notification.
+
     Listeners added with :meth:`add_listener` are told of every change the watcher applies, on
     the watcher's thread, once the Engine holds it.
     """
@@ -114,6 +119,7 @@ class CatalogWatcher:
         listen: bool = True,
         trust_notifications: bool = True,
         name: str | None = None,
+        notifications: NotificationSourceFactory | None = None,
     ) -> None:
         catalog, engine = check_catalog_and_engine(catalog, engine)
         self._fleet = FleetMember(name)
@@ -127,6 +133,9 @@ class CatalogWatcher:
         self._logger = logger or _logger
         self._listen = listen
         self._trust_notifications = trust_notifications
+        # Where notifications come from: LISTEN on the catalog's database unless told otherwise
+        # (a NATS subscription, say: see distribution.fanout).
+        self._notifications: NotificationSourceFactory = notifications or catalog.listen
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.catalog_version = 0
@@ -345,7 +354,7 @@ class CatalogWatcher:
         never end the loop.
         """
         self._guarded(self.sync_once)
-        listener: CatalogListener | None = None
+        listener: NotificationSource | None = None
         backoff = self._interval
         next_connect = 0.0
         next_poll = time.monotonic() + LISTENING_POLL_INTERVAL
@@ -487,24 +496,28 @@ class CatalogWatcher:
         with self._applied:
             self._applied.notify_all()
 
-    def _open_listener(self) -> CatalogListener:
-        """A listener on the catalog's channel that also answers roll calls."""
-        listener = self._catalog.listen()
-        try:
-            self._fleet.join(listener)
-        except BaseException:
-            listener.close()
-            raise
+    def _open_listener(self) -> NotificationSource:
+        """The source of notifications; LISTENing on the catalog's database, it also answers
+        roll calls (a watcher following another source holds no connection to answer on)."""
+        listener = self._notifications()
+        if isinstance(listener, CatalogListener):
+            try:
+                self._fleet.join(listener)
+            except BaseException:
+                listener.close()
+                raise
         return listener
 
-    def _answer_roll_calls(self, listener: CatalogListener) -> None:
+    def _answer_roll_calls(self, listener: NotificationSource) -> None:
+        if not isinstance(listener, CatalogListener):
+            return
         try:
             self._fleet.answer(listener, lambda: self.status(listener.backend_pid))
         except Exception as exc:
             # A lost connection shows at the next wait, which reconnects.
             self._logger.debug("catalog watcher could not answer a roll call: %s", exc)
 
-    def _connect(self) -> CatalogListener | None:
+    def _connect(self) -> NotificationSource | None:
         try:
             listener = self._open_listener()
         except Exception as exc:
@@ -514,7 +527,7 @@ class CatalogWatcher:
         self._logger.info("catalog watcher connected: listening for catalog notifications")
         return listener
 
-    def _disconnect(self, listener: CatalogListener, *, stopping: bool = False) -> None:
+    def _disconnect(self, listener: NotificationSource, *, stopping: bool = False) -> None:
         self.listening = False
         listener.close()
         if stopping:

@@ -36,6 +36,7 @@ from distribution.cli.output import (
     write_result_lines,
     write_result_to_json,
 )
+from distribution.cli.relay import cmd_relay
 from distribution.cli.session import Session, redact
 from distribution.cli.transfer import cmd_export, cmd_import
 from distribution.errors import (
@@ -550,6 +551,7 @@ COMMANDS: dict[str, Callable[[Session], int]] = {
     "prune": cmd_prune,
     "watch": cmd_watch,
     "fleet": cmd_fleet,
+    "relay": cmd_relay,
     "export": cmd_export,
     "import": cmd_import,
     "db": cmd_db,

@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 from distribution.cli.errors import UsageError
 from distribution.cli.output import parse_state
+from distribution.cli.relay import add_relay_arguments
 from distribution.types import UINT64_MAX, RouteState
 
 __all__ = ["EPILOG", "MAX_INIT_GROUPS", "build_parser", "default_actor", "positive_int", "u64"]
@@ -337,6 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for connected watchers to answer, at most (default: 1)",
     )
     fleet.add_argument("--json", action="store_true", help="print JSON")
+
+    add_relay_arguments(
+        add(
+            "relay",
+            "publish every catalog write on NATS, for watchers that follow NATS",
+            "LISTEN on the catalog database (the primary) and publish each write's notification\n"
+            "on a NATS subject, for services whose watchers follow NATS instead of holding a\n"
+            "connection to the primary each. Run two or more for availability: watchers apply each\n"
+            "version once. Runs until SIGTERM or Ctrl-C. Needs the nats extra.",
+        )
+    )
 
     formats = ("json", "kv")
     format_help = (
