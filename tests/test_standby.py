@@ -79,7 +79,13 @@ def test_standby_reads_what_the_primary_wrote(
     version = _split(primary)
     pair.wait_replayed()
     assert standby.snapshot() == primary.snapshot()
-    assert standby.changes_since(version - 1) == primary.changes_since(version - 1)
+    on_standby, on_primary = standby.changes_since(version - 1), primary.changes_since(version - 1)
+    assert on_standby.changes == on_primary.changes
+    assert on_standby.head is not None and on_primary.head is not None
+    assert on_standby.head[:2] == on_primary.head[:2] == tuple(primary.head()[:2])
+    # The head says where it was read: a watcher keeps its Engine when a standby lags.
+    assert (on_standby.head.standby, on_primary.head.standby) == (True, False)
+    assert standby.head().standby and not primary.head().standby
 
 
 def test_a_write_sent_to_a_standby_is_refused_as_read_only(

@@ -137,10 +137,12 @@ class CatalogChange:
 
 
 class CatalogHead(NamedTuple):
-    """The catalog's version and its route digest, read together."""
+    """The catalog's version and its route digest, read together; ``standby`` when they were
+    read from a hot standby (which may lag behind the primary)."""
 
     version: int
     digest: int
+    standby: bool = False
 
 
 @dataclass(frozen=True, slots=True)

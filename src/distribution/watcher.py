@@ -25,7 +25,9 @@ within a second. :attr:`verified_version` is the newest version confirmed (the E
 when the watcher was given it counts as confirmed). A forged notification is therefore undone at
 the next catalog read: a lie at a version the catalog then reaches differs in digest, and when the
 catalog is behind an unverified version (a chain of lies ran ahead), the watcher goes back to the
-catalog, a repair as above. With ``trust_notifications=False`` the watcher applies nothing a
+catalog, a repair as above. A hot standby behind an unverified version may only be lagging (the
+watcher reads from it while notifications come from the primary or a relay), so there the
+watcher keeps the Engine, as below, and checks those versions once the standby has replayed them. With ``trust_notifications=False`` the watcher applies nothing a
 notification carries: notifications only wake it, and it reads every change from the catalog (one
 read for a burst of them).
 
@@ -279,8 +281,10 @@ class CatalogWatcher:
                 self.catalog_version = head.version
                 if head.version >= version:
                     continue  # the catalog moved on meanwhile
-                if head.version < self.verified_version:
-                    raise  # a lagging replica, or a restored backup: keep what was read
+                if head.version < self.verified_version or head.standby:
+                    # A lagging replica, or a restored backup: keep what was read. A standby
+                    # behind notified versions may only lag: they are checked once it has them.
+                    raise
                 self._repair(
                     f"the catalog is at version {head.version}, behind the version {version} "
                     "the engine took from notifications: going back to the catalog"

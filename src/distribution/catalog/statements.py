@@ -150,7 +150,7 @@ VERSION = sa.select(_meta.c.version)
 #: The next route id the catalog will allocate.
 NEXT_ROUTE_ID = sa.select(_meta.c.next_route_id)
 #: The version and the route digest (:class:`~distribution.CatalogHead`).
-HEAD = sa.select(_meta.c.version, _meta.c.digest)
+HEAD = sa.select(_meta.c.version, _meta.c.digest, sa.func.pg_is_in_recovery())
 #: :data:`HEAD`, and the oldest version still readable exactly.
 HEAD_AND_FLOOR = HEAD.add_columns(_meta.c.history_floor)
 #: The version and the oldest version still readable exactly.

@@ -165,8 +165,8 @@ class CatalogStore(CatalogOperations):
     def head(self) -> CatalogHead:
         """Read the catalog version and its route digest together; O(1)."""
         with transaction(self._sa_engine, read_only=True) as connection:
-            version, digest = connection.execute(statements.HEAD).one()
-        return CatalogHead(version, digest)
+            version, digest, standby = connection.execute(statements.HEAD).one()
+        return CatalogHead(version, digest, standby)
 
     def version(self) -> int:
         """Read the catalog version; O(1)."""
@@ -207,10 +207,12 @@ class CatalogStore(CatalogOperations):
         check_u64("version", version)
         _check_count("limit", limit, minimum=1)
         with transaction(self._sa_engine, read_only=True) as connection:
-            current, digest, floor = connection.execute(statements.HEAD_AND_FLOOR).one()
+            current, digest, standby, floor = connection.execute(
+                statements.HEAD_AND_FLOOR
+            ).one()
             if version > current:
                 raise _ahead(version, current)
-            head = CatalogHead(current, digest)
+            head = CatalogHead(current, digest, standby)
             if version < floor:
                 with paused_gc():
                     routes = statements.descriptors(
