@@ -20,6 +20,10 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── CatalogPermissionError                (+ PermissionError)
     ├── CatalogUnavailableError               (+ ConnectionError)
     ├── CatalogNotMigratedError
+    ├── CatalogUnversionedWriteError
+    ├── CatalogVersionStepError
+    ├── CatalogHistoryRemovalError
+    ├── CatalogDigestWriteError
     ├── CatalogRouteIDRequiredError           (+ ValueError, and every class below)
     ├── CatalogGroupIDRequiredError
     ├── CatalogDuplicateRouteIDError
@@ -38,6 +42,8 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── CatalogRouteNotActiveError
     ├── CatalogInvalidStateTransitionError
     ├── CatalogRouteNotFencedError
+    ├── CatalogRequestIDReusedError
+    ├── CatalogInvalidRequestIDError
     ├── EngineSnapshotDuplicateIDError
     ├── EngineSnapshotRouteOverlapError
     ├── EngineSnapshotRouteOrderError
@@ -60,10 +66,13 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "CatalogDigestWriteError",
     "CatalogDuplicateRouteIDError",
     "CatalogGroupIDRequiredError",
+    "CatalogHistoryRemovalError",
     "CatalogInvalidActorError",
     "CatalogInvalidNextRouteIDError",
+    "CatalogInvalidRequestIDError",
     "CatalogInvalidRouteKeyError",
     "CatalogInvalidRouteRangeError",
     "CatalogInvalidRouteRecordError",
@@ -73,6 +82,7 @@ __all__ = [
     "CatalogInvalidVersionRecordError",
     "CatalogNotMigratedError",
     "CatalogPermissionError",
+    "CatalogRequestIDReusedError",
     "CatalogRouteGroupMismatchError",
     "CatalogRouteIDOverflowError",
     "CatalogRouteIDRequiredError",
@@ -86,9 +96,11 @@ __all__ = [
     "CatalogSplitKeyAtBoundaryError",
     "CatalogStoreRequiredError",
     "CatalogUnavailableError",
+    "CatalogUnversionedWriteError",
     "CatalogVersionAheadError",
     "CatalogVersionMismatchError",
     "CatalogVersionOverflowError",
+    "CatalogVersionStepError",
     "DistributionError",
     "EngineDigestMismatchError",
     "EngineDivergedError",
@@ -249,6 +261,37 @@ class CatalogInvalidStateTransitionError(DistributionError, ValueError, sqlstate
 
 class CatalogRouteNotFencedError(DistributionError, ValueError, sqlstate="UD011"):
     """The operation needs a WRITE_FENCED route."""
+
+
+# -- What the database refuses whoever writes (raw SQL included), and retried writes ----------
+
+
+class CatalogUnversionedWriteError(DistributionError, sqlstate="UD012"):
+    """Routes, history or the metadata row changed in a transaction that has not moved the catalog
+    version through ``distribution_begin_write`` (raw SQL, say): no watcher would see it."""
+
+
+class CatalogVersionStepError(DistributionError, sqlstate="UD013"):
+    """The catalog version changed by other than exactly one."""
+
+
+class CatalogHistoryRemovalError(DistributionError, sqlstate="UD014"):
+    """A statement would remove what the catalog still needs: a live route, a route row or history
+    entry the history window still reads, every row (TRUNCATE), or history below a lower floor."""
+
+
+class CatalogDigestWriteError(DistributionError, sqlstate="UD015"):
+    """The route digest was set by hand: only the routes' own triggers keep it."""
+
+
+class CatalogRequestIDReusedError(DistributionError, ValueError, sqlstate="UD016"):
+    """A write's ``request_id`` already names another write (another operation, other arguments
+    or another expected version)."""
+
+
+class CatalogInvalidRequestIDError(DistributionError, ValueError):
+    """A ``request_id`` is empty, longer than :data:`~distribution.catalog.MAX_REQUEST_ID_CHARS`
+    characters, or holds a character outside printable ASCII (``!`` to ``~``)."""
 
 
 class EngineSnapshotDuplicateIDError(DistributionError, ValueError):

@@ -384,9 +384,10 @@ class CatalogStore(CatalogOperations):
             new_floor: int = max(floor, current - keep_versions + 1)
             if new_floor > floor:
                 floor_parameter = {"floor": new_floor}
+                # The floor first: the database lets only rows below it go.
+                connection.execute(statements.SET_HISTORY_FLOOR, floor_parameter)
                 connection.execute(statements.DELETE_RETIRED_ROUTES, floor_parameter)
                 connection.execute(statements.DELETE_HISTORY, floor_parameter)
-                connection.execute(statements.SET_HISTORY_FLOOR, floor_parameter)
         return new_floor
 
     def listen(self) -> CatalogListener:
