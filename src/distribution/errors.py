@@ -42,8 +42,6 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── CatalogRouteNotActiveError
     ├── CatalogInvalidStateTransitionError
     ├── CatalogRouteNotFencedError
-    ├── CatalogRequestIDReusedError
-    ├── CatalogInvalidRequestIDError
     ├── EngineSnapshotDuplicateIDError
     ├── EngineSnapshotRouteOverlapError
     ├── EngineSnapshotRouteOrderError
@@ -72,7 +70,6 @@ __all__ = [
     "CatalogHistoryRemovalError",
     "CatalogInvalidActorError",
     "CatalogInvalidNextRouteIDError",
-    "CatalogInvalidRequestIDError",
     "CatalogInvalidRouteKeyError",
     "CatalogInvalidRouteRangeError",
     "CatalogInvalidRouteRecordError",
@@ -82,7 +79,6 @@ __all__ = [
     "CatalogInvalidVersionRecordError",
     "CatalogNotMigratedError",
     "CatalogPermissionError",
-    "CatalogRequestIDReusedError",
     "CatalogRouteGroupMismatchError",
     "CatalogRouteIDOverflowError",
     "CatalogRouteIDRequiredError",
@@ -263,7 +259,7 @@ class CatalogRouteNotFencedError(DistributionError, ValueError, sqlstate="UD011"
     """The operation needs a WRITE_FENCED route."""
 
 
-# -- What the database refuses whoever writes (raw SQL included), and retried writes ----------
+# -- What the database refuses whoever writes, raw SQL included ------------------------------
 
 
 class CatalogUnversionedWriteError(DistributionError, sqlstate="UD012"):
@@ -282,16 +278,6 @@ class CatalogHistoryRemovalError(DistributionError, sqlstate="UD014"):
 
 class CatalogDigestWriteError(DistributionError, sqlstate="UD015"):
     """The route digest was set by hand: only the routes' own triggers keep it."""
-
-
-class CatalogRequestIDReusedError(DistributionError, ValueError, sqlstate="UD016"):
-    """A write's ``request_id`` already names another write (another operation, other arguments
-    or another expected version)."""
-
-
-class CatalogInvalidRequestIDError(DistributionError, ValueError):
-    """A ``request_id`` is empty, longer than :data:`~distribution.catalog.MAX_REQUEST_ID_CHARS`
-    characters, or holds a character outside printable ASCII (``!`` to ``~``)."""
 
 
 class EngineSnapshotDuplicateIDError(DistributionError, ValueError):
