@@ -23,6 +23,8 @@ SECTIONS: dict[str, str] = {
     "engine": "benchmarks.bench_engine",
     "catalog": "benchmarks.bench_catalog",
     "watcher": "benchmarks.bench_watcher",
+    "fleet": "benchmarks.bench_fleet",
+    "scale": "benchmarks.bench_scale",
 }
 
 

@@ -1572,10 +1572,10 @@ def test_a_save_of_huge_keys_notifies_the_version_alone(
     store: CatalogStore, listener: psycopg.Connection[Any]
 ) -> None:
     """PostgreSQL refuses NOTIFY payloads of 8000 bytes or more: the write must not fail."""
+    bounds = [b"", *(bytes([letter]) * distribution.MAX_ROUTE_KEY_BYTES for letter in b"abcdef")]
     routes = [
-        RouteDescriptor(route_id=1, start=b"", end=b"a" * 3000, group_id=1),
-        RouteDescriptor(route_id=2, start=b"a" * 3000, end=b"b" * 3000, group_id=1),
-        RouteDescriptor(route_id=3, start=b"b" * 3000, end=None, group_id=1),
+        RouteDescriptor(route_id=i + 1, start=start, end=end, group_id=1)
+        for i, (start, end) in enumerate(zip(bounds, [*bounds[1:], None], strict=True))
     ]
     assert store.save(0, routes).version == 1
     assert next_payload(listener) == "1"

@@ -17,6 +17,7 @@ import pytest
 from test_cli import UNREACHABLE_URL, cli, fails, ok, routes_json, watching
 
 from distribution import (
+    MAX_ROUTE_KEY_BYTES,
     CatalogSnapshot,
     RouteDescriptor,
     catalog_next_route_id_key,
@@ -25,7 +26,6 @@ from distribution import (
     encode_route_descriptor,
 )
 from distribution.cli import _OneLineLogHandler
-from distribution.cli.keys import MAX_KEY_BYTES
 from distribution.cli.transfer import _Source, plan_import
 
 # -- what lookup and history show -----------------------------------------------------------------
@@ -106,7 +106,7 @@ def test_merge_with_the_ids_in_the_wrong_order_says_so(database_url: str) -> Non
 def test_a_huge_split_key_is_refused_before_the_database(database_url: str) -> None:
     ok("init", url=database_url)
     line = fails(2, "split", "1", "x" * 100_000, url=database_url)
-    assert f"at most {MAX_KEY_BYTES:,} bytes" in line
+    assert f"at most {MAX_ROUTE_KEY_BYTES:,} bytes" in line
     assert routes_json(database_url)["version"] == 1
 
 

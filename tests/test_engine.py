@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import gc
 import random
 import threading
@@ -14,6 +16,7 @@ import pytest
 
 import distribution.table as table_module
 from distribution import (
+    MAX_ROUTE_KEY_BYTES,
     UINT64_MAX,
     CatalogChange,
     CatalogGroupIDRequiredError,
@@ -23,6 +26,7 @@ from distribution import (
     CatalogSnapshot,
     DistributionError,
     Engine,
+    EngineDigestMismatchError,
     EngineSnapshotDuplicateIDError,
     EngineSnapshotRouteOrderError,
     EngineSnapshotRouteOverlapError,
@@ -30,10 +34,12 @@ from distribution import (
     EngineSnapshotVersionStaleError,
     Route,
     RouteDescriptor,
+    RouteKeyTooLongError,
     RouteState,
     _pylookup,
     validate_route_descriptor,
 )
+from distribution.codec import routes_digest
 
 ACTIVE = RouteState.ACTIVE
 FENCED = RouteState.WRITE_FENCED
@@ -169,7 +175,8 @@ def test_a_refused_key_is_one_error_not_a_chain() -> None:
     engine = Engine.with_default_route()
     with pytest.raises(TypeError, match=r"^key must be bytes, got str \(encode") as refused:
         engine.get_route("k")  # type: ignore[arg-type]
-    assert refused.value.__suppress_context__ and refused.value.__cause__ is None
+    error = refused.value
+    assert (error.__context__ is None or error.__suppress_context__) and error.__cause__ is None
     with pytest.raises(TypeError, match=r"^key must be bytes, got int$") as refused:
         engine.group_keys([b"a", b"b", 3])  # type: ignore[list-item]
     assert refused.value.__suppress_context__ and refused.value.__cause__ is None
@@ -741,6 +748,235 @@ def test_apply_changes_on_a_hotspot_split_route(chunk: int) -> None:
     assert shape(engine) == [(1, b"a", b"m", 4, ACTIVE, 0), (2, b"m", None, 1, ACTIVE, 1)]
 
 
+# -- the catalog digest, reset --------------------------------------------------------------------
+
+
+def descriptors_digest(*routes: RouteDescriptor) -> int:
+    return routes_digest(routes)
+
+
+SPLIT_ABC = (rd(1, b"", b"b", 1), rd(4, b"b", b"c", 2, ACTIVE, 2), rd(5, b"c", b"d", 2, FENCED, 2))
+
+
+def test_digest_follows_snapshots_and_changes(chunk: int) -> None:
+    engine = Engine()
+    assert engine.digest == 0
+    engine.apply_snapshot(ABC)
+    assert engine.digest == descriptors_digest(*ABC.routes)
+    split = change(1, 2, SPLIT_ABC[1:], (2,))
+    engine.apply_changes([split])
+    assert engine.digest == descriptors_digest(*SPLIT_ABC, ABC.routes[2])
+    # An upsert of a known id replaces its hash; a delete takes it out.
+    engine.apply_changes([change(2, 3, (rd(5, b"c", b"d", 3, FENCED, 2),), (3,))])
+    want = descriptors_digest(*SPLIT_ABC[:2], rd(5, b"c", b"d", 3, FENCED, 2))
+    assert engine.digest == want
+    engine._check()
+    # Ephemeral routes are not in the catalog.
+    engine.update_route(b"x", None, 7)
+    assert engine.digest == want
+    engine._check()
+
+
+def test_hotspot_pieces_leave_the_digest_to_the_route_they_shadow(chunk: int) -> None:
+    engine = Engine(hotspot_threshold=2)
+    routes = (rd(1, b"a", b"m", 1, ACTIVE, 9), rd(2, b"m", None, 2, ACTIVE, 8))
+    engine.apply_snapshot(snap(1, *routes))
+    engine.record_access(b"b")
+    engine.record_access(b"b")
+    assert [r.route_id for r in engine.stats()] == [0, 0, 2]
+    assert engine.digest == descriptors_digest(*routes)
+    engine._check()
+    # Deleting the shadowed route takes its hash out, as the catalog does.
+    engine.apply_changes([replace_digest(change(1, 2, (), (1,)), descriptors_digest(routes[1]))])
+    assert engine.digest == descriptors_digest(routes[1])
+    engine._check()
+
+
+def test_digest_of_a_shadowed_route_is_computed_when_the_snapshot_had_none(chunk: int) -> None:
+    engine = Engine(hotspot_threshold=2)
+    routes = (rd(1, b"a", b"m", 1, ACTIVE, 9), rd(2, b"m", None, 2, ACTIVE, 8))
+    engine.apply_snapshot(snap(1, *routes))
+    engine.record_access(b"b")
+    engine.record_access(b"b")
+    engine._check()
+    assert engine.digest == descriptors_digest(*routes)
+
+
+def replace_digest(c: CatalogChange, digest: int) -> CatalogChange:
+    return dataclasses.replace(c, digest=digest)
+
+
+def test_snapshot_digest_is_taken_as_it_is() -> None:
+    """A catalog read brings the digest: the Engine does not hash a million routes again."""
+    engine = Engine()
+    engine.apply_snapshot(dataclasses.replace(ABC, digest=42))
+    assert engine.digest == 42
+    engine.reset(dataclasses.replace(ABC, digest=43))
+    assert engine.digest == 43
+
+
+def test_snapshot_without_digest_computes_it(chunk: int) -> None:
+    engine = Engine()
+    engine.apply_snapshot(ABC)
+    engine.apply_changes([change(1, 2, SPLIT_ABC[1:], (2,))])
+    assert engine.digest == descriptors_digest(*SPLIT_ABC, ABC.routes[2])
+    # Computed first for a change that names its digest.
+    engine.reset(snap(2, *SPLIT_ABC, ABC.routes[2]))
+    after = descriptors_digest(*SPLIT_ABC)
+    engine.apply_changes([replace_digest(change(2, 3, (), (3,)), after)])
+    assert engine.digest == after
+
+
+@pytest.mark.parametrize("digest", ["1", 1.0, 2**63, -(2**63) - 1])
+def test_digest_must_be_a_signed_64_bit_int(digest: object) -> None:
+    engine = Engine()
+    engine.apply_snapshot(ABC)
+    with pytest.raises(TypeError, match="digest"):
+        engine.apply_snapshot(dataclasses.replace(snap(2), digest=digest))
+    with pytest.raises(TypeError, match="digest"):
+        engine.apply_changes([replace_digest(change(1, 2), digest)])  # type: ignore[arg-type]
+    assert engine.version == 1
+    assert engine.digest == descriptors_digest(*ABC.routes)
+
+
+def test_a_mismatching_change_publishes_nothing_of_its_batch(chunk: int) -> None:
+    engine = Engine(hotspot_threshold=5)
+    engine.apply_snapshot(dataclasses.replace(ABC, digest=descriptors_digest(*ABC.routes)))
+    engine.record_access(b"a")
+    before = shape(engine)
+    good = change(1, 2, SPLIT_ABC[1:], (2,))
+    good = replace_digest(good, descriptors_digest(*SPLIT_ABC, ABC.routes[2]))
+    bad = replace_digest(change(2, 3, (), (3,)), descriptors_digest(*SPLIT_ABC, ABC.routes[2]))
+    with pytest.raises(EngineDigestMismatchError) as raised:
+        engine.apply_changes([good, bad])
+    message = str(raised.value)
+    assert "version 2 to version 3" in message
+    assert str(descriptors_digest(*SPLIT_ABC)) in message and str(bad.digest) in message
+    assert shape(engine) == before
+    assert engine.version == 1
+    assert engine.digest == descriptors_digest(*ABC.routes)
+    # A wrong digest on the first change: the same.
+    with pytest.raises(EngineDigestMismatchError, match="version 1 to version 2"):
+        engine.apply_changes([replace_digest(good, 0)])
+    assert shape(engine) == before
+    # The right one goes through.
+    engine.apply_changes([good])
+    assert engine.version == 2 and engine.digest == good.digest
+
+
+def test_changes_already_applied_are_not_checked() -> None:
+    engine = Engine()
+    engine.apply_snapshot(ABC)
+    engine.apply_changes([change(1, 2, (), (3,))])
+    engine.apply_changes([replace_digest(change(1, 2, (), (3,)), 12345)])
+    assert engine.version == 2
+
+
+def test_reset_goes_back_to_an_older_catalog(chunk: int) -> None:
+    engine = Engine(hotspot_threshold=5)
+    engine.apply_snapshot(ABC)
+    # Forged changes the catalog never made...
+    engine.apply_changes([change(1, 2, (rd(2, b"b", b"d", 9),)), change(2, 3, (), (3,))])
+    engine.update_route(b"x", None, 4)
+    engine.record_access(b"a")
+    # ...undone by the catalog's snapshot at its version.
+    engine.reset(ABC)
+    assert engine.version == 1
+    assert shape(engine) == [tuple(to_route(d)) for d in ABC.routes]
+    assert engine.digest == descriptors_digest(*ABC.routes)
+    # The same version is applied again too (apply_snapshot would skip it): loads restart.
+    engine.record_access(b"a")
+    engine.reset(ABC)
+    assert shape(engine) == [tuple(to_route(d)) for d in ABC.routes]
+    engine.apply_changes([change(1, 2, (), (3,))])
+    assert engine.version == 2
+
+
+def test_reset_validates_and_changes_nothing_on_error(chunk: int) -> None:
+    engine = Engine()
+    engine.apply_snapshot(snap(5, *ABC.routes))
+    before = shape(engine)
+    with pytest.raises(EngineSnapshotRouteOverlapError):
+        engine.reset(snap(2, rd(1, b"a", b"c"), rd(2, b"b", None)))
+    with pytest.raises(EngineSnapshotDuplicateIDError):
+        engine.reset(snap(2, rd(1, b"a", b"c"), rd(1, b"c", None)))
+    with pytest.raises(ValueError):
+        engine.reset(snap(-1))
+    assert shape(engine) == before
+    assert engine.version == 5
+    assert engine.digest == descriptors_digest(*ABC.routes)
+
+
+def test_digest_readers_see_a_published_digest_while_changes_apply() -> None:
+    engine = Engine()
+    routes = [rd(1, b"", None)]
+    engine.apply_snapshot(snap(1, *routes))
+    digests = {descriptors_digest(*routes)}
+    changes = []
+    for version in range(1, 200):
+        # Split the last route at a new key, and name the digest it leads to.
+        last = routes.pop()
+        middle = last.start + b"\x01"
+        left = rd(2 * version, last.start, middle, 1, ACTIVE, last.route_id)
+        right = rd(2 * version + 1, middle, None, 1, ACTIVE, last.route_id)
+        routes += [left, right]
+        digest = descriptors_digest(*routes)
+        digests.add(digest)
+        changes.append(
+            replace_digest(change(version, version + 1, (left, right), (last.route_id,)), digest)
+        )
+    done = threading.Event()
+
+    def reader(index: int) -> None:
+        while not done.is_set():
+            assert engine.digest in digests
+
+    def writer(index: int) -> None:
+        try:
+            for c in changes:
+                engine.apply_changes([c])
+        finally:
+            done.set()
+
+    run_threads(3, lambda i: writer(i) if i == 0 else reader(i))
+    assert engine.digest == descriptors_digest(*routes)
+
+
+# -- the named key limit ---------------------------------------------------------------------------
+
+
+def test_update_route_refuses_bounds_over_the_limit(chunk: int) -> None:
+    engine = Engine()
+    engine.apply_snapshot(ABC)
+    longest = b"x" * MAX_ROUTE_KEY_BYTES
+    before = shape(engine)
+    with pytest.raises(RouteKeyTooLongError, match="1025 bytes"):
+        engine.update_route(b"y" * (MAX_ROUTE_KEY_BYTES + 1), None, 1)
+    with pytest.raises(RouteKeyTooLongError):
+        engine.update_route(b"e", longest + b"\x00", 1)
+    assert isinstance(RouteKeyTooLongError("x"), ValueError)
+    assert shape(engine) == before
+    engine = Engine()
+    engine.update_route(longest, None, 1)
+    engine.update_route(b"", longest, 2)
+    assert [r.group_id for r in engine.stats()] == [2, 1]
+
+
+def test_hotspot_split_refuses_a_middle_over_the_limit(chunk: int) -> None:
+    longest = b"x" * MAX_ROUTE_KEY_BYTES
+    engine = Engine(hotspot_threshold=2)
+    engine.apply_snapshot(snap(1, rd(1, longest, b"y"), rd(2, b"y", b"z")))
+    engine.record_access(longest)
+    before = shape(engine)
+    with pytest.raises(RouteKeyTooLongError, match="hotspot split key is 1025 bytes"):
+        engine.record_access(longest)
+    assert shape(engine) == before
+    # A split within the limit still happens.
+    engine.record_access(b"y")
+    engine.record_access(b"y")
+    assert [(r.start, r.end) for r in engine.stats()][1:] == [(b"y", b"y\x00"), (b"y\x00", b"z")]
+
+
 # -- next_timestamp --------------------------------------------------------------------------------
 
 
@@ -879,6 +1115,11 @@ class Model:
     version: int = 0
     table: list[Route] = field(default_factory=list)
     catalog: dict[int, Route] = field(default_factory=dict)
+    #: The catalog routes as descriptors (with their parents), for the digest.
+    descriptors: dict[int, RouteDescriptor] = field(default_factory=dict)
+
+    def digest(self) -> int:
+        return routes_digest(self.descriptors.values())
 
     def find(self, key: bytes) -> int | None:
         for i, r in enumerate(self.table):
@@ -891,9 +1132,13 @@ class Model:
             raise EngineSnapshotVersionStaleError("stale")
         if snapshot.version == self.version:
             return
+        self.reset(snapshot)
+
+    def reset(self, snapshot: CatalogSnapshot) -> None:
         valid = check_catalog(list(snapshot.routes))
         self.table = [to_route(d) for d in valid]
         self.catalog = {r.route_id: r for r in self.table}
+        self.descriptors = {d.route_id: d for d in valid}
         self.version = snapshot.version
 
     def update_route(self, start: bytes, end: bytes | None, group: int) -> None:
@@ -953,6 +1198,13 @@ class Model:
         check_catalog(
             [rd(r.route_id, r.start, r.end, r.group_id, r.state) for r in survivors + added]
         )
+        descriptors = dict(self.descriptors)
+        for c in pending:
+            for i in c.deletes:
+                descriptors.pop(i, None)
+            descriptors.update({u.route_id: validate_route_descriptor(u) for u in c.upserts})
+            if c.digest is not None and c.digest != routes_digest(descriptors.values()):
+                raise EngineDigestMismatchError("digest")
         changed = [(self.catalog[i].start, self.catalog[i].end) for i in net if i in self.catalog]
         changed += [(r.start, r.end) for r in added]
         kept = [
@@ -965,11 +1217,15 @@ class Model:
         for i in net:
             self.catalog.pop(i, None)
         self.catalog.update({r.route_id: r for r in added})
+        self.descriptors = descriptors
         self.version = pending[-1].version
 
     def compare(self, engine: Engine, rng: random.Random | None = None) -> None:
         assert shape(engine) == [tuple(r) for r in self.table]
         assert engine.version == self.version
+        # Read only now and then: an unread digest a snapshot did not bring stays to compute.
+        if rng is None or rng.random() < 0.5:
+            assert engine.digest == self.digest()
         probes = [r.start for r in self.table] + [r.end for r in self.table if r.end is not None]
         if rng is not None:
             probes += [random_key(rng) for _ in range(30)]
@@ -1063,7 +1319,8 @@ def random_layout(rng: random.Random, first_id: int) -> list[RouteDescriptor]:
         else:
             end = None if rng.random() < 0.5 else start + b"z"
         state = rng.choice(list(RouteState))
-        routes.append(rd(next_id, start, end, rng.randrange(1, 4), state))
+        parent = rng.choice([0, 0, next_id - 1, UINT64_MAX])
+        routes.append(rd(next_id, start, end, rng.randrange(1, 4), state, parent))
         next_id += 1
     if routes and rng.random() < 0.15:
         victim = rng.randrange(len(routes))
@@ -1094,8 +1351,8 @@ def random_change(rng: random.Random, model: Model, next_id: int) -> tuple[Catal
             middle = r.start + rng.choice([b"\x00", b"b", b"c"])
             if r.end is None or middle < r.end:
                 deletes.append(r.route_id)
-                upserts.append(rd(next_id, r.start, middle, r.group_id))
-                upserts.append(rd(next_id + 1, middle, r.end, r.group_id))
+                upserts.append(rd(next_id, r.start, middle, r.group_id, ACTIVE, r.route_id))
+                upserts.append(rd(next_id + 1, middle, r.end, r.group_id, ACTIVE, r.route_id))
                 next_id += 2
         elif kind == 1 and len(routes) > 1:  # merge neighbours
             i = rng.randrange(len(routes) - 1)
@@ -1106,7 +1363,14 @@ def random_change(rng: random.Random, model: Model, next_id: int) -> tuple[Catal
         elif kind == 2 and routes:  # move / change state
             r = rng.choice(routes)
             upserts.append(
-                rd(r.route_id, r.start, r.end, rng.randrange(1, 5), rng.choice(list(RouteState)))
+                rd(
+                    r.route_id,
+                    r.start,
+                    r.end,
+                    rng.randrange(1, 5),
+                    rng.choice(list(RouteState)),
+                    rng.choice([0, r.route_id, UINT64_MAX]),
+                )
             )
         elif kind == 3 and routes:
             deletes.append(rng.choice(routes).route_id)
@@ -1140,14 +1404,18 @@ def test_random_operations_match_the_model(
         action: tuple[Callable[[], None], Callable[[], None]]
         if op < 0.08:
             version = model.version + rng.choice([-1, 0, 1, 1, 1, 2])
-            snapshot = CatalogSnapshot(max(version, 0), tuple(random_layout(rng, next_id)))
+            snapshot = with_digest(
+                rng, CatalogSnapshot(max(version, 0), tuple(random_layout(rng, next_id)))
+            )
             next_id += 20
+            method = "reset" if rng.random() < 0.3 else "apply_snapshot"
             action = (
-                partial(engine.apply_snapshot, snapshot),
-                partial(model.apply_snapshot, snapshot),
+                partial(getattr(engine, method), snapshot),
+                partial(getattr(model, method), snapshot),
             )
         elif op < 0.35:
             c, next_id = random_change(rng, model, next_id)
+            c = change_with_digest(rng, model, c)
             batch = [c]
             if c.previous_version and rng.random() < 0.2:
                 batch.insert(0, change(c.previous_version - 1, c.previous_version))
@@ -1181,6 +1449,33 @@ def test_random_operations_match_the_model(
                     call()
         model.compare(engine, rng)
         same_in_c_and_python(engine, twin, rng)
+        assert engine.route_count == twin.route_count == len(model.catalog)
+    assert engine.digest == twin.digest == model.digest()
+
+
+def with_digest(rng: random.Random, snapshot: CatalogSnapshot) -> CatalogSnapshot:
+    """The snapshot, carrying its digest (as a catalog read does) half the time."""
+    if rng.random() < 0.5:
+        return snapshot
+    try:
+        valid = check_catalog(list(snapshot.routes))
+    except (DistributionError, ValueError):
+        return snapshot
+    return dataclasses.replace(snapshot, digest=routes_digest(valid))
+
+
+def change_with_digest(rng: random.Random, model: Model, c: CatalogChange) -> CatalogChange:
+    """The change carrying the digest it leads to, or a wrong one, or none."""
+    after = copy.deepcopy(model)
+    try:
+        after.apply_changes([c])
+    except (DistributionError, ValueError, TypeError):
+        return c
+    kind = rng.randrange(4)
+    if kind == 0:
+        return c
+    digest = after.digest()
+    return dataclasses.replace(c, digest=digest if kind < 3 else digest ^ (1 << rng.randrange(64)))
 
 
 def test_large_snapshot_and_changes_match_the_model() -> None:

@@ -51,6 +51,9 @@ OTHER_ERRORS = {
     "CatalogPermissionError": OTHER,
     "CatalogUnavailableError": OTHER,
     "CatalogNotMigratedError": OTHER,
+    "RouteKeyTooLongError": DATA,
+    "CatalogInvalidActorError": DATA,
+    "CatalogDataError": DATA,
 }
 
 DATA_ERRORS = [name for name, kind in {**SPEC_ERRORS, **OTHER_ERRORS}.items() if kind == DATA]
@@ -266,6 +269,13 @@ def test_sqlstates_are_of_the_class_postgresql_leaves_to_users() -> None:
     # Only the classes the server raises carry one; the others inherit the base's None.
     assert errors.DistributionError.sqlstate is None
     assert errors.CatalogSnapshotTooOldError.sqlstate is None
+
+
+def test_a_data_error_carries_the_database_s_sqlstate_on_the_instance_only() -> None:
+    error = errors.CatalogDataError("index row size 2712 exceeds maximum 2704", sqlstate="54000")
+    assert error.sqlstate == "54000"
+    assert errors.CatalogDataError.sqlstate is None  # no server function raises it on purpose
+    assert errors.CatalogDataError("boom").sqlstate is None
 
 
 def test_a_database_error_comes_back_as_the_class_of_its_sqlstate(database_url: str) -> None:

@@ -18,7 +18,16 @@ from types import ModuleType
 import pytest
 
 import distribution.table as table_module
-from distribution import Engine, Route, RouteDescriptor, RouteState, _pylookup
+from distribution import (
+    MAX_ROUTE_KEY_BYTES,
+    Engine,
+    Route,
+    RouteDescriptor,
+    RouteState,
+    _pylookup,
+    codec,
+    validate_route_descriptor,
+)
 from distribution.types import CatalogSnapshot
 
 _lookup = pytest.importorskip("distribution._lookup")
@@ -317,3 +326,93 @@ def test_a_chunk_refuses_what_it_cannot_hold() -> None:
     ]:
         with pytest.raises((TypeError, ValueError)):
             _lookup.Chunk(bounds, slots, lower, upper)  # type: ignore[arg-type]
+
+
+# -- the catalog digest -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_route_hash_is_the_codecs(search: ModuleType, seed: int) -> None:
+    """Records of every length around MD5's 64-byte blocks, unbounded ends, extreme fields."""
+    rng = random.Random(seed)
+    for length in range(0, 200):
+        start = rng.randbytes(length)
+        end = None if rng.random() < 0.3 else start + rng.randbytes(rng.randrange(1, 140))
+        route = RouteDescriptor(
+            rng.choice([1, rng.randrange(1, 2**64), 2**64 - 1]),
+            start,
+            end,
+            rng.choice([1, rng.randrange(1, 2**64), 2**64 - 1]),
+            rng.choice(list(RouteState)),
+            rng.choice([0, rng.randrange(2**64), 2**64 - 1]),
+        )
+        assert search.route_hash(*route) == codec.route_hash(route), route
+
+
+def test_route_hash_refuses_what_is_not_a_route() -> None:
+    with pytest.raises(ValueError):
+        _lookup.route_hash(0.5, b"", None, 1, 0, 0)
+    with pytest.raises(ValueError):
+        _lookup.route_hash(1, "a", None, 1, 0, 0)
+    with pytest.raises(ValueError):
+        _lookup.route_hash(1, b"", None, 1, 9, 0)
+    with pytest.raises(TypeError):
+        _lookup.route_hash(1, b"", None, 1, 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_digest_of_a_built_table_is_the_codecs(search: ModuleType, seed: int) -> None:
+    rng = random.Random(seed)
+    keys = sorted({_random_key(rng) for _ in range(rng.randrange(1, 3000))})
+    routes = []
+    for i, key in enumerate(keys):
+        # Contiguous mostly; a gap now and then (key + b"\x00" is key's successor).
+        end: bytes | None = None
+        if i + 1 < len(keys):
+            end = keys[i + 1] if rng.random() < 0.9 else key + b"\x00"
+        state = rng.choice(list(RouteState))
+        routes.append(RouteDescriptor(i + 1, key, end, 1 + i % 7, state, rng.randrange(2**64)))
+    built = search.build(routes, rng.choice([2, 16, 1024]))
+    assert built is not None
+    table, ids = built
+    assert search.digest(table, ids) == codec.routes_digest(routes)
+    assert {route_id: ids[route_id] for route_id, _ in ids.items()} == {
+        r.route_id: (_pylookup.prefix(r.start), r.parent_route_id) for r in routes
+    }
+
+
+def test_id_index_holds_a_prefix_and_a_parent() -> None:
+    index = _lookup.IdIndex()
+    for i in range(1, 100):
+        index[i] = (i * 3, 2**64 - i)
+    for i in range(1, 100, 2):
+        del index[i]
+    assert len(index) == 49
+    assert index[98] == (294, 2**64 - 98)
+    assert sorted(index.items())[:2] == [(2, (6, 2**64 - 2)), (4, (12, 2**64 - 4))]
+    with pytest.raises(TypeError):
+        index[5] = 7
+    with pytest.raises(KeyError):
+        index[1]
+
+
+def test_usual_route_vouches_only_for_what_validation_returns_unchanged() -> None:
+    rng = random.Random(3)
+    fields: list[list[object]] = [
+        [0, 1, 2**64 - 1, 2**64, -1, True, 1.0],
+        [b"", b"a", b"b" * MAX_ROUTE_KEY_BYTES, b"c" * (MAX_ROUTE_KEY_BYTES + 1), "a", bytearray(b"a")],
+        [None, b"", b"b", b"z", b"y" * (MAX_ROUTE_KEY_BYTES + 1), "z"],
+        [0, 1, 2**64 - 1, 2**64, False],
+        [RouteState.ACTIVE, RouteState.MIGRATING_TARGET, 0, 2, 9, "x"],
+        [0, 5, 2**64 - 1, -1, None],
+    ]
+    vouched = 0
+    for _ in range(30000):
+        route = RouteDescriptor(*(rng.choice(column) for column in fields))  # type: ignore[arg-type]
+        if not _lookup.usual_route(route):
+            continue
+        vouched += 1
+        assert validate_route_descriptor(route) is route
+    assert vouched > 50
+    assert not _lookup.usual_route((1, b"", None, 1, RouteState.ACTIVE, 0))
+    assert not _pylookup.usual_route(RouteDescriptor(1, b"", None, 1))

@@ -19,7 +19,7 @@ from distribution import (
     EngineRequiredError,
     RouteDescriptor,
 )
-from distribution.catalog import CatalogStore
+from distribution.catalog import CatalogStore, parse_notification
 from distribution.migrator import migrate
 from distribution.watcher import CatalogWatcher, run_catalog_watcher
 
@@ -111,7 +111,8 @@ def test_a_catalog_behind_the_engine_is_reported_until_it_passes_it(
     the Engine."""
     store.save(0, routes(b""))
     ahead = Engine()
-    ahead.apply_snapshot(CatalogSnapshot(version=3, routes=tuple(routes(b"", b"x")), read_ts=3))
+    # What the catalog holds once it reaches version 3 again (else, a repair at version 3).
+    ahead.apply_snapshot(CatalogSnapshot(version=3, routes=tuple(routes(b"", b"\x02")), read_ts=3))
     with (
         caplog.at_level(logging.WARNING, logger="distribution.watcher"),
         CatalogWatcher(store, ahead, interval=0.02) as watcher,
@@ -423,3 +424,15 @@ def test_a_clean_stop_is_not_logged_as_a_disconnection(
     messages = [r.getMessage() for r in caplog.records]
     assert "catalog watcher stopped" in messages
     assert not any("disconnected" in m for m in messages), messages
+
+
+def test_a_notification_carries_the_digest_after_its_write() -> None:
+    body = '{"previous": 6, "upserts": [], "deletes": [3], "digest": %s}'
+    for digest in (-(2**63), -1, 0, 2**63 - 1):
+        assert parse_notification("7 " + body % digest).change.digest == digest  # type: ignore[union-attr]
+    # A payload without one (from a database before the digest) is still a change.
+    change = parse_notification('7 {"previous": 6, "upserts": [], "deletes": [3]}').change
+    assert change is not None and change.deletes == (3,) and change.digest is None
+    for bad in ("2**63", str(2**63), str(-(2**63) - 1), "1.5", '"12"', "true", "[]"):
+        with pytest.raises(ValueError, match="malformed catalog notification"):
+            parse_notification("7 " + body % bad)

@@ -27,6 +27,11 @@
 #include "structmember.h"
 #include <stdint.h>
 #include <string.h>
+#ifdef _WIN32
+#include <windows.h>
+#else
+#include <time.h>
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
 #define PREFETCH(address) __builtin_prefetch(address)
@@ -39,6 +44,8 @@ static PyTypeObject *route_type;
 static PyTypeObject *descriptor_type;
 static PyObject *state_members[256];
 static PyTypeObject *state_type;
+/* distribution.types.MAX_ROUTE_KEY_BYTES. */
+static Py_ssize_t max_key_bytes;
 
 static int
 not_bytes(PyObject *value)
@@ -740,11 +747,14 @@ static PyTypeObject ChunkType = {
 
 /* -- IdIndex ----------------------------------------------------------------------------- */
 
+/* Words per cell: the route id, its start's prefix, its parent route id. */
+#define CELL 3
+
 typedef struct {
     PyObject_HEAD
     Py_ssize_t used;
     size_t mask;     /* capacity - 1, a power of two minus one */
-    uint64_t *cells; /* (id, value) pairs; id 0 marks an empty cell: route ids are positive */
+    uint64_t *cells; /* CELL words a cell; id 0 marks an empty cell: route ids are positive */
 } IdIndex;
 
 static PyTypeObject IdIndexType;
@@ -771,7 +781,7 @@ index_alloc(Py_ssize_t expected)
     }
     index->used = 0;
     index->mask = capacity - 1;
-    index->cells = PyMem_Calloc(capacity, 2 * sizeof(uint64_t));
+    index->cells = PyMem_Calloc(capacity, CELL * sizeof(uint64_t));
     if (index->cells == NULL) {
         Py_DECREF(index);
         PyErr_NoMemory();
@@ -787,38 +797,36 @@ index_dealloc(IdIndex *index)
     PyObject_Free(index);
 }
 
-/* The cell of id, or of the empty cell where it would go. */
-static inline size_t
+/* The cell of id (its first word), or of the empty cell where it would go. */
+static inline uint64_t *
 index_cell(const IdIndex *index, uint64_t id)
 {
     size_t cell = id_hash(id) & index->mask;
-    while (index->cells[2 * (cell)] != 0 && index->cells[2 * (cell)] != id) {
+    while (index->cells[CELL * cell] != 0 && index->cells[CELL * cell] != id) {
         cell = (cell + 1) & index->mask;
     }
-    return cell;
+    return index->cells + CELL * cell;
 }
 
 static int index_grow(IdIndex *index);
 
-/* Set id -> value; 1 if id was new, 0 if replaced, -1 on memory error. */
+/* Set id -> (prefix, parent); 1 if id was new, 0 if replaced, -1 on memory error. */
 static int
-index_set(IdIndex *index, uint64_t id, uint64_t value)
+index_set(IdIndex *index, uint64_t id, uint64_t prefix, uint64_t parent)
 {
-    size_t cell = index_cell(index, id);
-    if (index->cells[2 * (cell)] == id) {
-        index->cells[2 * (cell) + 1] = value;
-        return 0;
-    }
-    if (2 * ((size_t)index->used + 1) > index->mask + 1) {
+    uint64_t *cell = index_cell(index, id);
+    int added = cell[0] != id;
+    if (added && 2 * ((size_t)index->used + 1) > index->mask + 1) {
         if (index_grow(index) < 0) {
             return -1;
         }
         cell = index_cell(index, id);
     }
-    index->cells[2 * (cell)] = id;
-    index->cells[2 * (cell) + 1] = value;
-    index->used++;
-    return 1;
+    cell[0] = id;
+    cell[1] = prefix;
+    cell[2] = parent;
+    index->used += added;
+    return added;
 }
 
 static int
@@ -826,7 +834,7 @@ index_grow(IdIndex *index)
 {
     size_t old_capacity = index->mask + 1;
     uint64_t *old_cells = index->cells;
-    uint64_t *cells = PyMem_Calloc(2 * old_capacity, 2 * sizeof(uint64_t));
+    uint64_t *cells = PyMem_Calloc(2 * old_capacity, CELL * sizeof(uint64_t));
     if (cells == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -834,40 +842,50 @@ index_grow(IdIndex *index)
     index->cells = cells;
     index->mask = 2 * old_capacity - 1;
     for (size_t i = 0; i < old_capacity; i++) {
-        if (old_cells[2 * i] != 0) {
-            size_t cell = index_cell(index, old_cells[2 * i]);
-            index->cells[2 * cell] = old_cells[2 * i];
-            index->cells[2 * cell + 1] = old_cells[2 * i + 1];
+        const uint64_t *old = old_cells + CELL * i;
+        if (old[0] != 0) {
+            memcpy(index_cell(index, old[0]), old, CELL * sizeof(uint64_t));
         }
     }
     PyMem_Free(old_cells);
     return 0;
 }
 
-/* Remove id (linear probing: the cells after it that could use its place move back). */
+/* Remove id (linear probing: the cells after it that could use its place move back); 1 if it
+ * was there, else 0. */
 static int
-index_remove(IdIndex *index, uint64_t id, uint64_t *value)
+index_remove(IdIndex *index, uint64_t id)
 {
-    size_t cell = index_cell(index, id);
-    if (index->cells[2 * (cell)] != id) {
+    uint64_t *found = index_cell(index, id);
+    if (found[0] != id) {
         return 0;
     }
-    *value = index->cells[2 * (cell) + 1];
-    size_t hole = cell;
+    size_t hole = (size_t)(found - index->cells) / CELL;
     size_t next = (hole + 1) & index->mask;
-    while (index->cells[2 * (next)] != 0) {
-        size_t home = id_hash(index->cells[2 * (next)]) & index->mask;
+    while (index->cells[CELL * next] != 0) {
+        size_t home = id_hash(index->cells[CELL * next]) & index->mask;
         /* Move next into the hole unless its home lies in (hole, next]. */
         if (((next - home) & index->mask) >= ((next - hole) & index->mask)) {
-            index->cells[2 * (hole)] = index->cells[2 * (next)];
-            index->cells[2 * (hole) + 1] = index->cells[2 * (next) + 1];
+            memcpy(index->cells + CELL * hole, index->cells + CELL * next,
+                   CELL * sizeof(uint64_t));
             hole = next;
         }
         next = (next + 1) & index->mask;
     }
-    index->cells[2 * (hole)] = 0;
+    index->cells[CELL * hole] = 0;
     index->used--;
     return 1;
+}
+
+/* The cell of id, or NULL if id is not in the index. */
+static inline const uint64_t *
+index_find(const IdIndex *index, uint64_t id)
+{
+    if (id == 0) {
+        return NULL;
+    }
+    const uint64_t *cell = index_cell(index, id);
+    return cell[0] == id ? cell : NULL;
 }
 
 static int
@@ -907,18 +925,23 @@ index_subscript(IdIndex *index, PyObject *key)
     if (id_arg(key, &id) < 0) {
         return NULL;
     }
-    size_t cell = id ? index_cell(index, id) : 0;
-    if (id == 0 || index->cells[2 * (cell)] != id) {
+    const uint64_t *cell = index_find(index, id);
+    if (cell == NULL) {
         PyErr_SetObject(PyExc_KeyError, key);
         return NULL;
     }
-    return PyLong_FromUnsignedLongLong(index->cells[2 * (cell) + 1]);
+    PyObject *prefix = PyLong_FromUnsignedLongLong(cell[1]);
+    PyObject *parent = PyLong_FromUnsignedLongLong(cell[2]);
+    PyObject *value = prefix && parent ? PyTuple_Pack(2, prefix, parent) : NULL;
+    Py_XDECREF(prefix);
+    Py_XDECREF(parent);
+    return value;
 }
 
 static int
 index_ass_subscript(IdIndex *index, PyObject *key, PyObject *value)
 {
-    uint64_t id, v;
+    uint64_t id, prefix, parent;
     if (id_arg(key, &id) < 0) {
         return -1;
     }
@@ -927,16 +950,21 @@ index_ass_subscript(IdIndex *index, PyObject *key, PyObject *value)
         return -1;
     }
     if (value == NULL) {
-        if (!index_remove(index, id, &v)) {
+        if (!index_remove(index, id)) {
             PyErr_SetObject(PyExc_KeyError, key);
             return -1;
         }
         return 0;
     }
-    if (id_arg(value, &v) < 0) {
+    if (!PyTuple_Check(value) || PyTuple_GET_SIZE(value) != 2) {
+        PyErr_SetString(PyExc_TypeError, "an IdIndex value is a (prefix, parent) pair");
         return -1;
     }
-    return index_set(index, id, v) < 0 ? -1 : 0;
+    if (id_arg(PyTuple_GET_ITEM(value, 0), &prefix) < 0 ||
+        id_arg(PyTuple_GET_ITEM(value, 1), &parent) < 0) {
+        return -1;
+    }
+    return index_set(index, id, prefix, parent) < 0 ? -1 : 0;
 }
 
 static int
@@ -950,7 +978,7 @@ index_contains(IdIndex *index, PyObject *key)
         PyErr_Clear();
         return 0;
     }
-    return id != 0 && index->cells[2 * (index_cell(index, id))] == id;
+    return index_find(index, id) != NULL;
 }
 
 static PyObject *
@@ -961,11 +989,12 @@ index_items(IdIndex *index, PyObject *Py_UNUSED(ignored))
         return NULL;
     }
     for (size_t i = 0; i <= index->mask; i++) {
-        if (index->cells[2 * (i)] == 0) {
+        const uint64_t *cell = index->cells + CELL * i;
+        if (cell[0] == 0) {
             continue;
         }
-        PyObject *item = Py_BuildValue("(KK)", (unsigned long long)index->cells[2 * (i)],
-                                       (unsigned long long)index->cells[2 * (i) + 1]);
+        PyObject *item = Py_BuildValue("(K(KK))", (unsigned long long)cell[0],
+                                       (unsigned long long)cell[1], (unsigned long long)cell[2]);
         if (item == NULL || PyList_Append(items, item) < 0) {
             Py_XDECREF(item);
             Py_DECREF(items);
@@ -979,12 +1008,13 @@ index_items(IdIndex *index, PyObject *Py_UNUSED(ignored))
 static PyObject *
 index_sizeof(IdIndex *index, PyObject *Py_UNUSED(ignored))
 {
-    return PyLong_FromSize_t(sizeof(IdIndex) + (index->mask + 1) * 2 * sizeof(uint64_t));
+    return PyLong_FromSize_t(sizeof(IdIndex) + (index->mask + 1) * CELL * sizeof(uint64_t));
 }
 
 static PyMethodDef index_methods[] = {
     {"items", (PyCFunction)index_items, METH_NOARGS,
-     "items(): a new list of (route id, start prefix) pairs, in no order. O(capacity)."},
+     "items(): a new list of (route id, (start prefix, parent id)) pairs, in no order. "
+     "O(capacity)."},
     {"__sizeof__", (PyCFunction)index_sizeof, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
@@ -1002,7 +1032,7 @@ static PySequenceMethods index_as_sequence = {
 static PyTypeObject IdIndexType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "distribution._lookup.IdIndex",
-    .tp_doc = PyDoc_STR("IdIndex(): route id -> start prefix, a mapping of u64 to u64 in 16 "
+    .tp_doc = PyDoc_STR("IdIndex(): route id -> (start prefix, parent route id), u64s in 24 "
                         "bytes a cell, at most half full."),
     .tp_basicsize = sizeof(IdIndex),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -1048,6 +1078,20 @@ chunk_at(PyObject *chunks, Py_ssize_t c)
     return (Chunk *)chunk;
 }
 
+/* The route (or None) in the slot holding key (bytes) of a checked table. */
+static PyObject *
+find_in(Chunk *index, PyObject *chunks, PyObject *key)
+{
+    const char *k = PyBytes_AS_STRING(key);
+    Py_ssize_t length = PyBytes_GET_SIZE(key);
+    uint64_t kp = prefix_raw(k, length);
+    Chunk *chunk = chunk_at(chunks, chunk_bisect(index, kp, k, length, 1));
+    if (chunk == NULL) {
+        return NULL;
+    }
+    return chunk_route(chunk, chunk_bisect(chunk, kp, k, length, 1));
+}
+
 PyDoc_STRVAR(find_doc,
 "find(table, key, /)\n--\n\n"
 "The route (or None) in the slot of ``table`` holding the bytes ``key``: two searches over\n"
@@ -1070,15 +1114,104 @@ find(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (unpack_table(args[0], &index, &chunks) < 0) {
         return NULL;
     }
-    const char *k = PyBytes_AS_STRING(key);
-    Py_ssize_t length = PyBytes_GET_SIZE(key);
-    uint64_t kp = prefix_raw(k, length);
-    Chunk *chunk = chunk_at(chunks, chunk_bisect(index, kp, k, length, 1));
-    if (chunk == NULL) {
+    return find_in(index, chunks, key);
+}
+
+/* -- Reader: the Engine's lookup without a Python frame ---------------------------------- */
+
+/* The base of distribution.Engine: its table, in _table, and get_route in C, so that a lookup
+ * costs one C call. Writers assign _table (one reference swap, under the GIL). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *table;
+} Reader;
+
+static int
+reader_traverse(Reader *reader, visitproc visit, void *arg)
+{
+    Py_VISIT(reader->table);
+    return 0;
+}
+
+static int
+reader_clear(Reader *reader)
+{
+    Py_CLEAR(reader->table);
+    return 0;
+}
+
+static void
+reader_dealloc(Reader *reader)
+{
+    PyObject_GC_UnTrack(reader);
+    reader_clear(reader);
+    Py_TYPE(reader)->tp_free((PyObject *)reader);
+}
+
+PyDoc_STRVAR(get_route_doc,
+"get_route(key, /)\n--\n\n"
+"The route whose ``[start, end)`` holds ``key``, or None. O(log routes), no lock.\n\n"
+"The route's ``load`` is not kept up to date (see :meth:`stats`). A key that is not ``bytes``\n"
+"raises TypeError.");
+
+static PyObject *
+reader_get_route(Reader *reader, PyObject *key)
+{
+    if (!PyBytes_CheckExact(key)) {
+        PyObject *name = PyType_GetName(Py_TYPE(key));
+        if (name != NULL) {
+            PyErr_Format(PyExc_TypeError, "key must be bytes, got %U%s", name,
+                         PyUnicode_Check(key) ? " (encode text keys explicitly)" : "");
+            Py_DECREF(name);
+        }
         return NULL;
     }
-    return chunk_route(chunk, chunk_bisect(chunk, kp, k, length, 1));
+    PyObject *table = reader->table;
+    if (table == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_table");
+        return NULL;
+    }
+    /* Held: building the Route may run a collection, and with it code that swaps the table. */
+    Py_INCREF(table);
+    PyObject *route;
+    if (PyTuple_Check(table) && PyTuple_GET_SIZE(table) >= 4 &&
+        !Py_IS_TYPE(PyTuple_GET_ITEM(table, 1), &ChunkType)) {
+        /* Another implementation's table (distribution._pylookup): its own find. */
+        route = PyObject_CallMethod(PyTuple_GET_ITEM(table, 3), "find", "OO", table, key);
+    }
+    else {
+        Chunk *index;
+        PyObject *chunks;
+        route = unpack_table(table, &index, &chunks) < 0 ? NULL : find_in(index, chunks, key);
+    }
+    Py_DECREF(table);
+    return route;
 }
+
+static PyMethodDef reader_methods[] = {
+    {"get_route", (PyCFunction)reader_get_route, METH_O, get_route_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef reader_members[] = {
+    {"_table", T_OBJECT_EX, offsetof(Reader, table), 0,
+     "The routing table lookups search (a distribution.table.RouteTable)."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "distribution._lookup.Reader",
+    .tp_doc = PyDoc_STR("Reader(): the base of distribution.Engine, its lookup in C."),
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)reader_dealloc,
+    .tp_traverse = (traverseproc)reader_traverse,
+    .tp_clear = (inquiry)reader_clear,
+    .tp_methods = reader_methods,
+    .tp_members = reader_members,
+};
 
 /* -- group -------------------------------------------------------------------------------- */
 
@@ -1488,7 +1621,7 @@ prefetch_ahead(PyObject *const *items, Py_ssize_t i, Py_ssize_t n, const IdIndex
         if (PyTuple_Check(d) && PyTuple_GET_SIZE(d) == 6 &&
             PyLong_CheckExact(PyTuple_GET_ITEM(d, 0)) &&
             u64_of(PyTuple_GET_ITEM(d, 0), &id) == 0) {
-            PREFETCH(&ids->cells[2 * (id_hash(id) & ids->mask)]);
+            PREFETCH(&ids->cells[CELL * (id_hash(id) & ids->mask)]);
         }
     }
     if (i + AHEAD < n) {
@@ -1505,23 +1638,76 @@ prefetch_ahead(PyObject *const *items, Py_ssize_t i, Py_ssize_t n, const IdIndex
     }
 }
 
-/* Descriptors (or chunks) built between two moments where the GIL is let go: lookups in other
- * threads must not wait for a whole snapshot. */
-#define YIELD_EVERY 4096
+/* Letting lookups in other threads run while a build holds the GIL.
+ *
+ * A thread waiting for the GIL asks the holder to let go only when a whole switch interval
+ * (sys.getswitchinterval()) ends without a release waking it; a release that wakes it but is
+ * taken back before it runs restarts that wait. So a build releasing the GIL more often than
+ * the interval starves the waiting lookups for the whole build. A Pacer releases it once per
+ * interval and a half: by then a waiting thread has asked, and the release hands it over. A
+ * lookup then waits about two intervals at most (10 ms by default), as behind any Python code. */
+typedef struct {
+    uint64_t spacing; /* microseconds between two releases */
+    uint64_t next;    /* when the next release is due */
+    unsigned stride;  /* calls to pacer_tick between two readings of the clock */
+    unsigned count;   /* calls since the clock was last read */
+} Pacer;
 
-/* Let other threads run a moment. Only called while no Python object is in use but those the
- * caller holds a reference to and never changes (the tuple of descriptors, their fields). */
-static void
-yield_gil(void)
+static uint64_t
+monotonic_us(void)
 {
+#ifdef _WIN32
+    return (uint64_t)GetTickCount64() * 1000u;
+#else
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000u + (uint64_t)now.tv_nsec / 1000u;
+#endif
+}
+
+/* Start pacing a loop whose steps take about a microsecond times stride / 16 or less. */
+static void
+pacer_start(Pacer *pacer, unsigned stride)
+{
+    double interval = 0.005;
+    PyObject *get = PySys_GetObject("getswitchinterval");
+    PyObject *value = get == NULL ? NULL : PyObject_CallNoArgs(get);
+    if (value != NULL) {
+        interval = PyFloat_AsDouble(value);
+        Py_DECREF(value);
+    }
+    PyErr_Clear();
+    if (!(interval > 0.0 && interval < 1.0)) {
+        interval = 0.005;
+    }
+    pacer->spacing = (uint64_t)(interval * 1.5e6) + 1;
+    pacer->next = monotonic_us() + pacer->spacing;
+    pacer->stride = stride;
+    pacer->count = 0;
+}
+
+/* Let other threads run a moment if one release is due. Only called while no Python object is
+ * in use but those the caller holds a reference to and never changes (the tuple of
+ * descriptors, their fields, the chunks built so far). */
+static inline void
+pacer_tick(Pacer *pacer)
+{
+    if (++pacer->count < pacer->stride) {
+        return;
+    }
+    pacer->count = 0;
+    if (monotonic_us() < pacer->next) {
+        return;
+    }
     Py_BEGIN_ALLOW_THREADS
     Py_END_ALLOW_THREADS
+    pacer->next = monotonic_us() + pacer->spacing;
 }
 
 /* Validate and lay out the descriptors; 1 if every one is usual (see build), 0 if not, -1 on
  * error. Each descriptor is read once, in order. */
 static int
-lay_out(PyObject *const *items, Py_ssize_t n, Layout *layout, IdIndex *ids)
+lay_out(PyObject *const *items, Py_ssize_t n, Layout *layout, IdIndex *ids, Pacer *pacer)
 {
     PyObject *prev_start = NULL, *prev_end = NULL;
     layout->m = 0;
@@ -1529,9 +1715,7 @@ lay_out(PyObject *const *items, Py_ssize_t n, Layout *layout, IdIndex *ids)
     layout->ids[0] = layout->groups[0] = 0;
     layout->states[0] = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (i % YIELD_EVERY == YIELD_EVERY - 1) {
-            yield_gil();
-        }
+        pacer_tick(pacer);
         prefetch_ahead(items, i, n, ids);
         PyObject *d = items[i];
         uint64_t id, group, parent;
@@ -1558,7 +1742,7 @@ lay_out(PyObject *const *items, Py_ssize_t n, Layout *layout, IdIndex *ids)
             }
             joined = c == 0;
         }
-        int added = index_set(ids, id, prefix_of(start));
+        int added = index_set(ids, id, prefix_of(start), parent);
         if (added <= 0) {
             return added;
         }
@@ -1609,7 +1793,7 @@ chunk_of_layout(const Layout *layout, Py_ssize_t first, Py_ssize_t n, PyObject *
 
 /* (tops, index, chunks) of a laid-out table cut into chunks of about chunk_size bounds. */
 static PyObject *
-cut_into_chunks(const Layout *layout, Py_ssize_t chunk_size)
+cut_into_chunks(const Layout *layout, Py_ssize_t chunk_size, Pacer *pacer)
 {
     Py_ssize_t m = layout->m;
     Py_ssize_t k = (m + chunk_size / 2) / chunk_size;
@@ -1635,9 +1819,7 @@ cut_into_chunks(const Layout *layout, Py_ssize_t chunk_size)
         Py_ssize_t b = j + 1 < k ? (j + 1) * (m + 1) / k - 1 : m;
         PyObject *lower = j ? PyList_GET_ITEM(tops, j - 1) : Py_None;
         PyObject *upper = j + 1 < k ? PyList_GET_ITEM(tops, j) : Py_None;
-        if (j % 16 == 15) {
-            yield_gil();
-        }
+        pacer_tick(pacer);
         Chunk *chunk = chunk_of_layout(layout, a + 1, b - a - 1, lower, upper);
         if (chunk == NULL) {
             goto error;
@@ -1713,9 +1895,12 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     layout.prefix = layout.groups + cells;
     layout.offset = (Py_ssize_t *)(layout.prefix + cells);
     layout.states = (unsigned char *)(layout.offset + cells);
-    int usual = lay_out(items, n, &layout, ids);
+    Pacer pacer;
+    pacer_start(&pacer, 64);
+    int usual = lay_out(items, n, &layout, ids, &pacer);
     if (usual > 0) {
-        PyObject *table = cut_into_chunks(&layout, chunk_size);
+        pacer.stride = 1;
+        PyObject *table = cut_into_chunks(&layout, chunk_size, &pacer);
         if (table != NULL) {
             result = PyTuple_Pack(2, table, (PyObject *)ids);
             Py_DECREF(table);
@@ -1732,11 +1917,360 @@ done:
     return result;
 }
 
+/* -- the catalog digest --------------------------------------------------------------------- */
+
+/* A route's hash in the catalog digest (distribution.codec.route_hash): the first 8 bytes of the
+ * MD5 of its route record, big-endian, as a signed 64-bit value. MD5 (RFC 1321) here, because
+ * a change hashes the routes it touches while writers wait, and building the record and calling
+ * hashlib costs several times a change's own work. */
+
+typedef struct {
+    uint32_t state[4];
+    uint64_t length;            /* bytes hashed */
+    unsigned char buffer[64];   /* length % 64 of them waiting */
+} Md5;
+
+/* One 64-byte block, the four rounds unrolled (RFC 1321, section 3.4). */
+#define MD5_F(x, y, z) ((z) ^ ((x) & ((y) ^ (z))))
+#define MD5_G(x, y, z) ((y) ^ ((z) & ((x) ^ (y))))
+#define MD5_H(x, y, z) ((x) ^ (y) ^ (z))
+#define MD5_I(x, y, z) ((y) ^ ((x) | ~(z)))
+#define MD5_STEP(f, a, b, c, d, x, t, s)                                                        \
+    do {                                                                                        \
+        (a) += f((b), (c), (d)) + (x) + (uint32_t)(t);                                          \
+        (a) = ((a) << (s)) | ((a) >> (32 - (s)));                                               \
+        (a) += (b);                                                                             \
+    } while (0)
+
+static void
+md5_block(uint32_t state[4], const unsigned char *block)
+{
+    uint32_t x[16];
+    for (int i = 0; i < 16; i++) {
+        x[i] = (uint32_t)block[4 * i] | (uint32_t)block[4 * i + 1] << 8 |
+               (uint32_t)block[4 * i + 2] << 16 | (uint32_t)block[4 * i + 3] << 24;
+    }
+    uint32_t a = state[0], b = state[1], c = state[2], d = state[3];
+    MD5_STEP(MD5_F, a, b, c, d, x[0], 0xd76aa478, 7);
+    MD5_STEP(MD5_F, d, a, b, c, x[1], 0xe8c7b756, 12);
+    MD5_STEP(MD5_F, c, d, a, b, x[2], 0x242070db, 17);
+    MD5_STEP(MD5_F, b, c, d, a, x[3], 0xc1bdceee, 22);
+    MD5_STEP(MD5_F, a, b, c, d, x[4], 0xf57c0faf, 7);
+    MD5_STEP(MD5_F, d, a, b, c, x[5], 0x4787c62a, 12);
+    MD5_STEP(MD5_F, c, d, a, b, x[6], 0xa8304613, 17);
+    MD5_STEP(MD5_F, b, c, d, a, x[7], 0xfd469501, 22);
+    MD5_STEP(MD5_F, a, b, c, d, x[8], 0x698098d8, 7);
+    MD5_STEP(MD5_F, d, a, b, c, x[9], 0x8b44f7af, 12);
+    MD5_STEP(MD5_F, c, d, a, b, x[10], 0xffff5bb1, 17);
+    MD5_STEP(MD5_F, b, c, d, a, x[11], 0x895cd7be, 22);
+    MD5_STEP(MD5_F, a, b, c, d, x[12], 0x6b901122, 7);
+    MD5_STEP(MD5_F, d, a, b, c, x[13], 0xfd987193, 12);
+    MD5_STEP(MD5_F, c, d, a, b, x[14], 0xa679438e, 17);
+    MD5_STEP(MD5_F, b, c, d, a, x[15], 0x49b40821, 22);
+    MD5_STEP(MD5_G, a, b, c, d, x[1], 0xf61e2562, 5);
+    MD5_STEP(MD5_G, d, a, b, c, x[6], 0xc040b340, 9);
+    MD5_STEP(MD5_G, c, d, a, b, x[11], 0x265e5a51, 14);
+    MD5_STEP(MD5_G, b, c, d, a, x[0], 0xe9b6c7aa, 20);
+    MD5_STEP(MD5_G, a, b, c, d, x[5], 0xd62f105d, 5);
+    MD5_STEP(MD5_G, d, a, b, c, x[10], 0x02441453, 9);
+    MD5_STEP(MD5_G, c, d, a, b, x[15], 0xd8a1e681, 14);
+    MD5_STEP(MD5_G, b, c, d, a, x[4], 0xe7d3fbc8, 20);
+    MD5_STEP(MD5_G, a, b, c, d, x[9], 0x21e1cde6, 5);
+    MD5_STEP(MD5_G, d, a, b, c, x[14], 0xc33707d6, 9);
+    MD5_STEP(MD5_G, c, d, a, b, x[3], 0xf4d50d87, 14);
+    MD5_STEP(MD5_G, b, c, d, a, x[8], 0x455a14ed, 20);
+    MD5_STEP(MD5_G, a, b, c, d, x[13], 0xa9e3e905, 5);
+    MD5_STEP(MD5_G, d, a, b, c, x[2], 0xfcefa3f8, 9);
+    MD5_STEP(MD5_G, c, d, a, b, x[7], 0x676f02d9, 14);
+    MD5_STEP(MD5_G, b, c, d, a, x[12], 0x8d2a4c8a, 20);
+    MD5_STEP(MD5_H, a, b, c, d, x[5], 0xfffa3942, 4);
+    MD5_STEP(MD5_H, d, a, b, c, x[8], 0x8771f681, 11);
+    MD5_STEP(MD5_H, c, d, a, b, x[11], 0x6d9d6122, 16);
+    MD5_STEP(MD5_H, b, c, d, a, x[14], 0xfde5380c, 23);
+    MD5_STEP(MD5_H, a, b, c, d, x[1], 0xa4beea44, 4);
+    MD5_STEP(MD5_H, d, a, b, c, x[4], 0x4bdecfa9, 11);
+    MD5_STEP(MD5_H, c, d, a, b, x[7], 0xf6bb4b60, 16);
+    MD5_STEP(MD5_H, b, c, d, a, x[10], 0xbebfbc70, 23);
+    MD5_STEP(MD5_H, a, b, c, d, x[13], 0x289b7ec6, 4);
+    MD5_STEP(MD5_H, d, a, b, c, x[0], 0xeaa127fa, 11);
+    MD5_STEP(MD5_H, c, d, a, b, x[3], 0xd4ef3085, 16);
+    MD5_STEP(MD5_H, b, c, d, a, x[6], 0x04881d05, 23);
+    MD5_STEP(MD5_H, a, b, c, d, x[9], 0xd9d4d039, 4);
+    MD5_STEP(MD5_H, d, a, b, c, x[12], 0xe6db99e5, 11);
+    MD5_STEP(MD5_H, c, d, a, b, x[15], 0x1fa27cf8, 16);
+    MD5_STEP(MD5_H, b, c, d, a, x[2], 0xc4ac5665, 23);
+    MD5_STEP(MD5_I, a, b, c, d, x[0], 0xf4292244, 6);
+    MD5_STEP(MD5_I, d, a, b, c, x[7], 0x432aff97, 10);
+    MD5_STEP(MD5_I, c, d, a, b, x[14], 0xab9423a7, 15);
+    MD5_STEP(MD5_I, b, c, d, a, x[5], 0xfc93a039, 21);
+    MD5_STEP(MD5_I, a, b, c, d, x[12], 0x655b59c3, 6);
+    MD5_STEP(MD5_I, d, a, b, c, x[3], 0x8f0ccc92, 10);
+    MD5_STEP(MD5_I, c, d, a, b, x[10], 0xffeff47d, 15);
+    MD5_STEP(MD5_I, b, c, d, a, x[1], 0x85845dd1, 21);
+    MD5_STEP(MD5_I, a, b, c, d, x[8], 0x6fa87e4f, 6);
+    MD5_STEP(MD5_I, d, a, b, c, x[15], 0xfe2ce6e0, 10);
+    MD5_STEP(MD5_I, c, d, a, b, x[6], 0xa3014314, 15);
+    MD5_STEP(MD5_I, b, c, d, a, x[13], 0x4e0811a1, 21);
+    MD5_STEP(MD5_I, a, b, c, d, x[4], 0xf7537e82, 6);
+    MD5_STEP(MD5_I, d, a, b, c, x[11], 0xbd3af235, 10);
+    MD5_STEP(MD5_I, c, d, a, b, x[2], 0x2ad7d2bb, 15);
+    MD5_STEP(MD5_I, b, c, d, a, x[9], 0xeb86d391, 21);
+    state[0] += a;
+    state[1] += b;
+    state[2] += c;
+    state[3] += d;
+}
+
+static void
+md5_init(Md5 *md5)
+{
+    md5->state[0] = 0x67452301;
+    md5->state[1] = 0xefcdab89;
+    md5->state[2] = 0x98badcfe;
+    md5->state[3] = 0x10325476;
+    md5->length = 0;
+}
+
+static void
+md5_update(Md5 *md5, const void *data, size_t size)
+{
+    const unsigned char *bytes = data;
+    size_t have = (size_t)(md5->length % 64);
+    md5->length += size;
+    if (have) {
+        size_t take = 64 - have < size ? 64 - have : size;
+        memcpy(md5->buffer + have, bytes, take);
+        bytes += take;
+        size -= take;
+        if (have + take < 64) {
+            return;
+        }
+        md5_block(md5->state, md5->buffer);
+    }
+    for (; size >= 64; size -= 64, bytes += 64) {
+        md5_block(md5->state, bytes);
+    }
+    memcpy(md5->buffer, bytes, size);
+}
+
+/* The first 8 bytes of the digest, big-endian. */
+static uint64_t
+md5_head(Md5 *md5)
+{
+    uint64_t bits = md5->length * 8;
+    unsigned char pad[72] = {0x80};
+    size_t have = (size_t)(md5->length % 64);
+    size_t fill = (have < 56 ? 56 : 120) - have;
+    for (int i = 0; i < 8; i++) {
+        pad[fill + (size_t)i] = (unsigned char)(bits >> (8 * i));
+    }
+    md5_update(md5, pad, fill + 8);
+    uint64_t head = 0;
+    for (int i = 0; i < 2; i++) {
+        for (int j = 0; j < 4; j++) {
+            head = head << 8 | ((md5->state[i] >> (8 * j)) & 0xff);
+        }
+    }
+    return head;
+}
+
+static inline void
+put_u64(unsigned char *out, uint64_t value)
+{
+    for (int i = 7; i >= 0; i--) {
+        out[i] = (unsigned char)value;
+        value >>= 8;
+    }
+}
+
+/* The route record's hash (see distribution.codec.encode_route_descriptor); end NULL if
+ * unbounded. */
+static uint64_t
+record_hash(uint64_t id, const char *start, Py_ssize_t start_length, const char *end,
+            Py_ssize_t end_length, uint64_t group, unsigned char state, uint64_t parent)
+{
+    unsigned char header[34];
+    header[0] = 1;
+    put_u64(header + 1, id);
+    put_u64(header + 9, group);
+    header[17] = state;
+    put_u64(header + 18, parent);
+    put_u64(header + 26, (uint64_t)start_length);
+    Md5 md5;
+    md5_init(&md5);
+    md5_update(&md5, header, sizeof header);
+    md5_update(&md5, start, (size_t)start_length);
+    if (end == NULL) {
+        md5_update(&md5, "\0", 1);
+    }
+    else {
+        unsigned char tail[9] = {1};
+        put_u64(tail + 1, (uint64_t)end_length);
+        md5_update(&md5, tail, sizeof tail);
+        md5_update(&md5, end, (size_t)end_length);
+    }
+    return md5_head(&md5);
+}
+
+static PyObject *
+signed_of(uint64_t value)
+{
+    return PyLong_FromLongLong((long long)value);
+}
+
+PyDoc_STRVAR(route_hash_doc,
+"route_hash(route_id, start, end, group_id, state, parent_route_id, /)\n--\n\n"
+"The route's hash in the catalog digest, as distribution.codec.route_hash computes it, for\n"
+"fields already validated. O(len(start) + len(end)).");
+
+static PyObject *
+route_hash(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t id, group, parent;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "route_hash() takes exactly 6 arguments");
+        return NULL;
+    }
+    PyObject *start = args[1], *end = args[2];
+    int state = state_of(args[4]);
+    if (u64_of(args[0], &id) < 0 || u64_of(args[3], &group) < 0 || u64_of(args[5], &parent) < 0 ||
+        state < 0 || !PyBytes_CheckExact(start) || (end != Py_None && !PyBytes_CheckExact(end))) {
+        PyErr_SetString(PyExc_ValueError, "route_hash() takes a valid route's fields");
+        return NULL;
+    }
+    return signed_of(record_hash(id, PyBytes_AS_STRING(start), PyBytes_GET_SIZE(start),
+                                 end == Py_None ? NULL : PyBytes_AS_STRING(end),
+                                 end == Py_None ? 0 : PyBytes_GET_SIZE(end), group,
+                                 (unsigned char)state, parent));
+}
+
+/* The XOR of the hashes of chunk's catalog routes (id != 0), their parents from ids; 0 with
+ * *missing set if a route's id is not in ids. Touches no Python object's reference counts:
+ * runs without the GIL. */
+static uint64_t
+chunk_digest(const Chunk *chunk, const IdIndex *ids, int *missing)
+{
+    uint64_t digest = 0;
+    for (Py_ssize_t i = 0; i <= chunk->n; i++) {
+        uint64_t id = chunk->ids[i];
+        if (id == 0 || chunk->groups[i] == 0) {
+            continue;
+        }
+        const uint64_t *cell = index_find(ids, id);
+        if (cell == NULL) {
+            *missing = 1;
+            return 0;
+        }
+        const char *start, *end = NULL;
+        Py_ssize_t start_length, end_length = 0;
+        if (i) {
+            start = bound_at(chunk, i - 1, &start_length);
+        }
+        else {
+            start = PyBytes_AS_STRING(chunk->lower);
+            start_length = PyBytes_GET_SIZE(chunk->lower);
+        }
+        if (i < chunk->n) {
+            end = bound_at(chunk, i, &end_length);
+        }
+        else if (chunk->upper != NULL) {
+            end = PyBytes_AS_STRING(chunk->upper);
+            end_length = PyBytes_GET_SIZE(chunk->upper);
+        }
+        digest ^= record_hash(id, start, start_length, end, end_length, chunk->groups[i],
+                              chunk->states[i], cell[2]);
+    }
+    return digest;
+}
+
+PyDoc_STRVAR(digest_doc,
+"digest(table, ids, /)\n--\n\n"
+"The catalog digest of the table's catalog routes (route id not 0), each with the parent its id\n"
+"has in the IdIndex ``ids``. O(routes), without holding the GIL: lookups go on meanwhile. The\n"
+"caller keeps ``ids`` from changing (the Engine's lock).");
+
+static PyObject *
+digest(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Chunk *index;
+    PyObject *chunks;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "digest() takes exactly 2 arguments");
+        return NULL;
+    }
+    if (unpack_table(args[0], &index, &chunks) < 0) {
+        return NULL;
+    }
+    if (!Py_IS_TYPE(args[1], &IdIndexType)) {
+        PyErr_SetString(PyExc_TypeError, "digest() takes an IdIndex");
+        return NULL;
+    }
+    const IdIndex *ids = (const IdIndex *)args[1];
+    /* A tuple of our own: the chunks stay alive while the GIL is let go. */
+    PyObject *held = PyList_AsTuple(chunks);
+    if (held == NULL) {
+        return NULL;
+    }
+    Py_ssize_t k = PyTuple_GET_SIZE(held);
+    for (Py_ssize_t c = 0; c < k; c++) {
+        if (!Py_IS_TYPE(PyTuple_GET_ITEM(held, c), &ChunkType)) {
+            Py_DECREF(held);
+            PyErr_SetString(PyExc_SystemError,
+                            "routing table is malformed: a chunk is not a Chunk");
+            return NULL;
+        }
+    }
+    uint64_t value = 0;
+    int missing = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t c = 0; c < k && !missing; c++) {
+        value ^= chunk_digest((const Chunk *)PyTuple_GET_ITEM(held, c), ids, &missing);
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(held);
+    if (missing) {
+        PyErr_SetString(PyExc_SystemError, "a catalog route of the table is not in the IdIndex");
+        return NULL;
+    }
+    return signed_of(value);
+}
+
+PyDoc_STRVAR(usual_route_doc,
+"usual_route(route, /)\n--\n\n"
+"True if ``route`` is exactly a RouteDescriptor whose fields have their exact types and valid\n"
+"values (a RouteState member as state, bounds within MAX_ROUTE_KEY_BYTES): what\n"
+"validate_route_descriptor returns unchanged. False means: validate it. O(1) but the bounds'\n"
+"comparison.");
+
+static PyObject *
+usual_route(PyObject *module, PyObject *d)
+{
+    uint64_t id, group, parent;
+    if (Py_TYPE(d) != descriptor_type || PyTuple_GET_SIZE(d) != 6 ||
+        u64_of(PyTuple_GET_ITEM(d, 0), &id) < 0 || id == 0 ||
+        u64_of(PyTuple_GET_ITEM(d, 3), &group) < 0 || group == 0 ||
+        u64_of(PyTuple_GET_ITEM(d, 5), &parent) < 0 ||
+        Py_TYPE(PyTuple_GET_ITEM(d, 4)) != state_type) {
+        Py_RETURN_FALSE;
+    }
+    PyObject *start = PyTuple_GET_ITEM(d, 1), *end = PyTuple_GET_ITEM(d, 2);
+    if (!PyBytes_CheckExact(start) || PyBytes_GET_SIZE(start) > max_key_bytes ||
+        (end != Py_None &&
+         (!PyBytes_CheckExact(end) || PyBytes_GET_SIZE(end) > max_key_bytes ||
+          compare_bytes(start, end) >= 0))) {
+        Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef lookup_methods[] = {
+    {"usual_route", (PyCFunction)usual_route, METH_O, usual_route_doc},
     {"find", (PyCFunction)(void (*)(void))find, METH_FASTCALL, find_doc},
     {"group", (PyCFunction)(void (*)(void))group, METH_FASTCALL, group_doc},
     {"build", (PyCFunction)(void (*)(void))build, METH_FASTCALL, build_doc},
     {"make_index", (PyCFunction)make_index, METH_O, make_index_doc},
+    {"route_hash", (PyCFunction)(void (*)(void))route_hash, METH_FASTCALL, route_hash_doc},
+    {"digest", (PyCFunction)(void (*)(void))digest, METH_FASTCALL, digest_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1755,6 +2289,15 @@ lookup_exec(PyObject *module)
     if (route_type == NULL || descriptor_type == NULL || state_type == NULL) {
         goto done;
     }
+    PyObject *max_key = PyObject_GetAttrString(types, "MAX_ROUTE_KEY_BYTES");
+    if (max_key == NULL) {
+        goto done;
+    }
+    max_key_bytes = PyLong_AsSsize_t(max_key);
+    Py_DECREF(max_key);
+    if (max_key_bytes < 0) {
+        goto done;
+    }
     members = PySequence_List((PyObject *)state_type);
     if (members == NULL) {
         goto done;
@@ -1770,6 +2313,7 @@ lookup_exec(PyObject *module)
     }
     if (PyType_Ready(&ChunkType) < 0 || PyType_Ready(&IdIndexType) < 0 ||
         PyModule_AddType(module, &ChunkType) < 0 || PyModule_AddType(module, &IdIndexType) < 0 ||
+        PyModule_AddType(module, &ReaderType) < 0 ||
         /* What distribution.Engine.implementation reports while this module is in use. */
         PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         goto done;

@@ -17,17 +17,30 @@ import marshal
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from itertools import accumulate, compress, islice, pairwise, repeat
-from operator import le, lt, ne
+from operator import attrgetter, le, lt, ne
 from typing import Any, TypeAlias
 
-from distribution.types import Route, RouteDescriptor, RouteState, route_columns
+from distribution import codec
+from distribution.types import Route, RouteDescriptor, RouteState, check_key, route_columns
 
-__all__ = ["IMPLEMENTATION", "Chunk", "IdIndex", "build", "find", "group", "make_index"]
+__all__ = [
+    "IMPLEMENTATION",
+    "Chunk",
+    "IdIndex",
+    "Reader",
+    "build",
+    "digest",
+    "find",
+    "group",
+    "make_index",
+    "route_hash",
+    "usual_route",
+]
 
 #: What :attr:`distribution.Engine.implementation` reports while this module is in use.
 IMPLEMENTATION = "python"
 
-#: Route id -> the big-endian value of its start's first 8 bytes, zero padded.
+#: Route id -> (the big-endian value of its start's first 8 bytes, zero padded; its parent id).
 IdIndex = dict
 
 #: Descriptors handled per step by :func:`build`'s column extraction. The keys of one block are
@@ -38,6 +51,8 @@ _Slots: TypeAlias = list[Route | None]
 _Table: TypeAlias = tuple[list[bytes], Any, list[Any]]
 
 _ONLY_BYTES = frozenset({bytes})
+
+_parent_of = attrgetter("parent_route_id")
 
 
 class Chunk:
@@ -158,6 +173,37 @@ class Chunk:
         return list(self._slots)
 
 
+class Reader:
+    """The base of :class:`distribution.Engine`: its table, in ``_table``, and its lookup.
+
+    :mod:`distribution._lookup` has the same in C, sparing a lookup its Python frame.
+    """
+
+    _table: Any
+
+    def get_route(self, key: bytes) -> Route | None:
+        """The route whose ``[start, end)`` holds ``key``, or None. O(log routes), no lock.
+
+        The route's ``load`` is not kept up to date (see ``Engine.stats``).
+
+        >>> from distribution import _pylookup
+        >>> route = Route(1, b"a", None, 1, RouteState.ACTIVE, 0)
+        >>> reader = Reader()
+        >>> reader._table = ([], [], [Chunk([b"a"], [None, route], None, None)], _pylookup)
+        >>> reader.get_route(b"b") is route
+        True
+        >>> reader.get_route("b")
+        Traceback (most recent call last):
+        ...
+        TypeError: key must be bytes, got str (encode text keys explicitly)
+        """
+        if key.__class__ is not bytes:
+            check_key("key", key)
+        table = self._table
+        found: Route | None = table[3].find(table, key)
+        return found
+
+
 def make_index(tops: list[bytes]) -> list[bytes]:
     """The search index over ``tops``: here the list itself. O(1).
 
@@ -224,18 +270,18 @@ def group(table: _Table, keys: list[bytes], /) -> list[tuple[Route, list[bytes]]
 
 def build(
     routes: Sequence[RouteDescriptor], chunk_size: int, /
-) -> tuple[_Table, dict[int, int]] | None:
+) -> tuple[_Table, dict[int, tuple[int, int]]] | None:
     """``(table, ids)`` for sorted, valid descriptors, or None if any is unusual.
 
     None means "something is unusual" (an invalid route, a field of the wrong type, an unsorted
     snapshot, a duplicate id...): the caller then runs the exact, per-route checks, which raise
     the first error in the order the contract specifies, or return normalized routes that this
-    function accepts. ``ids`` maps each route id to its start's prefix. O(routes), in C-level
-    passes.
+    function accepts. ``ids`` maps each route id to its start's prefix and its parent id.
+    O(routes), in C-level passes.
 
-    >>> table, ids = build((RouteDescriptor(7, b"a", None, 1),), 1024)
+    >>> table, ids = build((RouteDescriptor(7, b"a", None, 1, parent_route_id=3),), 1024)
     >>> find(table, b"b").route_id, ids
-    (7, {7: 6989586621679009792})
+    (7, {7: (6989586621679009792, 3)})
     >>> build((RouteDescriptor(7, b"b", None, 1), RouteDescriptor(8, b"a", None, 1)), 1024)
     """
     built = _build_contiguous(routes) if routes else ([], [None], {})
@@ -245,7 +291,58 @@ def build(
         return None
     bounds, slots, by_id = built
     table = chunked(bounds, slots, chunk_size)
-    return table, {route_id: prefix(route.start) for route_id, route in by_id.items()}
+    parents = map(_parent_of, routes)
+    return table, {
+        route_id: (prefix(route.start), parent)
+        for (route_id, route), parent in zip(by_id.items(), parents, strict=True)
+    }
+
+
+def route_hash(
+    route_id: int,
+    start: bytes,
+    end: bytes | None,
+    group_id: int,
+    state: RouteState,
+    parent_route_id: int,
+    /,
+) -> int:
+    """The route's hash in the catalog digest (:func:`distribution.codec.route_hash`).
+    O(len(start) + len(end)).
+
+    >>> route_hash(1, b"", None, 1, RouteState.ACTIVE, 0)
+    -9181016149331000729
+    """
+    return codec.route_hash(
+        RouteDescriptor(route_id, start, end, group_id, state, parent_route_id)
+    )
+
+
+def usual_route(route: object, /) -> bool:
+    """Whether ``route`` is known valid as it is, sparing its validation: never, here (a check in
+    Python costs what the validation does; ``_lookup.usual_route`` answers in C). O(1).
+
+    >>> usual_route(RouteDescriptor(1, b"", None, 1))
+    False
+    """
+    return False
+
+
+def digest(table: _Table, ids: dict[int, tuple[int, int]], /) -> int:
+    """The catalog digest of the table's catalog routes (route id not 0), each with the parent
+    its id has in ``ids``. O(routes).
+
+    >>> table, ids = build((RouteDescriptor(1, b"", None, 1),), 1024)
+    >>> digest(table, ids) == route_hash(1, b"", None, 1, RouteState.ACTIVE, 0)
+    True
+    """
+    value = 0
+    for chunk in table[2]:
+        for route in chunk._slots:
+            if route is not None and route.route_id:
+                route_id, start, end, group_id, state, _ = route
+                value ^= route_hash(route_id, start, end, group_id, state, ids[route_id][1])
+    return value
 
 
 def prefix(key: bytes) -> int:

@@ -7,21 +7,25 @@ of the library: :func:`translate_error` maps it to the library's own errors.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import psycopg
 import psycopg.errors
 import sqlalchemy as sa
+import sqlalchemy.exc
 from sqlalchemy.engine import make_url
 
 from distribution import errors
 from distribution.errors import (
+    CatalogDataError,
     CatalogDuplicateRouteIDError,
     CatalogGroupIDRequiredError,
     CatalogInvalidRouteRangeError,
     CatalogInvalidRouteStateError,
     CatalogNotMigratedError,
     CatalogPermissionError,
+    CatalogReadOnlyError,
     CatalogRouteIDRequiredError,
     CatalogRouteOverlapError,
     CatalogUnavailableError,
@@ -35,6 +39,7 @@ __all__ = [
     "create_engine",
     "sqlalchemy_url",
     "translate_error",
+    "translated_errors",
 ]
 
 #: Seconds to wait for a connection before calling the database unavailable.
@@ -80,6 +85,14 @@ _CONSTRAINT_ERRORS: Mapping[str, type[DistributionError]] = {
 }
 
 
+# SQLSTATEs a server sends as it ends or refuses a session (administrator command, crash,
+# start-up or shut-down in progress, idle-session timeout): the connection is gone, as in class 08.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P05"})
+# SQLSTATE classes of values the server refuses: a data exception, a program limit exceeded
+# (a key too long for an index, a string past 1 GB). Sending the same value again fails again.
+_DATA_CLASSES = frozenset({"22", "54"})
+
+
 def sqlalchemy_url(url: str) -> str:
     """Return ``url`` with the psycopg 3 driver named, as SQLAlchemy needs it.
 
@@ -114,12 +127,33 @@ def create_engine(url: str | None = None, **options: object) -> sa.Engine:
 
 
 def translate_error(exc: psycopg.Error) -> DistributionError:
-    """Return the library error that stands for the psycopg error ``exc``.
+    """Return the library error that stands for the psycopg error ``exc``; O(1).
+
+    In order: a write refused as read-only, on a hot standby most often
+    (:class:`~distribution.CatalogReadOnlyError`); the SQLSTATE of a server function's error (its class in
+    :mod:`distribution.errors`); a missing table, column or function
+    (:class:`~distribution.CatalogNotMigratedError`); an integrity constraint (its class);
+    a refused privilege (:class:`~distribution.CatalogPermissionError`); a serialization
+    failure (:class:`~distribution.CatalogVersionMismatchError`); a refused value, SQLSTATE
+    class 22 or 54 (:class:`~distribution.CatalogDataError`, carrying the SQLSTATE); a lost or
+    refused connection: class 08, a session the server ended (57P01, 57P02, 57P03, 57P05), or a
+    driver error with no SQLSTATE (:class:`~distribution.CatalogUnavailableError`). Anything else
+    is a plain :class:`~distribution.DistributionError` naming its SQLSTATE: only a connection
+    problem is unavailability, which callers retry.
 
     The caller raises it ``from exc``, so the original stays reachable as ``__cause__``.
+
+    >>> translate_error(psycopg.errors.NumericValueOutOfRange("integer out of range")).sqlstate
+    '22003'
+    >>> type(translate_error(psycopg.OperationalError("server closed the connection")))
+    <class 'distribution.errors.CatalogUnavailableError'>
     """
     sqlstate = exc.sqlstate or ""
     message = exc.diag.message_primary or str(exc).strip()
+    if _read_only(exc, message):
+        return CatalogReadOnlyError(
+            f"the catalog database is read-only (a hot standby? writes go to the primary): {message}"
+        )
     error_class = _SQLSTATE_ERRORS.get(sqlstate)
     if error_class is not None:
         return error_class(message)
@@ -137,6 +171,50 @@ def translate_error(exc: psycopg.Error) -> DistributionError:
         return CatalogPermissionError(f"the catalog database refused the operation: {message}")
     if isinstance(exc, psycopg.errors.SerializationFailure):
         return CatalogVersionMismatchError(f"a concurrent write won: {message}")
-    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+    if sqlstate[:2] in _DATA_CLASSES or isinstance(exc, psycopg.DataError):
+        # A DataError without a SQLSTATE is psycopg refusing the value before sending it.
+        return CatalogDataError(
+            f"the catalog database refused a value ({sqlstate or 'in the driver'}): {message}",
+            sqlstate=exc.sqlstate,
+        )
+    if _connection_lost(exc, sqlstate):
         return CatalogUnavailableError(f"the catalog database is unavailable: {message}")
     return DistributionError(f"the catalog database failed ({sqlstate or 'no sqlstate'}): {message}")
+
+
+@contextmanager
+def translated_errors() -> Iterator[None]:
+    """Raise the library's error for any database error of the block, ``from`` the driver's.
+
+    Errors reach the block through SQLAlchemy (wrapping psycopg's), or from psycopg directly (a
+    driver cursor, a new connection). An error of SQLAlchemy's own, without a driver error
+    beneath (a pool timeout, say), means no connection could be had.
+    """
+    try:
+        yield
+    except sqlalchemy.exc.DBAPIError as exc:
+        cause = exc.orig
+        if isinstance(cause, psycopg.Error):
+            raise translate_error(cause) from cause
+        raise CatalogUnavailableError(f"the catalog database is unavailable: {cause}") from cause
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise CatalogUnavailableError(f"no catalog connection available: {exc}") from exc
+    except psycopg.Error as exc:
+        raise translate_error(exc) from exc
+
+
+def _connection_lost(exc: psycopg.Error, sqlstate: str) -> bool:
+    """True when ``exc`` means that the connection failed or was lost (not that a statement did)."""
+    if isinstance(exc, psycopg.InterfaceError):
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    # Without a SQLSTATE, the driver itself failed: connecting, or reading from a dead socket.
+    return not sqlstate or sqlstate[:2] == "08" or sqlstate in _SESSION_ENDED
+def _read_only(exc: psycopg.Error, message: str) -> bool:
+    """Whether the server refused ``exc``'s statement as read-only: a write in a read-only
+    transaction, or a read-write transaction (or LISTEN) on a standby in recovery, which
+    PostgreSQL reports as an unsupported feature."""
+    return isinstance(exc, psycopg.errors.ReadOnlySqlTransaction) or (
+        isinstance(exc, psycopg.errors.FeatureNotSupported) and "during recovery" in message
+    )

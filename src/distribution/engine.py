@@ -11,10 +11,16 @@ pure-Python lists.
 Loads live apart from the routes, in lists parallel to the slots that only writers touch (under
 the lock). Routes in the table always carry ``load == 0``; :meth:`Engine.stats` gives exact loads.
 
-Catalog routes (``route_id != 0``) are also indexed by id (to the 8-byte prefix of their start, in
-16 bytes a route), so that :meth:`Engine.apply_changes` finds a deleted route without a scan. A catalog route split by a hotspot is *shadowed*: its ephemeral pieces serve
+Catalog routes (``route_id != 0``) are also indexed by id (to the 8-byte prefix of their start
+and their parent id, in 24 bytes a route), so that :meth:`Engine.apply_changes` finds a deleted
+route without a scan. A catalog route split by a hotspot is *shadowed*: its ephemeral pieces serve
 its range, and the Engine still knows it, so a later change that deletes or replaces it removes
 the pieces too.
+
+The Engine keeps the catalog digest of its catalog routes (:attr:`Engine.digest`, as
+:func:`distribution.codec.routes_digest` computes it, shadowed routes counted, their pieces not):
+a snapshot brings it, or it is computed from the table on first use (in C, without holding the
+GIL, with the C table); each change moves it by the hashes of the routes it replaces and adds.
 """
 
 from __future__ import annotations
@@ -22,25 +28,29 @@ from __future__ import annotations
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from itertools import chain, pairwise, repeat
 from operator import attrgetter, is_not, itemgetter
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from distribution import table as table_module
 from distribution._pylookup import prefix
 from distribution.bulk import paused_gc
+from distribution.codec import routes_digest
 from distribution.errors import (
     CatalogGroupIDRequiredError,
     CatalogInvalidRouteRangeError,
+    EngineDigestMismatchError,
     EngineSnapshotDuplicateIDError,
     EngineSnapshotRouteOrderError,
     EngineSnapshotRouteOverlapError,
     EngineSnapshotVersionGapError,
     EngineSnapshotVersionStaleError,
+    RouteKeyTooLongError,
 )
 from distribution.table import RouteTable, _Ids, _Searches
 from distribution.types import (
+    MAX_ROUTE_KEY_BYTES,
     CatalogChange,
     CatalogSnapshot,
     Route,
@@ -55,7 +65,15 @@ from distribution.types import (
 
 __all__ = ["Engine"]
 
+if TYPE_CHECKING:
+    from distribution._lookup import Reader as _Reader
+else:
+    # The C base where the extension is in use: get_route without a Python frame.
+    _Reader = table_module.IMPLEMENTATION.Reader
+
 _Loads: TypeAlias = list[list[int]]
+#: What a change does, validated: the ids it deletes, then the routes it upserts.
+_Step: TypeAlias = tuple[list[int], list[RouteDescriptor]]
 #: A key range ``[start, end)``; ``end is None`` means unbounded.
 _Range: TypeAlias = tuple[bytes, bytes | None]
 
@@ -126,6 +144,22 @@ def _merge_ranges(ranges: Iterable[_Range]) -> list[_Range]:
     return merged
 
 
+def _check_digest(name: str, value: object) -> int | None:
+    """Return ``value`` if it is None or a signed 64-bit int (a catalog digest)."""
+    if value is None or (value.__class__ is int and -(2**63) <= value < 2**63):
+        return value
+    raise TypeError(f"{name} must be a signed 64-bit int or None, got {value!r}")
+
+
+def _check_bound_length(name: str, key: bytes) -> None:
+    """Refuse a route bound longer than :data:`~distribution.MAX_ROUTE_KEY_BYTES`."""
+    if len(key) > MAX_ROUTE_KEY_BYTES:
+        raise RouteKeyTooLongError(
+            f"route key is too long: {name} is {len(key)} bytes, the limit is "
+            f"{MAX_ROUTE_KEY_BYTES}"
+        )
+
+
 def _key_error(keys: Iterable[object], error: TypeError) -> TypeError:
     """The library's TypeError for the first of ``keys`` that is not bytes, else ``error``.
 
@@ -139,11 +173,13 @@ def _key_error(keys: Iterable[object], error: TypeError) -> TypeError:
     return error
 
 
-class Engine:
+class Engine(_Reader):
     """The in-memory routing table of a service: which route holds a key.
 
     Thread-safe: lookups never lock (they read an immutable table that writers swap in whole);
     writers (snapshots, changes, :meth:`update_route`, :meth:`record_access`) serialize on a lock.
+    :meth:`get_route` (``get_route(key) -> Route | None``, O(log routes)) comes from the table
+    implementation's ``Reader``: in C, a lookup is one C call.
 
     >>> from distribution import CatalogSnapshot, RouteDescriptor
     >>> engine = Engine()
@@ -175,6 +211,8 @@ class Engine:
         self._table, self._loads, self._ids = _empty_table(self._search)
         #: Catalog routes split by a hotspot, sorted by start: their pieces serve their ranges.
         self._shadowed: list[Route] = []
+        #: The catalog digest of the catalog routes, or None until first needed (see ``digest``).
+        self._digest: int | None = 0
 
     @classmethod
     def with_default_route(cls, hotspot_threshold: int = 0) -> Engine:
@@ -209,25 +247,64 @@ class Engine:
         """
         return self._version
 
-    # -- lookups (lock-free) -------------------------------------------------------------------
+    @property
+    def route_count(self) -> int:
+        """How many catalog routes the Engine holds (those a hotspot split shadows included,
+        ephemeral routes not). O(1).
 
-    def get_route(self, key: bytes) -> Route | None:
-        """The route whose ``[start, end)`` holds ``key``, or None. O(log routes), no lock.
-
-        The route's ``load`` is not kept up to date (see :meth:`stats`).
-
+        >>> from distribution import CatalogSnapshot, RouteDescriptor
         >>> engine = Engine.with_default_route()
-        >>> engine.get_route(b"k").group_id
-        1
-        >>> Engine().get_route("k")
-        Traceback (most recent call last):
-        ...
-        TypeError: key must be bytes, got str (encode text keys explicitly)
+        >>> engine.route_count
+        0
+        >>> engine.apply_snapshot(CatalogSnapshot(version=1, routes=(
+        ...     RouteDescriptor(route_id=1, start=b"", end=b"m", group_id=1),
+        ...     RouteDescriptor(route_id=2, start=b"m", end=None, group_id=2))))
+        >>> engine.route_count
+        2
         """
-        try:
-            return self._search.find(self._table, key)
-        except TypeError as error:
-            raise _key_error((key,), error) from None
+        return len(self._ids)
+
+    @property
+    def digest(self) -> int:
+        """The catalog digest of the catalog routes the Engine holds, as
+        :func:`distribution.codec.routes_digest` computes it (the catalog's
+        ``distribution_meta.digest`` at :attr:`version`). O(1).
+
+        Catalog routes split by a hotspot count as the catalog has them; their ephemeral pieces,
+        and routes from :meth:`update_route`, do not. After a snapshot that did not carry its
+        digest, the first read computes it: O(routes), in C with the C table (other threads keep
+        looking keys up meanwhile).
+
+        >>> from distribution import CatalogSnapshot, RouteDescriptor
+        >>> from distribution.codec import routes_digest
+        >>> routes = (RouteDescriptor(route_id=1, start=b"", end=None, group_id=1),)
+        >>> engine = Engine()
+        >>> engine.digest
+        0
+        >>> engine.apply_snapshot(CatalogSnapshot(version=1, routes=routes))
+        >>> engine.digest == routes_digest(routes)
+        True
+        """
+        digest = self._digest
+        if digest is None:
+            with self._lock:
+                digest = self._digest = self._current_digest()
+        return digest
+
+    def _current_digest(self) -> int:
+        """The digest as last published, computed from the table if unknown (under the lock)."""
+        if self._digest is not None:
+            return self._digest
+        digest = self._search.digest(self._table, self._ids)
+        for route in self._shadowed:
+            digest ^= self._route_hash(route)
+        return digest
+
+    def _route_hash(self, route: Route) -> int:
+        """The catalog hash of catalog route ``route`` (its parent from the id index)."""
+        return self._search.route_hash(*route[:5], self._ids[route[0]][1])
+
+    # -- lookups (lock-free) -------------------------------------------------------------------
 
     def get_intersecting_routes(self, start: bytes, end: bytes | None) -> list[Route]:
         """Routes intersecting ``[start, end)`` in key order; ``end None`` is unbounded.
@@ -278,6 +355,8 @@ class Engine:
         version is a silent no-op (not validated). Then each route is validated like a
         descriptor, ids must be unique, and, sorted by start, adjacent routes must not share a
         start, follow an unbounded route, or overlap. Loads restart at 0; ephemeral routes go.
+        The snapshot's ``digest``, when not None, becomes :attr:`digest` as it is (a catalog read
+        brings it from the same transaction), else the digest is computed on its first use.
         O(routes log routes) (O(routes) when sorted), built without holding the lock.
 
         >>> from distribution import CatalogSnapshot, RouteDescriptor
@@ -293,14 +372,44 @@ class Engine:
         version = check_u64("version", snapshot.version)
         if self._version_is_current(version):
             return
+        digest = _check_digest("snapshot digest", snapshot.digest)
         table, loads, ids = _build(self._search, snapshot.routes)
         with self._lock:
             if self._version_is_current(version):
                 return
-            self._table, self._loads = table, loads
-            self._ids = ids
-            self._shadowed = []
-            self._version = version
+            self._publish(version, table, loads, ids, digest)
+
+    def reset(self, snapshot: CatalogSnapshot) -> None:
+        """Replace every route with the snapshot's, atomically, whatever the versions.
+
+        :meth:`apply_snapshot` for an Engine that must return to the catalog: the snapshot may be
+        older than, or as new as, :attr:`version` (an Engine that applied changes the catalog
+        never made, say). The same validation and digest rules; on any error nothing changes.
+        O(routes log routes) (O(routes) when sorted), built without holding the lock.
+
+        >>> from distribution import CatalogSnapshot, RouteDescriptor
+        >>> engine = Engine()
+        >>> engine.apply_snapshot(CatalogSnapshot(version=5, routes=()))
+        >>> engine.reset(CatalogSnapshot(version=3, routes=(
+        ...     RouteDescriptor(route_id=1, start=b"", end=None, group_id=1),)))
+        >>> engine.version, engine.get_route(b"k").route_id
+        (3, 1)
+        """
+        version = check_u64("version", snapshot.version)
+        digest = _check_digest("snapshot digest", snapshot.digest)
+        table, loads, ids = _build(self._search, snapshot.routes)
+        with self._lock:
+            self._publish(version, table, loads, ids, digest)
+
+    def _publish(
+        self, version: int, table: RouteTable, loads: _Loads, ids: _Ids, digest: int | None
+    ) -> None:
+        """Swap in a whole new table (under the lock)."""
+        self._table, self._loads = table, loads
+        self._ids = ids
+        self._shadowed = []
+        self._digest = digest
+        self._version = version
 
     def _version_is_current(self, version: int) -> bool:
         """True if ``version`` is already applied; raise if it is older."""
@@ -320,9 +429,11 @@ class Engine:
         later, :class:`~distribution.EngineSnapshotVersionStaleError` if one straddles it). Each
         change deletes, then upserts (an upsert of a known id replaces it). Every upsert is
         validated like a descriptor, a change must not repeat an id, and the resulting routes must
-        not overlap; on any error nothing changes. Changed routes get load 0, the others keep
-        theirs; ephemeral routes overlapping a changed route are dropped.
-        O(c log c + chunk) for c changed routes (plus the routes between them).
+        not overlap. A change whose ``digest`` is not None must leave :attr:`digest` equal to it,
+        else :class:`~distribution.EngineDigestMismatchError`. On any error nothing of the batch
+        changes. Changed routes get load 0, the others keep theirs; ephemeral routes overlapping a
+        changed route are dropped. O(c log c + chunk) for c changed routes (plus the routes
+        between them).
 
         >>> from distribution import CatalogChange, CatalogSnapshot, RouteDescriptor
         >>> engine = Engine()
@@ -333,11 +444,20 @@ class Engine:
         ...              RouteDescriptor(route_id=3, start=b"m", end=None, group_id=2)))])
         >>> engine.version, engine.get_route(b"x").route_id
         (2, 3)
+        >>> engine.apply_changes([CatalogChange(previous_version=2, version=3, upserts=(),
+        ...     deletes=(3,), digest=0)])
+        Traceback (most recent call last):
+        ...
+        distribution.errors.EngineDigestMismatchError: engine change digest mismatch: the change from version 2 to version 3 leaves digest -5255514038620293305, the catalog has 0
+        >>> engine.version
+        2
         """
         pending = list(changes)
         for change in pending:
             check_u64("previous_version", change.previous_version)
             check_u64("version", change.version)
+            if change.digest is not None:
+                _check_digest("change digest", change.digest)
             if change.version <= change.previous_version:
                 raise EngineSnapshotVersionGapError(
                     f"engine change is malformed: version {change.version} does not follow "
@@ -366,7 +486,8 @@ class Engine:
                     f"than engine catalog version {current}"
                 )
             pending = pending[k:]
-            net = _net_effect(pending)
+            steps = _validated(pending, self._search.usual_route)
+            net = _net_effect(steps)
             removed = [r for r in map(self._catalog_route, net) if r is not None]
             added = sorted(
                 (
@@ -377,17 +498,55 @@ class Engine:
                 key=_route_start,
             )
             self._check_placement(added, net)
+            digest = self._digest
+            if digest is not None or any(c.digest is not None for c in pending):
+                digest = self._next_digest(pending, steps, removed)
             ranges = _merge_ranges([(r.start, r.end) for r in chain(removed, added)])
             table, loads = self._table.rewrite(self._loads, ranges, net, added)
             for route_id in net:
                 if route_id in self._ids:
                     del self._ids[route_id]
-            for route in added:
-                self._ids[route.route_id] = prefix(route.start)
+            for d in net.values():
+                if d is not None:
+                    self._ids[d.route_id] = (prefix(d.start), d.parent_route_id)
             if self._shadowed:
                 self._shadowed = [r for r in self._shadowed if r.route_id not in net]
             self._table, self._loads = table, loads
+            self._digest = digest
             self._version = pending[-1].version
+
+    def _next_digest(
+        self, changes: Sequence[CatalogChange], steps: list[_Step], removed: list[Route]
+    ) -> int:
+        """The digest after ``changes`` (validated as ``steps``; ``removed``: the catalog routes
+        they replace or delete), checked against each change's own digest (under the lock).
+
+        Each change XORs out the hash of every route it deletes or replaces (as the changes
+        before it left that id) and XORs in those of its upserts.
+        """
+        route_hash = self._search.route_hash
+        digest = self._digest
+        if digest is None:
+            digest = self._current_digest()
+        # Route id -> the hash of the route the batch left under it so far (absent: no route).
+        hashes = {r[0]: self._route_hash(r) for r in removed}
+        for change, (deletes, upserts) in zip(changes, steps, strict=True):
+            for route_id in deletes:
+                old = hashes.pop(route_id, None)
+                if old is not None:
+                    digest ^= old
+            for upsert in upserts:
+                old = hashes.pop(upsert.route_id, None)
+                new = route_hash(*upsert)
+                digest ^= new if old is None else new ^ old
+                hashes[upsert.route_id] = new
+            if change.digest is not None and change.digest != digest:
+                raise EngineDigestMismatchError(
+                    f"engine change digest mismatch: the change from version "
+                    f"{change.previous_version} to version {change.version} leaves digest "
+                    f"{digest}, the catalog has {change.digest}"
+                )
+        return digest
 
     def _catalog_route(self, route_id: int) -> Route | None:
         """The catalog route ``route_id`` (in the table or shadowed), or None if unknown.
@@ -396,7 +555,7 @@ class Engine:
         """
         if route_id not in self._ids:
             return None
-        found = self._table.find_catalog_route(route_id, self._ids[route_id])
+        found = self._table.find_catalog_route(route_id, self._ids[route_id][0])
         if found is not None:
             return found
         return next((r for r in self._shadowed if r.route_id == route_id), None)
@@ -450,9 +609,11 @@ class Engine:
     def update_route(self, start: bytes, end: bytes | None, group_id: int) -> None:
         """Add an ephemeral route ``[start, end)`` (route_id 0, ACTIVE) on ``group_id``.
 
-        Validated like a descriptor (the id aside); a route overlapping an existing one raises
-        :class:`~distribution.EngineSnapshotRouteOverlapError` and nothing changes. The version
-        and the other routes' loads do not change. O(log routes + chunk).
+        Validated like a descriptor (the id aside; a bound longer than
+        :data:`~distribution.MAX_ROUTE_KEY_BYTES` raises
+        :class:`~distribution.RouteKeyTooLongError`); a route overlapping an existing one raises
+        :class:`~distribution.EngineSnapshotRouteOverlapError` and nothing changes. The version,
+        the digest and the other routes' loads do not change. O(log routes + chunk).
 
         >>> engine = Engine()
         >>> engine.update_route(b"a", b"b", 7)
@@ -465,6 +626,9 @@ class Engine:
         if end is not None:
             check_key("end", end)
         check_u64("group_id", group_id)
+        _check_bound_length("new route start", start)
+        if end is not None:
+            _check_bound_length("new route end", end)
         if group_id == 0:
             raise CatalogGroupIDRequiredError("catalog group id is required: new route has group 0")
         if end is not None and start >= end:
@@ -488,7 +652,10 @@ class Engine:
         Exact under threads. With a non-zero threshold, an ACTIVE route whose load reaches it is
         split at ``start + b"\\x00"`` into two ephemeral routes (loads 0); an unbounded route, or
         one too narrow to split, has its load reset to 0 instead. Fenced and migrating routes are
-        never split. O(log routes) under the lock; O(chunk) when a split happens.
+        never split. A split whose middle bound would be longer than
+        :data:`~distribution.MAX_ROUTE_KEY_BYTES` raises
+        :class:`~distribution.RouteKeyTooLongError` and nothing changes (the access is not
+        counted). O(log routes) under the lock; O(chunk) when a split happens.
 
         >>> engine = Engine(hotspot_threshold=2)
         >>> engine.update_route(b"a", b"b", 1)
@@ -516,6 +683,7 @@ class Engine:
             if route.end is None or middle >= route.end:
                 loads[i] = 0
                 return
+            _check_bound_length("hotspot split key", middle)
             pieces = [
                 Route(0, route.start, middle, route.group_id, RouteState.ACTIVE, 0),
                 Route(0, middle, route.end, route.group_id, RouteState.ACTIVE, 0),
@@ -593,23 +761,39 @@ class Engine:
                 map(_route_start, self._shadowed)
             )
             assert len(self._ids) == len(in_table) + len(self._shadowed)
+            catalog = [
+                RouteDescriptor(r.route_id, r.start, r.end, r.group_id, r.state, self._ids[i][1])
+                for i, r in chain(in_table.items(), ((r.route_id, r) for r in self._shadowed))
+            ]
+            in_table_digest = routes_digest(catalog[: len(in_table)])
+            assert self._search.digest(self._table, self._ids) == in_table_digest
+            digest = in_table_digest ^ routes_digest(catalog[len(in_table) :])
+            assert self._current_digest() == digest
+            if self._digest is not None:
+                assert self._digest == digest, "the digest is the catalog routes' digest"
 
 
-def _net_effect(changes: Sequence[CatalogChange]) -> dict[int, RouteDescriptor | None]:
-    """Validate changes and fold them: route id -> its final descriptor, or None if deleted.
-
-    Every upsert is validated (and every delete type-checked) first, then each change is checked
-    for a repeated upsert id, as apply_snapshot validates routes before looking for duplicates.
-    """
-    validated = [
+def _validated(changes: Sequence[CatalogChange], usual: Callable[[object], bool]) -> list[_Step]:
+    """Each change's deletes type-checked and upserts validated (normalized descriptors); an
+    upsert ``usual`` vouches for is taken as it is (``validate_route_descriptor`` would return it
+    unchanged)."""
+    return [
         (
             [check_u64("route_id", d) for d in change.deletes],
-            [validate_route_descriptor(u) for u in change.upserts],
+            [u if usual(u) else validate_route_descriptor(u) for u in change.upserts],
         )
         for change in changes
     ]
+
+
+def _net_effect(steps: list[_Step]) -> dict[int, RouteDescriptor | None]:
+    """Fold validated changes: route id -> its final descriptor, or None if deleted.
+
+    Each change is checked for a repeated upsert id (after every upsert was validated, as
+    apply_snapshot validates routes before looking for duplicates).
+    """
     net: dict[int, RouteDescriptor | None] = {}
-    for deletes, upserts in validated:
+    for deletes, upserts in steps:
         ids = [u.route_id for u in upserts]
         seen: set[int] = set()
         for route_id in ids:

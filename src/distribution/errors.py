@@ -19,6 +19,8 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── CatalogRouteNotFoundError             (+ LookupError)
     ├── CatalogPermissionError                (+ PermissionError)
     ├── CatalogUnavailableError               (+ ConnectionError)
+    ├── CatalogReadOnlyError
+    ├── NotificationsUnavailableError         (+ ConnectionError)
     ├── CatalogNotMigratedError
     ├── CatalogUnversionedWriteError
     ├── CatalogVersionStepError
@@ -46,7 +48,10 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── EngineSnapshotRouteOverlapError
     ├── EngineSnapshotRouteOrderError
     ├── RouteKeyTooLongError
-    └── CatalogInvalidActorError
+    ├── CatalogInvalidActorError
+    ├── CatalogDataError
+    ├── WatcherNameError
+    └── NotificationSubjectInvalidError
 
 Arguments of the wrong type raise the built-in :class:`TypeError`; integers outside the unsigned
 64-bit range raise the built-in :class:`ValueError`.
@@ -57,13 +62,21 @@ SQLSTATE comes back as that class:
 
 >>> CatalogRouteNotFoundError.sqlstate.startswith("UD"), DistributionError.sqlstate
 (True, None)
+
+A value the database itself refuses (a data exception, SQLSTATE class 22, or a program limit
+exceeded, class 54, such as a key too long for an index) comes back as a
+:class:`CatalogDataError`, whose instance carries the database's SQLSTATE:
+
+>>> CatalogDataError("index row size 2712 exceeds maximum 2704", sqlstate="54000").sqlstate
+'54000'
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 __all__ = [
+    "CatalogDataError",
     "CatalogDigestWriteError",
     "CatalogDuplicateRouteIDError",
     "CatalogGroupIDRequiredError",
@@ -79,6 +92,7 @@ __all__ = [
     "CatalogInvalidVersionRecordError",
     "CatalogNotMigratedError",
     "CatalogPermissionError",
+    "CatalogReadOnlyError",
     "CatalogRouteGroupMismatchError",
     "CatalogRouteIDOverflowError",
     "CatalogRouteIDRequiredError",
@@ -106,7 +120,10 @@ __all__ = [
     "EngineSnapshotRouteOverlapError",
     "EngineSnapshotVersionGapError",
     "EngineSnapshotVersionStaleError",
+    "NotificationSubjectInvalidError",
+    "NotificationsUnavailableError",
     "RouteKeyTooLongError",
+    "WatcherNameError",
 ]
 
 
@@ -116,7 +133,9 @@ class DistributionError(Exception):
     #: The SQLSTATE the catalog's server functions raise this error with (class ``UD``, which
     #: PostgreSQL leaves to users), or None for an error no server function raises. A class
     #: states its own as a class argument, ``class E(DistributionError, sqlstate="UD999")``.
-    sqlstate: ClassVar[str | None] = None
+    #: Not a ClassVar: a :class:`CatalogDataError` carries the SQLSTATE of the database error
+    #: it stands for on the instance.
+    sqlstate: str | None = None
 
     def __init_subclass__(cls, sqlstate: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -292,6 +311,9 @@ class EngineSnapshotRouteOrderError(DistributionError, ValueError):
     """Two routes share a start, or an unbounded route is followed by another."""
 
 
+# -- errors about the sizes and values the database can store --------------------------------
+
+
 class RouteKeyTooLongError(DistributionError, ValueError):
     """A route bound is longer than :data:`~distribution.MAX_ROUTE_KEY_BYTES`."""
 
@@ -299,3 +321,40 @@ class RouteKeyTooLongError(DistributionError, ValueError):
 class CatalogInvalidActorError(DistributionError, ValueError):
     """An actor is longer than :data:`~distribution.MAX_ACTOR_BYTES` bytes of UTF-8, is not valid
     UTF-8 (a lone surrogate), or holds a NUL character."""
+
+
+class CatalogDataError(DistributionError, ValueError):
+    """The database refused a value: a data exception (SQLSTATE class 22) or a program limit
+    exceeded (class 54, a key too long for an index, say).
+
+    Retrying sends the same value and fails the same way: this is never a
+    :class:`CatalogUnavailableError`. ``sqlstate`` is the database's SQLSTATE (None when the
+    driver refused the value before sending it).
+    """
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class WatcherNameError(DistributionError, ValueError):
+    """A watcher name is empty, holds a NUL character, or is longer than
+    :data:`~distribution.catalog.fleet.MAX_WATCHER_NAME_BYTES` bytes of UTF-8."""
+# -- reading from standbys, notifications through NATS -------------------------------------------
+
+
+class CatalogReadOnlyError(DistributionError):
+    """The database refused a write (or a LISTEN) as read-only: a hot standby, most often.
+
+    Writes go to the primary; a standby serves reads only.
+    """
+
+
+class NotificationsUnavailableError(DistributionError, ConnectionError):
+    """The notification source (a NATS server) cannot be reached, or dropped the connection, so
+    notifications may have been missed."""
+
+
+class NotificationSubjectInvalidError(DistributionError, ValueError):
+    """A NATS subject to publish or follow catalog notifications on is empty, holds whitespace or
+    a wildcard (``*``, ``>``), or has an empty token."""

@@ -9,7 +9,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from distribution.database import create_engine
+from distribution.database import create_engine, translated_errors
+from distribution.errors import CatalogPermissionError
 
 __all__ = [
     "MIGRATION_LOCK_KEY",
@@ -59,18 +60,34 @@ def current_revision(connection: sa.Connection) -> str | None:
 
 
 def migrate(url_or_engine: str | sa.Engine) -> None:
-    """Upgrade the database to the newest catalog schema.
+    """Upgrade the database to the newest catalog schema; O(1) when it is already there.
 
     Idempotent, and safe when several processes start together: the migrations run under an
-    advisory lock, so the later processes wait and then find the schema up to date.
+    advisory lock, so the later processes wait and then find the schema up to date. The revision
+    is read first, read-only: when it is already the newest, ``migrate`` returns having needed
+    no more than ``SELECT`` on :data:`VERSION_TABLE`, so every role README.md lists (a reader
+    too) may call it at start-up; only an upgrade needs the migrator's privileges.
+
+    Database errors come back as the library's: a role that may not migrate gets
+    :class:`~distribution.CatalogPermissionError`, an unreachable database
+    :class:`~distribution.CatalogUnavailableError`.
     """
     engine = create_engine(url_or_engine, poolclass=sa.NullPool) if isinstance(
         url_or_engine, str
     ) else url_or_engine
     try:
-        with engine.connect() as connection:
+        with translated_errors(), engine.connect() as connection:
+            current = current_revision(connection)
+            connection.rollback()  # the upgrade takes its lock in a transaction of its own
+            if current == head_revision():
+                return
             command.upgrade(alembic_config(connection), "head")
             connection.commit()
+    except CatalogPermissionError as exc:
+        raise CatalogPermissionError(
+            f"{exc} (migrate() needs SELECT on {VERSION_TABLE} when the schema is current, and "
+            "the privileges of the catalog objects' owner to upgrade it)"
+        ) from exc.__cause__
     finally:
         if engine is not url_or_engine:
             engine.dispose()

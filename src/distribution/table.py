@@ -81,13 +81,14 @@ class _Chunk(Protocol):
 
 
 class _Ids(Protocol):
-    """Route id -> its start's prefix: :class:`distribution._lookup.IdIndex` or a dict."""
+    """Route id -> (its start's prefix, its parent route id): :class:`distribution._lookup.IdIndex`
+    or a dict."""
 
     def __contains__(self, route_id: object, /) -> bool: ...
 
-    def __getitem__(self, route_id: int, /) -> int: ...
+    def __getitem__(self, route_id: int, /) -> tuple[int, int]: ...
 
-    def __setitem__(self, route_id: int, prefix: int, /) -> None: ...
+    def __setitem__(self, route_id: int, value: tuple[int, int], /) -> None: ...
 
     def __delitem__(self, route_id: int, /) -> None: ...
 
@@ -114,6 +115,21 @@ class _Searches(Protocol):
     ) -> tuple[Any, _Ids] | None: ...
 
     def make_index(self, tops: list[bytes], /) -> Any: ...
+
+    def route_hash(
+        self,
+        route_id: int,
+        start: bytes,
+        end: bytes | None,
+        group_id: int,
+        state: RouteState,
+        parent_route_id: int,
+        /,
+    ) -> int: ...
+
+    def digest(self, table: Any, ids: Any, /) -> int: ...
+
+    def usual_route(self, route: object, /) -> bool: ...
 
 
 def _searches() -> _Searches:
@@ -164,7 +180,7 @@ class RouteTable(NamedTuple):
         implementation: _Searches, routes: Sequence[RouteDescriptor]
     ) -> tuple[RouteTable, _Loads, _Ids] | None:
         """A table of sorted, valid ``routes``, its loads (all 0) and its id index (route id ->
-        start prefix), or None if any route is unusual (invalid, of another type, out of order,
+        start prefix and parent id), or None if any route is unusual (invalid, of another type, out of order,
         a repeated id): the caller then checks and normalizes them. O(routes), one pass in C.
 
         >>> RouteTable.build(IMPLEMENTATION, [RouteDescriptor(1, b"b", None, 1),

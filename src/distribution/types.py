@@ -23,6 +23,7 @@ from distribution.errors import (
     CatalogInvalidRouteRangeError,
     CatalogInvalidRouteStateError,
     CatalogRouteIDRequiredError,
+    RouteKeyTooLongError,
 )
 
 __all__ = [
@@ -41,9 +42,9 @@ __all__ = [
     "RouteState",
     "validate_route_descriptor",
 ]
-# The checks below (check_u64, check_key, the route-table validators...) are shared with the other
-# modules of the package but are not public API (SPEC.md does not name them, and the package does
-# not export them), so they stay out of __all__.
+# The checks below (check_u64, check_key, check_bound, check_route_bounds, the route-table
+# validators...) are shared with the other modules of the package but are not public API (SPEC.md
+# does not name them, and the package does not export them), so they stay out of __all__.
 
 #: The largest id, version or timestamp: every one is an unsigned 64-bit integer.
 UINT64_MAX = 2**64 - 1
@@ -210,6 +211,56 @@ def check_key(name: str, value: object) -> bytes:
     return value
 
 
+def check_bound(name: str, value: object) -> bytes:
+    """Return ``value`` if it can be a route bound: ``bytes`` of at most
+    :data:`MAX_ROUTE_KEY_BYTES`; O(1).
+
+    A key given to split a route at becomes a bound, so it is held to the same limit. Keys that
+    are only looked up are not: they may be longer than any bound.
+
+    >>> check_bound("split_key", bytes(MAX_ROUTE_KEY_BYTES + 1))
+    Traceback (most recent call last):
+    ...
+    distribution.errors.RouteKeyTooLongError: split_key is 1,025 bytes long: route bounds are at most 1,024 bytes (MAX_ROUTE_KEY_BYTES)
+    """
+    key = check_key(name, value)
+    if len(key) > MAX_ROUTE_KEY_BYTES:
+        raise _too_long(name, key)
+    return key
+
+
+def check_route_bounds(routes: Iterable[RouteDescriptor]) -> None:
+    """Refuse routes to write with a start or end longer than :data:`MAX_ROUTE_KEY_BYTES`.
+
+    Raises :class:`~distribution.RouteKeyTooLongError` naming the first such route. For routes
+    whose types were checked (a validated table, say): O(n) in two C-level passes, with Python
+    code per route only to name the culprit.
+
+    >>> check_route_bounds([RouteDescriptor(route_id=4, start=b"", end=bytes(2000), group_id=1)])
+    Traceback (most recent call last):
+    ...
+    distribution.errors.RouteKeyTooLongError: the end of route 4 is 2,000 bytes long: route bounds are at most 1,024 bytes (MAX_ROUTE_KEY_BYTES)
+    """
+    table = routes if isinstance(routes, Sequence) else list(routes)
+    if (
+        max(map(len, map(_start, table)), default=0) <= MAX_ROUTE_KEY_BYTES
+        and max(map(len, filter(None, map(_end, table))), default=0) <= MAX_ROUTE_KEY_BYTES
+    ):
+        return
+    for route in table:
+        if len(route.start) > MAX_ROUTE_KEY_BYTES:
+            raise _too_long(f"the start of route {route.route_id}", route.start)
+        if route.end is not None and len(route.end) > MAX_ROUTE_KEY_BYTES:
+            raise _too_long(f"the end of route {route.route_id}", route.end)
+
+
+def _too_long(name: str, key: bytes) -> RouteKeyTooLongError:
+    return RouteKeyTooLongError(
+        f"{name} is {len(key):,} bytes long: route bounds are at most "
+        f"{MAX_ROUTE_KEY_BYTES:,} bytes (MAX_ROUTE_KEY_BYTES)"
+    )
+
+
 def check_route_state(value: object) -> RouteState:
     """Return the RouteState of ``value`` (a member or its int value).
 
@@ -232,7 +283,9 @@ def validate_route_descriptor(route: RouteDescriptor) -> RouteDescriptor:
     """Check that ``route`` is a valid descriptor and return it with its state as a RouteState.
 
     Types are checked first (``TypeError``, ``ValueError`` for ids outside u64), then, in order:
-    ``route_id != 0``, ``group_id != 0``, a known state, ``end is None or start < end``.
+    ``route_id != 0``, ``group_id != 0``, a known state, ``end is None or start < end``. Bounds of
+    any length are valid: what the catalog holds, the Engine mirrors; the library's writes hold
+    them to :data:`MAX_ROUTE_KEY_BYTES` (:func:`check_route_bounds`).
 
     >>> validate_route_descriptor(RouteDescriptor(route_id=1, start=b"b", end=b"a", group_id=1))
     Traceback (most recent call last):

@@ -7,6 +7,7 @@ The package's modules are its layers, each importing only those listed before it
 * ``statements``: the SQL the client sends (SQLAlchemy Core over the mapped tables; text on the
   measured hot paths) and the decoding of what comes back;
 * ``notifications``: the NOTIFY payload and the listening connection;
+* ``fleet``: the watchers' roll call over NOTIFY, and the barrier :func:`wait_applied`;
 * ``diff``: what a save sends, against the routes the store already knows;
 * ``operations``: split, merge, state changes and moves, one server-side call each;
 * ``store``: :class:`CatalogStore`, its reads and saves;
@@ -15,6 +16,14 @@ The package's modules are its layers, each importing only those listed before it
 
 from __future__ import annotations
 
+from distribution.catalog.fleet import (
+    FLEET_CHANNEL,
+    BarrierResult,
+    FleetReport,
+    WatcherStatus,
+    roll_call,
+    wait_applied,
+)
 from distribution.catalog.notifications import (
     NOTIFY_CHANNEL,
     CatalogListener,
@@ -31,11 +40,17 @@ from distribution.catalog.store import (
 __all__ = [
     "DEFAULT_CHANGES_LIMIT",
     "DEFAULT_HISTORY_VERSIONS",
+    "FLEET_CHANNEL",
     "NOTIFY_CHANNEL",
+    "BarrierResult",
     "CatalogListener",
     "CatalogNotification",
     "CatalogStore",
+    "FleetReport",
+    "WatcherStatus",
     "check_catalog_and_engine",
     "ensure_catalog_snapshot",
     "parse_notification",
+    "roll_call",
+    "wait_applied",
 ]

@@ -8,7 +8,6 @@ small, a JSON body carrying it follows (see :func:`parse_notification`).
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import psycopg
+import psycopg.sql
 
 from distribution.codec import decode_route_descriptor
 from distribution.database import translate_error
@@ -43,12 +43,16 @@ def parse_notification(payload: str) -> CatalogNotification:
 
     The change, when present, is JSON: ``previous`` (the version before the write, so one less
     than ``version``: a write moves the catalog by exactly one), ``upserts`` (base64 seed route
-    records) and ``deletes`` (route ids). Raises ValueError when malformed. O(payload size).
+    records), ``deletes`` (route ids) and, optionally, ``digest`` (the catalog's route digest
+    after the write, a signed 64-bit integer, see :func:`~distribution.codec.routes_digest`),
+    which becomes the change's ``digest``. Raises ValueError when malformed. O(payload size).
 
     >>> parse_notification("7")
     CatalogNotification(version=7, change=None)
     >>> parse_notification('7 {"previous": 6, "upserts": [], "deletes": [3]}').change
     CatalogChange(previous_version=6, version=7, upserts=(), deletes=(3,), digest=None)
+    >>> parse_notification('7 {"previous": 6, "upserts": [], "deletes": [], "digest": -5}').change
+    CatalogChange(previous_version=6, version=7, upserts=(), deletes=(), digest=-5)
     """
     head, _, body = payload.partition(" ")
     try:
@@ -62,11 +66,25 @@ def parse_notification(payload: str) -> CatalogNotification:
         upserts = tuple(decode_route_descriptor(base64.b64decode(r)) for r in fields["upserts"])
         deletes = tuple(check_u64("route_id", i) for i in fields["deletes"])
         previous = check_u64("previous", fields["previous"])
-    except (KeyError, TypeError, binascii.Error, RecursionError) as exc:
+        digest = _check_digest(fields.get("digest"))
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"malformed catalog notification: {payload[:200]!r}") from exc
     if previous + 1 != version:
         raise ValueError(f"malformed catalog notification: {payload[:200]!r}")
-    return CatalogNotification(version, CatalogChange(previous, version, upserts, deletes))
+    return CatalogNotification(
+        version, CatalogChange(previous, version, upserts, deletes, digest=digest)
+    )
+
+
+def _check_digest(value: object) -> int | None:
+    """A payload's ``digest``: None when absent, else a signed 64-bit integer (ValueError)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"digest must be an integer, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"digest must be a signed 64-bit integer, got {value}")
+    return value
 
 
 class CatalogListener:
@@ -75,12 +93,60 @@ class CatalogListener:
 
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
         self._connection = connection
+        #: Payloads received on the other channels this connection LISTENs on, by channel.
+        self._others: dict[str, list[str]] = {}
+
+    @property
+    def backend_pid(self) -> int:
+        """The server process of the listening connection. O(1)."""
+        return self._connection.info.backend_pid
+
+    def listen(self, channel: str, *, application_name: str | None = None) -> None:
+        """LISTEN on ``channel`` too (its payloads wait for :meth:`take`), and set the
+        connection's ``application_name`` when given. One round trip.
+
+        Raises :class:`~distribution.CatalogUnavailableError` when the connection is lost.
+        """
+        try:
+            with self._connection.pipeline():
+                if application_name is not None:
+                    self._connection.execute(
+                        "SELECT set_config('application_name', %s, false)", [application_name]
+                    )
+                self._connection.execute(
+                    psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel))
+                )
+        except psycopg.Error as exc:
+            raise translate_error(exc) from exc
+        self._others.setdefault(channel, [])
+
+    def take(self, channel: str) -> list[str]:
+        """The payloads received on ``channel`` (see :meth:`listen`) since the last call. O(1)."""
+        taken = self._others.get(channel)
+        if not taken:
+            return []
+        self._others[channel] = []
+        return taken
+
+    def notify(self, channels: list[str], payload: str) -> None:
+        """Send ``payload`` on each of ``channels``, in one statement.
+
+        Raises :class:`~distribution.CatalogUnavailableError` when the connection is lost.
+        """
+        try:
+            self._connection.execute(
+                "SELECT pg_notify(channel, %s) FROM unnest(%s::text[]) AS channel",
+                [payload, channels],
+            )
+        except psycopg.Error as exc:
+            raise translate_error(exc) from exc
 
     def wait(self, timeout: float) -> list[CatalogNotification]:
         """Wait up to ``timeout`` seconds for notifications; return those that arrived.
 
         Returns as soon as one arrives, with any others already received; payloads that are not
-        the catalog's are logged and skipped. Raises
+        the catalog's are logged and skipped. Those of the other channels it LISTENs on wake it
+        too, and are kept for :meth:`take`. Raises
         :class:`~distribution.CatalogUnavailableError` when the connection is lost.
         """
         try:
@@ -91,6 +157,9 @@ class CatalogListener:
             raise translate_error(exc) from exc
         parsed = []
         for notify in received:
+            if notify.channel != NOTIFY_CHANNEL and notify.channel in self._others:
+                self._others[notify.channel].append(notify.payload)
+                continue
             try:
                 parsed.append(parse_notification(notify.payload))
             except ValueError as exc:

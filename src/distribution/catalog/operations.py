@@ -14,12 +14,13 @@ import sqlalchemy as sa
 
 from distribution.catalog import statements
 from distribution.catalog.transactions import driver_transaction
-from distribution.errors import CatalogGroupIDRequiredError
+from distribution.errors import CatalogGroupIDRequiredError, CatalogInvalidActorError
 from distribution.models import u64_from_db, u64_to_db
 from distribution.types import (
+    MAX_ACTOR_BYTES,
     CatalogWriteResult,
     RouteState,
-    check_key,
+    check_bound,
     check_route_state,
     check_u64,
 )
@@ -45,7 +46,7 @@ class CatalogOperations:
         (:class:`~distribution.CatalogInvalidSplitKeyError`).
         """
         check_u64("route_id", route_id)
-        check_key("split_key", split_key)
+        check_bound("split_key", split_key)
         return self._operation(
             "distribution_split_route",
             [u64_to_db(route_id), split_key],
@@ -144,6 +145,42 @@ class CatalogOperations:
 
 
 def check_actor(actor: object) -> None:
-    """Refuse an actor that is neither a ``str`` nor None with TypeError."""
-    if actor is not None and not isinstance(actor, str):
+    """Refuse an actor the catalog would not store as given, before anything is sent.
+
+    TypeError unless a ``str`` or None; :class:`~distribution.CatalogInvalidActorError` for more
+    than :data:`~distribution.MAX_ACTOR_BYTES` bytes of UTF-8, for text that is not valid UTF-8
+    (a lone surrogate) and for a NUL character (PostgreSQL text cannot hold one). O(1) for an
+    actor too long by its length alone, else O(len(actor)).
+
+    >>> check_actor("ops\\udcff")
+    Traceback (most recent call last):
+    ...
+    distribution.errors.CatalogInvalidActorError: actor is not valid UTF-8: surrogates not allowed at character 3
+    """
+    if actor is None:
+        return
+    if not isinstance(actor, str):
         raise TypeError(f"actor must be a str, got {type(actor).__name__}")
+    # Each character is at least one byte: a long actor is refused before it is encoded.
+    if len(actor) > MAX_ACTOR_BYTES:
+        raise _actor_too_long(f"{len(actor):,} characters")
+    try:
+        size = len(actor.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise CatalogInvalidActorError(
+            f"actor is not valid UTF-8: {exc.reason} at character {exc.start}"
+        ) from None
+    if size > MAX_ACTOR_BYTES:
+        raise _actor_too_long(f"{size:,} bytes of UTF-8")
+    nul = actor.find("\x00")
+    if nul >= 0:
+        raise CatalogInvalidActorError(
+            f"actor holds a NUL character (at character {nul}), which the catalog cannot store"
+        )
+
+
+def _actor_too_long(size: str) -> CatalogInvalidActorError:
+    return CatalogInvalidActorError(
+        f"actor is {size} long: actors are at most {MAX_ACTOR_BYTES} bytes of UTF-8 "
+        "(MAX_ACTOR_BYTES)"
+    )

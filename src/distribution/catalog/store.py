@@ -54,6 +54,7 @@ from distribution.types import (
     CatalogHistoryEntry,
     CatalogSnapshot,
     RouteDescriptor,
+    check_route_bounds,
     check_u64,
 )
 
@@ -274,7 +275,9 @@ class CatalogStore(CatalogOperations):
         """Replace the catalog's routes by ``routes`` if the catalog is at ``expected_version``.
 
         Every route is validated first (:class:`~distribution.CatalogDuplicateRouteIDError`,
-        :class:`~distribution.CatalogRouteOverlapError`, and each descriptor's own errors). Then,
+        :class:`~distribution.CatalogRouteOverlapError`, and each descriptor's own errors), and
+        its bounds held to :data:`~distribution.MAX_ROUTE_KEY_BYTES`
+        (:class:`~distribution.RouteKeyTooLongError`), as the actor is checked. Then,
         in one transaction: the compare-and-set on the version
         (:class:`~distribution.CatalogVersionMismatchError`, then
         :class:`~distribution.CatalogVersionOverflowError`), only the routes that changed are
@@ -298,6 +301,7 @@ class CatalogStore(CatalogOperations):
             check_u64("next_route_id", next_route_id)
         with paused_gc():
             table = catalog_table(routes)
+        check_route_bounds(table)
         known = self._known
         if known is None or known.version != expected_version:
             # Reading the live routes and sending what changed costs far less than sending

@@ -10,7 +10,7 @@ Cold paths run SQLAlchemy statements on the connection. The measured hot paths (
 pipelined read, a save's COPY) use its psycopg connection, in the same transaction, through
 :func:`driver_cursor`; the one-call operations run on a pooled psycopg connection alone
 (:func:`driver_transaction`). Every database error leaves as the library's own (see
-:func:`~distribution.database.translate_error`), the psycopg error as its ``__cause__``.
+:func:`~distribution.database.translated_errors`), the psycopg error as its ``__cause__``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-import sqlalchemy.exc
 from psycopg.pq import TransactionStatus
 
-from distribution.database import translate_error
-from distribution.errors import CatalogUnavailableError
+from distribution.database import translated_errors
 
 __all__ = ["dedicated_connection", "driver_cursor", "driver_transaction", "transaction"]
 
@@ -43,7 +41,7 @@ def transaction(sa_engine: sa.Engine, *, read_only: bool = False) -> Iterator[sa
     connections are presumed lost too (a server restart kills them all), so that only one call
     fails.
     """
-    with _translated_errors(), sa_engine.connect() as connection:
+    with translated_errors(), sa_engine.connect() as connection:
         connection.execution_options(**(_READ_ONLY if read_only else _READ_WRITE))
         with connection.begin():
             try:
@@ -64,7 +62,7 @@ def driver_transaction(sa_engine: sa.Engine) -> Iterator[psycopg.Cursor[Any]]:
     execution options adds about 80 us a write, a tenth of a bare compare-and-set. Errors and
     unusable connections are handled as in :func:`transaction`.
     """
-    with _translated_errors():
+    with translated_errors():
         pooled = sa_engine.raw_connection()
         driver: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
         previous = driver.isolation_level
@@ -90,7 +88,7 @@ def driver_cursor(connection: sa.Connection) -> psycopg.Cursor[Any]:
 
 def dedicated_connection(sa_engine: sa.Engine) -> psycopg.Connection[Any]:
     """A psycopg connection taken out of the pool for good, in autocommit (to LISTEN on)."""
-    with _translated_errors():
+    with translated_errors():
         pooled = sa_engine.raw_connection()
         # Read the driver connection now: once detached, the pooled proxy no longer reports it.
         connection: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
@@ -116,19 +114,3 @@ def _discard_if_unusable(
     elif driver.pgconn.transaction_status == TransactionStatus.ACTIVE:
         # Still running a command (an interrupt landed mid-query): the pool's reset would fail.
         invalidate()
-
-
-@contextmanager
-def _translated_errors() -> Iterator[None]:
-    """Raise the library's error for any database error of the block, ``from`` the driver's."""
-    try:
-        yield
-    except sqlalchemy.exc.DBAPIError as exc:
-        cause = exc.orig
-        if isinstance(cause, psycopg.Error):
-            raise translate_error(cause) from cause
-        raise CatalogUnavailableError(f"the catalog database is unavailable: {cause}") from cause
-    except sqlalchemy.exc.SQLAlchemyError as exc:  # a pool timeout, say
-        raise CatalogUnavailableError(f"no catalog connection available: {exc}") from exc
-    except psycopg.Error as exc:  # raised by the hot paths' driver cursors, or by a new connection
-        raise translate_error(exc) from exc

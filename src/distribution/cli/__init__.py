@@ -13,10 +13,13 @@ The CLI is thin: it parses arguments, calls the library and formats what comes b
 * :mod:`~distribution.cli.output`: tables and JSON;
 * :mod:`~distribution.cli.embedded`: the embedded PostgreSQL server used without a URL;
 * :mod:`~distribution.cli.demo`: ``distribution demo``;
+* :mod:`~distribution.cli.fleet`: ``distribution fleet``, the writes' ``--wait`` and ``watch``'s
+  metrics;
 * :mod:`~distribution.cli.errors`: exit codes.
 
 Every failure is reported as one line on stderr, ``distribution: error: …``, with the exit code
-of :mod:`distribution.cli.errors` (2 usage, 3 version conflict, 4 not found, 1 anything else).
+of :mod:`distribution.cli.errors` (2 usage, 3 version conflict, 4 not found, 5 a watcher behind,
+1 anything else).
 Set ``DISTRIBUTION_DEBUG=1`` to get the traceback of an unexpected error as well. Warnings the
 library logs meanwhile are one line each too, ``distribution: warning: …``.
 """

@@ -18,6 +18,7 @@ from distribution.catalog import CatalogStore
 from distribution.cli.db import cmd_db
 from distribution.cli.demo import run_demo
 from distribution.cli.errors import EXIT_NOT_FOUND, EXIT_OK, CommandError, UsageError
+from distribution.cli.fleet import cmd_fleet, serving_metrics, waiting
 from distribution.cli.keys import format_key, format_range, parse_key
 from distribution.cli.output import (
     STATE_TRANSITIONS,
@@ -35,6 +36,7 @@ from distribution.cli.output import (
     write_result_lines,
     write_result_to_json,
 )
+from distribution.cli.relay import cmd_relay
 from distribution.cli.session import Session, redact
 from distribution.cli.transfer import cmd_export, cmd_import
 from distribution.errors import (
@@ -502,9 +504,9 @@ def cmd_watch(session: Session) -> int:
     seen = 0
     try:
         with session.open_store() as watcher_store:
-            watcher = CatalogWatcher(watcher_store, engine)
+            watcher = CatalogWatcher(watcher_store, engine, name=args.name)
             watcher.add_listener(applied.put)
-            with watcher:
+            with watcher, serving_metrics(watcher, args.metrics_port):
                 # Ready once the watcher listens (it polls meanwhile, and if it cannot listen).
                 ready = time.monotonic() + _WATCH_LISTEN_SECONDS
                 while not watcher.listening and time.monotonic() < ready:
@@ -544,10 +546,12 @@ COMMANDS: dict[str, Callable[[Session], int]] = {
     "init": cmd_init,
     "routes": cmd_routes,
     "lookup": cmd_lookup,
-    **dict.fromkeys(_WRITES, cmd_write),
+    **dict.fromkeys(_WRITES, waiting(cmd_write)),
     "history": cmd_history,
     "prune": cmd_prune,
     "watch": cmd_watch,
+    "fleet": cmd_fleet,
+    "relay": cmd_relay,
     "export": cmd_export,
     "import": cmd_import,
     "db": cmd_db,

@@ -13,8 +13,9 @@ first moment its Engine shows each catalog version. The demo then writes, one st
 
 1. split the first route at ``"c"``;
 2. split the last (unbounded) route at ``"w"``;
-3. fence ``["n", "t")`` (WRITE_FENCED): the services stop writing to it;
-4. move it to group 5;
+3. fence ``["n", "t")`` (WRITE_FENCED): the services stop writing to it; the barrier
+   (:func:`~distribution.catalog.wait_applied`) waits until every watcher holds the fence;
+4. move it to group 5, and wait for every watcher again;
 5. lift the fence (ACTIVE): the cutover is done;
 6. merge the two children of step 1 back into one route.
 
@@ -142,14 +143,36 @@ class _Tour:
                 )
             time.sleep(0.0002)
 
+    def barrier(self, version: int) -> str:
+        """Wait until every watcher of the catalog holds ``version``; say how long it took."""
+        from distribution.catalog import wait_applied
+
+        result = wait_applied(self.store, version, _VISIBLE_TIMEOUT)
+        if not result.reached:
+            late = ", ".join(w.name for w in result.laggards)
+            raise CommandError(
+                f"watchers {late} did not hold catalog version {version} within "
+                f"{_VISIBLE_TIMEOUT:g} s"
+            )
+        count = len(result.watchers)
+        took = _ms(result.elapsed)
+        return f"      barrier: all {count} watchers hold version {version} after {took}"
+
     def step(
-        self, number: int, title: str, write: Callable[[int], CatalogWriteResult]
+        self,
+        number: int,
+        title: str,
+        write: Callable[[int], CatalogWriteResult],
+        *,
+        barrier: bool = False,
     ) -> CatalogWriteResult:
-        """Run one write at the current version, then report it and its latencies."""
+        """Run one write at the current version, then report it and its latencies; with
+        ``barrier``, wait until every watcher holds it before going on."""
         started = time.perf_counter()
         result = write(self.version)
         returned = time.perf_counter()
         self.version = result.version
+        waited = self.barrier(result.version) if barrier else None
         latencies = self.wait_visible(result.version, returned)
         self.latencies += latencies
         out = self.session
@@ -163,6 +186,8 @@ class _Tour:
             out.print(f"      retired {', '.join(map(str, result.retired))}")
         shown = ", ".join(f"{s.name} {_ms(t)}" for s, t in zip(self.services, latencies, strict=True))
         out.print(f"      visible in: {shown}")
+        if waited is not None:
+            out.print(waited)
         self.session.out.flush()
         if number < 6:
             time.sleep(_PAUSE)  # let the services route keys under the new catalog
@@ -227,7 +252,9 @@ def run_demo(session: Session, url: str, source: str) -> int:
             service.engine.apply_snapshot(seeded)
             service.last_version = seeded.version
             service_store = stack.enter_context(session.open_store(url))
-            stack.enter_context(CatalogWatcher(service_store, service.engine))
+            stack.enter_context(
+                CatalogWatcher(service_store, service.engine, name=f"demo-{service.name}")
+            )
         threads = [
             threading.Thread(target=s.run, args=(stop,), name=f"demo-{s.name}", daemon=True)
             for s in services
@@ -266,11 +293,13 @@ def run_demo(session: Session, url: str, source: str) -> int:
             3,
             f"fence route {moving.route_id} (write_fenced)",
             lambda v: store.set_route_state(moving.route_id, RouteState.WRITE_FENCED, v, actor=tour.actor),
+            barrier=True,
         )
         tour.step(
             4,
             f"move route {moving.route_id} to group 5",
             lambda v: store.move_route(moving.route_id, 5, v, actor=tour.actor),
+            barrier=True,
         )
         tour.step(
             5,

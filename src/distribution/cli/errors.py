@@ -8,6 +8,7 @@ code   meaning
 2      usage: an unknown command or option, a bad argument (an unparsable key…)
 3      version conflict: the catalog is not at the expected version
 4      not found: no such route (or, for ``lookup``, no route holds the key)
+5      behind: some watcher does not hold the catalog's version (``fleet``, ``--wait``)
 130    interrupted (Ctrl-C), except ``watch``, for which Ctrl-C is the normal end
 =====  ==========================================================================
 """
@@ -15,6 +16,7 @@ code   meaning
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_BEHIND",
     "EXIT_CONFLICT",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
@@ -30,6 +32,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_CONFLICT = 3
 EXIT_NOT_FOUND = 4
+EXIT_BEHIND = 5
 EXIT_INTERRUPTED = 130
 
 

@@ -22,9 +22,9 @@ Machine-readable output (``--json``, ``export``) carries keys as plain lowercase
 from __future__ import annotations
 
 from distribution.cli.errors import UsageError
+from distribution.types import MAX_ROUTE_KEY_BYTES
 
 __all__ = [
-    "MAX_KEY_BYTES",
     "UNBOUNDED",
     "format_end",
     "format_key",
@@ -32,10 +32,6 @@ __all__ = [
     "parse_hex",
     "parse_key",
 ]
-
-#: The longest key the command accepts. Route boundaries are short key prefixes, and PostgreSQL
-#: cannot index a value much over 2 kB: a longer argument is a mistake (a file pasted, say).
-MAX_KEY_BYTES = 1024
 
 #: How an unbounded end is shown.
 UNBOUNDED = "+∞"
@@ -99,7 +95,8 @@ def parse_key(text: str, *, hex_key: bool = False, text_key: bool = False) -> by
     """Turn a command-line key into bytes (see the module docstring).
 
     Text is encoded as UTF-8; bytes that were not valid UTF-8 in the argument itself are kept
-    as they were (Python decodes them with ``surrogateescape``).
+    as they were (Python decodes them with ``surrogateescape``). A key is at most
+    :data:`~distribution.MAX_ROUTE_KEY_BYTES` long, the limit of route bounds.
     """
     if hex_key and text_key:
         raise UsageError("--hex and --text cannot be used together")
@@ -110,6 +107,10 @@ def parse_key(text: str, *, hex_key: bool = False, text_key: bool = False) -> by
             key = text.encode("utf-8", errors="surrogateescape")
         except UnicodeEncodeError as exc:
             raise UsageError(f"invalid key {text!r}: {exc.reason}") from None
-    if len(key) > MAX_KEY_BYTES:
-        raise UsageError(f"a key of {len(key):,} bytes: keys are at most {MAX_KEY_BYTES:,} bytes")
+    # Every key the command takes is, or is looked up among, route bounds: a longer argument is
+    # a mistake (a file pasted, say).
+    if len(key) > MAX_ROUTE_KEY_BYTES:
+        raise UsageError(
+            f"a key of {len(key):,} bytes: keys are at most {MAX_ROUTE_KEY_BYTES:,} bytes"
+        )
     return key

@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 from distribution.cli.errors import UsageError
 from distribution.cli.output import parse_state
+from distribution.cli.relay import add_relay_arguments
 from distribution.types import UINT64_MAX, RouteState
 
 __all__ = ["EPILOG", "MAX_INIT_GROUPS", "build_parser", "default_actor", "positive_int", "u64"]
@@ -31,7 +32,8 @@ keys:
 
 exit codes:
   0 ok, 1 error, 2 usage (bad command, option or argument), 3 version conflict,
-  4 not found (no such route; for lookup, no route holds a key), 130 interrupted.
+  4 not found (no such route; for lookup, no route holds a key), 5 behind (fleet, --wait: some
+  watcher does not hold the catalog's version), 130 interrupted.
 """
 
 
@@ -99,6 +101,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"out of range 1..65535: {text!r}")
+    return value
+
+
 def _state(text: str) -> RouteState:
     try:
         return parse_state(text)
@@ -161,6 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="who asks, for the audit trail (default: the OS user name)",
     )
     writes.add_argument("--json", action="store_true", help="print what the write did as JSON")
+
+    # The one-route writes: an operator waits for the fleet before the next step of a cutover.
+    waits = _Parser(add_help=False)
+    waits.add_argument(
+        "--wait",
+        action="store_true",
+        help="then wait until every watcher connected to the catalog holds its version "
+        "(exit code 5 if some do not within --timeout)",
+    )
+    waits.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        help="how long --wait waits (default: 10)",
+    )
 
     parser = _Parser(
         prog="distribution",
@@ -230,12 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--json", action="store_true", help="print JSON")
     lookup.add_argument("--at", metavar="VERSION", type=u64, help="look up in the catalog at VERSION")
 
-    split = add("split", "split a route in two at a key", None, writes)
+    split = add("split", "split a route in two at a key", None, writes, waits)
     split.add_argument("route_id", metavar="ROUTE_ID", type=_nonzero_u64)
     split.add_argument("key", metavar="KEY", help="the split key: the right child's start")
     _key_options(split)
 
-    merge = add("merge", "merge two adjacent routes of one group", None, writes)
+    merge = add("merge", "merge two adjacent routes of one group", None, writes, waits)
     merge.add_argument("left", metavar="LEFT", type=_nonzero_u64, help="the left route's id")
     merge.add_argument("right", metavar="RIGHT", type=_nonzero_u64, help="the right route's id")
 
@@ -245,11 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Change a route's state. STATE is active, write_fenced (or write-fenced),\n"
         "migrating_source or migrating_target, in any case, or its number 0-3.",
         writes,
+        waits,
     )
     set_state.add_argument("route_id", metavar="ROUTE_ID", type=_nonzero_u64)
     set_state.add_argument("state", metavar="STATE", type=_state)
 
-    move = add("move", "move a write-fenced route to another group", None, writes)
+    move = add("move", "move a write-fenced route to another group", None, writes, waits)
     move.add_argument("route_id", metavar="ROUTE_ID", type=_nonzero_u64)
     move.add_argument("group_id", metavar="GROUP", type=_nonzero_u64)
 
@@ -282,6 +310,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--since", metavar="V", type=u64, help="start after version V (default: the current one)"
     )
     watch.add_argument("--json", action="store_true", help="print one JSON object per change")
+    watch.add_argument(
+        "--name",
+        metavar="NAME",
+        help="the name the watcher answers roll calls with (default: program@host:pid)",
+    )
+    watch.add_argument(
+        "--metrics-port",
+        metavar="PORT",
+        type=_port,
+        help="serve the watcher's Prometheus metrics on PORT (needs the metrics extra)",
+    )
+
+    fleet = add(
+        "fleet",
+        "show every watcher following the catalog (one roll call)",
+        "Ask every watcher connected to the catalog's database for its state, over a\n"
+        "notification channel (nothing is written), and show them, laggards first. A watcher\n"
+        "that is connected but does not answer within --window is shown as silent. Exit code 0\n"
+        "when all hold the catalog's version, 5 when some do not.",
+    )
+    fleet.add_argument(
+        "--window",
+        metavar="SECONDS",
+        type=_seconds,
+        default=1.0,
+        help="how long to wait for connected watchers to answer, at most (default: 1)",
+    )
+    fleet.add_argument("--json", action="store_true", help="print JSON")
+
+    add_relay_arguments(
+        add(
+            "relay",
+            "publish every catalog write on NATS, for watchers that follow NATS",
+            "LISTEN on the catalog database (the primary) and publish each write's notification\n"
+            "on a NATS subject, for services whose watchers follow NATS instead of holding a\n"
+            "connection to the primary each. Run two or more for availability: watchers apply each\n"
+            "version once. Runs until SIGTERM or Ctrl-C. Needs the nats extra.",
+        )
+    )
 
     formats = ("json", "kv")
     format_help = (

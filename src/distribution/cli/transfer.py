@@ -2,7 +2,9 @@
 
 An import is planned first (:func:`plan_import`: routes added, changed and retired, by id) and
 written as one ``save``; ``--dry-run`` prints the plan only, and retiring routes needs
-``--replace``.
+``--replace``. Each route is checked as it is read (a bound longer than
+:data:`~distribution.MAX_ROUTE_KEY_BYTES`, say), naming where it is in the file, before the
+catalog is read or written.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from distribution.errors import (
 from distribution.types import (
     CatalogSnapshot,
     RouteDescriptor,
+    check_route_bounds,
+    validate_route_descriptor,
 )
 
 __all__ = ["PROGRESS_THRESHOLD", "ImportPlan", "cmd_export", "cmd_import", "plan_import"]
@@ -139,11 +143,25 @@ def _read_json_routes(session: Session, handle: IO[str], name: str) -> _Source:
         document = document["routes"]
     if not isinstance(document, list):
         raise CommandError(f"{name}: expected a JSON object with \"routes\" (as export writes)")
-    routes = [
-        route_from_json(item, f"{name}: route #{index}")
-        for index, item in enumerate(_progress(document, len(document), session, "read"), 1)
-    ]
+    routes = []
+    for index, item in enumerate(_progress(document, len(document), session, "read"), 1):
+        where = f"{name}: route #{index}"
+        route = route_from_json(item, where)
+        # Checked as read, as the key-value records are: a dry run refuses what a save would.
+        with _located(where):
+            routes.append(validate_route_descriptor(route))
+            check_route_bounds((route,))
     return _Source(routes, next_route_id)
+
+
+@contextmanager
+def _located(where: str) -> Iterator[None]:
+    """Re-raise a data error of the block saying ``where`` it happened, keeping the library's
+    error type (for the exit code)."""
+    try:
+        yield
+    except (DistributionError, ValueError) as exc:
+        raise type(exc)(f"{where}: {exc}") from exc
 
 
 def _read_kv_routes(session: Session, handle: IO[str], name: str) -> _Source:
@@ -161,16 +179,14 @@ def _read_kv_routes(session: Session, handle: IO[str], name: str) -> _Source:
             raise CommandError(
                 f'{where}: expected {{"key": hex, "value": hex}}: {type(exc).__name__}: {exc}'
             ) from None
-        try:
+        with _located(where):
             if key == catalog_version_key():
                 decode_catalog_version(value)
             elif key == catalog_next_route_id_key():
                 next_route_id = decode_catalog_next_route_id(value)
             else:
                 routes.append(decode_catalog_route_entry(key, value))
-        except (DistributionError, ValueError) as exc:
-            # Keep the library's error type (for the exit code) and say where it happened.
-            raise type(exc)(f"{where}: {exc}") from exc
+                check_route_bounds(routes[-1:])
     return _Source(routes, next_route_id)
 
 

