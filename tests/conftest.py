@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import psycopg
 import pytest
@@ -127,3 +128,63 @@ def store(database_url: str) -> Iterator[CatalogStore]:
 def other_database_url(server_url: str, template_database: str) -> Iterator[str]:
     """A second fresh, migrated, empty catalog (an import target, say)."""
     yield from _fresh_database(server_url, template_database)
+
+
+#: The triggers that refuse the writes the catalog cannot version, by table (revision 0004).
+CATALOG_GUARDS = {
+    "distribution_meta": ("distribution_meta_check_update",),
+    "distribution_routes": (
+        "distribution_routes_check_write",
+        "distribution_routes_check_delete",
+        "distribution_routes_check_truncate",
+    ),
+    "distribution_history": (
+        "distribution_history_check_write",
+        "distribution_history_check_delete",
+        "distribution_history_check_truncate",
+    ),
+}
+
+
+@pytest.fixture
+def unguarded(database_url: str) -> Callable[..., None]:
+    """Run one statement on the test catalog with its guards off, as its owner can: for states
+    no library write reaches (the last version, a catalog restored from another backup).
+
+    The guards go off and back on inside the statement's transaction, so no other session ever
+    sees them off. The other triggers (the digest, overlaps) stay on.
+    """
+
+    def run(statement: str, params: Sequence[Any] | None = None) -> None:
+        with psycopg.connect(database_url) as connection:
+            for table, names in CATALOG_GUARDS.items():
+                for name in names:
+                    connection.execute(f"ALTER TABLE {table} DISABLE TRIGGER {name}")
+            connection.execute(statement, params)
+            for table, names in CATALOG_GUARDS.items():
+                for name in names:
+                    connection.execute(f"ALTER TABLE {table} ENABLE TRIGGER {name}")
+
+    return run
+
+
+@pytest.fixture
+def writer_url(server_url: str, database_url: str) -> Iterator[str]:
+    """The test catalog's URL for a new role holding exactly the writer privileges README.md
+    lists ("Roles and privileges"); the role is dropped at the end."""
+    role = f"writer_{uuid.uuid4().hex[:12]}"
+    database = make_url(database_url).database
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        with psycopg.connect(database_url, autocommit=True) as owner:
+            owner.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
+            owner.execute(f'GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO "{role}"')
+            owner.execute(f'GRANT DELETE ON distribution_routes, distribution_history TO "{role}"')
+            owner.execute(f'GRANT TEMPORARY ON DATABASE "{database}" TO "{role}"')
+        yield make_url(database_url).set(username=role).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as owner:
+            owner.execute(f'DROP OWNED BY "{role}"')
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP ROLE IF EXISTS "{role}"')

@@ -122,7 +122,7 @@ def assert_migrated(url: str) -> dict[str, Any]:
     assert objects["meta_rows"] == 1
     assert "distribution_save_desired" in objects["functions"]
     assert len(objects["functions"]) == len(set(objects["functions"]))
-    assert len(objects["triggers"]) == 8
+    assert len(objects["triggers"]) == 15
     with CatalogStore.from_url(url) as store:
         assert store.snapshot().version == 0
         assert store.next_route_id() == 1
@@ -354,7 +354,7 @@ REVISION_DIGESTS = {
     "0001": "62305d32d786695ba786c7c60d2839f8741eda4f0a24e35a2e506624faadb6d5",
     "0002": "0c4e1b0aeabddb20194faa342466e8c6c2d9863ed921455e90551a77319dd6e4",
     "0003": "9c13a23c7aad44de5b19353c418facbcad5d249b2e6717982d99193c9d7304cc",
-    "0004": "04b03754339f0e1c59c32984e66b8491dabf0facee7aecaded105863218c1c53",
+    "0004": "d5ac45e703ac73c185ed3eb8571f207a890f473bce66725be5cb8fac8911ea64",
 }
 
 

@@ -131,11 +131,6 @@ def unchanged(store: CatalogStore, database_url: str) -> Iterator[None]:
     assert after == before
 
 
-def _execute(database_url: str, statement: str, params: Any = None) -> None:
-    with psycopg.connect(database_url) as connection:
-        connection.execute(statement, params)
-
-
 def _reach(store: CatalogStore, route_id: int, state: RouteState) -> int:
     """Bring the ACTIVE route ``route_id`` to ``state``; return the catalog version."""
     version = store.version()
@@ -601,14 +596,16 @@ def test_preconditions_are_checked_after_existence(
 
 @pytest.mark.parametrize("call", _operation_params(OPERATIONS))
 def test_version_overflow_changes_nothing(
-    catalog: CatalogStore, database_url: str, call: Callable[[CatalogStore, int], object]
+    catalog: CatalogStore,
+    database_url: str,
+    unguarded: Callable[..., None],
+    call: Callable[[CatalogStore, int], object],
 ) -> None:
     # Route 2 fenced and route 1 active: every operation would succeed but for the version.
     catalog.set_route_state(3, FENCED, 1)
-    _execute(database_url, "UPDATE distribution_meta SET version = %s", [u64_to_db(U64_MAX)])
+    unguarded("UPDATE distribution_meta SET version = %s", [u64_to_db(U64_MAX)])
     if call is OPERATIONS[3][1]:
-        _execute(
-            database_url,
+        unguarded(
             "UPDATE distribution_routes SET state = 1 WHERE valid_to IS NULL AND route_id = %s",
             [u64_to_db(2)],
         )
@@ -622,8 +619,10 @@ def test_version_overflow_changes_nothing(
         call(catalog, U64_MAX - 1)
 
 
-def test_the_last_version_can_be_written_once(catalog: CatalogStore, database_url: str) -> None:
-    _execute(database_url, "UPDATE distribution_meta SET version = %s", [u64_to_db(U64_MAX - 1)])
+def test_the_last_version_can_be_written_once(
+    catalog: CatalogStore, database_url: str, unguarded: Callable[..., None]
+) -> None:
+    unguarded("UPDATE distribution_meta SET version = %s", [u64_to_db(U64_MAX - 1)])
     result = catalog.split_route(2, b"k", U64_MAX - 1)
     assert result.version == U64_MAX
     assert catalog.snapshot().version == U64_MAX
@@ -632,10 +631,10 @@ def test_the_last_version_can_be_written_once(catalog: CatalogStore, database_ur
         catalog.split_route(5, b"h", U64_MAX)
 
 
-def test_route_id_overflow_changes_nothing(catalog: CatalogStore, database_url: str) -> None:
-    _execute(
-        database_url, "UPDATE distribution_meta SET next_route_id = %s", [u64_to_db(2**64 - 2)]
-    )
+def test_route_id_overflow_changes_nothing(
+    catalog: CatalogStore, database_url: str, unguarded: Callable[..., None]
+) -> None:
+    unguarded("UPDATE distribution_meta SET next_route_id = %s", [u64_to_db(2**64 - 2)])
     assert catalog.next_route_id() == 2**64 - 2
 
     # A split needs two ids, the second of which would leave no next id.
@@ -799,6 +798,12 @@ def test_route_ids_are_never_reused(store: CatalogStore, database_url: str) -> N
 # -- the database guards itself --------------------------------------------------------------------
 
 
+def _begin_write(connection: psycopg.Connection[Any]) -> None:
+    """Move the version in ``connection``'s transaction, as every write must: raw SQL after it
+    passes the database's guards and meets every other rule."""
+    connection.execute("SELECT distribution_begin_write(version) FROM distribution_meta")
+
+
 def _insert_live(
     connection: psycopg.Connection[Any],
     route_id: int,
@@ -806,6 +811,8 @@ def _insert_live(
     end: bytes | None,
     group_id: int = 1,
 ) -> None:
+    """Insert a live route with raw SQL, as a write of its own (it moves the version)."""
+    _begin_write(connection)
     connection.execute(
         "INSERT INTO distribution_routes "
         '(route_id, start, "end", group_id, state, parent_route_id, valid_from) '
@@ -840,6 +847,7 @@ def test_the_database_refuses_an_overlapping_raw_update(
     catalog: CatalogStore, database_url: str
 ) -> None:
     with unchanged(catalog, database_url), psycopg.connect(database_url) as connection:
+        _begin_write(connection)
         with pytest.raises(psycopg.errors.ExclusionViolation):
             connection.execute(
                 'UPDATE distribution_routes SET "end" = %s '
@@ -853,6 +861,7 @@ def test_the_database_refuses_two_overlapping_rows_in_one_raw_statement(
     catalog: CatalogStore, database_url: str
 ) -> None:
     with unchanged(catalog, database_url), psycopg.connect(database_url) as connection:
+        _begin_write(connection)
         with pytest.raises(psycopg.errors.ExclusionViolation):
             connection.execute(
                 "INSERT INTO distribution_routes "
@@ -873,7 +882,7 @@ def test_a_raw_route_above_the_counter_is_not_reused(
     assert catalog.next_route_id() == 5
     assert _live(catalog)[50] == RouteDescriptor(route_id=50, start=b"t", end=b"x", group_id=2)
 
-    result = catalog.split_route(2, b"k", 1)
+    result = catalog.split_route(2, b"k", 2)
     assert [route.route_id for route in result.created] == [51, 52]
     assert catalog.next_route_id() == 53
     merged = catalog.merge_routes(3, 50, result.version)
@@ -928,14 +937,14 @@ def test_every_write_is_in_the_history(store: CatalogStore) -> None:
     assert store.history(since=3)[0] == history[3]
 
 
-def test_history_records_large_ids_exactly(catalog: CatalogStore, database_url: str) -> None:
+def test_history_records_large_ids_exactly(
+    catalog: CatalogStore, unguarded: Callable[..., None]
+) -> None:
     version = _reach(catalog, 2, FENCED)
     catalog.move_route(2, U64_MAX, version)
     (entry,) = catalog.history(since=version)
     assert entry.arguments == {"route_id": 2, "from_group": 1, "to_group": U64_MAX}
-    _execute(
-        database_url, "UPDATE distribution_meta SET next_route_id = %s", [u64_to_db(2**63 + 3)]
-    )
+    unguarded("UPDATE distribution_meta SET next_route_id = %s", [u64_to_db(2**63 + 3)])
     split = catalog.split_route(3, b"r", version + 1, actor="big")
     assert [r.route_id for r in split.created] == [2**63 + 3, 2**63 + 4]
     assert catalog.history(since=version + 1)[0].arguments == {"route_id": 3, "split_key": "72"}

@@ -1,4 +1,5 @@
-"""Every write records and announces the route digest it left.
+"""Every write records and announces the route digest it left; the database refuses what it
+cannot version.
 
 Revision ID: 0004
 Revises: 0003
@@ -8,6 +9,14 @@ Create Date: 2026-12-01
 (NULL for entries written before this revision), and the notification payload of a change
 carries it as ``"digest"``: a watcher checks that the change it applies from a payload, or reads
 from the history, leaves the routes the catalog held after that write.
+
+Triggers refuse, whoever writes: a change of routes or history in a transaction that has not
+moved the version through ``distribution_begin_write`` (``distribution_meta.write_xact_id`` holds
+the top-level id of the transaction that last moved it, set by the metadata row's trigger and by
+nothing else); a version change other than +1; the id counter or the digest changed outside such
+a transaction, the digest by anything but the routes' triggers; deleting route rows or history
+entries the history window still needs (pruning raises the floor first, then removes what lies
+below it), TRUNCATE, and lowering the floor. The errors use SQLSTATEs UD012 to UD015.
 """
 
 from __future__ import annotations
@@ -16,22 +25,39 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from distribution.migrations.replaceable import replace, restore
+from distribution.migrations.replaceable import create, drop, replace, restore
 
 revision: str = "0004"
 down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+#: The server objects this revision adds (migrations/sql/), functions first.
+OBJECTS = (
+    "distribution_meta_guard",
+    "distribution_versioned_guard",
+    "distribution_history_guard",
+    "distribution_meta_check_update",
+    "distribution_routes_check_write",
+    "distribution_history_check_write",
+    "distribution_routes_check_delete",
+    "distribution_history_check_delete",
+    "distribution_routes_check_truncate",
+    "distribution_history_check_truncate",
+)
 #: The server objects this revision redefines (migrations/sql/, each with its NAME.0004.diff).
 REPLACED = ("distribution_finish_write", "distribution_change_payload")
 
 
 def upgrade() -> None:
     op.add_column("distribution_history", sa.Column("digest", sa.BigInteger(), nullable=True))
+    op.add_column("distribution_meta", sa.Column("write_xact_id", sa.BigInteger(), nullable=True))
     replace(revision, *REPLACED)
+    create(revision, *OBJECTS)
 
 
 def downgrade() -> None:
+    drop(*OBJECTS)
     restore(revision, *REPLACED)
+    op.drop_column("distribution_meta", "write_xact_id")
     op.drop_column("distribution_history", "digest")

@@ -22,6 +22,10 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── CatalogReadOnlyError
     ├── NotificationsUnavailableError         (+ ConnectionError)
     ├── CatalogNotMigratedError
+    ├── CatalogUnversionedWriteError
+    ├── CatalogVersionStepError
+    ├── CatalogHistoryRemovalError
+    ├── CatalogDigestWriteError
     ├── CatalogRouteIDRequiredError           (+ ValueError, and every class below)
     ├── CatalogGroupIDRequiredError
     ├── CatalogDuplicateRouteIDError
@@ -73,8 +77,10 @@ from typing import Any
 
 __all__ = [
     "CatalogDataError",
+    "CatalogDigestWriteError",
     "CatalogDuplicateRouteIDError",
     "CatalogGroupIDRequiredError",
+    "CatalogHistoryRemovalError",
     "CatalogInvalidActorError",
     "CatalogInvalidNextRouteIDError",
     "CatalogInvalidRouteKeyError",
@@ -100,9 +106,11 @@ __all__ = [
     "CatalogSplitKeyAtBoundaryError",
     "CatalogStoreRequiredError",
     "CatalogUnavailableError",
+    "CatalogUnversionedWriteError",
     "CatalogVersionAheadError",
     "CatalogVersionMismatchError",
     "CatalogVersionOverflowError",
+    "CatalogVersionStepError",
     "DistributionError",
     "EngineDigestMismatchError",
     "EngineDivergedError",
@@ -268,6 +276,27 @@ class CatalogInvalidStateTransitionError(DistributionError, ValueError, sqlstate
 
 class CatalogRouteNotFencedError(DistributionError, ValueError, sqlstate="UD011"):
     """The operation needs a WRITE_FENCED route."""
+
+
+# -- What the database refuses whoever writes, raw SQL included ------------------------------
+
+
+class CatalogUnversionedWriteError(DistributionError, sqlstate="UD012"):
+    """Routes, history or the metadata row changed in a transaction that has not moved the catalog
+    version through ``distribution_begin_write`` (raw SQL, say): no watcher would see it."""
+
+
+class CatalogVersionStepError(DistributionError, sqlstate="UD013"):
+    """The catalog version changed by other than exactly one."""
+
+
+class CatalogHistoryRemovalError(DistributionError, sqlstate="UD014"):
+    """A statement would remove what the catalog still needs: a live route, a route row or history
+    entry the history window still reads, every row (TRUNCATE), or history below a lower floor."""
+
+
+class CatalogDigestWriteError(DistributionError, sqlstate="UD015"):
+    """The route digest was set by hand: only the routes' own triggers keep it."""
 
 
 class EngineSnapshotDuplicateIDError(DistributionError, ValueError):

@@ -146,6 +146,9 @@ class CatalogMeta(Base):
     #: XOR of a 64-bit hash of every live route, kept by triggers: equal digests at one version
     #: mean equal routes, which lets a save send only the routes that changed.
     digest: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    #: The top-level transaction id (``pg_current_xact_id()``) of the write that last moved the
+    #: version, set by a trigger: routes and history change only in that transaction.
+    write_xact_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class RouteRecord(Base):

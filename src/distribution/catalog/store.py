@@ -7,6 +7,12 @@ row and a loser fails with :class:`~distribution.CatalogVersionMismatchError` ha
 nothing. The version moves by exactly one per write; route rows are versioned (see
 :mod:`distribution.models`), so past versions read back exactly within the history window.
 
+A write that raises :class:`~distribution.CatalogUnavailableError` has an unknown outcome: the
+connection may have been lost after the server committed (the commit's reply never arrived).
+Read the catalog (its version and :meth:`CatalogStore.history`) before writing again: a blind
+retry of a write that did commit fails with a version mismatch, or, with a newer expected
+version, writes twice.
+
 A snapshot fetches the routes as six column arrays; a save sends only the routes that changed
 when the store knows the version it saves from (see :mod:`~distribution.catalog.diff`), and
 otherwise copies every route to the server, which diffs them; the operations (split, merge,
@@ -390,9 +396,10 @@ class CatalogStore(CatalogOperations):
             new_floor: int = max(floor, current - keep_versions + 1)
             if new_floor > floor:
                 floor_parameter = {"floor": new_floor}
+                # The floor first: the database lets only rows below it go.
+                connection.execute(statements.SET_HISTORY_FLOOR, floor_parameter)
                 connection.execute(statements.DELETE_RETIRED_ROUTES, floor_parameter)
                 connection.execute(statements.DELETE_HISTORY, floor_parameter)
-                connection.execute(statements.SET_HISTORY_FLOOR, floor_parameter)
         return new_floor
 
     def listen(self) -> CatalogListener:
