@@ -106,5 +106,6 @@ def serve_metrics(watcher: CatalogWatcher, port: int, address: str = "0.0.0.0") 
     registry of their own; ``shutdown()`` and ``server_close()`` the server returned to stop."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(WatcherCollector(watcher))
-    server, _ = start_http_server(port, address, registry)
+    server, thread = start_http_server(port, address, registry)
+    thread.name = "distribution-metrics"
     return server
