@@ -16,13 +16,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
+from waiting import wait_until
 
 from distribution import Engine, RouteDescriptor, RouteState, WatcherNameError
 from distribution.catalog import (
@@ -43,14 +44,6 @@ from distribution.cli.errors import EXIT_BEHIND
 from distribution.watcher import CatalogWatcher
 
 WAIT = 30.0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 def seed(store: CatalogStore) -> int:

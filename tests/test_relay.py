@@ -24,6 +24,8 @@ from standby import StreamingPair, streaming_pair
 
 pytest.importorskip("nats", reason="the nats extra (nats-py) is not installed")
 
+from waiting import wait_until
+
 from distribution import CatalogStore, CatalogWatcher, Engine
 from distribution.catalog import CatalogNotification
 from distribution.errors import (
@@ -60,14 +62,6 @@ def nats_url() -> str:
 @pytest.fixture
 def subject() -> str:
     return f"distribution.test.{uuid.uuid4().hex}"
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = _TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 class Relay:

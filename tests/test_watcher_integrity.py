@@ -21,6 +21,7 @@ from contextlib import ExitStack
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
+from waiting import wait_until
 
 from distribution import (
     CatalogChange,
@@ -38,15 +39,6 @@ from distribution.watcher import CatalogWatcher
 WATCHERS = 3
 #: The issue's bound: a forgery is undone in every watcher within this many seconds.
 UNDO_BOUND = 2.0
-WAIT = 15.0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 @pytest.fixture
