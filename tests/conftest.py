@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import psycopg
 import pytest
@@ -127,3 +127,37 @@ def store(database_url: str) -> Iterator[CatalogStore]:
 def other_database_url(server_url: str, template_database: str) -> Iterator[str]:
     """A second fresh, migrated, empty catalog (an import target, say)."""
     yield from _fresh_database(server_url, template_database)
+
+
+#: new_role(prefix, database_url, grants) -> the URL of ``database_url`` for a new login role
+#: (a unique name starting with ``prefix``) granted ``grants`` there: statements naming ``{role}``
+#: and ``{database}``.
+NewRole = Callable[[str, str, Sequence[str]], str]
+
+
+@pytest.fixture
+def new_role(server_url: str) -> Iterator[NewRole]:
+    """Make roles for a test; each is dropped at its end (roles are cluster-wide), its sessions
+    ended first."""
+    created: list[tuple[str, str]] = []
+
+    def make(prefix: str, database_url: str, grants: Sequence[str]) -> str:
+        role = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        created.append((role, database_url))
+        database = make_url(database_url).database
+        with psycopg.connect(database_url, autocommit=True) as owner:
+            for grant in grants:
+                owner.execute(grant.format(role=role, database=database))
+        return make_url(database_url).set(username=role).render_as_string(hide_password=False)
+
+    yield make
+    for role, database_url in created:
+        with psycopg.connect(database_url, autocommit=True) as owner:
+            owner.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
+            )
+            owner.execute(f'DROP OWNED BY "{role}"')
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP ROLE IF EXISTS "{role}"')

@@ -14,13 +14,12 @@ import base64
 import json
 import logging
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 from waiting import wait_until
 
 from distribution import (
@@ -36,38 +35,27 @@ from distribution import (
 from distribution.catalog import CatalogStore
 from distribution.watcher import CatalogWatcher
 
+if TYPE_CHECKING:
+    from conftest import NewRole
+
 WATCHERS = 3
 #: The issue's bound: a forgery is undone in every watcher within this many seconds.
 UNDO_BOUND = 2.0
 
 
 @pytest.fixture
-def reader_url(database_url: str) -> Iterator[str]:
+def reader_url(database_url: str, new_role: NewRole) -> str:
     """A URL of the same catalog for a reader role as README "Roles and privileges" grants it."""
-    role = f"distribution_reader_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(database_url, autocommit=True) as admin:
-        database = admin.info.dbname
-        admin.execute(f'CREATE ROLE "{role}" LOGIN')
-        admin.execute(f'GRANT CONNECT ON DATABASE "{database}" TO "{role}"')
-        admin.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
-        admin.execute(
+    return new_role(
+        "distribution_reader",
+        database_url,
+        [
+            'GRANT CONNECT ON DATABASE "{database}" TO "{role}"',
+            'GRANT USAGE ON SCHEMA public TO "{role}"',
             "GRANT SELECT ON distribution_meta, distribution_routes, distribution_history "
-            f'TO "{role}"'
-        )
-    try:
-        yield (
-            make_url(database_url)
-            .set(username=role, password=None)
-            .render_as_string(hide_password=False)
-        )
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
-                [role],
-            )
-            admin.execute(f'DROP OWNED BY "{role}"')
-            admin.execute(f'DROP ROLE "{role}"')
+            'TO "{role}"',
+        ],
+    )
 
 
 class Forger:
