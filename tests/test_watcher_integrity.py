@@ -24,6 +24,7 @@ from waiting import wait_until
 
 from distribution import (
     CatalogChange,
+    CatalogPermissionError,
     CatalogSnapshot,
     CatalogVersionAheadError,
     Engine,
@@ -450,3 +451,30 @@ def test_hotspot_pieces_and_ephemeral_routes_are_no_divergence(store: CatalogSto
     assert watcher.repairs == 0 and watcher.last_error is None
     assert engine.stats()[:3] == before[:3]
     assert watcher.verified_version == engine.version == 2
+
+
+def test_a_failure_to_read_the_catalog_stays_reported_while_notifications_are_applied(
+    database_url: str, store: CatalogStore, reader_url: str
+) -> None:
+    """Applying what notifications carry says nothing of the catalog: the watcher keeps reporting
+    that it cannot read it, between its failed reads as after them."""
+    store.save(0, routes(b"", b"g", b"t"))
+    with CatalogStore.from_url(reader_url) as reader, CatalogWatcher(reader, Engine()) as watcher:
+        wait_until(lambda: watcher.listening and watcher.applied_version == 1)
+        with psycopg.connect(database_url, autocommit=True) as owner:
+            owner.execute(
+                f'REVOKE SELECT ON distribution_meta FROM "{reader.sa_engine.url.username}"'
+            )
+        wait_until(lambda: isinstance(watcher.last_error, CatalogPermissionError))
+        cleared = []
+        for _ in range(5):
+            written = _split_first(store, store.snapshot())
+            while watcher.applied_version < written:  # applied from the notification alone
+                cleared.append(watcher.last_error is None)
+                time.sleep(0.005)
+            # Until the next failed read (up to a second away), the error must still be shown.
+            for _ in range(100):
+                cleared.append(watcher.last_error is None)
+                time.sleep(0.005)
+        assert not any(cleared)
+        assert isinstance(watcher.last_error, CatalogPermissionError)
