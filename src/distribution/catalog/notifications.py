@@ -150,7 +150,7 @@ class CatalogListener:
         return taken
 
     def notify(self, channels: list[str], payload: str) -> None:
-        """Send ``payload`` on each of ``channels``, in one statement.
+        """Send ``payload`` on each of ``channels``, in one statement; O(channels).
 
         Raises :class:`~distribution.CatalogUnavailableError` when the connection is lost.
         """
@@ -169,6 +169,7 @@ class CatalogListener:
         the catalog's are logged and skipped. Those of the other channels it LISTENs on wake it
         too, and are kept for :meth:`take`. Raises
         :class:`~distribution.CatalogUnavailableError` when the connection is lost.
+        O(notifications received).
         """
         received = receive_notifies(self._connection, timeout)
         parsed = []
