@@ -443,6 +443,10 @@ def test_relay_command_needs_nats_and_a_good_subject(database_url: str) -> None:
     bad = run("--nats", "nats://127.0.0.1:4222", "--subject", "a.*")
     assert bad.returncode == 1
     assert "invalid NATS subject" in bad.stderr
+    for heartbeat in ("0", "nan", "inf"):
+        refused = run("--nats", "nats://127.0.0.1:4222", "--heartbeat", heartbeat)
+        assert refused.returncode == 2, refused.stderr
+        assert "--heartbeat must be positive" in refused.stderr
 
 
 @pytest.fixture(scope="module")
