@@ -421,6 +421,19 @@ def test_subscribing_without_a_nats_server_fails_clearly(subject: str) -> None:
             nats.publish(b"1")
 
 
+def test_closing_while_still_connecting_leaves_no_task_behind(subject: str) -> None:
+    # In a process of its own: a task destroyed while pending is reported when it is collected,
+    # at the latest when the interpreter exits.
+    script = (
+        "from distribution.fanout import NatsNotifications\n"
+        f"NatsNotifications('nats://127.0.0.1:{_free_port()}', {subject!r}).close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=_TIMEOUT, check=True
+    )
+    assert "Task was destroyed" not in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("bad", ["", "a..b", "a.*", "a.>", "a b", ".a"])
 def test_a_bad_subject_is_refused(bad: str) -> None:
     with pytest.raises(NotificationSubjectInvalidError):

@@ -318,6 +318,16 @@ class NatsNotifications:
                 break
             except Exception:
                 self._logger.exception("the NATS event loop failed; going on")
+        # Let the tasks still running (a connect in progress, cancelled by close) finish
+        # cancelling: a task destroyed while pending would be reported as an error.
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            try:
+                self._loop.run_until_complete(asyncio.wait(pending, timeout=_CALL_TIMEOUT))
+            except Exception:
+                self._logger.exception("the NATS event loop failed while stopping")
         self._loop.close()
 
     async def _connect(self) -> None:
