@@ -29,7 +29,7 @@ from pathlib import Path
 import psycopg
 
 from benchmarks.bench_catalog import make_routes
-from benchmarks.bench_watcher import _Splitter
+from benchmarks.bench_watcher import Splitter
 from benchmarks.database import bench_server
 from benchmarks.harness import Row, progress, summarize
 from distribution import CatalogStore
@@ -174,7 +174,7 @@ def _measure(
             if len(report.watchers) != count or report.laggards:
                 raise RuntimeError(f"a roll call saw {len(report.watchers)} of {count} watchers")
             calls.append(report.elapsed * 1e3)
-        splitter = _Splitter(store)
+        splitter = Splitter(store)
         barriers = []
         for _ in range(repetitions):
             version = splitter.split()

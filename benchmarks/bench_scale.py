@@ -49,6 +49,7 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from benchmarks.bench_catalog import make_routes
+from benchmarks.bench_watcher import Splitter
 from benchmarks.harness import Row, progress, summarize
 from distribution import CatalogStore
 
@@ -161,27 +162,6 @@ def _applied(processes: Sequence[_Process]) -> dict[tuple[int, int], dict[int, f
     return seen
 
 
-class _Splitter:
-    """Splits successive routes of the catalog: one-route changes, as an autosplitter makes."""
-
-    def __init__(self, store: CatalogStore) -> None:
-        self._store = store
-        snapshot = store.snapshot()
-        self.version = snapshot.version
-        self._routes = list(snapshot.routes)
-
-    def split(self) -> int:
-        while True:
-            route = self._routes.pop()
-            key = route.start + b"\x80"
-            if route.end is not None and key < route.end:
-                break
-        result = self._store.split_route(route.route_id, key, self.version, actor="bench")
-        self.version = result.version
-        self._routes[:0] = result.created
-        return self.version
-
-
 def _wait_all(
     processes: Sequence[_Process], version: int, watchers: int, timeout: float
 ) -> float | None:
@@ -268,7 +248,7 @@ def _measure(
             max_overflow=0,
             connect_args={"application_name": "bench-writer"},
         ) as store:
-            splitter = _Splitter(store)
+            splitter = Splitter(store)
             # Who follows: the watchers holding a write made once all have started.
             first = splitter.split()
             _wait_all(fleet, first, config.watchers, 10.0)

@@ -44,7 +44,7 @@ from distribution import (
 )
 from distribution.catalog import parse_notification
 
-__all__ = ["run"]
+__all__ = ["Splitter", "run"]
 
 _SEED_POLL_INTERVAL = 0.1
 _WAIT_STEP = 0.0002
@@ -60,7 +60,7 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> float:
     return time.perf_counter()
 
 
-class _Splitter:
+class Splitter:
     """Splits successive routes of a catalog: a one-route change, as an autosplitter makes."""
 
     def __init__(self, store: CatalogStore) -> None:
@@ -85,7 +85,7 @@ def _latencies(
     store: CatalogStore, *, listen: bool, writes: int, trust_notifications: bool = True
 ) -> list[float]:
     """Commit-to-visible milliseconds of ``writes`` splits, one watcher following."""
-    splitter = _Splitter(store)
+    splitter = Splitter(store)
     engine = Engine()
     values = []
     with CatalogWatcher(
@@ -124,7 +124,7 @@ def _reads_per_change(store: CatalogStore, *, watchers: int, changes: int, large
         _wait_for(lambda: all(w.listening and w.applied_version == version for w in running))
         before = sum(w.syncs for w in running)
         started = time.perf_counter()
-        splitter = _Splitter(store)
+        splitter = Splitter(store)
         for _ in range(changes):
             if large:
                 snapshot = store.snapshot()

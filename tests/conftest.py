@@ -168,23 +168,51 @@ def unguarded(database_url: str) -> Callable[..., None]:
     return run
 
 
+#: new_role(prefix, database_url, grants) -> the URL of ``database_url`` for a new login role
+#: (a unique name starting with ``prefix``) granted ``grants`` there: statements naming ``{role}``
+#: and ``{database}``.
+NewRole = Callable[[str, str, Sequence[str]], str]
+
+
 @pytest.fixture
-def writer_url(server_url: str, database_url: str) -> Iterator[str]:
-    """The test catalog's URL for a new role holding exactly the writer privileges README.md
-    lists ("Roles and privileges"); the role is dropped at the end."""
-    role = f"writer_{uuid.uuid4().hex[:12]}"
-    database = make_url(database_url).database
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE ROLE "{role}" LOGIN')
-    try:
+def new_role(server_url: str) -> Iterator[NewRole]:
+    """Make roles for a test; each is dropped at its end (roles are cluster-wide), its sessions
+    ended first."""
+    created: list[tuple[str, str]] = []
+
+    def make(prefix: str, database_url: str, grants: Sequence[str]) -> str:
+        role = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        created.append((role, database_url))
+        database = make_url(database_url).database
         with psycopg.connect(database_url, autocommit=True) as owner:
-            owner.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
-            owner.execute(f'GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO "{role}"')
-            owner.execute(f'GRANT DELETE ON distribution_routes, distribution_history TO "{role}"')
-            owner.execute(f'GRANT TEMPORARY ON DATABASE "{database}" TO "{role}"')
-        yield make_url(database_url).set(username=role).render_as_string(hide_password=False)
-    finally:
+            for grant in grants:
+                owner.execute(grant.format(role=role, database=database))
+        return make_url(database_url).set(username=role).render_as_string(hide_password=False)
+
+    yield make
+    for role, database_url in created:
         with psycopg.connect(database_url, autocommit=True) as owner:
+            owner.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
+            )
             owner.execute(f'DROP OWNED BY "{role}"')
         with psycopg.connect(server_url, autocommit=True) as admin:
             admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+#: The writer privileges README.md lists ("Roles and privileges"), as :data:`NewRole` grants.
+WRITER_GRANTS = (
+    "GRANT USAGE ON SCHEMA public TO {role}",
+    "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}",
+    "GRANT DELETE ON distribution_routes, distribution_history TO {role}",
+    'GRANT TEMPORARY ON DATABASE "{database}" TO {role}',
+)
+
+
+@pytest.fixture
+def writer_url(database_url: str, new_role: NewRole) -> str:
+    """The test catalog's URL for a new role holding exactly the writer privileges README.md
+    lists; the role is dropped at the end."""
+    return new_role("writer", database_url, WRITER_GRANTS)

@@ -950,7 +950,7 @@ def test_update_route_refuses_bounds_over_the_limit(chunk: int) -> None:
     engine.apply_snapshot(ABC)
     longest = b"x" * MAX_ROUTE_KEY_BYTES
     before = shape(engine)
-    with pytest.raises(RouteKeyTooLongError, match="1025 bytes"):
+    with pytest.raises(RouteKeyTooLongError, match="1,025 bytes"):
         engine.update_route(b"y" * (MAX_ROUTE_KEY_BYTES + 1), None, 1)
     with pytest.raises(RouteKeyTooLongError):
         engine.update_route(b"e", longest + b"\x00", 1)
@@ -968,7 +968,7 @@ def test_hotspot_split_refuses_a_middle_over_the_limit(chunk: int) -> None:
     engine.apply_snapshot(snap(1, rd(1, longest, b"y"), rd(2, b"y", b"z")))
     engine.record_access(longest)
     before = shape(engine)
-    with pytest.raises(RouteKeyTooLongError, match="hotspot split key is 1025 bytes"):
+    with pytest.raises(RouteKeyTooLongError, match="hotspot split key is 1,025 bytes"):
         engine.record_access(longest)
     assert shape(engine) == before
     # A split within the limit still happens.

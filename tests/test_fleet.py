@@ -16,13 +16,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
-from sqlalchemy.engine import make_url
+from waiting import wait_until
 
 from distribution import Engine, RouteDescriptor, RouteState, WatcherNameError
 from distribution.catalog import (
@@ -42,15 +42,10 @@ from distribution.cli import main
 from distribution.cli.errors import EXIT_BEHIND
 from distribution.watcher import CatalogWatcher
 
+if TYPE_CHECKING:
+    from conftest import NewRole
+
 WAIT = 30.0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 def seed(store: CatalogStore) -> int:
@@ -207,32 +202,26 @@ def test_an_ask_naming_other_connections_is_not_answered(
 
 
 def test_a_read_only_role_can_roll_call_and_answer(
-    server_url: str, database_url: str, store: CatalogStore
+    database_url: str, store: CatalogStore, new_role: NewRole
 ) -> None:
     version = seed(store)
-    role = f"fleet_reader_{uuid.uuid4().hex[:12]}"
-    reader_url = make_url(database_url).set(username=role).render_as_string(hide_password=False)
-    database = make_url(database_url).database
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE ROLE "{role}" LOGIN')
-    try:
-        with psycopg.connect(database_url, autocommit=True) as owner:
-            owner.execute(f'GRANT CONNECT ON DATABASE "{database}" TO "{role}"')
-            owner.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
-            owner.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
-        with CatalogStore.from_url(reader_url) as reader, watching(reader_url, "reader") as w:
-            report = roll_call(reader)
-            assert [(s.name, s.applied_version) for s in report.watchers] == [("reader", version)]
-            written = store.split_route(1, b"m", version).version
-            result = wait_applied(reader, written, WAIT)
-            assert result.reached
-            assert names(result.watchers) == ["reader"]
-            assert w.applied_version == written
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as owner:
-            owner.execute(f'DROP OWNED BY "{role}"')
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+    reader_url = new_role(
+        "fleet_reader",
+        database_url,
+        [
+            'GRANT CONNECT ON DATABASE "{database}" TO "{role}"',
+            'GRANT USAGE ON SCHEMA public TO "{role}"',
+            'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"',
+        ],
+    )
+    with CatalogStore.from_url(reader_url) as reader, watching(reader_url, "reader") as w:
+        report = roll_call(reader)
+        assert [(s.name, s.applied_version) for s in report.watchers] == [("reader", version)]
+        written = store.split_route(1, b"m", version).version
+        result = wait_applied(reader, written, WAIT)
+        assert result.reached
+        assert names(result.watchers) == ["reader"]
+        assert w.applied_version == written
 
 
 # -- the barrier --------------------------------------------------------------------------------

@@ -7,10 +7,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import wait_until
 
 from distribution import Engine, RouteDescriptor
 from distribution.catalog import CatalogStore, roll_call
@@ -18,14 +18,6 @@ from distribution.metrics import serve_metrics
 from distribution.watcher import CatalogWatcher
 
 WAIT = 30.0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

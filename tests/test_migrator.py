@@ -4,9 +4,9 @@ no raw driver or SQLAlchemy error leaks. Roles are real, created per test and dr
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -21,6 +21,9 @@ from distribution.migrator import (
     current_revision,
     head_revision,
 )
+
+if TYPE_CHECKING:
+    from conftest import NewRole
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 CATALOG_TABLES = "distribution_meta, distribution_routes, distribution_history"
@@ -51,26 +54,8 @@ MakeRole = Callable[[str, str], str]
 
 
 @pytest.fixture
-def make_role(server_url: str) -> Iterator[MakeRole]:
-    created: list[tuple[str, str]] = []
-
-    def make(kind: str, database_url: str) -> str:
-        role = f"{kind}_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f'CREATE ROLE "{role}" LOGIN')
-        created.append((role, database_url))
-        database = make_url(database_url).database
-        with psycopg.connect(database_url, autocommit=True) as owner:
-            for grant in GRANTS[kind]:
-                owner.execute(grant.format(role=role, database=database))
-        return make_url(database_url).set(username=role).render_as_string(hide_password=False)
-
-    yield make
-    for role, database_url in created:
-        with psycopg.connect(database_url, autocommit=True) as owner:
-            owner.execute(f'DROP OWNED BY "{role}"')
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+def make_role(new_role: NewRole) -> MakeRole:
+    return lambda kind, database_url: new_role(kind, database_url, GRANTS[kind])
 
 
 def revision(database_url: str) -> str | None:

@@ -24,6 +24,8 @@ from standby import StreamingPair, streaming_pair
 
 pytest.importorskip("nats", reason="the nats extra (nats-py) is not installed")
 
+from waiting import wait_until
+
 from distribution import CatalogStore, CatalogWatcher, Engine
 from distribution.catalog import CatalogNotification
 from distribution.errors import (
@@ -60,14 +62,6 @@ def nats_url() -> str:
 @pytest.fixture
 def subject() -> str:
     return f"distribution.test.{uuid.uuid4().hex}"
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = _TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 class Relay:
@@ -427,6 +421,19 @@ def test_subscribing_without_a_nats_server_fails_clearly(subject: str) -> None:
             nats.publish(b"1")
 
 
+def test_closing_while_still_connecting_leaves_no_task_behind(subject: str) -> None:
+    # In a process of its own: a task destroyed while pending is reported when it is collected,
+    # at the latest when the interpreter exits.
+    script = (
+        "from distribution.fanout import NatsNotifications\n"
+        f"NatsNotifications('nats://127.0.0.1:{_free_port()}', {subject!r}).close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=_TIMEOUT, check=True
+    )
+    assert "Task was destroyed" not in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("bad", ["", "a..b", "a.*", "a.>", "a b", ".a"])
 def test_a_bad_subject_is_refused(bad: str) -> None:
     with pytest.raises(NotificationSubjectInvalidError):
@@ -449,6 +456,10 @@ def test_relay_command_needs_nats_and_a_good_subject(database_url: str) -> None:
     bad = run("--nats", "nats://127.0.0.1:4222", "--subject", "a.*")
     assert bad.returncode == 1
     assert "invalid NATS subject" in bad.stderr
+    for heartbeat in ("0", "nan", "inf"):
+        refused = run("--nats", "nats://127.0.0.1:4222", "--heartbeat", heartbeat)
+        assert refused.returncode == 2, refused.stderr
+        assert "--heartbeat must be positive" in refused.stderr
 
 
 @pytest.fixture(scope="module")

@@ -7,26 +7,17 @@ A write sent to a standby is refused with CatalogReadOnlyError, and changes noth
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from standby import StreamingPair, streaming_pair
+from waiting import wait_until
 
 from distribution import CatalogStore, CatalogWatcher, Engine
 from distribution.errors import CatalogReadOnlyError, CatalogVersionAheadError
 from distribution.types import RouteDescriptor
 
-_TIMEOUT = 30.0
 _ROUTES = 300  # enough for a save moving every route to be too large for one notification
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + _TIMEOUT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,11 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import psycopg
 import pytest
+from waiting import wait_until
 
 from distribution import (
     CatalogSnapshot,
@@ -24,14 +25,6 @@ from distribution.migrator import migrate
 from distribution.watcher import CatalogWatcher, run_catalog_watcher
 
 WAIT = 15.0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 def routes(*bounds: bytes, group: int = 1, first_id: int = 1) -> list[RouteDescriptor]:

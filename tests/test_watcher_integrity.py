@@ -14,16 +14,17 @@ import base64
 import json
 import logging
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
-from sqlalchemy.engine import make_url
+from waiting import wait_until
 
 from distribution import (
     CatalogChange,
+    CatalogPermissionError,
     CatalogSnapshot,
     CatalogVersionAheadError,
     Engine,
@@ -35,47 +36,27 @@ from distribution import (
 from distribution.catalog import CatalogStore
 from distribution.watcher import CatalogWatcher
 
+if TYPE_CHECKING:
+    from conftest import NewRole
+
 WATCHERS = 3
 #: The issue's bound: a forgery is undone in every watcher within this many seconds.
 UNDO_BOUND = 2.0
-WAIT = 15.0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 @pytest.fixture
-def reader_url(database_url: str) -> Iterator[str]:
+def reader_url(database_url: str, new_role: NewRole) -> str:
     """A URL of the same catalog for a reader role as README "Roles and privileges" grants it."""
-    role = f"distribution_reader_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(database_url, autocommit=True) as admin:
-        database = admin.info.dbname
-        admin.execute(f'CREATE ROLE "{role}" LOGIN')
-        admin.execute(f'GRANT CONNECT ON DATABASE "{database}" TO "{role}"')
-        admin.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
-        admin.execute(
+    return new_role(
+        "distribution_reader",
+        database_url,
+        [
+            'GRANT CONNECT ON DATABASE "{database}" TO "{role}"',
+            'GRANT USAGE ON SCHEMA public TO "{role}"',
             "GRANT SELECT ON distribution_meta, distribution_routes, distribution_history "
-            f'TO "{role}"'
-        )
-    try:
-        yield (
-            make_url(database_url)
-            .set(username=role, password=None)
-            .render_as_string(hide_password=False)
-        )
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
-                [role],
-            )
-            admin.execute(f'DROP OWNED BY "{role}"')
-            admin.execute(f'DROP ROLE "{role}"')
+            'TO "{role}"',
+        ],
+    )
 
 
 class Forger:
@@ -470,3 +451,30 @@ def test_hotspot_pieces_and_ephemeral_routes_are_no_divergence(store: CatalogSto
     assert watcher.repairs == 0 and watcher.last_error is None
     assert engine.stats()[:3] == before[:3]
     assert watcher.verified_version == engine.version == 2
+
+
+def test_a_failure_to_read_the_catalog_stays_reported_while_notifications_are_applied(
+    database_url: str, store: CatalogStore, reader_url: str
+) -> None:
+    """Applying what notifications carry says nothing of the catalog: the watcher keeps reporting
+    that it cannot read it, between its failed reads as after them."""
+    store.save(0, routes(b"", b"g", b"t"))
+    with CatalogStore.from_url(reader_url) as reader, CatalogWatcher(reader, Engine()) as watcher:
+        wait_until(lambda: watcher.listening and watcher.applied_version == 1)
+        with psycopg.connect(database_url, autocommit=True) as owner:
+            owner.execute(
+                f'REVOKE SELECT ON distribution_meta FROM "{reader.sa_engine.url.username}"'
+            )
+        wait_until(lambda: isinstance(watcher.last_error, CatalogPermissionError))
+        cleared = []
+        for _ in range(5):
+            written = _split_first(store, store.snapshot())
+            while watcher.applied_version < written:  # applied from the notification alone
+                cleared.append(watcher.last_error is None)
+                time.sleep(0.005)
+            # Until the next failed read (up to a second away), the error must still be shown.
+            for _ in range(100):
+                cleared.append(watcher.last_error is None)
+                time.sleep(0.005)
+        assert not any(cleared)
+        assert isinstance(watcher.last_error, CatalogPermissionError)

@@ -46,16 +46,15 @@ from distribution.errors import (
     EngineSnapshotRouteOverlapError,
     EngineSnapshotVersionGapError,
     EngineSnapshotVersionStaleError,
-    RouteKeyTooLongError,
 )
 from distribution.table import RouteTable, _Ids, _Searches
 from distribution.types import (
-    MAX_ROUTE_KEY_BYTES,
     CatalogChange,
     CatalogSnapshot,
     Route,
     RouteDescriptor,
     RouteState,
+    check_bound,
     check_key,
     check_route_pair,
     check_u64,
@@ -149,15 +148,6 @@ def _check_digest(name: str, value: object) -> int | None:
     if value is None or (value.__class__ is int and -(2**63) <= value < 2**63):
         return value
     raise TypeError(f"{name} must be a signed 64-bit int or None, got {value!r}")
-
-
-def _check_bound_length(name: str, key: bytes) -> None:
-    """Refuse a route bound longer than :data:`~distribution.MAX_ROUTE_KEY_BYTES`."""
-    if len(key) > MAX_ROUTE_KEY_BYTES:
-        raise RouteKeyTooLongError(
-            f"route key is too long: {name} is {len(key)} bytes, the limit is "
-            f"{MAX_ROUTE_KEY_BYTES}"
-        )
 
 
 def _key_error(keys: Iterable[object], error: TypeError) -> TypeError:
@@ -622,13 +612,10 @@ class Engine(_Reader):
         ...
         distribution.errors.EngineSnapshotRouteOverlapError: engine routes overlap: new route [b'a', None) overlaps route 0 [b'a', b'b')
         """
-        check_key("start", start)
+        check_bound("new route start", start)
         if end is not None:
-            check_key("end", end)
+            check_bound("new route end", end)
         check_u64("group_id", group_id)
-        _check_bound_length("new route start", start)
-        if end is not None:
-            _check_bound_length("new route end", end)
         if group_id == 0:
             raise CatalogGroupIDRequiredError("catalog group id is required: new route has group 0")
         if end is not None and start >= end:
@@ -683,7 +670,7 @@ class Engine(_Reader):
             if route.end is None or middle >= route.end:
                 loads[i] = 0
                 return
-            _check_bound_length("hotspot split key", middle)
+            check_bound("hotspot split key", middle)
             pieces = [
                 Route(0, route.start, middle, route.group_id, RouteState.ACTIVE, 0),
                 Route(0, middle, route.end, route.group_id, RouteState.ACTIVE, 0),

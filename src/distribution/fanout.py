@@ -58,6 +58,7 @@ from distribution.catalog import (
     CatalogStore,
     parse_notification,
 )
+from distribution.catalog.notifications import receive_notifies
 from distribution.catalog.transactions import dedicated_connection
 from distribution.database import translate_error
 from distribution.errors import NotificationSubjectInvalidError, NotificationsUnavailableError
@@ -317,6 +318,16 @@ class NatsNotifications:
                 break
             except Exception:
                 self._logger.exception("the NATS event loop failed; going on")
+        # Let the tasks still running (a connect in progress, cancelled by close) finish
+        # cancelling: a task destroyed while pending would be reported as an error.
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            try:
+                self._loop.run_until_complete(asyncio.wait(pending, timeout=_CALL_TIMEOUT))
+            except Exception:
+                self._logger.exception("the NATS event loop failed while stopping")
         self._loop.close()
 
     async def _connect(self) -> None:
@@ -479,12 +490,7 @@ class CatalogRelay:
             self._logger.info("relay published a catch-up at version %d", version)
 
     def _receive(self, listener: psycopg.Connection[Any]) -> list[str]:
-        try:
-            received = list(listener.notifies(timeout=_WAIT_SLICE, stop_after=1))
-            if received:
-                received += listener.notifies(timeout=0)
-        except psycopg.Error as exc:
-            raise translate_error(exc) from exc
+        received = receive_notifies(listener, _WAIT_SLICE)
         return [notify.payload for notify in received if notify.channel == NOTIFY_CHANNEL]
 
     def _relay(self, payload: str) -> None:

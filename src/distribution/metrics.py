@@ -45,7 +45,7 @@ class WatcherCollector(Collector):
         self._watcher = watcher
 
     def collect(self) -> Iterator[Metric]:
-        """Yield every metric, as the watcher stands now."""
+        """Yield every metric, as the watcher stands now; O(error types)."""
         watcher = self._watcher
         label = [watcher.name]
         lag = watcher.lag
@@ -103,8 +103,10 @@ class WatcherCollector(Collector):
 def serve_metrics(watcher: CatalogWatcher, port: int, address: str = "0.0.0.0") -> WSGIServer:
     """Serve ``watcher``'s metrics over HTTP on ``address`` (every interface by default) and
     ``port`` (0: any free one, ``server_port`` tells which) from a background thread, with a
-    registry of their own; ``shutdown()`` and ``server_close()`` the server returned to stop."""
+    registry of their own; ``shutdown()`` and ``server_close()`` the server returned to stop.
+    O(1); a scrape is :meth:`WatcherCollector.collect`."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(WatcherCollector(watcher))
-    server, _ = start_http_server(port, address, registry)
+    server, thread = start_http_server(port, address, registry)
+    thread.name = "distribution-metrics"
     return server

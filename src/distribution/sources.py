@@ -30,11 +30,12 @@ class NotificationSource(Protocol):
     """
 
     def wait(self, timeout: float) -> list[CatalogNotification]:
-        """Wait up to ``timeout`` seconds; return the notifications that arrived (maybe none)."""
+        """Wait up to ``timeout`` seconds; return the notifications that arrived (maybe none).
+        O(notifications)."""
         ...
 
     def close(self) -> None:
-        """Stop receiving; release what the source holds."""
+        """Stop receiving; release what the source holds. O(1)."""
         ...
 
 

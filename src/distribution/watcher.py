@@ -533,7 +533,11 @@ class CatalogWatcher:
 
     def _disconnect(self, listener: NotificationSource, *, stopping: bool = False) -> None:
         self.listening = False
-        listener.close()
+        try:
+            listener.close()
+        except Exception as exc:
+            # The source is dropped either way; a failure to close it must not end the loop.
+            self._logger.debug("catalog watcher could not close its notification source: %s", exc)
         if stopping:
             self._logger.info("catalog watcher stopped")
         else:
@@ -542,7 +546,9 @@ class CatalogWatcher:
     def _guarded(self, step: Callable[..., None], *args: object) -> None:
         """Run one step of the loop; log and record a failure instead of ending the loop.
 
-        A repair stays in :attr:`last_error` until a later step reads the catalog cleanly.
+        A failure (a repair too) stays in :attr:`last_error` until a later step reads the catalog
+        cleanly: a step that only took notifications says nothing of the catalog (it may still be
+        unreachable, or behind the Engine).
         """
         lag_before = self.lag
         syncs, repairs = self.syncs, self.repairs
@@ -551,9 +557,7 @@ class CatalogWatcher:
         except Exception as exc:
             self._record(exc, "catalog sync failed; will retry")
             return
-        if self.repairs != repairs or (
-            self.syncs == syncs and isinstance(self.last_error, EngineDivergedError)
-        ):
+        if self.repairs != repairs or (self.syncs == syncs and self.last_error is not None):
             return
         if self.last_error is not None or (lag_before and not self.lag):
             self._logger.info("catalog watcher caught up at version %d", self.applied_version)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import psycopg
 
+from distribution.catalog.notifications import receive_notifies
 from distribution.catalog.transactions import dedicated_connection
 from distribution.database import translate_error
 from distribution.errors import WatcherNameError
@@ -414,12 +415,7 @@ class _Asker:
     def replies(self, timeout: float) -> list[tuple[WatcherStatus, float]]:
         """The replies that arrive within ``timeout`` (returning at the first), each with the
         time it was read."""
-        try:
-            received = list(self._connection.notifies(timeout=max(0.0, timeout), stop_after=1))
-            if received:
-                received += self._connection.notifies(timeout=0)
-        except psycopg.Error as exc:
-            raise translate_error(exc) from exc
+        received = receive_notifies(self._connection, timeout)
         now = time.monotonic()
         parsed = []
         for notify in received:

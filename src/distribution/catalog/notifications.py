@@ -21,7 +21,13 @@ from distribution.codec import decode_route_descriptor
 from distribution.database import translate_error
 from distribution.types import CatalogChange, check_u64
 
-__all__ = ["NOTIFY_CHANNEL", "CatalogListener", "CatalogNotification", "parse_notification"]
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "CatalogListener",
+    "CatalogNotification",
+    "parse_notification",
+    "receive_notifies",
+]
 
 # One logger for the whole package, as applications configure it: "distribution.catalog".
 _logger = logging.getLogger(__package__)
@@ -87,6 +93,21 @@ def _check_digest(value: object) -> int | None:
     return value
 
 
+def receive_notifies(connection: psycopg.Connection[Any], timeout: float) -> list[psycopg.Notify]:
+    """The notifications ``connection`` (LISTENing, in autocommit) receives within ``timeout``
+    seconds: returns at the first, with any others already received. O(notifications).
+
+    Raises :class:`~distribution.CatalogUnavailableError` when the connection is lost.
+    """
+    try:
+        received = list(connection.notifies(timeout=max(0.0, timeout), stop_after=1))
+        if received:
+            received += connection.notifies(timeout=0)
+    except psycopg.Error as exc:
+        raise translate_error(exc) from exc
+    return received
+
+
 class CatalogListener:
     """A dedicated connection listening on :data:`NOTIFY_CHANNEL`; see
     :meth:`~distribution.CatalogStore.listen`."""
@@ -129,7 +150,7 @@ class CatalogListener:
         return taken
 
     def notify(self, channels: list[str], payload: str) -> None:
-        """Send ``payload`` on each of ``channels``, in one statement.
+        """Send ``payload`` on each of ``channels``, in one statement; O(channels).
 
         Raises :class:`~distribution.CatalogUnavailableError` when the connection is lost.
         """
@@ -148,13 +169,9 @@ class CatalogListener:
         the catalog's are logged and skipped. Those of the other channels it LISTENs on wake it
         too, and are kept for :meth:`take`. Raises
         :class:`~distribution.CatalogUnavailableError` when the connection is lost.
+        O(notifications received).
         """
-        try:
-            received = list(self._connection.notifies(timeout=timeout, stop_after=1))
-            if received:
-                received += self._connection.notifies(timeout=0)
-        except psycopg.Error as exc:
-            raise translate_error(exc) from exc
+        received = receive_notifies(self._connection, timeout)
         parsed = []
         for notify in received:
             if notify.channel != NOTIFY_CHANNEL and notify.channel in self._others:

@@ -94,8 +94,12 @@ def cmd_relay(session: Session) -> int:
         raise CommandError("the relay needs the nats extra: pip install 'distribution[nats]'")
     args = session.args
     check_subject(args.subject)
-    if not args.heartbeat > 0:
-        raise CommandError(f"--heartbeat must be positive, got {args.heartbeat:g}", 2)
+    if not 0 < args.heartbeat <= threading.TIMEOUT_MAX:
+        raise CommandError(
+            f"--heartbeat must be positive seconds, at most {threading.TIMEOUT_MAX:g}, "
+            f"got {args.heartbeat:g}",
+            2,
+        )
     logger = logging.getLogger("distribution.fanout")
     handler = _InfoLines()
     logger.addHandler(handler)
