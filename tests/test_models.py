@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -48,27 +47,15 @@ EDGES = [0, 1, 2**63 - 1, 2**63, 2**64 - 1]
 EDGE_IDS = ["zero", "one", "2^63-1", "2^63", "2^64-1"]
 
 # --------------------------------------------------------------------------------------------
-# The seed's reference vectors (located like tests/test_codec.py does; missing means FAIL)
+# The seed's reference vectors: the repository's copy, as tests/test_codec.py reads it
 # --------------------------------------------------------------------------------------------
 
-VECTORS_ENV = "DISTRIBUTION_SEED_VECTORS"
-VECTORS_RELATIVE = Path("shared", "vectors", "seed_codec_vectors.json")
-
-
-def _vectors_path() -> Path:
-    override = os.environ.get(VECTORS_ENV)
-    if override:
-        path = Path(override)
-        return path / VECTORS_RELATIVE.name if path.is_dir() else path
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / VECTORS_RELATIVE
-        if candidate.is_file():
-            return candidate
-    return Path(__file__).resolve().parents[1].parent / VECTORS_RELATIVE
+#: The repository's copy of the seed's ``shared/vectors/seed_codec_vectors.json``.
+VECTORS_PATH = Path(__file__).resolve().parent / "data" / "seed_codec_vectors.json"
 
 
 def _route_vectors() -> list[Any]:
-    path = _vectors_path()
+    path = VECTORS_PATH
     try:
         vectors = json.loads(path.read_text(encoding="utf-8"))["route_descriptors"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -383,7 +370,7 @@ def test_sql_encoder_matches_the_seed_vectors(
     vector: dict[str, Any] | None, raw: psycopg.Connection[Any]
 ) -> None:
     if vector is None:
-        pytest.fail(f"seed codec vectors (route_descriptors) not found or empty: {_vectors_path()}")
+        pytest.fail(f"seed codec vectors (route_descriptors) not found or empty: {VECTORS_PATH}")
     spec = vector["route"]
     route = RouteDescriptor(
         route_id=spec["route_id"],
