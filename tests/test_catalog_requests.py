@@ -9,6 +9,7 @@ CatalogUnavailableError although the write committed.
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 import threading
 import time
@@ -29,6 +30,7 @@ from distribution import (
     RouteState,
 )
 from distribution.catalog import CatalogStore
+from distribution.cli import main
 
 BASE = (
     RouteDescriptor(route_id=1, start=b"", end=b"m", group_id=1),
@@ -350,3 +352,18 @@ def test_the_longest_request_id_is_kept(catalog: CatalogStore, database_url: str
     longest = "~" * MAX_REQUEST_ID_LENGTH
     catalog.split_route(1, b"f", 1, request_id=longest)
     assert _history_rows(database_url)[-1] == ("split_route", longest)
+
+
+def test_the_cli_sends_an_ambiguous_write_again_once(
+    proxy: _Proxy, catalog: CatalogStore, database_url: str
+) -> None:
+    proxy.arm(b"distribution_split_route", commit=True, committed=_at_version(database_url, 2))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["--database-url", proxy.url(database_url), "split", "1", "f"])
+    assert code == 0, err.getvalue()
+    assert proxy.cuts == 1
+    assert err.getvalue().count("outcome is unknown") == 1
+    assert "split route 1" in out.getvalue()
+    assert catalog.version() == 2
+    assert [row[0] for row in _history_rows(database_url)] == ["save", "split_route"]
