@@ -14,8 +14,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -43,7 +44,7 @@ class _Proxy:
     ``marker`` once: before relaying it (``commit=False``), or after relaying the COMMIT that
     follows it, withholding the server's reply until ``committed()`` holds (``commit=True``)."""
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
+    def __init__(self, upstream: tuple[str, int] | str) -> None:
         self._upstream = upstream
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -61,8 +62,9 @@ class _Proxy:
         parts = urlsplit(url)
         netloc = parts.netloc.rsplit("@", 1)
         host = f"127.0.0.1:{self.port}"
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "host"])
         return urlunsplit(
-            parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host)
+            parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host, query=query)
         )
 
     def close(self) -> None:
@@ -76,7 +78,11 @@ class _Proxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(self._upstream)
+            if isinstance(self._upstream, str):  # a Unix socket (the embedded server's)
+                server = socket.socket(socket.AF_UNIX)
+                server.connect(self._upstream)
+            else:
+                server = socket.create_connection(self._upstream)
             self._sockets += [client, server]
             cut = threading.Event()
             threading.Thread(
@@ -103,15 +109,17 @@ class _Proxy:
                         cut.set()
                         break
                     committed = armed[2]
-            if (
-                seen and committed is not None and b"COMMIT\x00" in data
-            ):  # the COMMIT command itself
+            # The COMMIT command itself (not "ON COMMIT" in a statement).
+            if seen and committed is not None and b"COMMIT\x00" in data:
                 cut.set()  # the reply to the COMMIT is not relayed
                 server.sendall(data)
                 _wait_for(committed)
                 self.cuts += 1
                 break
-            server.sendall(data)
+            try:
+                server.sendall(data)
+            except OSError:  # the server side closed: the other pump ended the connection
+                break
         _close(client)
         _close(server)
 
@@ -151,7 +159,12 @@ def _wait_for(condition: Callable[[], bool]) -> None:
 @pytest.fixture
 def proxy(database_url: str) -> Iterator[_Proxy]:
     parts = urlsplit(database_url)
-    proxy = _Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+    socket_folder = dict(parse_qsl(parts.query)).get("host", "")
+    proxy = _Proxy(
+        str(next(Path(socket_folder).glob(".s.PGSQL.*[0-9]")))
+        if socket_folder.startswith("/")
+        else (parts.hostname or "127.0.0.1", parts.port or 5432)
+    )
     yield proxy
     proxy.close()
 
