@@ -164,7 +164,7 @@ class CatalogOperations:
         *,
         retired: tuple[int, ...],
     ) -> CatalogWriteResult:
-        """Run one server-side catalog operation: a single round trip, whatever the size (three
+        """Run one server-side catalog operation: a single round trip, whatever the size (two
         for a named write, see :mod:`~distribution.catalog.requests`)."""
         check_u64("expected_version", expected_version)
         check_actor(actor)
