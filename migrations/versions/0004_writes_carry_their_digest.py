@@ -17,6 +17,10 @@ nothing else); a version change other than +1; the id counter or the digest chan
 a transaction, the digest by anything but the routes' triggers; deleting route rows or history
 entries the history window still needs (pruning raises the floor first, then removes what lies
 below it), TRUNCATE, and lowering the floor. The errors use SQLSTATEs UD012 to UD015.
+
+A write may be named by a request id (``distribution_history.request_id``, unique when set, with
+``request_digest`` the hash of what was asked): a retry of a write whose outcome its caller could
+not learn finds the entry and replays its result instead of writing again.
 """
 
 from __future__ import annotations
@@ -52,6 +56,15 @@ REPLACED = ("distribution_finish_write", "distribution_change_payload")
 def upgrade() -> None:
     op.add_column("distribution_history", sa.Column("digest", sa.BigInteger(), nullable=True))
     op.add_column("distribution_meta", sa.Column("write_xact_id", sa.BigInteger(), nullable=True))
+    op.add_column("distribution_history", sa.Column("request_id", sa.Text(), nullable=True))
+    op.add_column("distribution_history", sa.Column("request_digest", sa.Text(), nullable=True))
+    op.create_index(
+        "ix_distribution_history_request_id",
+        "distribution_history",
+        ["request_id"],
+        unique=True,
+        postgresql_where=sa.text("request_id IS NOT NULL"),
+    )
     replace(revision, *REPLACED)
     create(revision, *OBJECTS)
 
@@ -59,5 +72,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     drop(*OBJECTS)
     restore(revision, *REPLACED)
+    op.drop_index("ix_distribution_history_request_id", table_name="distribution_history")
+    op.drop_column("distribution_history", "request_digest")
+    op.drop_column("distribution_history", "request_id")
     op.drop_column("distribution_meta", "write_xact_id")
     op.drop_column("distribution_history", "digest")

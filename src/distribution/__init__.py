@@ -40,6 +40,7 @@ from distribution.engine import Engine
 from distribution.errors import *  # noqa: F403  (the names of errors.__all__)
 from distribution.types import (
     MAX_ACTOR_BYTES,
+    MAX_REQUEST_ID_LENGTH,
     MAX_ROUTE_KEY_BYTES,
     ROUTE_STATES,
     UINT64_MAX,
@@ -79,6 +80,7 @@ _SQL_NAMES = {
 
 __all__ = [
     "MAX_ACTOR_BYTES",
+    "MAX_REQUEST_ID_LENGTH",
     "MAX_ROUTE_KEY_BYTES",
     "ROUTE_STATES",
     "UINT64_MAX",

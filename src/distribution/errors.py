@@ -49,6 +49,8 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── EngineSnapshotRouteOrderError
     ├── RouteKeyTooLongError
     ├── CatalogInvalidActorError
+    ├── CatalogInvalidRequestIDError
+    ├── CatalogRequestMismatchError
     ├── CatalogDataError
     ├── WatcherNameError
     └── NotificationSubjectInvalidError
@@ -83,6 +85,7 @@ __all__ = [
     "CatalogHistoryRemovalError",
     "CatalogInvalidActorError",
     "CatalogInvalidNextRouteIDError",
+    "CatalogInvalidRequestIDError",
     "CatalogInvalidRouteKeyError",
     "CatalogInvalidRouteRangeError",
     "CatalogInvalidRouteRecordError",
@@ -93,6 +96,7 @@ __all__ = [
     "CatalogNotMigratedError",
     "CatalogPermissionError",
     "CatalogReadOnlyError",
+    "CatalogRequestMismatchError",
     "CatalogRouteGroupMismatchError",
     "CatalogRouteIDOverflowError",
     "CatalogRouteIDRequiredError",
@@ -321,6 +325,16 @@ class RouteKeyTooLongError(DistributionError, ValueError):
 class CatalogInvalidActorError(DistributionError, ValueError):
     """An actor is longer than :data:`~distribution.MAX_ACTOR_BYTES` bytes of UTF-8, is not valid
     UTF-8 (a lone surrogate), or holds a NUL character."""
+
+
+class CatalogInvalidRequestIDError(DistributionError, ValueError):
+    """A write's request id is not 1 to :data:`~distribution.MAX_REQUEST_ID_LENGTH` printable
+    ASCII characters."""
+
+
+class CatalogRequestMismatchError(DistributionError, ValueError):
+    """A write's request id names an earlier write that asked for something else (another
+    operation, other arguments, another expected version or actor): nothing was written."""
 
 
 class CatalogDataError(DistributionError, ValueError):

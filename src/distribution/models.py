@@ -223,6 +223,14 @@ class HistoryRecord(Base):
     """The audit entry of one write: what was done, by whom, and what it produced."""
 
     __tablename__ = "distribution_history"
+    __table_args__ = (
+        Index(
+            "ix_distribution_history_request_id",
+            "request_id",
+            unique=True,
+            postgresql_where=text("request_id IS NOT NULL"),
+        ),
+    )
 
     version: Mapped[int] = mapped_column(U64, primary_key=True)
     operation: Mapped[str] = mapped_column(Text, nullable=False)
@@ -232,6 +240,12 @@ class HistoryRecord(Base):
     next_route_id: Mapped[int] = mapped_column(U64, nullable=False)
     #: The catalog's route digest after the write (None for writes made before revision 0004).
     digest: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    #: The id the caller named the write by (None for an unnamed write or one made before
+    #: revision 0004): a retry with the same id replays this entry instead of writing again.
+    request_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: The SHA-256 (hex) of the named write's operation and arguments, so that an id reused for
+    #: another write is refused rather than taken for a retry.
+    request_digest: Mapped[str | None] = mapped_column(Text, nullable=True)
     committed_at: Mapped[datetime.datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )

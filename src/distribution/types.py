@@ -28,6 +28,7 @@ from distribution.errors import (
 
 __all__ = [
     "MAX_ACTOR_BYTES",
+    "MAX_REQUEST_ID_LENGTH",
     "MAX_ROUTE_KEY_BYTES",
     "ROUTE_STATES",
     "UINT64_MAX",
@@ -53,6 +54,8 @@ UINT64_MAX = 2**64 - 1
 MAX_ROUTE_KEY_BYTES = 1024
 #: The longest actor a write may name, in bytes of UTF-8.
 MAX_ACTOR_BYTES = 256
+#: The longest request id a write may be named by, in characters (printable ASCII).
+MAX_REQUEST_ID_LENGTH = 64
 
 
 class RouteState(enum.IntEnum):

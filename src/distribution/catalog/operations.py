@@ -4,6 +4,10 @@ Each is one compare-and-set write, run as one call to a server-side function (se
 migrations), so it costs one round trip and touches O(1) rows whatever the catalog's size.
 Checks run in the contract's order: argument types here, then, on the server, the expected
 version, that the route exists, and the operation's own preconditions.
+
+Each takes a ``request_id`` (see :mod:`~distribution.catalog.requests`): a write that raised
+:class:`~distribution.CatalogUnavailableError` (outcome unknown) is safe to send again with the
+same id and the same arguments; it is made at most once and returns the original result.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from distribution.catalog import statements
+from distribution.catalog.requests import ROUTES_OPENED_AT, Request
 from distribution.catalog.transactions import driver_transaction
 from distribution.errors import CatalogGroupIDRequiredError, CatalogInvalidActorError
 from distribution.models import u64_from_db, u64_to_db
@@ -34,7 +39,13 @@ class CatalogOperations:
     _sa_engine: sa.Engine
 
     def split_route(
-        self, route_id: int, split_key: bytes, expected_version: int, *, actor: str | None = None
+        self,
+        route_id: int,
+        split_key: bytes,
+        expected_version: int,
+        *,
+        actor: str | None = None,
+        request_id: str | None = None,
     ) -> CatalogWriteResult:
         """Split a live route at ``split_key`` into two children; O(1) rows whatever the size.
 
@@ -52,11 +63,18 @@ class CatalogOperations:
             [u64_to_db(route_id), split_key],
             expected_version,
             actor,
+            request_id,
             retired=(route_id,),
         )
 
     def merge_routes(
-        self, left_id: int, right_id: int, expected_version: int, *, actor: str | None = None
+        self,
+        left_id: int,
+        right_id: int,
+        expected_version: int,
+        *,
+        actor: str | None = None,
+        request_id: str | None = None,
     ) -> CatalogWriteResult:
         """Merge two adjacent ACTIVE routes of one group into a new route; O(1) rows.
 
@@ -73,11 +91,18 @@ class CatalogOperations:
             [u64_to_db(left_id), u64_to_db(right_id)],
             expected_version,
             actor,
+            request_id,
             retired=(left_id, right_id),
         )
 
     def set_route_state(
-        self, route_id: int, state: RouteState, expected_version: int, *, actor: str | None = None
+        self,
+        route_id: int,
+        state: RouteState,
+        expected_version: int,
+        *,
+        actor: str | None = None,
+        request_id: str | None = None,
     ) -> CatalogWriteResult:
         """Move a route through the cutover lifecycle; O(1) rows.
 
@@ -97,11 +122,18 @@ class CatalogOperations:
             [u64_to_db(route_id), int(state)],
             expected_version,
             actor,
+            request_id,
             retired=(),
         )
 
     def move_route(
-        self, route_id: int, group_id: int, expected_version: int, *, actor: str | None = None
+        self,
+        route_id: int,
+        group_id: int,
+        expected_version: int,
+        *,
+        actor: str | None = None,
+        request_id: str | None = None,
     ) -> CatalogWriteResult:
         """Reassign a WRITE_FENCED route to another group (fence, copy, move, unfence); O(1) rows.
 
@@ -118,6 +150,7 @@ class CatalogOperations:
             [u64_to_db(route_id), u64_to_db(group_id)],
             expected_version,
             actor,
+            request_id,
             retired=(),
         )
 
@@ -127,16 +160,25 @@ class CatalogOperations:
         arguments: list[Any],
         expected_version: int,
         actor: str | None,
+        request_id: str | None,
         *,
         retired: tuple[int, ...],
     ) -> CatalogWriteResult:
-        """Run one server-side catalog operation: a single round trip, whatever the size."""
+        """Run one server-side catalog operation: a single round trip, whatever the size (two
+        for a named write, see :mod:`~distribution.catalog.requests`)."""
         check_u64("expected_version", expected_version)
         check_actor(actor)
+        request = Request.of(request_id, function, [*arguments, expected_version, actor])
         with driver_transaction(self._sa_engine) as cursor:
-            rows = cursor.execute(
-                statements.operation(function), [*arguments, u64_to_db(expected_version), actor]
-            ).fetchall()
+            done = None if request is None else request.begin(cursor)
+            if done is None:
+                rows = cursor.execute(
+                    statements.operation(function),
+                    [*arguments, u64_to_db(expected_version), actor],
+                ).fetchall()
+            else:
+                # Written before: the routes that write opened are its result.
+                rows = cursor.execute(ROUTES_OPENED_AT, [done[0]]).fetchall()
         return CatalogWriteResult(
             version=u64_from_db(rows[0][0]),
             created=statements.stored_descriptors([row[1:] for row in rows]),

@@ -9,8 +9,10 @@ nothing. The version moves by exactly one per write; route rows are versioned (s
 
 A write that raises :class:`~distribution.CatalogUnavailableError` has an unknown outcome: the
 connection may have been lost after the server committed (the commit's reply never arrived).
-Read the catalog (its version and :meth:`CatalogStore.history`) before writing again: a blind
-retry of a write that did commit fails with a version mismatch, or, with a newer expected
+Name writes with a ``request_id`` and send the same write again with the same id: it is made at
+most once and returns the original result (see :mod:`~distribution.catalog.requests`). Without
+an id, read the catalog (its version and :meth:`CatalogStore.history`) before writing again: a
+blind retry of a write that did commit fails with a version mismatch, or, with a newer expected
 version, writes twice.
 
 A snapshot fetches the routes as six column arrays; a save sends only the routes that changed
@@ -40,6 +42,7 @@ from distribution.catalog.diff import (
 )
 from distribution.catalog.notifications import NOTIFY_CHANNEL, CatalogListener
 from distribution.catalog.operations import CatalogOperations, check_actor
+from distribution.catalog.requests import ROUTES_LIVE_AT, Request
 from distribution.catalog.transactions import dedicated_connection, driver_cursor, transaction
 from distribution.database import create_engine, translate_error
 from distribution.errors import (
@@ -273,6 +276,7 @@ class CatalogStore(CatalogOperations):
         *,
         actor: str | None = None,
         next_route_id: int | None = None,
+        request_id: str | None = None,
     ) -> CatalogSnapshot:
         """Replace the catalog's routes by ``routes`` if the catalog is at ``expected_version``.
 
@@ -296,6 +300,10 @@ class CatalogStore(CatalogOperations):
 
         ``next_route_id``, when given, raises the id counter to at least that value too (a
         catalog copied from another keeps that one's counter, so no id it issued is reissued).
+
+        ``request_id`` names the write (see :mod:`~distribution.catalog.requests`): sent again
+        with the same id and arguments after :class:`~distribution.CatalogUnavailableError`, the
+        save is made at most once and returns the snapshot of the version it wrote.
         """
         check_u64("expected_version", expected_version)
         check_actor(actor)
@@ -304,6 +312,7 @@ class CatalogStore(CatalogOperations):
         with paused_gc():
             table = catalog_table(routes)
         check_route_bounds(table)
+        request = Request.of(request_id, "save", [expected_version, actor, next_route_id, *table])
         known = self._known
         if known is None or known.version != expected_version:
             # Reading the live routes and sending what changed costs far less than sending
@@ -315,14 +324,16 @@ class CatalogStore(CatalogOperations):
                 change = change_from(known, table)
             if change is not None:
                 try:
-                    return self._save_change(expected_version, known, change, actor, next_route_id)
+                    return self._save_change(
+                        expected_version, known, change, actor, next_route_id, request
+                    )
                 except KnownRoutesStale:
                     _logger.info(
                         "the catalog at version %d holds other routes than this store read "
                         "(restored or rebuilt since?): sending every route",
                         expected_version,
                     )
-        return self._save_all(expected_version, table, actor, next_route_id)
+        return self._save_all(expected_version, table, actor, next_route_id, request)
 
     def _save_all(
         self,
@@ -330,10 +341,14 @@ class CatalogStore(CatalogOperations):
         table: tuple[RouteDescriptor, ...],
         actor: str | None,
         next_route_id: int | None,
+        request: Request | None,
     ) -> CatalogSnapshot:
         """:meth:`save` of a valid ``table`` (sorted by start) sending every route: the server
         diffs them against the live routes."""
         with transaction(self._sa_engine) as connection, driver_cursor(connection) as cursor:
+            done = None if request is None else request.begin(cursor)
+            if done is not None:
+                return self._remember(_saved(cursor, *done))
             written = _begin_write(cursor, expected_version)
             _raise_next_route_id(cursor, next_route_id)
             with paused_gc():
@@ -350,6 +365,7 @@ class CatalogStore(CatalogOperations):
         change: Change,
         actor: str | None,
         next_route_id: int | None,
+        request: Request | None,
     ) -> CatalogSnapshot:
         """:meth:`save` sending only what changed since ``known``, if the catalog still holds it.
 
@@ -358,6 +374,9 @@ class CatalogStore(CatalogOperations):
         with ``known`` (the database was restored or rebuilt since, say).
         """
         with transaction(self._sa_engine) as connection, driver_cursor(connection) as cursor:
+            done = None if request is None else request.begin(cursor)
+            if done is not None:
+                return self._remember(_saved(cursor, *done))
             written = _begin_write(cursor, expected_version)
             if _fetch_one(cursor.execute(statements.DIGEST))[0] != known.digest:
                 raise KnownRoutesStale
@@ -423,6 +442,14 @@ def _begin_write(cursor: psycopg.Cursor[Any], expected_version: int) -> int:
         cursor.execute(statements.BEGIN_WRITE, [u64_to_db(expected_version)])
     )[0]
     return written
+
+
+def _saved(cursor: psycopg.Cursor[Any], stored_version: int, digest: int) -> KnownRoutes:
+    """The routes a save named by a request id wrote earlier, at the version it wrote."""
+    rows = cursor.execute(ROUTES_LIVE_AT, [stored_version, stored_version]).fetchall()
+    with paused_gc():
+        routes = statements.stored_descriptors(rows)
+    return KnownRoutes(u64_from_db(stored_version), digest, routes)
 
 
 def _raise_next_route_id(cursor: psycopg.Cursor[Any], next_route_id: int | None) -> None:

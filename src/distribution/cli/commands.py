@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import queue
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -373,7 +374,8 @@ class _Write(NamedTuple):
 
     done: str
     check: Callable[[CatalogSnapshot, argparse.Namespace], str | None]
-    call: Callable[[CatalogStore, argparse.Namespace, int, str], CatalogWriteResult]
+    #: The call: store, arguments, expected version, actor, request id.
+    call: Callable[[CatalogStore, argparse.Namespace, int, str, str], CatalogWriteResult]
 
 
 #: The write commands. ``done`` is formatted with the arguments; ``check`` reads the catalog the
@@ -383,22 +385,30 @@ _WRITES: dict[str, _Write] = {
     "split": _Write(
         "split route {route_id} at {split_key}",
         _check_split,
-        lambda store, a, v, actor: store.split_route(a.route_id, a.split_key, v, actor=actor),
+        lambda store, a, v, actor, rid: store.split_route(
+            a.route_id, a.split_key, v, actor=actor, request_id=rid
+        ),
     ),
     "merge": _Write(
         "merged routes {left} and {right}",
         _check_merge,
-        lambda store, a, v, actor: store.merge_routes(a.left, a.right, v, actor=actor),
+        lambda store, a, v, actor, rid: store.merge_routes(
+            a.left, a.right, v, actor=actor, request_id=rid
+        ),
     ),
     "set-state": _Write(
         "route {route_id} is now {state}",
         _check_set_state,
-        lambda store, a, v, actor: store.set_route_state(a.route_id, a.state, v, actor=actor),
+        lambda store, a, v, actor, rid: store.set_route_state(
+            a.route_id, a.state, v, actor=actor, request_id=rid
+        ),
     ),
     "move": _Write(
         "moved route {route_id} to group {group_id}",
         _check_move,
-        lambda store, a, v, actor: store.move_route(a.route_id, a.group_id, v, actor=actor),
+        lambda store, a, v, actor, rid: store.move_route(
+            a.route_id, a.group_id, v, actor=actor, request_id=rid
+        ),
     ),
 }
 
@@ -408,6 +418,10 @@ def cmd_write(session: Session) -> int:
 
     The write's checks run on the catalog at that version first, so that an operator's mistake
     is reported with the routes' keys and state names; the database checks again as it writes.
+
+    The write is named by a fresh request id: when the connection drops before its outcome is
+    known (:class:`~distribution.CatalogUnavailableError`), it is sent once more with the same
+    id, which the catalog writes at most once (a note on stderr says so).
     """
     args = session.args
     write = _WRITES[args.command]
@@ -424,7 +438,15 @@ def cmd_write(session: Session) -> int:
     if nothing is not None:
         session.print(nothing)
         return EXIT_OK
-    result = write.call(store, args, snapshot.version, session.actor())
+    request_id = uuid.uuid4().hex
+    try:
+        result = write.call(store, args, snapshot.version, session.actor(), request_id)
+    except CatalogUnavailableError as exc:
+        session.note(
+            f"the write's outcome is unknown ({exc}): sending it again as request "
+            f"{request_id}, which is written at most once"
+        )
+        result = write.call(store, args, snapshot.version, session.actor(), request_id)
     if args.json:
         write_json(write_result_to_json(result), session.out)
     else:
