@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from distribution.catalog import statements
-from distribution.catalog.requests import ROUTES_OPENED_AT, Request
+from distribution.catalog.requests import Request
 from distribution.catalog.transactions import driver_transaction
 from distribution.errors import CatalogGroupIDRequiredError, CatalogInvalidActorError
 from distribution.models import u64_from_db, u64_to_db
@@ -178,7 +178,7 @@ class CatalogOperations:
                 ).fetchall()
             else:
                 # Written before: the routes that write opened are its result.
-                rows = cursor.execute(ROUTES_OPENED_AT, [done[0]]).fetchall()
+                rows = cursor.execute(statements.ROUTES_OPENED_AT, [done[0]]).fetchall()
         return CatalogWriteResult(
             version=u64_from_db(rows[0][0]),
             created=statements.stored_descriptors([row[1:] for row in rows]),

@@ -36,18 +36,6 @@ _BEGIN_REQUEST = (
 _FIND_REQUEST = (
     "SELECT version, request_digest, digest FROM distribution_history WHERE request_id = %s"
 )
-#: The routes a version's write opened, as the operations return them.
-ROUTES_OPENED_AT = (
-    'SELECT valid_from, route_id, start, "end", group_id, state, parent_route_id '
-    "FROM distribution_routes WHERE valid_from = %s ORDER BY start"
-)
-#: The routes live at a version, in key order.
-ROUTES_LIVE_AT = (
-    'SELECT route_id, start, "end", group_id, state, parent_route_id FROM distribution_routes '
-    "WHERE valid_from <= %s AND (valid_to IS NULL OR valid_to > %s) ORDER BY start"
-)
-
-
 def check_request_id(request_id: object) -> None:
     """Refuse a request id the catalog would not keep as given, before anything is sent; O(1).
 

@@ -40,6 +40,7 @@ __all__ = [
     "OPENED_ROUTES",
     "RAISE_NEXT_ROUTE_ID",
     "ROUTES_AT",
+    "ROUTES_OPENED_AT",
     "SAVE_CHANGES",
     "SAVE_DESIRED",
     "SET_HISTORY_FLOOR",
@@ -83,6 +84,11 @@ LIVE_SNAPSHOT = (
 )
 #: save(): the digest checked before, and read after, sending routes (binary, no decoding).
 DIGEST = "SELECT digest FROM distribution_meta"
+#: A named write sent again: the routes its version opened, as the operations return them.
+ROUTES_OPENED_AT = (
+    'SELECT valid_from, route_id, start, "end", group_id, state, parent_route_id '
+    "FROM distribution_routes WHERE valid_from = %s ORDER BY start"
+)
 #: Every write: the compare-and-set on the version, one server-side call.
 BEGIN_WRITE = "SELECT distribution_begin_write(%s)"
 #: save(): the server diffs every staged route against the live ones.

@@ -42,7 +42,7 @@ from distribution.catalog.diff import (
 )
 from distribution.catalog.notifications import NOTIFY_CHANNEL, CatalogListener
 from distribution.catalog.operations import CatalogOperations, check_actor
-from distribution.catalog.requests import ROUTES_LIVE_AT, Request
+from distribution.catalog.requests import Request
 from distribution.catalog.transactions import dedicated_connection, driver_cursor, transaction
 from distribution.database import create_engine, translate_error
 from distribution.errors import (
@@ -222,6 +222,9 @@ class CatalogStore(CatalogOperations):
             if version > current:
                 raise _ahead(version, current)
             head = CatalogHead(current, digest, standby)
+            if version == current:
+                # Nothing newer (a watcher's safety poll, most often): no more queries.
+                return CatalogChangeSet(head=head)
             if version < floor:
                 with paused_gc():
                     routes = statements.descriptors(
@@ -348,7 +351,7 @@ class CatalogStore(CatalogOperations):
         with transaction(self._sa_engine) as connection, driver_cursor(connection) as cursor:
             done = None if request is None else request.begin(cursor)
             if done is not None:
-                return self._remember(_saved(cursor, *done))
+                return self._remember(_saved(connection, *done))
             written = _begin_write(cursor, expected_version)
             _raise_next_route_id(cursor, next_route_id)
             with paused_gc():
@@ -376,7 +379,7 @@ class CatalogStore(CatalogOperations):
         with transaction(self._sa_engine) as connection, driver_cursor(connection) as cursor:
             done = None if request is None else request.begin(cursor)
             if done is not None:
-                return self._remember(_saved(cursor, *done))
+                return self._remember(_saved(connection, *done))
             written = _begin_write(cursor, expected_version)
             if _fetch_one(cursor.execute(statements.DIGEST))[0] != known.digest:
                 raise KnownRoutesStale
@@ -444,12 +447,13 @@ def _begin_write(cursor: psycopg.Cursor[Any], expected_version: int) -> int:
     return written
 
 
-def _saved(cursor: psycopg.Cursor[Any], stored_version: int, digest: int) -> KnownRoutes:
+def _saved(connection: sa.Connection, stored_version: int, digest: int) -> KnownRoutes:
     """The routes a save named by a request id wrote earlier, at the version it wrote."""
-    rows = cursor.execute(ROUTES_LIVE_AT, [stored_version, stored_version]).fetchall()
+    version = u64_from_db(stored_version)
     with paused_gc():
-        routes = statements.stored_descriptors(rows)
-    return KnownRoutes(u64_from_db(stored_version), digest, routes)
+        rows = connection.execute(statements.ROUTES_AT, {"read_ts": version}).all()
+        routes = statements.descriptors(rows)
+    return KnownRoutes(version, digest, routes)
 
 
 def _raise_next_route_id(cursor: psycopg.Cursor[Any], next_route_id: int | None) -> None:
