@@ -90,40 +90,66 @@ class CatalogStore(CatalogOperations):
     routes, so a change is applied only to the routes it was computed from).
     """
 
-    def __init__(self, sa_engine: sa.Engine | None) -> None:
+    def __init__(
+        self, sa_engine: sa.Engine | None, *, read_sa_engine: sa.Engine | None = None
+    ) -> None:
         if sa_engine is None:
             raise CatalogStoreRequiredError("catalog store is required: no SQLAlchemy engine given")
-        if not isinstance(sa_engine, sa.Engine):
-            raise TypeError(
-                f"sa_engine must be a SQLAlchemy Engine, got {type(sa_engine).__name__}"
-            )
-        dialect = sa_engine.dialect
-        if dialect.name != "postgresql" or dialect.driver != "psycopg":
-            raise TypeError(
-                "the catalog needs a PostgreSQL engine on the psycopg 3 driver "
-                f"(postgresql+psycopg://), got {dialect.name}+{dialect.driver}"
-            )
+        _check_sa_engine("sa_engine", sa_engine)
+        if read_sa_engine is not None:
+            _check_sa_engine("read_sa_engine", read_sa_engine)
         self._sa_engine = sa_engine
+        # Where snapshots, changes, heads and history are read: a hot standby (or a PgBouncer in
+        # front of several), or the primary itself.
+        self._read_sa_engine = read_sa_engine or sa_engine
         self._owns_sa_engine = False
         #: The routes of the version this store last read or wrote (replaced in one assignment).
         self._known: KnownRoutes | None = None
 
     @classmethod
-    def from_url(cls, url: str, **engine_options: Any) -> Self:
-        """Open a store on ``url`` (``postgresql://`` means psycopg 3) with an engine of its own."""
-        store = cls(create_engine(url, **engine_options))
+    def from_url(cls, url: str, *, read_url: str | None = None, **engine_options: Any) -> Self:
+        """Open a store on ``url`` (``postgresql://`` means psycopg 3) with an engine of its own.
+
+        ``read_url``, when given, is where the store reads (a hot standby, or a PgBouncer in
+        front of several): writes, and LISTEN, stay on ``url``, the primary. Both engines take
+        ``engine_options``.
+        """
+        sa_engine = create_engine(url, **engine_options)
+        read_sa_engine = None if read_url is None else create_engine(read_url, **engine_options)
+        store = cls(sa_engine, read_sa_engine=read_sa_engine)
         store._owns_sa_engine = True
         return store
 
     @property
     def sa_engine(self) -> sa.Engine:
-        """The SQLAlchemy engine the store runs on."""
+        """The SQLAlchemy engine of the primary: writes, and LISTEN."""
         return self._sa_engine
 
+    @property
+    def read_sa_engine(self) -> sa.Engine:
+        """The SQLAlchemy engine reads run on: :attr:`sa_engine` unless a read engine was given."""
+        return self._read_sa_engine
+
+    @property
+    def reads_from_primary(self) -> bool:
+        """Whether reads run on the primary (no separate read engine was given). O(1)."""
+        return self._read_sa_engine is self._sa_engine
+
+    @property
+    def primary(self) -> CatalogStore:
+        """This store when it reads from the primary; else a store on the same primary engine
+        that reads there too (for a read a standby cannot answer yet). Closing it is a no-op.
+        O(1)."""
+        if self.reads_from_primary:
+            return self
+        return CatalogStore(self._sa_engine)
+
     def close(self) -> None:
-        """Dispose of the SQLAlchemy engine if the store created it; a no-op otherwise."""
+        """Dispose of the SQLAlchemy engines if the store created them; a no-op otherwise."""
         if self._owns_sa_engine:
             self._sa_engine.dispose()
+            if not self.reads_from_primary:
+                self._read_sa_engine.dispose()
 
     def __enter__(self) -> Self:
         return self
@@ -143,11 +169,12 @@ class CatalogStore(CatalogOperations):
 
         Routes are sorted by start. An empty catalog gives version 0, no routes, ``read_ts`` 0.
         """
-        return self._remember(self._read_live())
+        return self._remember(self._read_live(self._read_sa_engine))
 
-    def _read_live(self) -> KnownRoutes:
+    @staticmethod
+    def _read_live(sa_engine: sa.Engine) -> KnownRoutes:
         """The version, digest and live routes, read in one REPEATABLE READ transaction."""
-        with transaction(self._sa_engine, read_only=True) as connection:
+        with transaction(sa_engine, read_only=True) as connection:
             cursor = driver_cursor(connection)
             # Pipelined: BEGIN and the query travel in one round trip.
             with cursor.connection.pipeline():
@@ -164,7 +191,7 @@ class CatalogStore(CatalogOperations):
         :class:`~distribution.CatalogVersionAheadError` for a version not reached yet.
         """
         check_u64("read_ts", read_ts)
-        with transaction(self._sa_engine, read_only=True) as connection:
+        with transaction(self._read_sa_engine, read_only=True) as connection:
             _check_readable(connection, read_ts)
             with paused_gc():
                 rows = connection.execute(statements.ROUTES_AT, {"read_ts": read_ts}).all()
@@ -173,19 +200,19 @@ class CatalogStore(CatalogOperations):
 
     def head(self) -> CatalogHead:
         """Read the catalog version and its route digest together; O(1)."""
-        with transaction(self._sa_engine, read_only=True) as connection:
+        with transaction(self._read_sa_engine, read_only=True) as connection:
             version, digest, standby = connection.execute(statements.HEAD).one()
         return CatalogHead(version, digest, standby)
 
     def version(self) -> int:
         """Read the catalog version; O(1)."""
-        with transaction(self._sa_engine, read_only=True) as connection:
+        with transaction(self._read_sa_engine, read_only=True) as connection:
             version: int = connection.execute(statements.VERSION).scalar_one()
         return version
 
     def next_route_id(self) -> int:
         """Read the next route id the catalog will allocate (1 for an empty catalog); O(1)."""
-        with transaction(self._sa_engine, read_only=True) as connection:
+        with transaction(self._read_sa_engine, read_only=True) as connection:
             next_id: int = connection.execute(statements.NEXT_ROUTE_ID).scalar_one()
         return next_id
 
@@ -195,7 +222,7 @@ class CatalogStore(CatalogOperations):
         Raises like :meth:`snapshot_at` outside the history window.
         """
         check_u64("read_ts", read_ts)
-        with transaction(self._sa_engine, read_only=True) as connection:
+        with transaction(self._read_sa_engine, read_only=True) as connection:
             _check_readable(connection, read_ts)
             next_id: int | None = connection.execute(
                 statements.NEXT_ROUTE_ID_AT, {"read_ts": read_ts}
@@ -215,7 +242,7 @@ class CatalogStore(CatalogOperations):
         """
         check_u64("version", version)
         _check_count("limit", limit, minimum=1)
-        with transaction(self._sa_engine, read_only=True) as connection:
+        with transaction(self._read_sa_engine, read_only=True) as connection:
             current, digest, standby, floor = connection.execute(
                 statements.HEAD_AND_FLOOR
             ).one()
@@ -257,7 +284,7 @@ class CatalogStore(CatalogOperations):
         if limit is not None:
             _check_count("limit", limit, minimum=0)
         query = statements.HISTORY_NEWEST_FIRST if newest_first else statements.HISTORY
-        with transaction(self._sa_engine, read_only=True) as connection:
+        with transaction(self._read_sa_engine, read_only=True) as connection:
             rows = connection.execute(query, {"since": since, "limit": limit}).all()
         return [
             CatalogHistoryEntry(
@@ -320,7 +347,7 @@ class CatalogStore(CatalogOperations):
         if known is None or known.version != expected_version:
             # Reading the live routes and sending what changed costs far less than sending
             # every route for the server to diff.
-            known = self._read_live()
+            known = self._read_live(self._sa_engine)
             self._known = known
         if known.version == expected_version:
             with paused_gc():
@@ -437,6 +464,18 @@ class CatalogStore(CatalogOperations):
             connection.close()
             raise translate_error(exc) from exc
         return CatalogListener(connection)
+
+
+def _check_sa_engine(name: str, sa_engine: object) -> None:
+    """Refuse anything but a SQLAlchemy engine on PostgreSQL through psycopg 3 (TypeError)."""
+    if not isinstance(sa_engine, sa.Engine):
+        raise TypeError(f"{name} must be a SQLAlchemy Engine, got {type(sa_engine).__name__}")
+    dialect = sa_engine.dialect
+    if dialect.name != "postgresql" or dialect.driver != "psycopg":
+        raise TypeError(
+            "the catalog needs a PostgreSQL engine on the psycopg 3 driver "
+            f"(postgresql+psycopg://), got {dialect.name}+{dialect.driver}"
+        )
 
 
 def _begin_write(cursor: psycopg.Cursor[Any], expected_version: int) -> int:
