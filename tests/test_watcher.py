@@ -146,7 +146,7 @@ def test_run_propagates_saves_by_notification(store: CatalogStore) -> None:
         store.split_route(1, b"f", 1)
         wait_until(lambda: engine.version == 2)
         # The small change came inside the notification: no catalog read was needed (but for
-        # the once-a-second safety poll, which may have run meanwhile).
+        # the check of the versions taken from notifications, a second after the first).
         assert watcher.notifications >= 2
         assert watcher.syncs - syncs <= int(time.monotonic() - started) + 1
         assert watcher.lag == 0

@@ -133,12 +133,20 @@ class Fleet:
     snapshot reached the listeners."""
 
     def __init__(
-        self, store: CatalogStore, stack: ExitStack, *, trust_notifications: bool = True
+        self,
+        store: CatalogStore,
+        stack: ExitStack,
+        *,
+        trust_notifications: bool = True,
+        heartbeat: float = 30.0,
     ) -> None:
         self.store = store
         self.engines = [Engine() for _ in range(WATCHERS)]
         self.watchers = [
-            CatalogWatcher(store, e, trust_notifications=trust_notifications) for e in self.engines
+            CatalogWatcher(
+                store, e, trust_notifications=trust_notifications, heartbeat=heartbeat
+            )
+            for e in self.engines
         ]
         self.heard: list[list[CatalogChange | CatalogSnapshot]] = [[] for _ in self.watchers]
         self.diverged_seen = [0] * WATCHERS
@@ -320,10 +328,12 @@ def test_a_raw_sql_change_at_the_same_version_is_repaired_at_the_next_read(
     """Routes changed under the catalog's version, as a database restored or rebuilt outside the
     library would hold them: the table owner writes with triggers off (as ``pg_restore
     --disable-triggers`` does, so whatever guards the tables does not run) and sets the digest
-    of the routes it left, as a restore brings it along."""
+    of the routes it left, as a restore brings it along. No notification tells of it: the
+    watchers' heartbeat (one statement once their connection has been quiet that long, here
+    half a second) finds it."""
     store.save(0, routes(b"", b"g", b"t"))
     with ExitStack() as stack:
-        fleet = Fleet(store, stack)
+        fleet = Fleet(store, stack, heartbeat=0.5)
         snapshot = fleet.settle()
         before = fleet.repairs()
         with psycopg.connect(database_url) as owner:
@@ -339,7 +349,7 @@ def test_a_raw_sql_change_at_the_same_version_is_repaired_at_the_next_read(
             )
         changed = store.snapshot()
         assert changed.version == snapshot.version and changed.digest != snapshot.digest
-        # Undone by the next safety poll, at most a second away.
+        # Undone by the next heartbeat, at most 0.75 s away.
         final = fleet.undone_by(time.monotonic() + UNDO_BOUND, before)
         assert [r.group_id for r in final.routes] == [1, 6, 1]
         wait_until(lambda: all(w.last_error is None for w in fleet.watchers))
@@ -422,7 +432,8 @@ def test_a_watcher_never_goes_back_behind_the_version_it_was_given(
         finally:
             forger.close()
         assert watcher.verified_version == 3
-        # The safety poll finds the catalog (at 1) behind the version given: the Engine stays.
+        # The check of the unverified version finds the catalog (at 1) behind the version
+        # given: the Engine stays.
         wait_until(lambda: isinstance(watcher.last_error, CatalogVersionAheadError))
         assert ahead.version == 4 and watcher.repairs == 0
         for version in range(1, 4):
@@ -457,9 +468,13 @@ def test_a_failure_to_read_the_catalog_stays_reported_while_notifications_are_ap
     database_url: str, store: CatalogStore, reader_url: str
 ) -> None:
     """Applying what notifications carry says nothing of the catalog: the watcher keeps reporting
-    that it cannot read it, between its failed reads as after them."""
+    that it cannot read it, between its failed reads as after them. (A short heartbeat makes the
+    idle watcher read, and find out, soon after the privilege goes.)"""
     store.save(0, routes(b"", b"g", b"t"))
-    with CatalogStore.from_url(reader_url) as reader, CatalogWatcher(reader, Engine()) as watcher:
+    with (
+        CatalogStore.from_url(reader_url) as reader,
+        CatalogWatcher(reader, Engine(), heartbeat=0.5) as watcher,
+    ):
         wait_until(lambda: watcher.listening and watcher.applied_version == 1)
         with psycopg.connect(database_url, autocommit=True) as owner:
             owner.execute(

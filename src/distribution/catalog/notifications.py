@@ -16,7 +16,9 @@ from typing import Any, Self
 
 import psycopg
 import psycopg.sql
+import sqlalchemy as sa
 
+from distribution.catalog.transactions import connection_engine, dedicated_connection
 from distribution.codec import decode_route_descriptor
 from distribution.database import translate_error
 from distribution.types import CatalogChange, check_u64
@@ -109,22 +111,54 @@ def receive_notifies(connection: psycopg.Connection[Any], timeout: float) -> lis
 
 
 class CatalogListener:
-    """A dedicated connection listening on :data:`NOTIFY_CHANNEL`; see
-    :meth:`~distribution.CatalogStore.listen`."""
+    """A dedicated connection to the catalog's database, in autocommit, listening on
+    :data:`NOTIFY_CHANNEL` (see :meth:`~distribution.CatalogStore.listen`), or made by
+    :meth:`open` to listen once told to.
+
+    The connection may carry the catalog's reads too: :attr:`sa_engine` is a SQLAlchemy engine
+    over it alone, for a :class:`~distribution.CatalogStore` (so that a service that only watches
+    holds one connection). Notifications that arrive during a read wait for the next
+    :meth:`wait`. One thread at a time uses a listener.
+    """
 
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
         self._connection = connection
         #: Payloads received on the other channels this connection LISTENs on, by channel.
         self._others: dict[str, list[str]] = {}
+        self._sa_engine: sa.Engine | None = None
+
+    @classmethod
+    def open(cls, sa_engine: sa.Engine) -> Self:
+        """A connection of ``sa_engine``'s taken out of its pool for good, LISTENing on nothing
+        yet (see :meth:`listen`): one connection attempt.
+
+        Raises :class:`~distribution.CatalogUnavailableError` when the database cannot be reached.
+        """
+        return cls(dedicated_connection(sa_engine))
 
     @property
     def backend_pid(self) -> int:
         """The server process of the listening connection. O(1)."""
         return self._connection.info.backend_pid
 
-    def listen(self, channel: str, *, application_name: str | None = None) -> None:
-        """LISTEN on ``channel`` too (its payloads wait for :meth:`take`), and set the
-        connection's ``application_name`` when given. One round trip.
+    @property
+    def lost(self) -> bool:
+        """Whether the connection is closed, or was found broken. O(1)."""
+        return self._connection.closed or self._connection.broken
+
+    @property
+    def sa_engine(self) -> sa.Engine:
+        """A SQLAlchemy engine whose one connection is this listener's (see
+        :func:`~distribution.catalog.transactions.connection_engine`); made on first use. O(1).
+        """
+        if self._sa_engine is None:
+            self._sa_engine = connection_engine(self._connection)
+        return self._sa_engine
+
+    def listen(self, *channels: str, application_name: str | None = None) -> None:
+        """LISTEN on ``channels`` too (the payloads of channels other than
+        :data:`NOTIFY_CHANNEL` wait for :meth:`take`), and set the connection's
+        ``application_name`` when given. One round trip.
 
         Raises :class:`~distribution.CatalogUnavailableError` when the connection is lost.
         """
@@ -134,12 +168,15 @@ class CatalogListener:
                     self._connection.execute(
                         "SELECT set_config('application_name', %s, false)", [application_name]
                     )
-                self._connection.execute(
-                    psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel))
-                )
+                for channel in channels:
+                    self._connection.execute(
+                        psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel))
+                    )
         except psycopg.Error as exc:
             raise translate_error(exc) from exc
-        self._others.setdefault(channel, [])
+        for channel in channels:
+            if channel != NOTIFY_CHANNEL:
+                self._others.setdefault(channel, [])
 
     def take(self, channel: str) -> list[str]:
         """The payloads received on ``channel`` (see :meth:`listen`) since the last call. O(1)."""
