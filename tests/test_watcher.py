@@ -46,6 +46,8 @@ def test_requires_catalog_and_engine(store: CatalogStore) -> None:
 def test_defaults_and_logger(store: CatalogStore) -> None:
     watcher = CatalogWatcher(store, Engine())
     assert watcher.interval == 0.1
+    assert watcher.heartbeat == 30.0
+    assert watcher.read_jitter == 0.25
     assert watcher.logger is logging.getLogger("distribution.watcher")
     mine = logging.getLogger("mine")
     assert CatalogWatcher(store, Engine(), logger=mine).logger is mine

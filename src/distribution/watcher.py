@@ -297,8 +297,18 @@ class CatalogWatcher:
 
     @property
     def interval(self) -> float:
-        """Seconds between polls while the watcher cannot listen."""
+        """Seconds between polls while the watcher cannot listen (and its backoff's first wait)."""
         return self._interval
+
+    @property
+    def heartbeat(self) -> float:
+        """Seconds of quiet on the watcher's connection before a heartbeat, at least."""
+        return self._heartbeat
+
+    @property
+    def read_jitter(self) -> float:
+        """The longest random delay, in seconds, before a read a notification calls for."""
+        return self._read_jitter
 
     @property
     def trust_notifications(self) -> bool:
@@ -344,8 +354,9 @@ class CatalogWatcher:
             return self._applied.wait_for(lambda: self._engine.version >= version, timeout)
 
     def wait_caught_up(self, timeout: float | None = None) -> bool:
-        """Wait until the Engine holds the version the catalog has now (one catalog read), as
-        :meth:`wait_for` does. Catalog errors propagate. O(1) reads.
+        """Wait until the Engine holds the version the catalog has now (one catalog read, through
+        the store's pool, on the calling thread), as :meth:`wait_for` does. Catalog errors
+        propagate. O(1) reads.
         """
         began = time.monotonic()
         version = self._catalog.version()
@@ -541,8 +552,10 @@ class CatalogWatcher:
                     return
             except CatalogVersionAheadError:
                 pass  # behind the Engine: lagging, or the primary will say
-            if waited >= STANDBY_WAIT or self._halt.wait(delay):
+            if waited >= STANDBY_WAIT:
                 break
+            if self._halt.wait(delay):
+                return  # stopping
             waited += delay
             delay = min(delay * 2, max(STANDBY_WAIT - waited, _STANDBY_FIRST_RETRY))
         self._logger.debug(
