@@ -102,6 +102,7 @@ from distribution.engine import Engine
 from distribution.errors import (
     CatalogUnavailableError,
     CatalogVersionAheadError,
+    DistributionError,
     EngineDigestMismatchError,
     EngineDivergedError,
     EngineSnapshotVersionGapError,
@@ -287,6 +288,7 @@ class CatalogWatcher:
         self._quiet_for = self._heartbeat
         self._standby = False
         self._told_standby = False
+        self._listen_refused = False
         # When the running outage began (``time.monotonic()``) and its failed attempts so far.
         self._outage: tuple[float, int] | None = None
 
@@ -626,9 +628,7 @@ class CatalogWatcher:
             if head.standby:
                 self._say_standby()
             elif self._listen:
-                connection.listen(NOTIFY_CHANNEL)
-                self._fleet.join(connection)
-                self._source = connection
+                self._try_listen(connection)
         except BaseException:
             self._source = None
             connection.close()
@@ -637,6 +637,30 @@ class CatalogWatcher:
         self._standby = head.standby
         if self._catalog.reads_from_primary:
             self._reader = CatalogStore(connection.sa_engine)
+
+    def _try_listen(self, connection: CatalogListener) -> None:
+        """LISTEN on ``connection`` and join the fleet there. Refused (for another reason than a
+        lost connection, which propagates), the watcher polls over the connection meanwhile,
+        and tries again after a backoff; the first refusal is a WARNING, repeats DEBUG."""
+        try:
+            connection.listen(NOTIFY_CHANNEL)
+            self._fleet.join(connection)
+        except CatalogUnavailableError:
+            raise
+        except DistributionError as exc:
+            self.errors[type(exc).__name__] += 1
+            self._logger.log(
+                logging.DEBUG if self._listen_refused else logging.WARNING,
+                "catalog watcher cannot listen for catalog notifications (%s): following the "
+                "catalog by polling every %.3fs",
+                exc,
+                self._interval,
+            )
+            self._listen_refused = True
+            self._next_connect = time.monotonic() + self._link_retry.next()
+            return
+        self._listen_refused = False
+        self._source = connection
 
     def _say_standby(self) -> None:
         if not self._told_standby:
@@ -709,6 +733,7 @@ class CatalogWatcher:
                     and not self._standby
                     and self._connection is not None
                     and self._source is None
+                    and now >= self._next_connect
                 ):
                     self._listen_again(self._connection)
         wakes = [self._next_poll] if self._reader is not None else []
@@ -717,15 +742,16 @@ class CatalogWatcher:
         self._halt.wait(max(0.0, min(wakes, default=now + _WAIT_SLICE) - now))
 
     def _listen_again(self, connection: CatalogListener) -> None:
-        """The standby the watcher polls was promoted: LISTEN on it now."""
+        """The server the watcher polls may LISTEN now (a standby promoted, or a refusal that
+        passed): try again."""
         try:
-            connection.listen(NOTIFY_CHANNEL)
-            self._fleet.join(connection)
+            self._try_listen(connection)
         except Exception as exc:
             self._record(exc, "cannot listen for catalog notifications")
             self._lost()
             return
-        self._source = connection
+        if self._source is None:
+            return
         self.listening = True
         self._logger.info("catalog watcher connected: listening for catalog notifications")
         self._read_guarded(self._read, self._check_head)
