@@ -359,3 +359,16 @@ def test_reads_wait_for_a_lagging_standby_before_asking_the_primary(
                 ).fetchall()
             ]
         assert not [q for q in queries if HEAD_QUERY in q], queries
+
+
+def test_stop_interrupts_a_wait_with_no_deadline(store: CatalogStore) -> None:
+    """A listening watcher waits on its connection until its next heartbeat (an hour here), with
+    no slice: stop() wakes it."""
+    seed(store)
+    watcher = CatalogWatcher(store, Engine(), heartbeat=3600)
+    watcher.start()
+    wait_until(lambda: watcher.listening and watcher.applied_version == 1)
+    time.sleep(0.2)  # waiting by now
+    watcher.stop(timeout=20)
+    assert watcher._thread is None, "the watcher's thread is still waiting"
+    assert not watcher.listening

@@ -52,9 +52,11 @@ Anyone who can connect to the catalog database can NOTIFY its channel, so a noti
 claim, never the truth. The watcher applies a change carried in a notification only when it moves
 the Engine's version by exactly one, as a write does, and leaves the digest the notification
 claims (the Engine refuses it otherwise, and the watcher reads the catalog instead). A version
-applied that way is *unverified* until a catalog read confirms it: :data:`VERIFY_DELAY` seconds
-after the first such version the watcher reads the catalog's ``HEAD`` (one statement), and again
-at most that often while unverified versions remain; an idle watcher reads nothing.
+applied that way is *unverified* until a catalog read confirms it: once no notification has
+arrived for :data:`VERIFY_QUIET` seconds, or, in a steady stream of them, once the oldest
+unverified version is :data:`VERIFY_MAX` seconds old, the watcher reads the catalog's ``HEAD``
+(one statement) and checks them all at once; an idle watcher reads nothing. (In a stream of
+writes a forgery is found sooner: the real write of its version comes with another digest.)
 :attr:`verified_version` is the newest version confirmed (the Engine's version when the watcher
 was given it counts as confirmed). A forged notification is therefore undone at the next catalog
 read: a lie at a version the catalog then reaches differs in digest, and when the catalog is
@@ -70,7 +72,7 @@ The Engine never goes back behind :attr:`verified_version`: a watcher pointed at
 (or a catalog restored from an older backup) applies nothing older, and reports the catalog behind
 it in :attr:`last_error` until the catalog passes the Engine's version again (then, should the
 catalog hold other routes at the Engine's version, a repair as above). While a failure stands,
-the watcher reads the catalog's ``HEAD`` again every :data:`VERIFY_DELAY` seconds (backing off
+the watcher reads the catalog's ``HEAD`` again every :data:`RETRY_DELAY` seconds (backing off
 instead while the catalog cannot be reached).
 """
 
@@ -116,8 +118,10 @@ __all__ = [
     "DEFAULT_INTERVAL",
     "DEFAULT_READ_JITTER",
     "MAX_BACKOFF",
+    "RETRY_DELAY",
     "STANDBY_WAIT",
-    "VERIFY_DELAY",
+    "VERIFY_MAX",
+    "VERIFY_QUIET",
     "CatalogWatcher",
     "ChangeListener",
     "run_catalog_watcher",
@@ -136,9 +140,15 @@ DEFAULT_INTERVAL = 0.1
 DEFAULT_HEARTBEAT = 30.0
 #: The longest random delay, in seconds, before a read a notification calls for.
 DEFAULT_READ_JITTER = 0.25
-#: Seconds after the first version applied from a notification before the catalog is read to
-#: confirm it (and between two such reads while unverified versions remain, or a failure stands).
-VERIFY_DELAY = 1.0
+#: Seconds without a notification after which the versions applied from notifications are
+#: confirmed by a catalog read (one statement).
+VERIFY_QUIET = 1.5
+#: The age, in seconds, of the oldest unconfirmed version at which a steady stream of
+#: notifications no longer puts off its confirmation.
+VERIFY_MAX = 15.0
+#: Seconds between two catalog reads while a failure stands (a repair included, which a clean read
+#: clears), the catalog reachable.
+RETRY_DELAY = 1.0
 #: The longest wait between two attempts to reach an unreachable catalog, in seconds.
 MAX_BACKOFF = 10.0
 #: How long, in seconds, a read from a standby behind the newest version notified is retried
@@ -146,8 +156,9 @@ MAX_BACKOFF = 10.0
 STANDBY_WAIT = 1.0
 # The first retry of such a read, in seconds; each next one waits twice as long.
 _STANDBY_FIRST_RETRY = 0.02
-# How long one wait for notifications lasts at most, so that a stop is seen promptly.
-_WAIT_SLICE = 0.2
+# How long one wait for notifications lasts at most when a stop cannot interrupt it (a source
+# other than the watcher's own connection, or a run given its own stop event).
+_WAIT_SLICE = 1.0
 
 
 def _read_head(sa_engine: sa.Engine) -> CatalogHead:
@@ -283,7 +294,12 @@ class CatalogWatcher:
         self._linked_at = 0.0
         self._next_connect = 0.0
         self._next_poll = 0.0
-        self._check_at: float | None = None
+        # When a catalog read is due again after a failure; None: none is.
+        self._retry_at: float | None = None
+        # When the last notification arrived, and when the Engine took its oldest unverified
+        # version (``time.monotonic()``).
+        self._notified_at = 0.0
+        self._unverified_since = 0.0
         self._quiet_since = 0.0
         self._quiet_for = self._heartbeat
         self._standby = False
@@ -579,7 +595,7 @@ class CatalogWatcher:
         self._link_retry.reset()
         self._read_retry.reset()
         self._next_connect = self._next_poll = 0.0
-        self._check_at = None
+        self._retry_at = None
         try:
             while not stop.is_set():
                 if self._wants_link() and time.monotonic() >= self._next_connect:
@@ -760,12 +776,10 @@ class CatalogWatcher:
         """Listening: wait for notifications (or for a check or heartbeat that falls due), take
         them, then make the check or heartbeat due, and answer roll calls."""
         now = time.monotonic()
-        due = now + _WAIT_SLICE
-        if self._check_at is not None:
-            due = min(due, self._check_at)
-        heartbeat_at = self._quiet_since + self._quiet_for
-        if self._connection is not None:
-            due = min(due, heartbeat_at)
+        connection = self._connection
+        heartbeat_at = None if connection is None else self._quiet_since + self._quiet_for
+        deadlines = (self._check_due(), heartbeat_at, self._slice_end(source, now))
+        due = min((t for t in deadlines if t is not None), default=now + _WAIT_SLICE)
         try:
             received = source.wait(max(0.0, due - now))
         except Exception as exc:
@@ -775,24 +789,45 @@ class CatalogWatcher:
         error = None
         if received:
             self._quiet()
+            self._notified_at = time.monotonic()
             error = self._read_guarded(self._on_notifications, received)
         now = time.monotonic()
-        if error is None and self._check_at is not None and now >= self._check_at:
-            self._check_at = None
+        check_at = self._check_due()
+        if error is None and check_at is not None and now >= check_at:
+            self._retry_at = None
             error = self._read_guarded(self._read, self._check_head)
-        elif error is None and self._connection is not None and now >= heartbeat_at:
-            error = self._read_guarded(self._beat, self._connection)
+        elif (
+            error is None
+            and connection is not None
+            and heartbeat_at is not None
+            and now >= heartbeat_at
+        ):
+            error = self._read_guarded(self._beat, connection)
         if self._source is None:
             return  # the connection was lost reading
         if isinstance(error, CatalogUnavailableError):
-            self._check_at = time.monotonic() + self._read_retry.next()
-        elif self._check_at is None and (
-            self._unverified_from is not None or self.last_error is not None
-        ):
-            # Debounced: one check a while after the first unverified version (or a failure, a
-            # repair included, to be cleared by a clean read), not one each.
-            self._check_at = time.monotonic() + VERIFY_DELAY
+            self._retry_at = time.monotonic() + self._read_retry.next()
+        elif self._retry_at is None and self.last_error is not None:
+            # A failure (a repair included, to be cleared by a clean read) is read again.
+            self._retry_at = time.monotonic() + RETRY_DELAY
         self._answer_roll_calls(self._source)
+
+    def _check_due(self) -> float | None:
+        """When the catalog's HEAD is to be read next while listening: a retry after a failure,
+        or the confirmation of unverified versions (a trailing debounce: once notifications
+        pause, or once the oldest is old enough); None when nothing is due."""
+        due = self._retry_at
+        if self._unverified_from is not None:
+            verify = min(self._notified_at + VERIFY_QUIET, self._unverified_since + VERIFY_MAX)
+            due = verify if due is None else min(due, verify)
+        return due
+
+    def _slice_end(self, source: NotificationSource, now: float) -> float | None:
+        """When a wait must end so that a stop is seen: never for the watcher's own connection
+        under :meth:`start` (:meth:`stop` interrupts it), else after a short slice."""
+        if self._halt is self._stop and source is self._connection:
+            return None
+        return now + _WAIT_SLICE
 
     def _beat(self, connection: CatalogListener) -> None:
         """The heartbeat: the catalog's HEAD over the watcher's quiet connection (one statement),
@@ -852,6 +887,9 @@ class CatalogWatcher:
     def stop(self, timeout: float | None = None) -> None:
         """Stop the background thread and wait for it (up to ``timeout`` seconds)."""
         self._stop.set()
+        connection = self._connection
+        if connection is not None:
+            connection.interrupt()  # it may be waiting for notifications, with no deadline
         if self._thread is not None:
             self._thread.join(timeout)
             if not self._thread.is_alive():
@@ -910,6 +948,7 @@ class CatalogWatcher:
             return False  # moved meanwhile, or a change that does not fit (a forgery, say)
         if self._unverified_from is None:
             self._unverified_from = version
+            self._unverified_since = time.monotonic()
         return True
 
     def _apply_changes(self, changes: Sequence[CatalogChange]) -> None:

@@ -8,8 +8,12 @@ small, a JSON body carrying it follows (see :func:`parse_notification`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
+import math
+import select
+import socket
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -21,6 +25,7 @@ import sqlalchemy as sa
 from distribution.catalog.transactions import connection_engine, dedicated_connection
 from distribution.codec import decode_route_descriptor
 from distribution.database import translate_error
+from distribution.errors import CatalogUnavailableError
 from distribution.types import CatalogChange, check_u64
 
 __all__ = [
@@ -33,6 +38,9 @@ __all__ = [
 
 # One logger for the whole package, as applications configure it: "distribution.catalog".
 _logger = logging.getLogger(__package__)
+# The longest single wait on a listening connection's socket, in seconds (poll takes an int of
+# milliseconds).
+_MAX_WAIT = 3600.0
 
 #: The channel every catalog write notifies, on commit.
 NOTIFY_CHANNEL = "distribution_catalog"
@@ -118,7 +126,7 @@ class CatalogListener:
     The connection may carry the catalog's reads too: :attr:`sa_engine` is a SQLAlchemy engine
     over it alone, for a :class:`~distribution.CatalogStore` (so that a service that only watches
     holds one connection). Notifications that arrive during a read wait for the next
-    :meth:`wait`. One thread at a time uses a listener.
+    :meth:`wait`. One thread at a time uses a listener; any thread may :meth:`interrupt` it.
     """
 
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
@@ -126,6 +134,13 @@ class CatalogListener:
         #: Payloads received on the other channels this connection LISTENs on, by channel.
         self._others: dict[str, list[str]] = {}
         self._sa_engine: sa.Engine | None = None
+        # Written to by interrupt(): a wait watches it beside the connection's socket.
+        self._wake, self._waker = socket.socketpair()
+        self._wake.setblocking(False)
+        # poll, not select: a process may hold more than FD_SETSIZE descriptors.
+        self._poller = select.poll()
+        for fd in (connection.fileno(), self._wake.fileno()):
+            self._poller.register(fd, select.POLLIN)
 
     @classmethod
     def open(cls, sa_engine: sa.Engine) -> Self:
@@ -208,9 +223,8 @@ class CatalogListener:
         :class:`~distribution.CatalogUnavailableError` when the connection is lost.
         O(notifications received).
         """
-        received = receive_notifies(self._connection, timeout)
         parsed = []
-        for notify in received:
+        for notify in self._receive(timeout):
             if notify.channel != NOTIFY_CHANNEL and notify.channel in self._others:
                 self._others[notify.channel].append(notify.payload)
                 continue
@@ -221,9 +235,34 @@ class CatalogListener:
                 _logger.warning("ignored a malformed catalog notification: %s", exc)
         return parsed
 
+    def _receive(self, timeout: float) -> list[psycopg.Notify]:
+        """What arrived already (during a read, say), else what arrives within ``timeout``
+        seconds, unless :meth:`interrupt` is called first."""
+        received = receive_notifies(self._connection, 0)
+        if received or timeout <= 0:
+            return received
+        try:
+            ready = {fd for fd, _ in self._poller.poll(math.ceil(min(timeout, _MAX_WAIT) * 1000))}
+        except OSError as exc:
+            raise CatalogUnavailableError(f"the catalog database is unavailable: {exc}") from exc
+        if self._wake.fileno() in ready:
+            with contextlib.suppress(BlockingIOError):
+                while self._wake.recv(64):
+                    pass
+            return []
+        return receive_notifies(self._connection, 0) if ready else []
+
+    def interrupt(self) -> None:
+        """Make the :meth:`wait` in progress on another thread (else the next one) return at
+        once, with nothing. Thread-safe; a no-op once closed. O(1)."""
+        with contextlib.suppress(OSError):
+            self._waker.send(b"\0")
+
     def close(self) -> None:
         """Close the connection."""
         self._connection.close()
+        self._wake.close()
+        self._waker.close()
 
     def __enter__(self) -> Self:
         return self
