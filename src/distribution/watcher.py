@@ -36,9 +36,10 @@ took); the attempts in between are DEBUG lines, and counted in :attr:`CatalogWat
 Reads many watchers would make at once (those a notification calls for: a change it did not
 carry, or a reset) wait a random delay of up to ``read_jitter`` seconds first
 (:data:`DEFAULT_READ_JITTER`), which spreads a fleet's reads; the first read at start does not.
-A read from a separate read engine (a standby) that is behind the newest version notified is
-tried again after 20 ms, then 40 ms and so on, for :data:`STANDBY_WAIT` seconds in all, then
-made on the primary (:attr:`CatalogStore.primary <distribution.CatalogStore.primary>`).
+A read from a separate read engine (a standby), or from a hot standby, that is behind the newest
+version notified is tried again after 20 ms, then 40 ms and so on, for :data:`STANDBY_WAIT`
+seconds in all, then made on the primary (:attr:`CatalogStore.primary
+<distribution.CatalogStore.primary>`) when the store has a separate read engine.
 
 Every catalog read brings the catalog's route digest (see :func:`~distribution.codec.routes_digest`)
 with its version, and the Engine keeps the digest of the routes it holds. At equal versions, a
@@ -454,6 +455,7 @@ class CatalogWatcher:
             if answer.head is not None:
                 # Read just now: the catalog holds nothing newer, whatever a notification said.
                 self.catalog_version = answer.head.version
+                self._standby = answer.head.standby
             if not answer.changes:
                 self._check(catalog, answer.head)
                 return
@@ -551,31 +553,37 @@ class CatalogWatcher:
     def _read(self, step: Callable[[CatalogStore], None]) -> None:
         """Run ``step`` (a read and what follows it) on the watcher's reader.
 
-        A reader on a separate read engine (a standby) that is behind the newest version seen
-        when the read began is tried again, waiting 20 ms, then twice as long each time, for
-        :data:`STANDBY_WAIT` seconds in all; then ``step`` reads from the primary. The Engine never
-        goes back meanwhile (a standby behind it raises, and is tried again).
+        A reader on a separate read engine, or on a hot standby, that is behind the newest
+        version seen when the read began is tried again, waiting 20 ms, then twice as long each
+        time, for :data:`STANDBY_WAIT` seconds in all; then ``step`` reads from the primary when
+        the store knows one (else the last failure, if any, propagates). The Engine never goes
+        back meanwhile (a standby behind it raises, and is tried again).
         """
         reader = self._reader
         assert reader is not None, "a read with no way to read"
         target = self.catalog_version
-        if reader.reads_from_primary:
+        if reader.reads_from_primary and not self._standby:
             step(reader)
             return
         waited, delay = 0.0, _STANDBY_FIRST_RETRY
         while True:
+            failure = None
             try:
                 step(reader)
                 if self._engine.version >= target:
                     return
-            except CatalogVersionAheadError:
-                pass  # behind the Engine: lagging, or the primary will say
+            except CatalogVersionAheadError as exc:
+                failure = exc  # behind the Engine: lagging, or the primary will say
             if waited >= STANDBY_WAIT:
                 break
             if self._halt.wait(delay):
                 return  # stopping
             waited += delay
             delay = min(delay * 2, max(STANDBY_WAIT - waited, _STANDBY_FIRST_RETRY))
+        if reader.reads_from_primary:
+            if failure is not None:
+                raise failure
+            return  # a standby with no primary to ask: its next read will tell
         self._logger.debug(
             "the catalog's read engine is behind version %d after %.2fs: reading the primary",
             target,
