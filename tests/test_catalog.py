@@ -254,6 +254,76 @@ def test_close_leaves_a_callers_engine_alone(database_url: str) -> None:
         engine.dispose()
 
 
+@pytest.mark.parametrize(
+    ("read_sa_engine", "message"),
+    [
+        ("postgresql://postgres@127.0.0.1/catalog", "read_sa_engine must be a SQLAlchemy Engine"),
+        (sa.create_engine("sqlite://"), "got sqlite"),
+    ],
+    ids=["a url", "sqlite"],
+)
+def test_store_refuses_a_read_engine_it_cannot_use(
+    database_url: str, read_sa_engine: Any, message: str
+) -> None:
+    engine = create_engine(database_url)
+    try:
+        with pytest.raises(TypeError, match=message):
+            CatalogStore(engine, read_sa_engine=read_sa_engine)
+    finally:
+        engine.dispose()
+
+
+def test_from_url_refuses_another_database_to_read_from(database_url: str, tmp_path: Any) -> None:
+    with pytest.raises(ValueError):
+        CatalogStore.from_url(database_url, read_url=f"sqlite:///{tmp_path}/catalog.db")
+
+
+def test_a_store_without_a_read_engine_reads_from_the_primary(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        for store in (CatalogStore(engine), CatalogStore(engine, read_sa_engine=engine)):
+            assert store.reads_from_primary
+            assert store.read_sa_engine is store.sa_engine is engine
+            assert store.primary is store
+    finally:
+        engine.dispose()
+
+
+def test_close_disposes_both_engines_from_url_made(database_url: str) -> None:
+    """Reads check connections out of the read engine's pool alone; writes out of the
+    primary's; close() empties both."""
+    with CatalogStore.from_url(database_url, read_url=database_url) as store:
+        assert not store.reads_from_primary
+        assert store.read_sa_engine is not store.sa_engine
+        primary = store.primary
+        assert primary is store.primary and primary.reads_from_primary
+        assert primary.sa_engine is primary.read_sa_engine is store.sa_engine
+        assert store.snapshot() == EMPTY and store.head() == CatalogHead(0, 0)
+        assert (store.version(), store.next_route_id(), store.history()) == (0, 1, [])
+        assert store.changes_since(0) == CatalogChangeSet(head=CatalogHead(0, 0))
+        assert store.sa_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+        assert store.read_sa_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+        store.save(0, chain(3))
+        assert store.sa_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+        primary.close()  # a no-op: the store's engines stay
+        assert store.sa_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+        assert primary.snapshot().routes == store.snapshot().routes == tuple(chain(3))
+    assert store.sa_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+    assert store.read_sa_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+
+
+def test_close_leaves_a_callers_read_engine_alone(database_url: str) -> None:
+    engine, read_engine = create_engine(database_url), create_engine(database_url)
+    try:
+        with CatalogStore(engine, read_sa_engine=read_engine) as store:
+            assert store.read_sa_engine is read_engine
+            assert store.snapshot() == EMPTY
+        assert read_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
+        read_engine.dispose()
+
+
 # --------------------------------------------------------------------------------------------
 # The empty catalog
 # --------------------------------------------------------------------------------------------
