@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 from standby import StreamingPair, streaming_pair
 from waiting import wait_until
 
-from distribution import CatalogStore, CatalogWatcher, Engine
+from distribution import CatalogStore, CatalogWatcher, Engine, ensure_catalog_snapshot
 from distribution.errors import (
     CatalogReadOnlyError,
     CatalogSnapshotTooOldError,
     CatalogVersionAheadError,
 )
+from distribution.migrator import migrate
 from distribution.types import CatalogChangeSet, CatalogHead, RouteDescriptor, RouteState
 
 _ROUTES = 300  # enough for a save moving every route to be too large for one notification
@@ -199,3 +201,30 @@ def test_a_lagging_standby_never_takes_an_engine_back(
     assert [(r.route_id, r.start, r.end, r.group_id, r.state) for r in engine.stats()] == [
         (r.route_id, r.start, r.end, r.group_id, r.state) for r in expected.routes
     ]
+
+
+def test_a_service_seeding_from_a_lagging_standby_adopts_the_primarys_catalog(
+    pair: StreamingPair,
+) -> None:
+    """The standby has not replayed the catalog another service seeded: this service's seed
+    loses on the primary, and it adopts the primary's catalog, not the standby's empty one."""
+    server = pair.primary_url.rsplit("/", 1)[0]
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+        admin.execute('CREATE DATABASE "seeding"')
+    primary_url = f"{server}/seeding"
+    standby_url = pair.standby_url.rsplit("/", 1)[0] + "/seeding"
+    migrate(primary_url)
+    pair.wait_replayed()
+    pair.pause_replay()
+    try:
+        routes = [RouteDescriptor(1, b"", b"m", 3), RouteDescriptor(2, b"m", None, 4)]
+        with CatalogStore.from_url(primary_url) as first:
+            seeded = first.save(0, routes)
+        with CatalogStore.from_url(primary_url, read_url=standby_url) as store:
+            assert store.version() == 0  # the standby lags
+            engine = Engine()
+            assert ensure_catalog_snapshot(store, engine) == seeded
+            assert engine.version == seeded.version
+            assert [(r.route_id, r.group_id) for r in engine.stats()] == [(1, 3), (2, 4)]
+    finally:
+        pair.resume_replay()
