@@ -331,9 +331,10 @@ class CatalogStore(CatalogOperations):
         descriptors in place of the given ones).
 
         What travels: the store compares ``routes`` (C-level, by id) with the catalog at
-        ``expected_version``, as it last read or wrote it, or else as it reads it first, and sends
-        only the routes that changed, once the catalog's digest shows it still holds the routes
-        compared against. When many routes changed, every route is copied to the server and
+        ``expected_version``, as the snapshot it last returned holds it (while the caller holds
+        that snapshot), or else as it reads it first from the primary, and sends only the routes
+        that changed, once the catalog's digest shows it still holds the routes compared
+        against. When many routes changed, every route is copied to the server and
         diffed there. O(n) in the number of routes, with little Python work per route, and
         O(changes) written.
 
