@@ -7,7 +7,7 @@ PgBouncer fronts one database, logging in to it as the user of the URL it is giv
 role, say), and lets any client in (``auth_type = any``): it is private to the test, on
 127.0.0.1 only. It runs from the machine's ``pgbouncer`` binary (Debian: ``apt-get install
 pgbouncer``); on a version with prepared statement support (1.21 and later) that support is
-turned off, so the pooler is the one README.md's advice is for whatever the version.
+turned off, so that the tests meet a pooler without it whatever the version.
 
     with PgBouncer.start(database_url) as bouncer:
         bouncer.url  # the same database, through PgBouncer in transaction mode
