@@ -361,11 +361,14 @@ def test_reads_wait_for_a_lagging_standby_before_asking_the_primary(
         assert not [q for q in queries if HEAD_QUERY in q], queries
 
 
-def test_stop_interrupts_a_wait_with_no_deadline(store: CatalogStore) -> None:
-    """A listening watcher waits on its connection until its next heartbeat (an hour here), with
-    no slice: stop() wakes it."""
+@pytest.mark.parametrize("source", ["own connection", "given source"])
+def test_stop_interrupts_a_wait_with_no_deadline(store: CatalogStore, source: str) -> None:
+    """A listening watcher waits for notifications until its next deadline (none here for an
+    hour), with no slice: stop() interrupts the wait, on its own connection as on a source it
+    was given."""
     seed(store)
-    watcher = CatalogWatcher(store, Engine(), heartbeat=3600)
+    factory = store.listen if source == "given source" else None
+    watcher = CatalogWatcher(store, Engine(), heartbeat=3600, notifications=factory)
     watcher.start()
     wait_until(lambda: watcher.listening and watcher.applied_version == 1)
     time.sleep(0.2)  # waiting by now

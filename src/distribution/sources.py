@@ -35,6 +35,12 @@ class NotificationSource(Protocol):
         O(notifications)."""
         ...
 
+    def interrupt(self) -> None:
+        """Wake the thread blocked in :meth:`wait` (else the next wait), which returns ``[]`` at
+        once; the source stays usable. Any thread may call it, even once the source is closed.
+        A watcher's :meth:`~distribution.CatalogWatcher.stop` calls it. O(1)."""
+        ...
+
     def close(self) -> None:
         """Stop receiving; release what the source holds. O(1)."""
         ...

@@ -160,6 +160,9 @@ _STANDBY_FIRST_RETRY = 0.02
 # How long one wait for notifications lasts at most when a stop cannot interrupt it (a source
 # other than the watcher's own connection, or a run given its own stop event).
 _WAIT_SLICE = 1.0
+# How long one wait lasts at most otherwise (it ends at the next deadline, most often, or when
+# interrupted).
+_MAX_WAIT = 3600.0
 
 
 def _read_head(sa_engine: sa.Engine) -> CatalogHead:
@@ -783,11 +786,13 @@ class CatalogWatcher:
     def _follow_source(self, source: NotificationSource) -> None:
         """Listening: wait for notifications (or for a check or heartbeat that falls due), take
         them, then make the check or heartbeat due, and answer roll calls."""
+        if self._halt.is_set():
+            return  # stop() may have looked for a source to interrupt before this one opened
         now = time.monotonic()
         connection = self._connection
         heartbeat_at = None if connection is None else self._quiet_since + self._quiet_for
         deadlines = (self._check_due(), heartbeat_at, self._slice_end(source, now))
-        due = min((t for t in deadlines if t is not None), default=now + _WAIT_SLICE)
+        due = min(t for t in deadlines if t is not None)
         try:
             received = source.wait(max(0.0, due - now))
         except Exception as exc:
@@ -830,11 +835,11 @@ class CatalogWatcher:
             due = verify if due is None else min(due, verify)
         return due
 
-    def _slice_end(self, source: NotificationSource, now: float) -> float | None:
-        """When a wait must end so that a stop is seen: never for the watcher's own connection
-        under :meth:`start` (:meth:`stop` interrupts it), else after a short slice."""
-        if self._halt is self._stop and source is self._connection:
-            return None
+    def _slice_end(self, source: NotificationSource, now: float) -> float:
+        """When a wait must end so that a stop is seen: after a short slice, unless
+        :meth:`stop` can interrupt it (a run under :meth:`start`)."""
+        if self._halt is self._stop and hasattr(source, "interrupt"):
+            return now + _MAX_WAIT
         return now + _WAIT_SLICE
 
     def _beat(self, connection: CatalogListener) -> None:
@@ -895,9 +900,12 @@ class CatalogWatcher:
     def stop(self, timeout: float | None = None) -> None:
         """Stop the background thread and wait for it (up to ``timeout`` seconds)."""
         self._stop.set()
-        connection = self._connection
-        if connection is not None:
-            connection.interrupt()  # it may be waiting for notifications, with no deadline
+        # The thread may be waiting for notifications with no deadline but its next heartbeat.
+        source = self._source or self._connection
+        # Sources written before interrupt() joined the protocol lack it: their waits are sliced.
+        interrupt = getattr(source, "interrupt", None)
+        if interrupt is not None:
+            interrupt()
         if self._thread is not None:
             self._thread.join(timeout)
             if not self._thread.is_alive():
