@@ -26,10 +26,12 @@ spreads), a heartbeat of one statement: the catalog's version, digest and recove
 digest differs from the Engine's. A watcher whose connection turns out to be to a hot standby
 (where LISTEN cannot run) says so once, at INFO, and polls.
 
-Outages. Connecting, reconnecting and the polls of an unreachable catalog back off: each wait is
-drawn at random between ``interval`` and ``interval * 2**attempt`` seconds, capped at
-:data:`MAX_BACKOFF`, so that a fleet that lost its server (or found it full: "too many
-clients") does not come back all at once nor flood the server's log. An outage is logged once,
+Outages. A connection lost after a while is opened again at once; from then on, connecting and
+the polls of an unreachable catalog back off: each wait is drawn at random between ``interval``
+and ``interval * 2**attempt`` seconds, capped at :data:`MAX_BACKOFF`, so that a fleet that lost
+its server (or found it full: "too many clients") does not come back all at once nor flood the
+server's log. A listening watcher waits for notifications until its next deadline (a heartbeat,
+a check), and :meth:`CatalogWatcher.stop` interrupts the wait. An outage is logged once,
 as a WARNING when it starts, and once at INFO when it ends (its duration and the attempts it
 took); the attempts in between are DEBUG lines, and counted in :attr:`CatalogWatcher.errors`.
 
@@ -157,8 +159,8 @@ MAX_BACKOFF = 10.0
 STANDBY_WAIT = 1.0
 # The first retry of such a read, in seconds; each next one waits twice as long.
 _STANDBY_FIRST_RETRY = 0.02
-# How long one wait for notifications lasts at most when a stop cannot interrupt it (a source
-# other than the watcher's own connection, or a run given its own stop event).
+# How long one wait for notifications lasts at most when a stop cannot interrupt it (a run given
+# its own stop event, or a source without interrupt()).
 _WAIT_SLICE = 1.0
 # How long one wait lasts at most otherwise (it ends at the next deadline, most often, or when
 # interrupted).
@@ -287,7 +289,8 @@ class CatalogWatcher:
         self._created = time.monotonic()
         # Notified each time the watcher applies something: wakes wait_for.
         self._applied = threading.Condition()
-        # The running loop's state, touched by its thread only (see run).
+        # The running loop's state, touched by its thread only (see run; stop() only reads which
+        # source to interrupt).
         self._halt = threading.Event()
         self._connection: CatalogListener | None = None
         self._source: NotificationSource | None = None
