@@ -375,3 +375,23 @@ def test_stop_interrupts_a_wait_with_no_deadline(store: CatalogStore, source: st
     watcher.stop(timeout=20)
     assert watcher._thread is None, "the watcher's thread is still waiting"
     assert not watcher.listening
+
+
+def test_a_standing_failure_is_read_again_without_notifications(store: CatalogStore) -> None:
+    """The catalog behind the Engine it was given (a restored backup, say): no notification
+    comes, yet the watcher reads again every RETRY_DELAY while the failure stands, and stops
+    reading once it is gone."""
+    seed(store)
+    ahead = Engine()
+    ahead.apply_snapshot(
+        CatalogSnapshot(version=3, routes=(RouteDescriptor(1, b"", None, 1),), read_ts=3)
+    )
+    with CatalogWatcher(store, ahead, heartbeat=3600) as watcher:
+        wait_until(lambda: watcher.errors["CatalogVersionAheadError"] >= 3, "reads again")
+        assert ahead.version == 3
+        store.set_route_state(1, 1, 1)  # fenced, then active again: the routes given at 3
+        store.set_route_state(1, 0, 2)
+        wait_until(lambda: watcher.last_error is None, "the catalog reaching the Engine")
+        syncs = watcher.syncs
+        time.sleep(2.5)
+        assert watcher.syncs == syncs

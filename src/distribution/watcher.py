@@ -635,7 +635,7 @@ class CatalogWatcher:
             else:
                 self._source = self._open_source()
         except Exception as exc:
-            self._record(exc, "cannot reach the catalog's notifications")
+            self._record(exc, "cannot reach the catalog")
             self._next_connect = time.monotonic() + self._link_retry.next()
             return
         self._linked_at = time.monotonic()
@@ -819,14 +819,8 @@ class CatalogWatcher:
             and now >= heartbeat_at
         ):
             error = self._read_guarded(self._beat, connection)
-        if self._source is None:
-            return  # the connection was lost reading
-        if isinstance(error, CatalogUnavailableError):
-            self._retry_at = time.monotonic() + self._read_retry.next()
-        elif self._retry_at is None and self.last_error is not None:
-            # A failure (a repair included, to be cleared by a clean read) is read again.
-            self._retry_at = time.monotonic() + RETRY_DELAY
-        self._answer_roll_calls(self._source)
+        if self._source is not None:  # else the connection was lost reading
+            self._answer_roll_calls(self._source)
 
     def _check_due(self) -> float | None:
         """When the catalog's HEAD is to be read next while listening: a retry after a failure,
@@ -867,6 +861,7 @@ class CatalogWatcher:
         failure. A connection found lost is dropped, the loop reconnecting after a backoff."""
         syncs = self.syncs
         error = self._guarded(step, *args)
+        now = time.monotonic()
         if self.syncs != syncs:
             self._quiet()
         if error is None:
@@ -880,6 +875,12 @@ class CatalogWatcher:
             and (self._connection.lost or self._reads_over_connection())
         ):
             self._lost()
+            return error  # reconnecting reads again
+        if isinstance(error, CatalogUnavailableError):
+            self._retry_at = now + self._read_retry.next()
+        elif error is not None or (self.last_error is not None and self._retry_at is None):
+            # A failure (a repair included, to be cleared by a clean read) is read again.
+            self._retry_at = now + RETRY_DELAY
         return error
 
     def _reads_over_connection(self) -> bool:
