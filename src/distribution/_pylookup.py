@@ -29,6 +29,7 @@ __all__ = [
     "IdIndex",
     "Reader",
     "build",
+    "catalog",
     "digest",
     "find",
     "group",
@@ -53,6 +54,7 @@ _Table: TypeAlias = tuple[list[bytes], Any, list[Any]]
 _ONLY_BYTES = frozenset({bytes})
 
 _parent_of = attrgetter("parent_route_id")
+_route_id_of = attrgetter("route_id")
 
 
 class Chunk:
@@ -203,6 +205,21 @@ class Reader:
         found: Route | None = table[3].find(table, key)
         return found
 
+    def _group(self, keys: list[bytes]) -> list[tuple[Route, list[bytes]]]:
+        """``group(_table, keys)``: the groups of a list of bytes ``keys``. O(k log k) for k keys,
+        plus O(log routes) per group.
+
+        >>> from distribution import _pylookup
+        >>> route = Route(1, b"a", None, 1, RouteState.ACTIVE, 0)
+        >>> reader = Reader()
+        >>> reader._table = ([], [], [Chunk([b"a"], [None, route], None, None)], _pylookup)
+        >>> reader._group([b"b", b"0"]) == [(route, [b"b"])]
+        True
+        """
+        table = self._table
+        groups: list[tuple[Route, list[bytes]]] = table[3].group(table, keys)
+        return groups
+
 
 def make_index(tops: list[bytes]) -> list[bytes]:
     """The search index over ``tops``: here the list itself. O(1).
@@ -343,6 +360,23 @@ def digest(table: _Table, ids: dict[int, tuple[int, int]], /) -> int:
                 route_id, start, end, group_id, state, _ = route
                 value ^= route_hash(route_id, start, end, group_id, state, ids[route_id][1])
     return value
+
+
+def catalog(table: _Table, ids: dict[int, tuple[int, int]], /) -> list[RouteDescriptor] | None:
+    """The table's routes as descriptors in key order, each with the parent its id has in
+    ``ids``; None if the table holds an ephemeral route (route id 0). O(routes).
+
+    >>> table, ids = build((RouteDescriptor(1, b"", None, 1),), 1024)
+    >>> catalog(table, ids)
+    [RouteDescriptor(route_id=1, start=b'', end=None, group_id=1, state=<RouteState.ACTIVE: 0>, parent_route_id=0)]
+    """
+    routes = [route for chunk in table[2] for route in chunk._slots if route is not None]
+    if not all(map(_route_id_of, routes)):
+        return None
+    return [
+        RouteDescriptor(r.route_id, r.start, r.end, r.group_id, r.state, ids[r.route_id][1])
+        for r in routes
+    ]
 
 
 def prefix(key: bytes) -> int:

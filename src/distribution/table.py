@@ -129,6 +129,8 @@ class _Searches(Protocol):
 
     def digest(self, table: Any, ids: Any, /) -> int: ...
 
+    def catalog(self, table: Any, ids: Any, /) -> list[RouteDescriptor] | None: ...
+
     def usual_route(self, route: object, /) -> bool: ...
 
 
@@ -297,6 +299,42 @@ class RouteTable(NamedTuple):
         ([0], 2)
         """
         return _rewrite(self, loads, ranges, dropped_ids, new_routes)
+
+    def rebuild(
+        self,
+        slots: _Slots,
+        loads: _Loads,
+        ranges: list[_Range],
+        dropped_ids: Container[int],
+        new_routes: list[Route],
+    ) -> tuple[RouteTable, _Loads]:
+        """:meth:`rewrite`'s table and loads, built whole: ``slots`` are the table's (as
+        :meth:`slots` gives them), the rest as for :meth:`rewrite`. O(routes + new routes): for a
+        change touching many chunks, cheaper than rewriting them one range at a time.
+
+        >>> table, loads, _ = RouteTable.build(IMPLEMENTATION, [RouteDescriptor(1, b"a", None, 1)])
+        >>> piece = Route(0, b"b", b"c", 2, RouteState.ACTIVE, 0)
+        >>> table, loads = table.rebuild(list(table.slots()), loads, [(b"a", None)], {1}, [piece])
+        >>> [r.route_id for r in table.routes()], table.find(b"b").group_id
+        ([0], 2)
+        """
+        range_starts = list(map(_first_start, ranges))
+        placed = [
+            (route, load)
+            for route, load in zip(slots, chain.from_iterable(loads), strict=True)
+            if route is not None
+            and not (
+                route.route_id in dropped_ids
+                if route.route_id
+                else _intersects(route, range_starts, ranges)
+            )
+        ]
+        placed += zip(new_routes, repeat(0))
+        placed.sort(key=_placed_start)
+        fill, inner, fill_loads = _fill(placed, None, None)
+        search = self.implementation
+        tops, chunks, chunk_loads = _chunked(search, inner, fill, fill_loads, None, None)
+        return RouteTable(tops, search.make_index(tops), chunks, search), chunk_loads
 
     def routes(self) -> Iterator[Route]:
         """Every route in key order. O(routes).
