@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import random
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from itertools import groupby
 from types import ModuleType
 
@@ -416,3 +416,32 @@ def test_usual_route_vouches_only_for_what_validation_returns_unchanged() -> Non
     assert vouched > 50
     assert not _lookup.usual_route((1, b"", None, 1, RouteState.ACTIVE, 0))
     assert not _pylookup.usual_route(RouteDescriptor(1, b"", None, 1))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_chunks_across_block_edges_with_short_and_tied_keys(search: ModuleType, seed: int) -> None:
+    """Chunks of 0 to 130 bounds (the C search looks prefixes up by blocks of 32), of keys
+    shorter than 8 bytes and keys tied on their first 8: each search agrees with bisect."""
+    rng = random.Random(seed)
+    pool = sorted(
+        {bytes(rng.choice(b"\x00\x01ab\xff") for _ in range(rng.randrange(9))) for _ in range(150)}
+        | {b"tenant-0" + bytes(rng.choice(b"\x00a\xff") for _ in range(rng.randrange(4)))
+           for _ in range(60)}
+    )
+    for n in [*range(0, 70), 95, 96, 97, 127, 128, 129, 130]:
+        bounds = sorted(rng.sample(pool, min(n, len(pool))))
+        slots: list[Route | None] = [
+            None if i % 2 == 0 else Route(i, bounds[i - 1], bounds[i] if i < len(bounds) else None,
+                                          1, RouteState.ACTIVE, 0)
+            for i in range(len(bounds) + 1)
+        ]
+        chunk = search.Chunk(bounds, slots, None, None)
+        table = ([], search.make_index([]), [chunk], search)
+        probes = [*bounds, *(b + b"\x00" for b in bounds), *(b[:-1] for b in bounds if b)]
+        probes += [rng.choice(pool)[: rng.randrange(9)] + rng.randbytes(rng.randrange(3))
+                   for _ in range(100)]
+        for key in probes:
+            assert chunk.bisect_right(key) == bisect_right(bounds, key), (n, key)
+            assert chunk.bisect_left(key) == bisect_left(bounds, key), (n, key)
+            assert search.find(table, key) == slots[bisect_right(bounds, key)], (n, key)
+        assert search.group(table, probes) == _expected(bounds, slots, probes)

@@ -77,16 +77,27 @@ static inline uint64_t
 prefix_raw(const char *key, Py_ssize_t n)
 {
     const unsigned char *s = (const unsigned char *)key;
+#if defined(__GNUC__) || defined(__clang__)
     if (n >= 8) {
         uint64_t value;
         memcpy(&value, s, 8);
-#if defined(__GNUC__) || defined(__clang__)
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
         value = __builtin_bswap64(value);
 #endif
         return value;
-#endif
     }
+    if (n >= 4) {
+        /* Bytes 0-3, and the last four shifted into place (overlapping bytes agree). */
+        uint32_t head, tail;
+        memcpy(&head, s, 4);
+        memcpy(&tail, s + n - 4, 4);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        head = __builtin_bswap32(head);
+        tail = __builtin_bswap32(tail);
+#endif
+        return (uint64_t)head << 32 | (uint64_t)tail << (8 * (8 - n));
+    }
+#endif
     uint64_t value = 0;
     for (Py_ssize_t i = 0; i < 8; i++) {
         value = (value << 8) | (i < n ? s[i] : 0);
@@ -328,11 +339,22 @@ chunk_place(const Chunk *chunk, uint64_t kp, const char *key, Py_ssize_t length,
         return 0;
     }
     /* The block's first prefix is at most kp: r > lo. */
-    Py_ssize_t r = lo + count_at_most(chunk->prefix + lo, hi - lo, kp);
-    if (chunk->prefix[r - 1] == kp) {
+    const uint64_t *prefix = chunk->prefix;
+    Py_ssize_t r = lo + count_at_most(prefix + lo, hi - lo, kp);
+    if (prefix[r - 1] != kp) {
+        return r;
+    }
+    if (prefix[lo] == kp) {
+        /* The bounds of prefix kp may begin in an earlier block. */
         return chunk_bisect(chunk, kp, key, length, 1);
     }
-    return r;
+    /* They begin after lo: found by counting the prefixes below kp, then searched on the whole
+     * keys (a key that extends a bound, as keys of a route often extend its start). */
+    Py_ssize_t l = lo + 1;
+    while (l < r - 1 && prefix[l] < kp) {
+        l++;
+    }
+    return chunk_finish(chunk, kp, key, length, 1, l, r);
 }
 
 /* bisect_right of the key in the chunk: chunk_bisect's answer, on the fast path. */
@@ -539,8 +561,8 @@ chunk_bisect_right_method(Chunk *chunk, PyObject *key)
     if (key_arg(key) < 0) {
         return NULL;
     }
-    return PyLong_FromSsize_t(chunk_bisect(chunk, prefix_of(key), PyBytes_AS_STRING(key),
-                                           PyBytes_GET_SIZE(key), 1));
+    return PyLong_FromSsize_t(
+        chunk_find(chunk, prefix_of(key), PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)));
 }
 
 static PyObject *
@@ -1539,12 +1561,14 @@ insertion_sort(Entry *entries, Py_ssize_t n)
     }
 }
 
-/* Buckets of sort_entries are at most 2 ** MAX_BUCKET_BITS. */
+/* Buckets of sort_entries are at most 2 ** MAX_BUCKET_BITS; up to SMALL_BUCKETS, their counts
+ * are on the stack. */
 #define MAX_BUCKET_BITS 16
+#define SMALL_BUCKETS 2048
 
 /* Sort n entries by key (stably: equal keys keep their order); tmp holds n. A bucket sort on the
  * prefixes: the bits every prefix shares are skipped (as with keys sharing a text prefix), the
- * next ones, about log2(n) + 1 of them, name a bucket, so that a bucket holds a key or two of
+ * next ones, about log2(n) of them, name a bucket, so that a bucket holds a key or two of
  * uniform keys; then each bucket is sorted on whole keys (an insertion sort, a merge sort if it
  * is large). Two passes over the keys: for a thousand keys several times faster than a radix
  * sort on all 8 bytes, or than comparing keys. */
@@ -1568,18 +1592,22 @@ sort_entries(Entry *entries, Entry *tmp, Py_ssize_t n)
         lead++;
     }
     int bits = 1;
-    while (bits < MAX_BUCKET_BITS && ((Py_ssize_t)1 << bits) < 2 * n) {
+    while (bits < MAX_BUCKET_BITS && ((Py_ssize_t)1 << bits) < n) {
         bits++;
     }
     if (bits > 64 - lead) {
         bits = 64 - lead;
     }
     Py_ssize_t buckets = (Py_ssize_t)1 << bits;
-    Py_ssize_t *start = PyMem_Calloc((size_t)buckets + 1, sizeof(Py_ssize_t));
+    Py_ssize_t small[SMALL_BUCKETS + 1];
+    Py_ssize_t *start = buckets <= SMALL_BUCKETS
+                            ? small
+                            : PyMem_Malloc(((size_t)buckets + 1) * sizeof(Py_ssize_t));
     if (start == NULL) {
         merge_sort(entries, tmp, n);
         return;
     }
+    memset(start, 0, ((size_t)buckets + 1) * sizeof(Py_ssize_t));
 #define BUCKET(prefix) ((Py_ssize_t)(((prefix) << lead) >> (64 - bits)))
     for (Py_ssize_t i = 0; i < n; i++) {
         start[BUCKET(entries[i].prefix) + 1]++;
@@ -1604,7 +1632,9 @@ sort_entries(Entry *entries, Entry *tmp, Py_ssize_t n)
         }
         lo = hi;
     }
-    PyMem_Free(start);
+    if (start != small) {
+        PyMem_Free(start);
+    }
     memcpy(entries, tmp, (size_t)n * sizeof(Entry));
 }
 

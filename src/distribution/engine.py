@@ -86,10 +86,7 @@ _route_start = attrgetter("start")
 _route_id = attrgetter("route_id")
 _first_start = itemgetter(0)
 
-#: A change of this many routes or more, and of at least one per two chunks of the table, is
-#: applied by a rebuild (see apply_changes). Measured: a change scattered over the table costs
-#: about a chunk's rewrite per changed route, a rebuild about two chunks' per chunk, and a
-#: rebuild of a table of one chunk costs a change of a few dozen routes.
+#: A change of fewer routes is never applied by a rebuild (see :func:`_rebuilds`).
 _REBUILD_MIN = 64
 
 
@@ -503,7 +500,7 @@ class Engine(_Reader):
             # by route, it would cost O(log routes + chunk) a changed route, far more in all):
             # as a snapshot is built if a snapshot could carry what the Engine holds, else from
             # its slots, creating a Route per route (with the collector paused, as a build).
-            large = len(net) >= max(_REBUILD_MIN, len(self._table.chunks) // 2)
+            large = _rebuilds(len(net), len(self._table.chunks))
             rebuilt = self._rebuilt(pending, steps, net) if large else None
             if rebuilt is not None:
                 self._table, self._loads, self._ids, self._digest = rebuilt
@@ -518,7 +515,9 @@ class Engine(_Reader):
                     in_net = {r.route_id: r for r in slots if r is not None and r.route_id in net}
                     removed = [r for r in map(in_net.get, net) if r is not None]
                     removed += (r for r in self._shadowed if r.route_id in net)
-                    survivors = [r for r in slots if r is not None and r.route_id not in in_net]
+                    survivors = [
+                        r for r in slots if r is not None and r.route_id and r.route_id not in net
+                    ]
                     survivors += (r for r in self._shadowed if r.route_id not in net)
                     _check_placement(added, _near_in(survivors))
                 digest = self._digest
@@ -818,6 +817,17 @@ class Engine(_Reader):
             assert self._current_digest() == digest
             if self._digest is not None:
                 assert self._digest == digest, "the digest is the catalog routes' digest"
+
+
+def _rebuilds(changed: int, chunks: int) -> bool:
+    """Whether a change of ``changed`` routes to a table of ``chunks`` chunks is applied by a
+    rebuild of the table rather than by rewriting the chunks it touches.
+
+    Measured: a change scattered over a table costs about one chunk's rewrite a changed route,
+    and a rebuild about half a chunk's rewrite a chunk; a rebuild of a one-chunk table costs as
+    much as a rewrite of a few dozen changed routes.
+    """
+    return changed >= max(_REBUILD_MIN, chunks // 2)
 
 
 def _check_placement(added: list[Route], near: _Near) -> None:
