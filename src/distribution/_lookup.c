@@ -1899,9 +1899,9 @@ typedef struct {
 #define AHEAD 16
 
 static int
-push_bound(Layout *layout, PyObject *key)
+push_raw(Layout *layout, const char *key, Py_ssize_t length)
 {
-    Py_ssize_t length = PyBytes_GET_SIZE(key), m = layout->m;
+    Py_ssize_t m = layout->m;
     Py_ssize_t at = layout->offset[m];
     if (at + length > layout->arena_size) {
         Py_ssize_t size = 2 * layout->arena_size + length;
@@ -1913,11 +1913,125 @@ push_bound(Layout *layout, PyObject *key)
         layout->arena = arena;
         layout->arena_size = size;
     }
-    memcpy(layout->arena + at, PyBytes_AS_STRING(key), (size_t)length);
-    layout->prefix[m] = prefix_of(key);
+    memcpy(layout->arena + at, key, (size_t)length);
+    layout->prefix[m] = prefix_raw(key, length);
     layout->offset[m + 1] = at + length;
     layout->m = m + 1;
     return 0;
+}
+
+/* A route to lay out, its fields read; end NULL if unbounded. */
+typedef struct {
+    uint64_t id, group, parent;
+    int state;
+    const char *start, *end;
+    Py_ssize_t start_length, end_length;
+} Laid;
+
+/* Whether a layout has a route yet, and the last one's bounds (which outlive the layout). */
+typedef struct {
+    int has;
+    const char *start, *end;
+    Py_ssize_t start_length, end_length;
+} Last;
+
+/* An empty layout for routes routes, or -1 with MemoryError. */
+static int
+layout_alloc(Layout *layout, Py_ssize_t routes)
+{
+    size_t cells = 2 * (size_t)routes + 1;
+    layout->ids = PyMem_Malloc(cells * (4 * sizeof(uint64_t) + 1));
+    layout->arena_size = 16 * routes + 64;
+    layout->arena = PyMem_Malloc((size_t)layout->arena_size);
+    if (layout->ids == NULL || layout->arena == NULL) {
+        PyMem_Free(layout->ids);
+        PyMem_Free(layout->arena);
+        PyErr_NoMemory();
+        return -1;
+    }
+    layout->groups = layout->ids + cells;
+    layout->prefix = layout->groups + cells;
+    layout->offset = (Py_ssize_t *)(layout->prefix + cells);
+    layout->states = (unsigned char *)(layout->offset + cells);
+    layout->m = 0;
+    layout->offset[0] = 0;
+    layout->ids[0] = layout->groups[0] = 0;
+    layout->states[0] = 0;
+    return 0;
+}
+
+static void
+layout_free(Layout *layout)
+{
+    PyMem_Free(layout->ids);
+    PyMem_Free(layout->arena);
+}
+
+/* Read a descriptor; 1 if it is usual (see build), else 0. */
+static int
+read_descriptor(PyObject *d, Laid *r)
+{
+    if (Py_TYPE(d) != descriptor_type || PyTuple_GET_SIZE(d) != 6 ||
+        u64_of(PyTuple_GET_ITEM(d, 0), &r->id) < 0 || r->id == 0 ||
+        u64_of(PyTuple_GET_ITEM(d, 3), &r->group) < 0 || r->group == 0 ||
+        u64_of(PyTuple_GET_ITEM(d, 5), &r->parent) < 0) {
+        return 0;
+    }
+    PyObject *start = PyTuple_GET_ITEM(d, 1), *end = PyTuple_GET_ITEM(d, 2);
+    r->state = state_of(PyTuple_GET_ITEM(d, 4));
+    if (r->state < 0 || !PyBytes_CheckExact(start) ||
+        (end != Py_None && (!PyBytes_CheckExact(end) || compare_bytes(start, end) >= 0))) {
+        return 0;
+    }
+    r->start = PyBytes_AS_STRING(start);
+    r->start_length = PyBytes_GET_SIZE(start);
+    r->end = end == Py_None ? NULL : PyBytes_AS_STRING(end);
+    r->end_length = end == Py_None ? 0 : PyBytes_GET_SIZE(end);
+    return 1;
+}
+
+/* Lay out route r after the last one; 1 if laid, 0 if unusual (not after the last one, or
+ * overlapping it, or its id repeated), -1 on error. */
+static int
+lay_route(Layout *layout, IdIndex *ids, const Laid *r, Last *last)
+{
+    int joined = 0;
+    if (last->has) {
+        if (last->end == NULL ||
+            compare_raw(last->start, last->start_length, r->start, r->start_length) >= 0) {
+            return 0;
+        }
+        int c = compare_raw(last->end, last->end_length, r->start, r->start_length);
+        if (c > 0) {
+            return 0;
+        }
+        joined = c == 0;
+    }
+    int added = index_set(ids, r->id, prefix_raw(r->start, r->start_length), r->parent);
+    if (added <= 0) {
+        return added;
+    }
+    if (!joined && push_raw(layout, r->start, r->start_length) < 0) {
+        return -1;
+    }
+    Py_ssize_t m = layout->m;
+    layout->ids[m] = r->id;
+    layout->groups[m] = r->group;
+    layout->states[m] = (unsigned char)r->state;
+    if (r->end != NULL) {
+        if (push_raw(layout, r->end, r->end_length) < 0) {
+            return -1;
+        }
+        m = layout->m;
+        layout->ids[m] = layout->groups[m] = 0;
+        layout->states[m] = 0;
+    }
+    last->has = 1;
+    last->start = r->start;
+    last->start_length = r->start_length;
+    last->end = r->end;
+    last->end_length = r->end_length;
+    return 1;
 }
 
 /* Request the memory of descriptor items[i + AHEAD]'s tuple, of the fields of a nearer one, and
@@ -2019,60 +2133,18 @@ pacer_tick(Pacer *pacer)
 static int
 lay_out(PyObject *const *items, Py_ssize_t n, Layout *layout, IdIndex *ids, Pacer *pacer)
 {
-    PyObject *prev_start = NULL, *prev_end = NULL;
-    layout->m = 0;
-    layout->offset[0] = 0;
-    layout->ids[0] = layout->groups[0] = 0;
-    layout->states[0] = 0;
+    Last last = {0};
     for (Py_ssize_t i = 0; i < n; i++) {
         pacer_tick(pacer);
         prefetch_ahead(items, i, n, ids);
-        PyObject *d = items[i];
-        uint64_t id, group, parent;
-        if (Py_TYPE(d) != descriptor_type || PyTuple_GET_SIZE(d) != 6 ||
-            u64_of(PyTuple_GET_ITEM(d, 0), &id) < 0 || id == 0 ||
-            u64_of(PyTuple_GET_ITEM(d, 3), &group) < 0 || group == 0 ||
-            u64_of(PyTuple_GET_ITEM(d, 5), &parent) < 0) {
+        Laid r;
+        if (!read_descriptor(items[i], &r)) {
             return 0;
         }
-        PyObject *start = PyTuple_GET_ITEM(d, 1), *end = PyTuple_GET_ITEM(d, 2);
-        int state = state_of(PyTuple_GET_ITEM(d, 4));
-        if (state < 0 || !PyBytes_CheckExact(start) ||
-            (end != Py_None && (!PyBytes_CheckExact(end) || compare_bytes(start, end) >= 0))) {
-            return 0;
+        int laid = lay_route(layout, ids, &r, &last);
+        if (laid <= 0) {
+            return laid;
         }
-        int joined = 0;
-        if (i) {
-            if (prev_end == Py_None || compare_bytes(prev_start, start) >= 0) {
-                return 0;
-            }
-            int c = compare_bytes(prev_end, start);
-            if (c > 0) {
-                return 0;
-            }
-            joined = c == 0;
-        }
-        int added = index_set(ids, id, prefix_of(start), parent);
-        if (added <= 0) {
-            return added;
-        }
-        if (!joined && push_bound(layout, start) < 0) {
-            return -1;
-        }
-        Py_ssize_t m = layout->m;
-        layout->ids[m] = id;
-        layout->groups[m] = group;
-        layout->states[m] = (unsigned char)state;
-        if (end != Py_None) {
-            if (push_bound(layout, end) < 0) {
-                return -1;
-            }
-            m = layout->m;
-            layout->ids[m] = layout->groups[m] = 0;
-            layout->states[m] = 0;
-        }
-        prev_start = start;
-        prev_end = end;
     }
     return 1;
 }
@@ -2189,22 +2261,15 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *const *items = &PyTuple_GET_ITEM(routes, 0);
     PyObject *result = NULL;
     Layout layout;
-    size_t cells = 2 * (size_t)n + 1;
-    void *memory = PyMem_Malloc(cells * (4 * sizeof(uint64_t) + 1));
-    layout.arena_size = 16 * n + 64;
-    layout.arena = PyMem_Malloc((size_t)layout.arena_size);
-    IdIndex *ids = index_alloc(n);
-    if (memory == NULL || layout.arena == NULL || ids == NULL) {
-        if (memory == NULL || layout.arena == NULL) {
-            PyErr_NoMemory();
-        }
+    IdIndex *ids = NULL;
+    if (layout_alloc(&layout, n) < 0) {
+        Py_DECREF(routes);
+        return NULL;
+    }
+    ids = index_alloc(n);
+    if (ids == NULL) {
         goto done;
     }
-    layout.ids = memory;
-    layout.groups = layout.ids + cells;
-    layout.prefix = layout.groups + cells;
-    layout.offset = (Py_ssize_t *)(layout.prefix + cells);
-    layout.states = (unsigned char *)(layout.offset + cells);
     Pacer pacer;
     pacer_start(&pacer, 64);
     int usual = lay_out(items, n, &layout, ids, &pacer);
@@ -2221,8 +2286,7 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
 done:
     Py_DECREF(routes);
-    PyMem_Free(memory);
-    PyMem_Free(layout.arena);
+    layout_free(&layout);
     Py_XDECREF(ids);
     return result;
 }
@@ -2545,97 +2609,202 @@ digest(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return signed_of(value);
 }
 
-PyDoc_STRVAR(catalog_doc,
-"catalog(table, ids, /)\n--\n\n"
-"The table's routes as a new list of RouteDescriptor in key order, each with the parent its id\n"
-"has in the IdIndex ``ids``; None if the table holds an ephemeral route (route id 0). A bound\n"
-"two routes share is one bytes object. O(routes).");
+/* Old route i of chunk as a Laid, its parent from ids; 0, or -1 with SystemError if its id is
+ * not in ids. */
+static int
+read_slot_route(const Chunk *chunk, Py_ssize_t i, const IdIndex *ids, Laid *r)
+{
+    const uint64_t *cell = index_find(ids, chunk->ids[i]);
+    if (cell == NULL) {
+        PyErr_SetString(PyExc_SystemError, "a catalog route of the table is not in the IdIndex");
+        return -1;
+    }
+    r->id = chunk->ids[i];
+    r->group = chunk->groups[i];
+    r->state = chunk->states[i];
+    r->parent = cell[2];
+    if (i) {
+        r->start = bound_at(chunk, i - 1, &r->start_length);
+    }
+    else {
+        r->start = PyBytes_AS_STRING(chunk->lower);
+        r->start_length = PyBytes_GET_SIZE(chunk->lower);
+    }
+    r->end_length = 0;
+    if (i < chunk->n) {
+        r->end = bound_at(chunk, i, &r->end_length);
+    }
+    else if (chunk->upper != NULL) {
+        r->end = PyBytes_AS_STRING(chunk->upper);
+        r->end_length = PyBytes_GET_SIZE(chunk->upper);
+    }
+    else {
+        r->end = NULL;
+    }
+    return 0;
+}
+
+static uint64_t
+laid_hash(const Laid *r)
+{
+    return record_hash(r->id, r->start, r->start_length, r->end, r->end_length, r->group,
+                       (unsigned char)r->state, r->parent);
+}
+
+PyDoc_STRVAR(merge_doc,
+"merge(table, ids, dropped, upserts, chunk_size, /)\n--\n\n"
+"``(table, ids, hashes)``: the table whose routes are those of ``table`` whose id is not in the\n"
+"list ``dropped``, and the RouteDescriptors ``upserts`` (sorted by start), built as build()\n"
+"builds a table from them all (``ids`` gives the kept routes' parents); ``hashes`` maps the id\n"
+"of each route dropped to its hash in the catalog digest. None if ``table`` holds an ephemeral\n"
+"route, or if build() would return None. O(routes + upserts), one pass over both.");
 
 static PyObject *
-catalog(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+merge(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Chunk *index;
     PyObject *chunks;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "catalog() takes exactly 2 arguments");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "merge() takes exactly 5 arguments");
         return NULL;
     }
     if (unpack_table(args[0], &index, &chunks) < 0) {
         return NULL;
     }
-    if (!Py_IS_TYPE(args[1], &IdIndexType)) {
-        PyErr_SetString(PyExc_TypeError, "catalog() takes an IdIndex");
+    if (!Py_IS_TYPE(args[1], &IdIndexType) || !PyList_CheckExact(args[2]) ||
+        !PyList_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "merge() takes a table, an IdIndex and two lists");
         return NULL;
     }
-    const IdIndex *ids = (const IdIndex *)args[1];
-    PyObject *routes = PyList_New(0);
-    if (routes == NULL) {
+    const IdIndex *old_ids = (const IdIndex *)args[1];
+    Py_ssize_t chunk_size = PyLong_AsSsize_t(args[4]);
+    if (chunk_size == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    /* The end of the route before, to be the start of the next one if they touch. */
-    PyObject *last_end = NULL;
-    for (Py_ssize_t c = 0; c < PyList_GET_SIZE(chunks); c++) {
-        Chunk *chunk = chunk_at(chunks, c);
-        if (chunk == NULL) {
-            goto error;
+    if (chunk_size < 1) {
+        PyErr_SetString(PyExc_ValueError, "chunk_size must be positive");
+        return NULL;
+    }
+    PyObject *dropped = args[2];
+    IdIndex *drop = index_alloc(PyList_GET_SIZE(dropped));
+    if (drop == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(dropped); i++) {
+        uint64_t id;
+        if (id_arg(PyList_GET_ITEM(dropped, i), &id) < 0 || (id && index_set(drop, id, 0, 0) < 0)) {
+            Py_DECREF(drop);
+            return NULL;
         }
-        for (Py_ssize_t i = 0; i <= chunk->n; i++) {
+    }
+    /* Tuples of our own: the merge lets other threads run now and then. */
+    PyObject *upserts = PyList_AsTuple(args[3]);
+    PyObject *held = PyList_AsTuple(chunks);
+    PyObject *hashes = PyDict_New();
+    PyObject *result = NULL;
+    IdIndex *ids = NULL;
+    Layout layout = {0};
+    int laid_out = 0;
+    if (upserts == NULL || held == NULL || hashes == NULL) {
+        goto done;
+    }
+    Py_ssize_t routes = PyTuple_GET_SIZE(upserts), k = PyTuple_GET_SIZE(held);
+    for (Py_ssize_t c = 0; c < k; c++) {
+        PyObject *chunk = PyTuple_GET_ITEM(held, c);
+        if (!Py_IS_TYPE(chunk, &ChunkType)) {
+            PyErr_SetString(PyExc_SystemError,
+                            "routing table is malformed: a chunk is not a Chunk");
+            goto done;
+        }
+        routes += ((Chunk *)chunk)->n + 1;
+    }
+    if (layout_alloc(&layout, routes) < 0) {
+        goto done;
+    }
+    laid_out = 1;
+    ids = index_alloc(routes);
+    if (ids == NULL) {
+        goto done;
+    }
+    Pacer pacer;
+    pacer_start(&pacer, 64);
+    Last last = {0};
+    Py_ssize_t u = 0, n_upserts = PyTuple_GET_SIZE(upserts);
+    Laid next;
+    int usual = 1;
+    if (n_upserts && !read_descriptor(PyTuple_GET_ITEM(upserts, 0), &next)) {
+        usual = 0;
+    }
+    for (Py_ssize_t c = 0; c < k && usual > 0; c++) {
+        const Chunk *chunk = (const Chunk *)PyTuple_GET_ITEM(held, c);
+        for (Py_ssize_t i = 0; i <= chunk->n && usual > 0; i++) {
+            pacer_tick(&pacer);
             if (chunk->groups[i] == 0) {
                 continue;
             }
-            const uint64_t *cell = index_find(ids, chunk->ids[i]);
             if (chunk->ids[i] == 0) {
-                Py_XDECREF(last_end);
-                Py_DECREF(routes);
-                Py_RETURN_NONE;
+                usual = 0;
+                break;
             }
-            if (cell == NULL) {
-                PyErr_SetString(PyExc_SystemError,
-                                "a catalog route of the table is not in the IdIndex");
-                goto error;
+            Laid old;
+            if (read_slot_route(chunk, i, old_ids, &old) < 0) {
+                goto done;
             }
-            PyObject *start;
-            if (i == 0) {
-                start = Py_NewRef(chunk->lower);
+            if (index_find(drop, old.id) != NULL) {
+                PyObject *id = PyLong_FromUnsignedLongLong(old.id);
+                PyObject *hash = signed_of(laid_hash(&old));
+                int failed = id == NULL || hash == NULL || PyDict_SetItem(hashes, id, hash) < 0;
+                Py_XDECREF(id);
+                Py_XDECREF(hash);
+                if (failed) {
+                    goto done;
+                }
+                continue;
             }
-            else {
-                Py_ssize_t length;
-                const char *bound = bound_at(chunk, i - 1, &length);
-                start = last_end != NULL && PyBytes_GET_SIZE(last_end) == length &&
-                                memcmp(PyBytes_AS_STRING(last_end), bound, (size_t)length) == 0
-                            ? Py_NewRef(last_end)
-                            : PyBytes_FromStringAndSize(bound, length);
+            while (usual > 0 && u < n_upserts &&
+                   compare_raw(next.start, next.start_length, old.start, old.start_length) < 0) {
+                usual = lay_route(&layout, ids, &next, &last);
+                if (usual > 0 && ++u < n_upserts &&
+                    !read_descriptor(PyTuple_GET_ITEM(upserts, u), &next)) {
+                    usual = 0;
+                }
             }
-            PyObject *end = i < chunk->n ? bound_object(chunk, i)
-                                         : Py_NewRef(chunk->upper ? chunk->upper : Py_None);
-            PyObject *d = descriptor_type->tp_alloc(descriptor_type, 6);
-            if (d == NULL) {
-                Py_XDECREF(start);
-                Py_XDECREF(end);
-                goto error;
+            if (usual > 0) {
+                usual = lay_route(&layout, ids, &old, &last);
             }
-            PyTuple_SET_ITEM(d, 0, PyLong_FromUnsignedLongLong(chunk->ids[i]));
-            PyTuple_SET_ITEM(d, 1, start);
-            PyTuple_SET_ITEM(d, 2, end);
-            PyTuple_SET_ITEM(d, 3, PyLong_FromUnsignedLongLong(chunk->groups[i]));
-            PyTuple_SET_ITEM(d, 4, Py_NewRef(state_members[chunk->states[i]]));
-            PyTuple_SET_ITEM(d, 5, PyLong_FromUnsignedLongLong(cell[2]));
-            Py_XSETREF(last_end, end == Py_None ? NULL : Py_XNewRef(end));
-            if (PyTuple_GET_ITEM(d, 0) == NULL || start == NULL || end == NULL ||
-                PyTuple_GET_ITEM(d, 3) == NULL || PyTuple_GET_ITEM(d, 5) == NULL ||
-                PyList_Append(routes, d) < 0) {
-                Py_DECREF(d);
-                goto error;
-            }
-            Py_DECREF(d);
         }
     }
-    Py_XDECREF(last_end);
-    return routes;
-error:
-    Py_XDECREF(last_end);
-    Py_DECREF(routes);
-    return NULL;
+    while (usual > 0 && u < n_upserts) {
+        pacer_tick(&pacer);
+        usual = lay_route(&layout, ids, &next, &last);
+        if (usual > 0 && ++u < n_upserts &&
+            !read_descriptor(PyTuple_GET_ITEM(upserts, u), &next)) {
+            usual = 0;
+        }
+    }
+    if (usual < 0) {
+        goto done;
+    }
+    if (usual == 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    pacer.stride = 1;
+    PyObject *table = cut_into_chunks(&layout, chunk_size, &pacer);
+    if (table != NULL) {
+        result = PyTuple_Pack(3, table, (PyObject *)ids, hashes);
+        Py_DECREF(table);
+    }
+done:
+    if (laid_out) {
+        layout_free(&layout);
+    }
+    Py_XDECREF(ids);
+    Py_XDECREF(hashes);
+    Py_XDECREF(held);
+    Py_XDECREF(upserts);
+    Py_DECREF(drop);
+    return result;
 }
 
 PyDoc_STRVAR(usual_route_doc,
@@ -2674,7 +2843,7 @@ static PyMethodDef lookup_methods[] = {
     {"make_index", (PyCFunction)make_index, METH_O, make_index_doc},
     {"route_hash", (PyCFunction)(void (*)(void))route_hash, METH_FASTCALL, route_hash_doc},
     {"digest", (PyCFunction)(void (*)(void))digest, METH_FASTCALL, digest_doc},
-    {"catalog", (PyCFunction)(void (*)(void))catalog, METH_FASTCALL, catalog_doc},
+    {"merge", (PyCFunction)(void (*)(void))merge, METH_FASTCALL, merge_doc},
     {NULL, NULL, 0, NULL},
 };
 

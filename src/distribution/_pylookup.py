@@ -29,11 +29,11 @@ __all__ = [
     "IdIndex",
     "Reader",
     "build",
-    "catalog",
     "digest",
     "find",
     "group",
     "make_index",
+    "merge",
     "route_hash",
     "usual_route",
 ]
@@ -54,7 +54,7 @@ _Table: TypeAlias = tuple[list[bytes], Any, list[Any]]
 _ONLY_BYTES = frozenset({bytes})
 
 _parent_of = attrgetter("parent_route_id")
-_route_id_of = attrgetter("route_id")
+_start_of = attrgetter("start")
 
 
 class Chunk:
@@ -362,21 +362,44 @@ def digest(table: _Table, ids: dict[int, tuple[int, int]], /) -> int:
     return value
 
 
-def catalog(table: _Table, ids: dict[int, tuple[int, int]], /) -> list[RouteDescriptor] | None:
-    """The table's routes as descriptors in key order, each with the parent its id has in
-    ``ids``; None if the table holds an ephemeral route (route id 0). O(routes).
+def merge(
+    table: _Table,
+    ids: dict[int, tuple[int, int]],
+    dropped: list[int],
+    upserts: list[RouteDescriptor],
+    chunk_size: int,
+    /,
+) -> tuple[_Table, dict[int, tuple[int, int]], dict[int, int]] | None:
+    """``(table, ids, hashes)``: :func:`build` of the table's routes (parents from ``ids``) but
+    those whose id is in ``dropped``, and of ``upserts`` (sorted by start); ``hashes`` maps the
+    id of each route dropped to its hash in the catalog digest. None if the table holds an
+    ephemeral route, or if :func:`build` would return None. O(routes + upserts).
 
-    >>> table, ids = build((RouteDescriptor(1, b"", None, 1),), 1024)
-    >>> catalog(table, ids)
-    [RouteDescriptor(route_id=1, start=b'', end=None, group_id=1, state=<RouteState.ACTIVE: 0>, parent_route_id=0)]
+    >>> table, ids = build((RouteDescriptor(1, b"a", None, 1),), 1024)
+    >>> merged, ids, hashes = merge(table, ids, [1], [RouteDescriptor(2, b"b", None, 1)], 1024)
+    >>> list(ids), hashes == {1: route_hash(1, b"a", None, 1, RouteState.ACTIVE, 0)}
+    ([2], True)
     """
-    routes = [route for chunk in table[2] for route in chunk._slots if route is not None]
-    if not all(map(_route_id_of, routes)):
+    drop = set(dropped)
+    kept: list[RouteDescriptor] = []
+    hashes: dict[int, int] = {}
+    for chunk in table[2]:
+        for r in chunk._slots:
+            if r is None:
+                continue
+            if not r.route_id:
+                return None
+            d = RouteDescriptor(r.route_id, r.start, r.end, r.group_id, r.state, ids[r.route_id][1])
+            if d.route_id in drop:
+                hashes[d.route_id] = route_hash(*d)
+            else:
+                kept.append(d)
+    # Stable: a kept route sharing its start with an upsert comes first, as in the C merge.
+    routes = sorted(kept + upserts, key=_start_of)
+    built = build(routes, chunk_size)
+    if built is None:
         return None
-    return [
-        RouteDescriptor(r.route_id, r.start, r.end, r.group_id, r.state, ids[r.route_id][1])
-        for r in routes
-    ]
+    return built[0], built[1], hashes
 
 
 def prefix(key: bytes) -> int:

@@ -30,8 +30,8 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from contextlib import nullcontext
-from itertools import chain, compress, pairwise, repeat
-from operator import attrgetter, is_not, itemgetter, not_
+from itertools import chain, pairwise, repeat
+from operator import attrgetter, is_not, itemgetter
 from typing import TYPE_CHECKING, TypeAlias
 
 from distribution import table as table_module
@@ -83,7 +83,6 @@ _Step: TypeAlias = tuple[list[int], list[RouteDescriptor]]
 _Range: TypeAlias = tuple[bytes, bytes | None]
 
 _route_start = attrgetter("start")
-_route_id = attrgetter("route_id")
 _first_start = itemgetter(0)
 
 #: A change of fewer routes is never applied by a rebuild (see :func:`_rebuilds`).
@@ -488,14 +487,6 @@ class Engine(_Reader):
             pending = pending[k:]
             steps = _validated(pending, self._search.usual_route)
             net = _net_effect(steps)
-            added = sorted(
-                (
-                    Route(d.route_id, d.start, d.end, d.group_id, d.state, 0)
-                    for d in net.values()
-                    if d is not None
-                ),
-                key=_route_start,
-            )
             # A large change rebuilds the table from one pass over its routes, O(routes) (route
             # by route, it would cost O(log routes + chunk) a changed route, far more in all):
             # as a snapshot is built if a snapshot could carry what the Engine holds, else from
@@ -506,6 +497,14 @@ class Engine(_Reader):
                 self._table, self._loads, self._ids, self._digest = rebuilt
                 self._version = pending[-1].version
                 return
+            added = sorted(
+                (
+                    Route(d.route_id, d.start, d.end, d.group_id, d.state, 0)
+                    for d in net.values()
+                    if d is not None
+                ),
+                key=_route_start,
+            )
             with paused_gc() if large else nullcontext():
                 slots = list(self._table.slots()) if large else None
                 if slots is None:
@@ -545,30 +544,22 @@ class Engine(_Reader):
         self, changes: Sequence[CatalogChange], steps: list[_Step], net: _Net
     ) -> tuple[RouteTable, _Loads, _Ids, int | None] | None:
         """The table, loads, ids and digest after ``changes`` (validated as ``steps``, folded
-        into ``net``), built as a snapshot is, from the catalog routes the change leaves; or None
-        if the Engine holds what a snapshot cannot carry (routes of :meth:`update_route` or
-        hotspot pieces, loads) or if those routes are not valid together (the caller's exact
-        checks then raise the error). O(routes + c log c) for c changed routes, in C with the C
-        table (under the lock).
+        into ``net``), built as a snapshot is, from the table's routes and the upserts in one
+        pass; or None if the Engine holds what a snapshot cannot carry (routes of
+        :meth:`update_route` or hotspot pieces, loads) or if the routes are not valid together
+        (the caller's exact checks then raise the error). O(routes + c log c) for c changed
+        routes, in C with the C table (under the lock).
         """
         if self._shadowed or any(chain.from_iterable(self._loads)):
             return None
+        upserts = sorted(filter(None, net.values()), key=_route_start)
         with paused_gc(promote=True):
-            current = self._search.catalog(self._table, self._ids)
-            if current is None:
-                return None
-            changed = list(map(net.__contains__, map(_route_id, current)))
-            routes = list(compress(current, map(not_, changed)))
-            routes += (d for d in net.values() if d is not None)
-            routes.sort(key=_route_start)
-            built = RouteTable.build(self._search, routes)
-        if built is None:
+            merged = self._table.merge(self._ids, list(net), upserts)
+        if merged is None:
             return None
-        table, loads, ids = built
+        table, loads, ids, hashes = merged
         digest = self._digest
         if digest is not None or any(c.digest is not None for c in changes):
-            route_hash = self._search.route_hash
-            hashes = {d.route_id: route_hash(*d) for d in compress(current, changed)}
             digest = self._next_digest(changes, steps, hashes)
         return table, loads, ids, digest
 

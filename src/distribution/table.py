@@ -129,7 +129,15 @@ class _Searches(Protocol):
 
     def digest(self, table: Any, ids: Any, /) -> int: ...
 
-    def catalog(self, table: Any, ids: Any, /) -> list[RouteDescriptor] | None: ...
+    def merge(
+        self,
+        table: Any,
+        ids: Any,
+        dropped: list[int],
+        upserts: list[RouteDescriptor],
+        chunk_size: int,
+        /,
+    ) -> tuple[Any, _Ids, dict[int, int]] | None: ...
 
     def usual_route(self, route: object, /) -> bool: ...
 
@@ -195,6 +203,28 @@ class RouteTable(NamedTuple):
         (tops, index, chunks), ids = built
         table = RouteTable(tops, index, chunks, implementation)
         return table, [[0] * len(chunk) for chunk in chunks], ids
+
+    def merge(
+        self, ids: _Ids, dropped: list[int], upserts: list[RouteDescriptor]
+    ) -> tuple[RouteTable, _Loads, _Ids, dict[int, int]] | None:
+        """:meth:`build` of this table's routes (catalog routes, their parents in ``ids``) but
+        those whose id is in ``dropped``, and of ``upserts`` (sorted by start), in one pass over
+        both; and the hash in the catalog digest of each route dropped, by id. None if the table
+        holds an ephemeral route, or if :meth:`build` would return None. O(routes + upserts), in
+        C with the C table.
+
+        >>> table, _, ids = RouteTable.build(IMPLEMENTATION, [RouteDescriptor(1, b"a", None, 1)])
+        >>> merged, loads, ids, hashes = table.merge(ids, [1], [RouteDescriptor(2, b"b", None, 1)])
+        >>> [r.route_id for r in merged.routes()], list(hashes)
+        ([2], [1])
+        """
+        search = self.implementation
+        merged = search.merge(self, ids, dropped, upserts, CHUNK)
+        if merged is None:
+            return None
+        (tops, index, chunks), new_ids, hashes = merged
+        table = RouteTable(tops, index, chunks, search)
+        return table, [[0] * len(chunk) for chunk in chunks], new_ids, hashes
 
     def find(self, key: bytes) -> Route | None:
         """The route holding ``key``, or None. O(log routes).
