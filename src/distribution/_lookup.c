@@ -1218,9 +1218,9 @@ find(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 /* The base of distribution.Engine: its table, in _table, and get_route in C, so that a lookup
  * costs one C call. Writers assign _table (one reference swap, under the GIL).
  *
- * Routes looked up are kept in a small cache, so that a lookup of a route met lately returns the
- * same Route instead of building one (a Route, its two bounds and its id are most of a lookup's
- * cost when the table fits in the cache). Direct-mapped, CACHE entries keyed by (chunk, slot);
+ * Routes looked up in a small table (CACHE_CHUNKS chunks or fewer) are kept in a small cache, so
+ * that a lookup of a route met lately returns the same Route instead of building one (a Route,
+ * its two bounds and its id are most of a lookup's cost when the table fits in the cache). Direct-mapped, CACHE entries keyed by (chunk, slot);
  * each entry carries the generation of the table it was filled from, and assigning _table starts
  * a new generation: entries of an older one are misses (their chunk may be gone, and its address
  * reused). So a swap costs O(1), and the cache holds at most CACHE Routes, of any generation.
@@ -1228,6 +1228,10 @@ find(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * Route is immutable. Every step runs holding the GIL; the only call that may run other Python
  * code meanwhile (building a Route: a collection) comes before the entry is read or written. */
 #define CACHE 2048
+/* Tables of more chunks are not cached: measured, on a table of a million routes a lookup that
+ * misses (nearly every one, keys spread evenly) costs more than building the Route alone, since
+ * it frees the Route it evicts, long out of the processor's caches. */
+#define CACHE_CHUNKS 4
 
 typedef struct {
     const Chunk *chunk;  /* compared, never followed */
@@ -1281,6 +1285,13 @@ reader_dealloc(Reader *reader)
     Py_TYPE(reader)->tp_free((PyObject *)reader);
 }
 
+/* Whether the Routes of a table of these chunks are cached. */
+static inline int
+caches(PyObject *chunks)
+{
+    return PyList_GET_SIZE(chunks) <= CACHE_CHUNKS;
+}
+
 /* The Route of slot of chunk (chunk number c) of the table of the current generation: from the
  * cache, or built and cached. A new reference, or NULL; None for a gap. */
 static PyObject *
@@ -1327,7 +1338,8 @@ reader_route(Reader *reader, Py_ssize_t c, Chunk *chunk, Py_ssize_t slot)
 PyDoc_STRVAR(get_route_doc,
 "get_route(key, /)\n--\n\n"
 "The route whose ``[start, end)`` holds ``key``, or None. O(log routes), no lock.\n\n"
-"The route's ``load`` is not kept up to date (see :meth:`stats`). A key that is not ``bytes``\n"
+"The route's ``load`` is not kept up to date (see :meth:`stats`): it is 0, and a lookup in a\n"
+"small table may return the Route object an earlier one returned. A key that is not ``bytes``\n"
 "raises TypeError.");
 
 /* The table, a new reference, if it is a C table (*chunks, *index set), else NULL with no
@@ -1387,7 +1399,9 @@ reader_get_route(Reader *reader, PyObject *key)
     }
     Py_ssize_t slot;
     Py_ssize_t c = locate_in(index, chunks, key, &chunk, &slot);
-    PyObject *route = c < 0 ? NULL : reader_route(reader, c, chunk, slot);
+    PyObject *route = c < 0                 ? NULL
+                      : caches(chunks)      ? reader_route(reader, c, chunk, slot)
+                                            : chunk_route(chunk, slot);
     Py_DECREF(table);
     return route;
 }
@@ -1413,7 +1427,7 @@ reader_group(Reader *reader, PyObject *keys)
         Py_DECREF(other);
         return found;
     }
-    PyObject *groups = group_table(reader, index, chunks, keys);
+    PyObject *groups = group_table(caches(chunks) ? reader : NULL, index, chunks, keys);
     Py_DECREF(table);
     return groups;
 }

@@ -10,6 +10,11 @@ pure-Python lists.
 
 Loads live apart from the routes, in lists parallel to the slots that only writers touch (under
 the lock). Routes in the table always carry ``load == 0``; :meth:`Engine.stats` gives exact loads.
+So a lookup may return a Route it returned before: the C table's reader keeps the Routes of a
+small table's recent lookups in a small cache, emptied (in O(1)) by each swap of the table.
+
+A change of many routes (see :func:`_rebuilds`) is applied by merging the table's routes with
+the change's in one pass, as a snapshot is built, rather than by rewriting the chunks it touches.
 
 Catalog routes (``route_id != 0``) are also indexed by id (to the 8-byte prefix of their start
 and their parent id, in 24 bytes a route), so that :meth:`Engine.apply_changes` finds a deleted
@@ -432,7 +437,8 @@ class Engine(_Reader):
         else :class:`~distribution.EngineDigestMismatchError`. On any error nothing of the batch
         changes. Changed routes get load 0, the others keep theirs; ephemeral routes overlapping a
         changed route are dropped. O(c log c + chunk) for c changed routes (plus the routes
-        between them).
+        between them); a change of many routes (a few dozen, and one for every two chunks of
+        the table) is merged with the table as a snapshot is built: O(routes + c log c).
 
         >>> from distribution import CatalogChange, CatalogSnapshot, RouteDescriptor
         >>> engine = Engine()
