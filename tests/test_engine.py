@@ -105,7 +105,7 @@ def change_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     rewrite of the chunks they touch: the results must not differ."""
     if request.param != "measured":
         rebuilds = request.param == "rebuild"
-        monkeypatch.setattr(engine_module, "_rebuilds", lambda changed, chunks: rebuilds)
+        monkeypatch.setattr(engine_module, "_rebuilds", lambda *_, **__: rebuilds)
     return str(request.param)
 
 
@@ -1864,7 +1864,7 @@ def changed_engine(
     routes = many_routes(600)
     engine = Engine(hotspot_threshold=3)
     engine.apply_snapshot(CatalogSnapshot(1, tuple(routes)))
-    monkeypatch.setattr(engine_module, "_rebuilds", lambda changed, chunks: rebuilds)
+    monkeypatch.setattr(engine_module, "_rebuilds", lambda *_, **__: rebuilds)
     keys = rng.sample([r.start for r in routes[:-3]], 50)
     if holds == "loads":
         for key in keys:
@@ -1916,8 +1916,12 @@ def test_large_changes_rebuilt_or_rewritten_agree(
 
 
 def test_a_change_is_rebuilt_when_large_for_its_table() -> None:
-    assert not engine_module._rebuilds(3, 1)
-    assert not engine_module._rebuilds(63, 1)
-    assert engine_module._rebuilds(64, 1)
-    assert not engine_module._rebuilds(100, 977)
-    assert engine_module._rebuilds(500, 977)
+    rebuilds = engine_module._rebuilds
+    assert not rebuilds(3, 1, merged=True)  # a split splices its chunk
+    assert rebuilds(4, 1, merged=True)
+    assert not rebuilds(40, 98, merged=True)
+    assert rebuilds(49, 98, merged=True)
+    assert not rebuilds(63, 1, merged=False)
+    assert rebuilds(64, 1, merged=False)
+    assert not rebuilds(150, 98, merged=False)
+    assert rebuilds(196, 98, merged=False)
