@@ -16,6 +16,9 @@ repetitions, beside a baseline measured in the same run:
 * ``apply_changes``: ms to apply a one-route change (a split: delete 1, upsert 2, carrying the
   catalog digest it leads to, as a watcher's changes do) to the full Engine, the mean of a run
   of splits applied one call each, beside ``apply_snapshot``;
+* ``apply_changes`` of a tenth of the routes (at 100,000 routes and fewer): ms to apply one change
+  moving half of them to another group, deleting a quarter and splitting a quarter, carrying its
+  digest, beside ``apply_snapshot`` of the routes it leaves;
 * memory: bytes per route the Engine allocates (tracemalloc) applying a pre-built snapshot.
 
 Then the *Go workload*, the one the Engine was measured on beside the Go original
@@ -44,6 +47,7 @@ the GIL behind any Python code; the build lets it go about every one and a half 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import random
 import threading
@@ -56,7 +60,7 @@ from functools import partial
 
 from benchmarks.harness import Case, Row, progress, run_interleaved, summarize
 from distribution import CatalogChange, CatalogSnapshot, Engine, RouteDescriptor
-from distribution.codec import route_hash
+from distribution.codec import route_hash, routes_digest
 
 __all__ = ["run"]
 
@@ -193,6 +197,10 @@ def _apply_snapshot_case(snapshot: CatalogSnapshot) -> Case:
     return case
 
 
+#: The largest table the change of a tenth of its routes is measured on (a repetition applies the
+#: snapshot first, untimed).
+_LARGE_CHANGE_MAX = 100_000
+
 #: Splits applied, one ``apply_changes`` call each, per repetition of the apply_changes case.
 _SPLITS = 50
 
@@ -241,6 +249,61 @@ def _apply_changes_case(fixture: _Fixture, rng: random.Random) -> Case:
         for change in batch:
             apply([change])
         return (time.perf_counter() - begin) * 1e3 / _SPLITS
+
+    return case
+
+
+def _large_change(fixture: _Fixture, rng: random.Random) -> tuple[CatalogChange, CatalogSnapshot]:
+    """A change touching a tenth of the routes (half of them moved to another group, a quarter
+    deleted, a quarter split in two), carrying its digest, and the snapshot of the routes it
+    leaves."""
+    routes = {route.route_id: route for route in fixture.snapshot.routes}
+    chosen = rng.sample(sorted(routes), len(routes) // 10)
+    next_id = len(routes) + 1
+    upserts: list[RouteDescriptor] = []
+    deletes: list[int] = []
+    for n, route_id in enumerate(chosen):
+        route = routes[route_id]
+        middle = route.start + rng.randbytes(1)
+        if n % 4 == 1:
+            deletes.append(route_id)
+            del routes[route_id]
+        elif n % 4 == 3 and route.end is not None and route.start < middle < route.end:
+            deletes.append(route_id)
+            del routes[route_id]
+            for piece in (
+                RouteDescriptor(next_id, route.start, middle, route.group_id),
+                RouteDescriptor(next_id + 1, middle, route.end, route.group_id),
+            ):
+                upserts.append(piece)
+                routes[piece.route_id] = piece
+            next_id += 2
+        else:
+            moved = route._replace(group_id=route.group_id % 16 + 1)
+            upserts.append(moved)
+            routes[route_id] = moved
+    after = tuple(sorted(routes.values(), key=lambda r: r.start))
+    digest = routes_digest(after)
+    change = CatalogChange(
+        previous_version=1,
+        version=2,
+        upserts=tuple(upserts),
+        deletes=tuple(deletes),
+        digest=digest,
+    )
+    return change, CatalogSnapshot(version=2, routes=after, digest=digest)
+
+
+def _apply_large_change_case(snapshot: CatalogSnapshot, change: CatalogChange) -> Case:
+    # Carrying its digest, as a catalog read brings it: the change's digest is checked from it.
+    snapshot = dataclasses.replace(snapshot, digest=routes_digest(snapshot.routes))
+
+    def case() -> float:
+        engine = Engine()
+        engine.apply_snapshot(snapshot)
+        begin = time.perf_counter()
+        engine.apply_changes([change])
+        return (time.perf_counter() - begin) * 1e3
 
     return case
 
@@ -333,6 +396,10 @@ def _size_rows(size: int, quick: bool) -> list[Row]:
         "apply_snapshot": _apply_snapshot_case(fixture.snapshot),
         "apply_changes": _apply_changes_case(fixture, rng),
     }
+    if size <= _LARGE_CHANGE_MAX:
+        change, after = _large_change(fixture, rng)
+        cases["large change"] = _apply_large_change_case(fixture.snapshot, change)
+        cases["large change snapshot"] = _apply_snapshot_case(after)
     progress(f"engine: measuring {size:,} routes ({repeats} interleaved repetitions)")
     results = {
         name: summarize(values).median for name, values in run_interleaved(cases, repeats).items()
@@ -340,7 +407,7 @@ def _size_rows(size: int, quick: bool) -> list[Row]:
     progress(f"engine: measuring memory of {size:,} routes")
     memory = _memory_per_route(fixture.snapshot)
     label = f"{size:,} routes"
-    return [
+    rows = [
         Row(
             "engine get_route",
             label,
@@ -384,6 +451,19 @@ def _size_rows(size: int, quick: bool) -> list[Row]:
         ),
         Row("engine memory", label, memory, "B/route"),
     ]
+    if "large change" in results:
+        rows.insert(
+            -1,
+            Row(
+                "engine apply_changes, a tenth of the routes",
+                label,
+                results["large change"],
+                "ms",
+                "apply_snapshot of the routes it leaves",
+                results["large change snapshot"],
+            ),
+        )
+    return rows
 
 
 def _go_rows(size: int, quick: bool) -> list[Row]:

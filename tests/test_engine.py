@@ -14,6 +14,7 @@ from itertools import pairwise
 
 import pytest
 
+import distribution.engine as engine_module
 import distribution.table as table_module
 from distribution import (
     MAX_ROUTE_KEY_BYTES,
@@ -95,6 +96,16 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     else:
         monkeypatch.setattr(table_module, "IMPLEMENTATION", _pylookup)
     assert Engine().implementation == request.param
+    return str(request.param)
+
+
+@pytest.fixture(params=["measured", "rebuild", "rewrite"])
+def change_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Apply changes as the Engine chooses, or always by a rebuild of the table, or always by a
+    rewrite of the chunks they touch: the results must not differ."""
+    if request.param != "measured":
+        rebuilds = request.param == "rebuild"
+        monkeypatch.setattr(engine_module, "_rebuilds", lambda *_, **__: rebuilds)
     return str(request.param)
 
 
@@ -1391,7 +1402,7 @@ def random_change(rng: random.Random, model: Model, next_id: int) -> tuple[Catal
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_operations_match_the_model(
-    seed: int, chunk: int, monkeypatch: pytest.MonkeyPatch
+    seed: int, chunk: int, change_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rng = random.Random(seed)
     threshold = rng.choice([0, 2, 3, 5])
@@ -1478,7 +1489,7 @@ def change_with_digest(rng: random.Random, model: Model, c: CatalogChange) -> Ca
     return dataclasses.replace(c, digest=digest if kind < 3 else digest ^ (1 << rng.randrange(64)))
 
 
-def test_large_snapshot_and_changes_match_the_model() -> None:
+def test_large_snapshot_and_changes_match_the_model(change_path: str) -> None:
     rng = random.Random(11)
     keys = sorted({rng.randbytes(rng.randrange(1, 5)) for _ in range(5000)})
     routes = []
@@ -1680,3 +1691,237 @@ def test_table_sizes_crossing_every_block_boundary(
                 model.apply_changes([c])
                 engine.apply_changes([c])
                 check_against_model(engine, model, rng)
+
+
+# -- the Reader's cache of Routes, and large changes ----------------------------------------------
+
+
+def many_routes(count: int, first_id: int = 1, group: int = 1) -> list[RouteDescriptor]:
+    """``count`` contiguous routes over 4-byte keys, ids from ``first_id``, the last unbounded."""
+    keys = [i.to_bytes(4, "big") for i in range(0, 7 * count, 7)]
+    return [
+        rd(first_id + i, key, keys[i + 1] if i + 1 < count else None, group + i % 3)
+        for i, key in enumerate(keys)
+    ]
+
+
+WRITES: dict[str, Callable[[Engine], None]] = {
+    "apply_changes": lambda e: e.apply_changes(
+        [change(1, 2, (rd(2, b"b", b"d", 9),), ())]  # route 2 moves to group 9
+    ),
+    "apply_snapshot": lambda e: e.apply_snapshot(snap(2, rd(1, b"", b"b"), rd(2, b"b", b"d", 9))),
+    "reset": lambda e: e.reset(snap(1, rd(1, b"", b"b"), rd(2, b"b", b"d", 9))),
+    "update_route": lambda e: e.apply_changes([change(1, 2, (), (2,))])
+    or e.update_route(b"b", b"d", 9),
+    "record_access": lambda e: [e.record_access(b"c") for _ in range(2)] and None,
+}
+
+
+@pytest.mark.parametrize("write", sorted(WRITES))
+def test_a_lookup_after_a_write_sees_it(write: str, chunk: int) -> None:
+    """Routes looked up (and cached) before a write are not answered after it."""
+    engine = Engine(hotspot_threshold=2)
+    engine.apply_snapshot(ABC)
+    keys = [b"a", b"c", b"c\x00", b"e"]
+    before = [engine.get_route(key) for key in keys]
+    assert [engine.get_route(key) for key in keys] == before
+    assert engine.group_keys(keys) == [(before[0], [b"a"]), (before[1], [b"c", b"c\x00"]),
+                                       (before[3], [b"e"])]
+    WRITES[write](engine)
+    engine._check()
+    stats = [r._replace(load=0) for r in engine.stats()]
+    expected = {key: next((r for r in stats if r.start <= key and (r.end is None or key < r.end)),
+                          None) for key in keys}
+    assert [engine.get_route(key) for key in keys] == [expected[key] for key in keys]
+    assert engine.get_route(b"c") != before[1]
+    grouped = engine.group_keys(keys)
+    assert [ks for _, ks in grouped] == [
+        [key for key in keys if expected[key] == route] for route, _ in grouped
+    ]
+    assert all(route == expected[ks[0]] for route, ks in grouped)
+
+
+def test_lookups_after_each_of_many_snapshots_see_the_latest() -> None:
+    """Each snapshot frees the chunks of the one before, and new chunks may take their
+    addresses: a Route cached from the old table must not answer for the new one."""
+    engine = Engine()
+    keys = [route.start + b"\x01" for route in many_routes(300)]
+    for version in range(1, 40):
+        engine.apply_snapshot(CatalogSnapshot(version, tuple(many_routes(300, group=version))))
+        for _ in range(2):
+            found = [engine.get_route(key) for key in keys]
+            assert [(r.route_id, r.group_id) for r in found if r is not None] == [
+                (i + 1, version + i % 3) for i in range(300)
+            ]
+        assert [r.group_id for r, _ in engine.group_keys(keys)] == [
+            version + i % 3 for i in range(300)
+        ]
+
+
+def test_lookups_of_more_routes_than_the_cache_holds() -> None:
+    """3,500 routes: a table of 3 chunks, cached, with more slots than the cache's 2,048."""
+    rng = random.Random(3)
+    routes = many_routes(3500)
+    engine = Engine()
+    engine.apply_snapshot(CatalogSnapshot(1, tuple(routes)))
+    assert len(engine._table.chunks) == 3
+    expected = [to_route(r) for r in routes]
+    for _ in range(3):
+        order = rng.sample(range(3500), 3500)
+        assert [engine.get_route(routes[i].start) for i in order] == [expected[i] for i in order]
+        batch = [routes[i].start for i in order[:3000]]
+        assert engine.group_keys(batch) == [
+            (expected[i], [routes[i].start]) for i in sorted(order[:3000])
+        ]
+
+
+def test_threads_count_exactly_while_looking_up_cached_routes() -> None:
+    engine = Engine()
+    engine.apply_snapshot(CatalogSnapshot(1, tuple(many_routes(3000))))
+    keys = [r.start for r in many_routes(3000)]
+    per_thread = 2000
+
+    def worker(index: int) -> None:
+        rng = random.Random(index)
+        for j in range(per_thread):
+            key = keys[(index * 7 + j) % 100]
+            assert engine.get_route(key) == engine.get_route(key)
+            engine.record_access(key)
+            if j % 100 == 0:
+                engine.group_keys(rng.sample(keys, 50))
+
+    run_threads(8, worker)
+    loads = [r.load for r in engine.stats()]
+    assert sum(loads) == 8 * per_thread
+    counts = [0] * 3000
+    for index in range(8):
+        for j in range(per_thread):
+            counts[(index * 7 + j) % 100] += 1
+    assert loads == counts
+    assert all(r.load == 0 for r in map(engine.get_route, keys) if r is not None)
+
+
+def test_readers_see_each_write_once_it_returns() -> None:
+    """Readers looping over cached routes while a writer moves routes between groups: whatever
+    a reader reads after a write returned is that write's result."""
+    engine = Engine()
+    routes = many_routes(2000)
+    engine.apply_snapshot(CatalogSnapshot(1, tuple(routes)))
+    keys = [r.start for r in routes]
+    published = [1]
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            version = published[0]
+            for key in keys[:200]:
+                route = engine.get_route(key)
+                if route is None or route.group_id < version:
+                    errors.append(f"{key!r}: {route} after version {version}")
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for version in range(2, 30):
+        moved = tuple(r._replace(group_id=version + 10) for r in routes[:200])
+        engine.apply_changes([change(version - 1, version, moved, ())])
+        published[0] = version + 10
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def large_change(
+    rng: random.Random, routes: list[RouteDescriptor], version: int, next_id: int
+) -> CatalogChange:
+    """A change of about a tenth of ``routes``: moves, deletes and splits."""
+    upserts: list[RouteDescriptor] = []
+    deletes: list[int] = []
+    for route in rng.sample(routes, len(routes) // 10):
+        kind = rng.randrange(3)
+        if kind == 0:
+            upserts.append(route._replace(group_id=route.group_id % 5 + 1))
+        elif kind == 1:
+            deletes.append(route.route_id)
+        elif route.end is not None:
+            middle = route.start + b"\x00"
+            deletes.append(route.route_id)
+            parent = route.route_id
+            upserts.append(rd(next_id, route.start, middle, route.group_id, ACTIVE, parent))
+            upserts.append(rd(next_id + 1, middle, route.end, route.group_id, ACTIVE, parent))
+            next_id += 2
+    return change(version, version + 1, tuple(upserts), tuple(deletes))
+
+
+def changed_engine(
+    holds: str, rebuilds: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Engine, str]:
+    """An Engine of 600 routes holding ``holds`` too, after a change of a tenth of them applied
+    by a rebuild or a rewrite, and the message of the error a bad change then raised."""
+    rng = random.Random(holds)
+    routes = many_routes(600)
+    engine = Engine(hotspot_threshold=3)
+    engine.apply_snapshot(CatalogSnapshot(1, tuple(routes)))
+    monkeypatch.setattr(engine_module, "_rebuilds", lambda *_, **__: rebuilds)
+    keys = rng.sample([r.start for r in routes[:-3]], 50)
+    if holds == "loads":
+        for key in keys:
+            engine.record_access(key)
+    elif holds == "ephemeral":
+        engine.apply_changes([change(1, 2, (), tuple(r.route_id for r in routes[-3:]))])
+        engine.update_route(routes[-3].start, None, 4)
+    elif holds == "shadowed":
+        for key in keys:
+            for _ in range(3):
+                engine.record_access(key)
+    version = engine.version
+    c = large_change(random.Random(7), routes[:-3], version, 10_000)
+    with pytest.raises(EngineDigestMismatchError):
+        engine.apply_changes([dataclasses.replace(c, digest=0)])
+    engine._check()
+    engine.apply_changes([c])
+    engine._check()
+    # An overlapping upsert among many deletes: the error, and nothing changes.
+    bad = change(
+        c.version,
+        c.version + 1,
+        (rd(20_000, b"\x00\x00\x00\x05", b"\x00\x00\x03\x00"),),
+        tuple(r.route_id for r in routes[100:200]),
+    )
+    before = engine.stats()
+    with pytest.raises(EngineSnapshotRouteOverlapError) as raised:
+        engine.apply_changes([bad])
+    assert engine.stats() == before
+    return engine, str(raised.value)
+
+
+@pytest.mark.parametrize("holds", ["catalog", "loads", "ephemeral", "shadowed"])
+def test_large_changes_rebuilt_or_rewritten_agree(
+    holds: str, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change of a tenth of the routes, applied by a rebuild and by a rewrite, to Engines
+    holding catalog routes only, or loads, ephemeral routes, hotspot pieces too."""
+    rebuilt, rebuilt_error = changed_engine(holds, True, monkeypatch)
+    rewritten, rewritten_error = changed_engine(holds, False, monkeypatch)
+    assert rebuilt.stats() == rewritten.stats()
+    assert rebuilt.digest == rewritten.digest
+    assert rebuilt.route_count == rewritten.route_count
+    assert rebuilt_error == rewritten_error
+    keys = [r.start for r in many_routes(600)]
+    keys += [key + b"\x00" for key in keys]
+    assert [rebuilt.get_route(k) for k in keys] == [rewritten.get_route(k) for k in keys]
+    assert rebuilt.group_keys(keys) == rewritten.group_keys(keys)
+
+
+def test_a_change_is_rebuilt_when_large_for_its_table() -> None:
+    rebuilds = engine_module._rebuilds
+    assert not rebuilds(3, 1, merged=True)  # a split splices its chunk
+    assert rebuilds(4, 1, merged=True)
+    assert not rebuilds(40, 98, merged=True)
+    assert rebuilds(49, 98, merged=True)
+    assert not rebuilds(63, 1, merged=False)
+    assert rebuilds(64, 1, merged=False)
+    assert not rebuilds(150, 98, merged=False)
+    assert rebuilds(196, 98, merged=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import random
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from itertools import groupby
 from types import ModuleType
 
@@ -416,3 +416,85 @@ def test_usual_route_vouches_only_for_what_validation_returns_unchanged() -> Non
     assert vouched > 50
     assert not _lookup.usual_route((1, b"", None, 1, RouteState.ACTIVE, 0))
     assert not _pylookup.usual_route(RouteDescriptor(1, b"", None, 1))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_chunks_across_block_edges_with_short_and_tied_keys(search: ModuleType, seed: int) -> None:
+    """Chunks of 0 to 130 bounds (the C search looks prefixes up by blocks of 32), of keys
+    shorter than 8 bytes and keys tied on their first 8: each search agrees with bisect."""
+    rng = random.Random(seed)
+    pool = sorted(
+        {bytes(rng.choice(b"\x00\x01ab\xff") for _ in range(rng.randrange(9))) for _ in range(150)}
+        | {b"tenant-0" + bytes(rng.choice(b"\x00a\xff") for _ in range(rng.randrange(4)))
+           for _ in range(60)}
+    )
+    for n in [*range(0, 70), 95, 96, 97, 127, 128, 129, 130]:
+        bounds = sorted(rng.sample(pool, min(n, len(pool))))
+        slots: list[Route | None] = [
+            None if i % 2 == 0 else Route(i, bounds[i - 1], bounds[i] if i < len(bounds) else None,
+                                          1, RouteState.ACTIVE, 0)
+            for i in range(len(bounds) + 1)
+        ]
+        chunk = search.Chunk(bounds, slots, None, None)
+        table = ([], search.make_index([]), [chunk], search)
+        probes = [*bounds, *(b + b"\x00" for b in bounds), *(b[:-1] for b in bounds if b)]
+        probes += [rng.choice(pool)[: rng.randrange(9)] + rng.randbytes(rng.randrange(3))
+                   for _ in range(100)]
+        for key in probes:
+            assert chunk.bisect_right(key) == bisect_right(bounds, key), (n, key)
+            assert chunk.bisect_left(key) == bisect_left(bounds, key), (n, key)
+            assert search.find(table, key) == slots[bisect_right(bounds, key)], (n, key)
+        assert search.group(table, probes) == _expected(bounds, slots, probes)
+
+
+def _flat(table: object) -> list[tuple[object, ...]]:
+    """Every slot of a table, as (route fields) or None, and its tops."""
+    tops, _index, chunks = table[:3]  # type: ignore[index]
+    return [tuple(tops)] + [(chunk.lower, chunk.upper, *chunk.slots()) for chunk in chunks]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_is_build_of_the_routes_it_leaves(search: ModuleType, seed: int) -> None:
+    """A merge of a table, some ids dropped and upserts added, is the build of the routes it
+    leaves, with the dropped routes' hashes; None where build would refuse them."""
+    rng = random.Random(seed)
+    keys = sorted({_random_key(rng) for _ in range(rng.randrange(2, 600))})
+    routes = [
+        RouteDescriptor(i + 1, key, keys[i + 1] if i + 1 < len(keys) else None, 1 + i % 3,
+                        rng.choice(list(RouteState)), rng.randrange(2**64))
+        for i, key in enumerate(keys)
+    ]
+    chunk_size = rng.choice([2, 16, 1024])
+    built = search.build(routes, chunk_size)
+    assert built is not None
+    table, ids = built
+    for _ in range(10):
+        dropped = rng.sample(routes, rng.randrange(len(routes) + 1))
+        left = [r for r in routes if r not in dropped]
+        # Upserts into the room the dropped routes leave (some of it), new ids.
+        upserts = sorted(
+            (r._replace(route_id=10_000 + r.route_id, group_id=9) for r in dropped),
+            key=lambda r: r.start,
+        )[:: rng.choice([1, 2, 3])]
+        dropped_ids = [r.route_id for r in dropped] + [99_999]  # an unknown id is ignored
+        merged = search.merge(table, ids, dropped_ids, upserts, chunk_size)
+        assert merged is not None
+        merged_table, merged_ids, hashes = merged
+        expected = search.build(sorted(left + upserts, key=lambda r: r.start), chunk_size)
+        assert expected is not None
+        assert _flat(merged_table) == _flat(expected[0])
+        assert sorted(merged_ids.items()) == sorted(expected[1].items())
+        assert hashes == {r.route_id: codec.route_hash(r) for r in dropped}
+    if len(routes) > 2:
+        overlapping = routes[1]._replace(route_id=20_000, end=routes[2].end)
+        assert search.merge(table, ids, [routes[2].route_id], [overlapping], chunk_size) is None
+        assert search.merge(table, ids, [], [routes[0]], chunk_size) is None  # start repeated
+    ephemeral = Route(0, keys[-1] + b"\x01", None, 1, RouteState.ACTIVE, 0)
+    with_ephemeral = search.build(routes[:-1], chunk_size)
+    assert with_ephemeral is not None
+    last_chunk = with_ephemeral[0][2][-1]
+    bounds, slots = last_chunk.bounds(), last_chunk.slots()
+    spliced = search.Chunk([*bounds, ephemeral.start], [*slots, ephemeral], last_chunk.lower, None)
+    table_e = (*with_ephemeral[0][:2], [*with_ephemeral[0][2][:-1], spliced])
+    if bounds or last_chunk.lower is not None:
+        assert search.merge(table_e, with_ephemeral[1], [], [], chunk_size) is None

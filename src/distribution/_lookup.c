@@ -77,16 +77,27 @@ static inline uint64_t
 prefix_raw(const char *key, Py_ssize_t n)
 {
     const unsigned char *s = (const unsigned char *)key;
+#if defined(__GNUC__) || defined(__clang__)
     if (n >= 8) {
         uint64_t value;
         memcpy(&value, s, 8);
-#if defined(__GNUC__) || defined(__clang__)
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
         value = __builtin_bswap64(value);
 #endif
         return value;
-#endif
     }
+    if (n >= 4) {
+        /* Bytes 0-3, and the last four shifted into place (overlapping bytes agree). */
+        uint32_t head, tail;
+        memcpy(&head, s, 4);
+        memcpy(&tail, s + n - 4, 4);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        head = __builtin_bswap32(head);
+        tail = __builtin_bswap32(tail);
+#endif
+        return (uint64_t)head << 32 | (uint64_t)tail << (8 * (8 - n));
+    }
+#endif
     uint64_t value = 0;
     for (Py_ssize_t i = 0; i < 8; i++) {
         value = (value << 8) | (i < n ? s[i] : 0);
@@ -285,6 +296,77 @@ chunk_bisect(const Chunk *chunk, uint64_t kp, const char *key, Py_ssize_t length
     return chunk_finish(chunk, kp, key, length, right, lo, hi);
 }
 
+/* The number of a[0 .. len) at most x (a sorted, len >= 1): a bisect whose steps are
+ * conditional moves, with no branch to mispredict. */
+static inline Py_ssize_t
+count_at_most(const uint64_t *a, Py_ssize_t len, uint64_t x)
+{
+    const uint64_t *base = a;
+    while (len > 1) {
+        Py_ssize_t half = len / 2;
+        base = base[half] <= x ? base + half : base;
+        len -= half;
+    }
+    return (base - a) + (*base <= x);
+}
+
+/* The fast search, its first level: [*lo, *hi), the block holding the last prefix <= kp (found
+ * in the summary), its cache lines requested; *lo == *hi == 0 if every prefix is above kp. */
+static inline void
+chunk_block(const Chunk *chunk, uint64_t kp, Py_ssize_t *lo, Py_ssize_t *hi)
+{
+    Py_ssize_t n = chunk->n;
+    Py_ssize_t j = n ? count_at_most(chunk->summary, summary_size(n), kp) : 0;
+    if (j == 0) {
+        *lo = *hi = 0;
+        return;
+    }
+    *lo = (j - 1) * BLOCK;
+    *hi = *lo + BLOCK < n ? *lo + BLOCK : n;
+    for (Py_ssize_t i = *lo; i < *hi; i += 8) {
+        PREFETCH(chunk->prefix + i);
+    }
+}
+
+/* The fast search, its second level: bisect_right of the key, its block [lo, hi) known. The
+ * prefixes at most kp are counted; only if the last of them equals kp (a bound the key ties
+ * with on 8 bytes) are whole keys compared, by chunk_bisect. */
+static inline Py_ssize_t
+chunk_place(const Chunk *chunk, uint64_t kp, const char *key, Py_ssize_t length, Py_ssize_t lo,
+            Py_ssize_t hi)
+{
+    if (lo == hi) {
+        return 0;
+    }
+    /* The block's first prefix is at most kp: r > lo. */
+    const uint64_t *prefix = chunk->prefix;
+    Py_ssize_t r = lo + count_at_most(prefix + lo, hi - lo, kp);
+    if (prefix[r - 1] != kp) {
+        return r;
+    }
+    if (prefix[lo] == kp) {
+        /* The bounds of prefix kp may begin in an earlier block. */
+        return chunk_bisect(chunk, kp, key, length, 1);
+    }
+    /* They begin after lo: found by counting the prefixes below kp, then searched on the whole
+     * keys (a key that extends a bound, as keys of a route often extend its start). */
+    Py_ssize_t l = lo + 1;
+    while (l < r - 1 && prefix[l] < kp) {
+        l++;
+    }
+    return chunk_finish(chunk, kp, key, length, 1, l, r);
+}
+
+/* bisect_right of the key in the chunk: chunk_bisect's answer, on the fast path. */
+static inline Py_ssize_t
+chunk_find(const Chunk *chunk, uint64_t kp, const char *key, Py_ssize_t length)
+{
+    Py_ssize_t lo, hi;
+    chunk_prefetch_summary(chunk);
+    chunk_block(chunk, kp, &lo, &hi);
+    return chunk_place(chunk, kp, key, length, lo, hi);
+}
+
 static PyObject *
 bound_object(const Chunk *chunk, Py_ssize_t i)
 {
@@ -479,8 +561,8 @@ chunk_bisect_right_method(Chunk *chunk, PyObject *key)
     if (key_arg(key) < 0) {
         return NULL;
     }
-    return PyLong_FromSsize_t(chunk_bisect(chunk, prefix_of(key), PyBytes_AS_STRING(key),
-                                           PyBytes_GET_SIZE(key), 1));
+    return PyLong_FromSsize_t(
+        chunk_find(chunk, prefix_of(key), PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)));
 }
 
 static PyObject *
@@ -1078,18 +1160,32 @@ chunk_at(PyObject *chunks, Py_ssize_t c)
     return (Chunk *)chunk;
 }
 
-/* The route (or None) in the slot holding key (bytes) of a checked table. */
-static PyObject *
-find_in(Chunk *index, PyObject *chunks, PyObject *key)
+/* The chunk number, the chunk and the slot holding key (bytes) of a checked table; -1 on error. */
+static Py_ssize_t
+locate_in(Chunk *index, PyObject *chunks, PyObject *key, Chunk **chunk, Py_ssize_t *slot)
 {
     const char *k = PyBytes_AS_STRING(key);
     Py_ssize_t length = PyBytes_GET_SIZE(key);
     uint64_t kp = prefix_raw(k, length);
-    Chunk *chunk = chunk_at(chunks, chunk_bisect(index, kp, k, length, 1));
-    if (chunk == NULL) {
+    Py_ssize_t c = index->n ? chunk_find(index, kp, k, length) : 0;
+    *chunk = chunk_at(chunks, c);
+    if (*chunk == NULL) {
+        return -1;
+    }
+    *slot = chunk_find(*chunk, kp, k, length);
+    return c;
+}
+
+/* The route (or None) in the slot holding key (bytes) of a checked table. */
+static PyObject *
+find_in(Chunk *index, PyObject *chunks, PyObject *key)
+{
+    Chunk *chunk;
+    Py_ssize_t slot;
+    if (locate_in(index, chunks, key, &chunk, &slot) < 0) {
         return NULL;
     }
-    return chunk_route(chunk, chunk_bisect(chunk, kp, k, length, 1));
+    return chunk_route(chunk, slot);
 }
 
 PyDoc_STRVAR(find_doc,
@@ -1120,15 +1216,54 @@ find(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 /* -- Reader: the Engine's lookup without a Python frame ---------------------------------- */
 
 /* The base of distribution.Engine: its table, in _table, and get_route in C, so that a lookup
- * costs one C call. Writers assign _table (one reference swap, under the GIL). */
+ * costs one C call. Writers assign _table (one reference swap, under the GIL).
+ *
+ * Routes looked up in a small table (CACHE_CHUNKS chunks or fewer) are kept in a small cache, so
+ * that a lookup of a route met lately returns the same Route instead of building one (a Route,
+ * its two bounds and its id are most of a lookup's cost when the table fits in the cache). Direct-mapped, CACHE entries keyed by (chunk, slot);
+ * each entry carries the generation of the table it was filled from, and assigning _table starts
+ * a new generation: entries of an older one are misses (their chunk may be gone, and its address
+ * reused). So a swap costs O(1), and the cache holds at most CACHE Routes, of any generation.
+ * Routes carry load 0 (loads live in the Engine), so sharing one between callers is safe: a
+ * Route is immutable. Every step runs holding the GIL; the only call that may run other Python
+ * code meanwhile (building a Route: a collection) comes before the entry is read or written. */
+#define CACHE 2048
+/* Tables of more chunks are not cached: measured, on a table of a million routes a lookup that
+ * misses (nearly every one, keys spread evenly) costs more than building the Route alone, since
+ * it frees the Route it evicts, long out of the processor's caches. */
+#define CACHE_CHUNKS 4
+
+typedef struct {
+    const Chunk *chunk;  /* compared, never followed */
+    Py_ssize_t slot;
+    uint64_t generation;
+    PyObject *route;     /* a reference, or NULL */
+} CacheEntry;
+
 typedef struct {
     PyObject_HEAD
     PyObject *table;
+    uint64_t generation; /* assignments of _table so far */
+    CacheEntry *cache;   /* CACHE entries, allocated by the first lookup, or NULL */
 } Reader;
+
+static void
+reader_drop_cache(Reader *reader)
+{
+    CacheEntry *cache = reader->cache;
+    reader->cache = NULL;
+    if (cache != NULL) {
+        for (Py_ssize_t i = 0; i < CACHE; i++) {
+            Py_XDECREF(cache[i].route);
+        }
+        PyMem_Free(cache);
+    }
+}
 
 static int
 reader_traverse(Reader *reader, visitproc visit, void *arg)
 {
+    /* Cached Routes hold bytes, ints and RouteState members: no cycle runs through them. */
     Py_VISIT(reader->table);
     return 0;
 }
@@ -1137,6 +1272,8 @@ static int
 reader_clear(Reader *reader)
 {
     Py_CLEAR(reader->table);
+    reader->generation++;
+    reader_drop_cache(reader);
     return 0;
 }
 
@@ -1148,55 +1285,188 @@ reader_dealloc(Reader *reader)
     Py_TYPE(reader)->tp_free((PyObject *)reader);
 }
 
+/* Whether the Routes of a table of these chunks are cached. */
+static inline int
+caches(PyObject *chunks)
+{
+    return PyList_GET_SIZE(chunks) <= CACHE_CHUNKS;
+}
+
+/* The Route of slot of chunk (chunk number c) of the table of the current generation: from the
+ * cache, or built and cached. A new reference, or NULL; None for a gap. */
+static PyObject *
+reader_route(Reader *reader, Py_ssize_t c, Chunk *chunk, Py_ssize_t slot)
+{
+    if (chunk->groups[slot] == 0) {
+        Py_RETURN_NONE;
+    }
+    uint64_t generation = reader->generation;
+    size_t at = ((size_t)c * 40503u + (size_t)slot) & (CACHE - 1);
+    if (reader->cache != NULL) {
+        CacheEntry *entry = &reader->cache[at];
+        if (entry->route != NULL && entry->chunk == chunk && entry->slot == slot &&
+            entry->generation == generation) {
+            return Py_NewRef(entry->route);
+        }
+    }
+    PyObject *route = chunk_route(chunk, slot);
+    if (route == NULL) {
+        return NULL;
+    }
+    /* Building the Route may have run a collection, and with it code that swapped the table:
+     * then the Route is not cached. */
+    if (reader->generation != generation) {
+        return route;
+    }
+    if (reader->cache == NULL) {
+        reader->cache = PyMem_Calloc(CACHE, sizeof(CacheEntry));
+        if (reader->cache == NULL) {
+            return route; /* no cache: every lookup builds its Route */
+        }
+    }
+    CacheEntry *entry = &reader->cache[at];
+    PyObject *old = entry->route;
+    entry->chunk = chunk;
+    entry->slot = slot;
+    entry->generation = generation;
+    entry->route = Py_NewRef(route);
+    /* Last: freeing a Route runs no Python code, but the entry is whole already. */
+    Py_XDECREF(old);
+    return route;
+}
+
 PyDoc_STRVAR(get_route_doc,
 "get_route(key, /)\n--\n\n"
 "The route whose ``[start, end)`` holds ``key``, or None. O(log routes), no lock.\n\n"
-"The route's ``load`` is not kept up to date (see :meth:`stats`). A key that is not ``bytes``\n"
+"The route's ``load`` is not kept up to date (see :meth:`stats`): it is 0, and a lookup in a\n"
+"small table may return the Route object an earlier one returned. A key that is not ``bytes``\n"
 "raises TypeError.");
+
+/* The table, a new reference, if it is a C table (*chunks, *index set), else NULL with no
+ * exception (*other set to it, a new reference: another implementation's table), or NULL with
+ * an exception. */
+static PyObject *
+reader_table(Reader *reader, Chunk **index, PyObject **chunks, PyObject **other)
+{
+    PyObject *table = reader->table;
+    *other = NULL;
+    if (table == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_table");
+        return NULL;
+    }
+    if (PyTuple_Check(table) && PyTuple_GET_SIZE(table) >= 4 &&
+        !Py_IS_TYPE(PyTuple_GET_ITEM(table, 1), &ChunkType)) {
+        /* Another implementation's table (distribution._pylookup): its own searches. */
+        *other = Py_NewRef(table);
+        return NULL;
+    }
+    if (unpack_table(table, index, chunks) < 0) {
+        return NULL;
+    }
+    return Py_NewRef(table);
+}
+
+static int
+key_type_error(PyObject *key)
+{
+    PyObject *name = PyType_GetName(Py_TYPE(key));
+    if (name != NULL) {
+        PyErr_Format(PyExc_TypeError, "key must be bytes, got %U%s", name,
+                     PyUnicode_Check(key) ? " (encode text keys explicitly)" : "");
+        Py_DECREF(name);
+    }
+    return -1;
+}
 
 static PyObject *
 reader_get_route(Reader *reader, PyObject *key)
 {
     if (!PyBytes_CheckExact(key)) {
-        PyObject *name = PyType_GetName(Py_TYPE(key));
-        if (name != NULL) {
-            PyErr_Format(PyExc_TypeError, "key must be bytes, got %U%s", name,
-                         PyUnicode_Check(key) ? " (encode text keys explicitly)" : "");
-            Py_DECREF(name);
-        }
+        key_type_error(key);
         return NULL;
     }
-    PyObject *table = reader->table;
-    if (table == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "_table");
-        return NULL;
-    }
+    Chunk *index, *chunk;
+    PyObject *chunks, *other;
     /* Held: building the Route may run a collection, and with it code that swaps the table. */
-    Py_INCREF(table);
-    PyObject *route;
-    if (PyTuple_Check(table) && PyTuple_GET_SIZE(table) >= 4 &&
-        !Py_IS_TYPE(PyTuple_GET_ITEM(table, 1), &ChunkType)) {
-        /* Another implementation's table (distribution._pylookup): its own find. */
-        route = PyObject_CallMethod(PyTuple_GET_ITEM(table, 3), "find", "OO", table, key);
+    PyObject *table = reader_table(reader, &index, &chunks, &other);
+    if (table == NULL) {
+        if (other == NULL) {
+            return NULL;
+        }
+        PyObject *found = PyObject_CallMethod(PyTuple_GET_ITEM(other, 3), "find", "OO", other, key);
+        Py_DECREF(other);
+        return found;
     }
-    else {
-        Chunk *index;
-        PyObject *chunks;
-        route = unpack_table(table, &index, &chunks) < 0 ? NULL : find_in(index, chunks, key);
-    }
+    Py_ssize_t slot;
+    Py_ssize_t c = locate_in(index, chunks, key, &chunk, &slot);
+    PyObject *route = c < 0                 ? NULL
+                      : caches(chunks)      ? reader_route(reader, c, chunk, slot)
+                                            : chunk_route(chunk, slot);
     Py_DECREF(table);
     return route;
 }
 
+static PyObject *group_table(Reader *reader, Chunk *index, PyObject *chunks, PyObject *keys);
+
+PyDoc_STRVAR(reader_group_doc,
+"_group(keys, /)\n--\n\n"
+"``group(_table, keys)``: the groups of a list of bytes ``keys``, their Routes from the cache.");
+
+static PyObject *
+reader_group(Reader *reader, PyObject *keys)
+{
+    Chunk *index;
+    PyObject *chunks, *other;
+    PyObject *table = reader_table(reader, &index, &chunks, &other);
+    if (table == NULL) {
+        if (other == NULL) {
+            return NULL;
+        }
+        PyObject *found =
+            PyObject_CallMethod(PyTuple_GET_ITEM(other, 3), "group", "OO", other, keys);
+        Py_DECREF(other);
+        return found;
+    }
+    PyObject *groups = group_table(caches(chunks) ? reader : NULL, index, chunks, keys);
+    Py_DECREF(table);
+    return groups;
+}
+
+static PyObject *
+reader_get_table(Reader *reader, void *Py_UNUSED(closure))
+{
+    if (reader->table == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_table");
+        return NULL;
+    }
+    return Py_NewRef(reader->table);
+}
+
+static int
+reader_set_table(Reader *reader, PyObject *table, void *Py_UNUSED(closure))
+{
+    if (table == NULL && reader->table == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_table");
+        return -1;
+    }
+    /* A new generation first: no lookup may take a cached Route of the old table for the new. */
+    reader->generation++;
+    Py_XSETREF(reader->table, Py_XNewRef(table));
+    return 0;
+}
+
 static PyMethodDef reader_methods[] = {
     {"get_route", (PyCFunction)reader_get_route, METH_O, get_route_doc},
+    {"_group", (PyCFunction)reader_group, METH_O, reader_group_doc},
     {NULL, NULL, 0, NULL},
 };
 
-static PyMemberDef reader_members[] = {
-    {"_table", T_OBJECT_EX, offsetof(Reader, table), 0,
-     "The routing table lookups search (a distribution.table.RouteTable)."},
-    {NULL, 0, 0, 0, NULL},
+static PyGetSetDef reader_getset[] = {
+    {"_table", (getter)reader_get_table, (setter)reader_set_table,
+     "The routing table lookups search (a distribution.table.RouteTable); assigning it empties "
+     "the cache of Routes.",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyTypeObject ReaderType = {
@@ -1210,7 +1480,7 @@ static PyTypeObject ReaderType = {
     .tp_traverse = (traverseproc)reader_traverse,
     .tp_clear = (inquiry)reader_clear,
     .tp_methods = reader_methods,
-    .tp_members = reader_members,
+    .tp_getset = reader_getset,
 };
 
 /* -- group -------------------------------------------------------------------------------- */
@@ -1290,10 +1560,32 @@ merge_sort(Entry *entries, Entry *tmp, Py_ssize_t n)
     }
 }
 
-/* Sort n entries by key; tmp holds n. A radix sort on the prefixes, a byte a pass (passes
- * where every prefix has the same byte are skipped, as with keys sharing a text prefix), then
- * a merge sort of each run of equal prefixes on the whole keys. For a thousand keys it is a
- * few times faster than comparing keys. */
+/* Insertion sort of n entries (stable): for the few entries of a bucket. */
+static void
+insertion_sort(Entry *entries, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 1; i < n; i++) {
+        Entry e = entries[i];
+        Py_ssize_t j = i;
+        while (j > 0 && entry_less(&e, &entries[j - 1])) {
+            entries[j] = entries[j - 1];
+            j--;
+        }
+        entries[j] = e;
+    }
+}
+
+/* Buckets of sort_entries are at most 2 ** MAX_BUCKET_BITS; up to SMALL_BUCKETS, their counts
+ * are on the stack. */
+#define MAX_BUCKET_BITS 16
+#define SMALL_BUCKETS 2048
+
+/* Sort n entries by key (stably: equal keys keep their order); tmp holds n. A bucket sort on the
+ * prefixes: the bits every prefix shares are skipped (as with keys sharing a text prefix), the
+ * next ones, about log2(n) of them, name a bucket, so that a bucket holds a key or two of
+ * uniform keys; then each bucket is sorted on whole keys (an insertion sort, a merge sort if it
+ * is large). Two passes over the keys: for a thousand keys several times faster than a radix
+ * sort on all 8 bytes, or than comparing keys. */
 static void
 sort_entries(Entry *entries, Entry *tmp, Py_ssize_t n)
 {
@@ -1301,49 +1593,64 @@ sort_entries(Entry *entries, Entry *tmp, Py_ssize_t n)
         merge_sort(entries, tmp, n);
         return;
     }
-    Py_ssize_t counts[8][256];
-    memset(counts, 0, sizeof(counts));
+    uint64_t first = entries[0].prefix, differ = 0;
+    for (Py_ssize_t i = 1; i < n; i++) {
+        differ |= entries[i].prefix ^ first;
+    }
+    if (differ == 0) {
+        merge_sort(entries, tmp, n);
+        return;
+    }
+    int lead = 0;
+    while (!(differ >> (63 - lead) & 1)) {
+        lead++;
+    }
+    int bits = 1;
+    while (bits < MAX_BUCKET_BITS && ((Py_ssize_t)1 << bits) < n) {
+        bits++;
+    }
+    if (bits > 64 - lead) {
+        bits = 64 - lead;
+    }
+    Py_ssize_t buckets = (Py_ssize_t)1 << bits;
+    Py_ssize_t small[SMALL_BUCKETS + 1];
+    Py_ssize_t *start = buckets <= SMALL_BUCKETS
+                            ? small
+                            : PyMem_Malloc(((size_t)buckets + 1) * sizeof(Py_ssize_t));
+    if (start == NULL) {
+        merge_sort(entries, tmp, n);
+        return;
+    }
+    memset(start, 0, ((size_t)buckets + 1) * sizeof(Py_ssize_t));
+#define BUCKET(prefix) ((Py_ssize_t)(((prefix) << lead) >> (64 - bits)))
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t prefix = entries[i].prefix;
-        for (int b = 0; b < 8; b++) {
-            counts[b][(prefix >> (8 * b)) & 0xff]++;
-        }
+        start[BUCKET(entries[i].prefix) + 1]++;
     }
-    Entry *from = entries, *to = tmp;
-    for (int b = 0; b < 8; b++) {
-        Py_ssize_t *count = counts[b];
-        int shift = 8 * b;
-        if (count[(from[0].prefix >> shift) & 0xff] == n) {
-            continue;
-        }
-        Py_ssize_t sum = 0;
-        for (int d = 0; d < 256; d++) {
-            Py_ssize_t here = count[d];
-            count[d] = sum;
-            sum += here;
-        }
-        for (Py_ssize_t i = 0; i < n; i++) {
-            to[count[(from[i].prefix >> shift) & 0xff]++] = from[i];
-        }
-        Entry *swap = from;
-        from = to;
-        to = swap;
+    for (Py_ssize_t d = 0; d < buckets; d++) {
+        start[d + 1] += start[d];
     }
-    if (from != entries) {
-        memcpy(entries, from, (size_t)n * sizeof(Entry));
+    /* start[d] now is where bucket d begins; it moves on as the bucket fills. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        tmp[start[BUCKET(entries[i].prefix)]++] = entries[i];
     }
-    for (Py_ssize_t lo = 0; lo < n;) {
-        Py_ssize_t hi = lo + 1;
-        while (hi < n && entries[hi].prefix == entries[lo].prefix) {
-            hi++;
+#undef BUCKET
+    /* Bucket d now ends at start[d], and begins where bucket d - 1 ends. */
+    Py_ssize_t lo = 0;
+    for (Py_ssize_t d = 0; d < buckets; d++) {
+        Py_ssize_t hi = start[d], size = hi - lo;
+        if (size > 32) {
+            merge_sort(tmp + lo, entries + lo, size);
         }
-        if (hi - lo > 1) {
-            merge_sort(entries + lo, tmp, hi - lo);
+        else if (size > 1) {
+            insertion_sort(tmp + lo, size);
         }
         lo = hi;
     }
+    if (start != small) {
+        PyMem_Free(start);
+    }
+    memcpy(entries, tmp, (size_t)n * sizeof(Entry));
 }
-
 
 /* Append (route, [the n keys of entries]) to groups. 0 on success. */
 static int
@@ -1372,57 +1679,63 @@ add_group(PyObject *groups, PyObject *route, const Entry *entries, Py_ssize_t n)
  * waits on memory at each level, and one search's levels depend on each other. */
 #define LANES 8
 
-/* The chunk and slot of each of m sorted keys, the m searches run level by level in lockstep;
- * *chunk carries the current chunk from one call to the next (NULL before the first). */
+/* The chunk, its number and the slot of each of m sorted keys, the m searches run level by
+ * level in lockstep; *chunk and *c carry the current chunk and its number from one call to the
+ * next (*chunk NULL before the first). */
 static int
 find_places(Chunk *index, PyObject *chunks, const Entry *entries, Py_ssize_t m, Chunk **chunk,
-            Chunk **in, Py_ssize_t *slots)
+            Py_ssize_t *c, Chunk **in, Py_ssize_t *numbers, Py_ssize_t *slots)
 {
     Py_ssize_t lo[LANES], hi[LANES];
     for (Py_ssize_t j = 0; j < m; j++) {
         const Entry *entry = &entries[j];
         if (*chunk == NULL || ((*chunk)->upper != NULL && !entry_below_key(entry, (*chunk)->upper))) {
-            *chunk = chunk_at(chunks, chunk_bisect(index, entry->prefix,
-                                                   PyBytes_AS_STRING(entry->key),
-                                                   PyBytes_GET_SIZE(entry->key), 1));
+            *c = index->n ? chunk_find(index, entry->prefix, PyBytes_AS_STRING(entry->key),
+                                       PyBytes_GET_SIZE(entry->key))
+                          : 0;
+            *chunk = chunk_at(chunks, *c);
             if (*chunk == NULL) {
                 return -1;
             }
         }
         in[j] = *chunk;
+        numbers[j] = *c;
         chunk_prefetch_summary(in[j]);
     }
     for (Py_ssize_t j = 0; j < m; j++) {
-        chunk_narrow(in[j], entries[j].prefix, &lo[j], &hi[j]);
+        chunk_block(in[j], entries[j].prefix, &lo[j], &hi[j]);
     }
     for (Py_ssize_t j = 0; j < m; j++) {
-        slots[j] = chunk_finish(in[j], entries[j].prefix, PyBytes_AS_STRING(entries[j].key),
-                                PyBytes_GET_SIZE(entries[j].key), 1, lo[j], hi[j]);
+        slots[j] = chunk_place(in[j], entries[j].prefix, PyBytes_AS_STRING(entries[j].key),
+                               PyBytes_GET_SIZE(entries[j].key), lo[j], hi[j]);
     }
     return 0;
 }
 
-/* The groups of n sorted entries over the table; a new list, or NULL.
+/* The groups of n sorted entries over the table; a new list, or NULL. Routes come from the
+ * reader's cache when reader is not NULL (the table is the reader's).
  *
  * Keys below the end of the previous key's slot join its group without a search. The others
  * are searched a window at a time. While the keys are spread (two or fewer a slot), a window is
  * LANES keys, searched together as if each began a new slot; while they are clustered, a window
  * is the one key that begins the next slot, and the keys after it mostly join its group. */
 static PyObject *
-group_sorted(Chunk *index, PyObject *chunks, const Entry *entries, Py_ssize_t n)
+group_sorted(Reader *reader, Chunk *index, PyObject *chunks, const Entry *entries, Py_ssize_t n)
 {
     PyObject *groups = PyList_New(0);
     if (groups == NULL) {
         return NULL;
     }
     Chunk *current = NULL;
+    Py_ssize_t current_number = 0;
     Chunk *in[LANES];
-    Py_ssize_t slots[LANES];
+    Py_ssize_t numbers[LANES], slots[LANES];
     Py_ssize_t window = LANES;
     Py_ssize_t i = 0;
     while (i < n) {
         Py_ssize_t m = n - i < window ? n - i : window;
-        if (find_places(index, chunks, entries + i, m, &current, in, slots) < 0) {
+        if (find_places(index, chunks, entries + i, m, &current, &current_number, in, numbers,
+                        slots) < 0) {
             goto error;
         }
         Py_ssize_t used = 0, j = 0, k = i;
@@ -1447,7 +1760,8 @@ group_sorted(Chunk *index, PyObject *chunks, const Entry *entries, Py_ssize_t n)
             }
             used++;
             if (chunk->groups[slot] != 0) {
-                PyObject *route = chunk_route(chunk, slot);
+                PyObject *route = reader != NULL ? reader_route(reader, numbers[j], chunk, slot)
+                                                 : chunk_route(chunk, slot);
                 if (route == NULL) {
                     goto error;
                 }
@@ -1469,26 +1783,12 @@ error:
     return NULL;
 }
 
-PyDoc_STRVAR(group_doc,
-"group(table, keys, /)\n--\n\n"
-"``[(route, [keys...]), ...]`` in key order for a list of bytes ``keys``: the keys sorted, each\n"
-"slot searched once, keys in gaps left out.");
-
+/* The groups of keys (a list of bytes) over a checked table; reader as for group_sorted. */
 static PyObject *
-group(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+group_table(Reader *reader, Chunk *index, PyObject *chunks, PyObject *keys)
 {
-    Chunk *index;
-    PyObject *chunks;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "group() takes exactly 2 arguments");
-        return NULL;
-    }
-    PyObject *keys = args[1];
     if (!PyList_CheckExact(keys)) {
         PyErr_SetString(PyExc_TypeError, "group() keys must be a list");
-        return NULL;
-    }
-    if (unpack_table(args[0], &index, &chunks) < 0) {
         return NULL;
     }
     /* A list of our own: allocating the groups can run a garbage collection, and with it
@@ -1520,11 +1820,35 @@ group(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (!sorted) {
         sort_entries(entries, entries + n, n);
     }
-    groups = group_sorted(index, chunks, entries, n);
+    groups = group_sorted(reader, index, chunks, entries, n);
 done:
     PyMem_Free(entries);
     Py_DECREF(held);
     return groups;
+}
+
+PyDoc_STRVAR(group_doc,
+"group(table, keys, /)\n--\n\n"
+"``[(route, [keys...]), ...]`` in key order for a list of bytes ``keys``: the keys sorted, each\n"
+"slot searched once, keys in gaps left out.");
+
+static PyObject *
+group(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Chunk *index;
+    PyObject *chunks;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "group() takes exactly 2 arguments");
+        return NULL;
+    }
+    if (!PyList_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "group() keys must be a list");
+        return NULL;
+    }
+    if (unpack_table(args[0], &index, &chunks) < 0) {
+        return NULL;
+    }
+    return group_table(NULL, index, chunks, args[1]);
 }
 
 /* -- building tables ----------------------------------------------------------------------- */
@@ -1589,9 +1913,9 @@ typedef struct {
 #define AHEAD 16
 
 static int
-push_bound(Layout *layout, PyObject *key)
+push_raw(Layout *layout, const char *key, Py_ssize_t length)
 {
-    Py_ssize_t length = PyBytes_GET_SIZE(key), m = layout->m;
+    Py_ssize_t m = layout->m;
     Py_ssize_t at = layout->offset[m];
     if (at + length > layout->arena_size) {
         Py_ssize_t size = 2 * layout->arena_size + length;
@@ -1603,11 +1927,125 @@ push_bound(Layout *layout, PyObject *key)
         layout->arena = arena;
         layout->arena_size = size;
     }
-    memcpy(layout->arena + at, PyBytes_AS_STRING(key), (size_t)length);
-    layout->prefix[m] = prefix_of(key);
+    memcpy(layout->arena + at, key, (size_t)length);
+    layout->prefix[m] = prefix_raw(key, length);
     layout->offset[m + 1] = at + length;
     layout->m = m + 1;
     return 0;
+}
+
+/* A route to lay out, its fields read; end NULL if unbounded. */
+typedef struct {
+    uint64_t id, group, parent;
+    int state;
+    const char *start, *end;
+    Py_ssize_t start_length, end_length;
+} Laid;
+
+/* Whether a layout has a route yet, and the last one's bounds (which outlive the layout). */
+typedef struct {
+    int has;
+    const char *start, *end;
+    Py_ssize_t start_length, end_length;
+} Last;
+
+/* An empty layout for routes routes, or -1 with MemoryError. */
+static int
+layout_alloc(Layout *layout, Py_ssize_t routes)
+{
+    size_t cells = 2 * (size_t)routes + 1;
+    layout->ids = PyMem_Malloc(cells * (4 * sizeof(uint64_t) + 1));
+    layout->arena_size = 16 * routes + 64;
+    layout->arena = PyMem_Malloc((size_t)layout->arena_size);
+    if (layout->ids == NULL || layout->arena == NULL) {
+        PyMem_Free(layout->ids);
+        PyMem_Free(layout->arena);
+        PyErr_NoMemory();
+        return -1;
+    }
+    layout->groups = layout->ids + cells;
+    layout->prefix = layout->groups + cells;
+    layout->offset = (Py_ssize_t *)(layout->prefix + cells);
+    layout->states = (unsigned char *)(layout->offset + cells);
+    layout->m = 0;
+    layout->offset[0] = 0;
+    layout->ids[0] = layout->groups[0] = 0;
+    layout->states[0] = 0;
+    return 0;
+}
+
+static void
+layout_free(Layout *layout)
+{
+    PyMem_Free(layout->ids);
+    PyMem_Free(layout->arena);
+}
+
+/* Read a descriptor; 1 if it is usual (see build), else 0. */
+static int
+read_descriptor(PyObject *d, Laid *r)
+{
+    if (Py_TYPE(d) != descriptor_type || PyTuple_GET_SIZE(d) != 6 ||
+        u64_of(PyTuple_GET_ITEM(d, 0), &r->id) < 0 || r->id == 0 ||
+        u64_of(PyTuple_GET_ITEM(d, 3), &r->group) < 0 || r->group == 0 ||
+        u64_of(PyTuple_GET_ITEM(d, 5), &r->parent) < 0) {
+        return 0;
+    }
+    PyObject *start = PyTuple_GET_ITEM(d, 1), *end = PyTuple_GET_ITEM(d, 2);
+    r->state = state_of(PyTuple_GET_ITEM(d, 4));
+    if (r->state < 0 || !PyBytes_CheckExact(start) ||
+        (end != Py_None && (!PyBytes_CheckExact(end) || compare_bytes(start, end) >= 0))) {
+        return 0;
+    }
+    r->start = PyBytes_AS_STRING(start);
+    r->start_length = PyBytes_GET_SIZE(start);
+    r->end = end == Py_None ? NULL : PyBytes_AS_STRING(end);
+    r->end_length = end == Py_None ? 0 : PyBytes_GET_SIZE(end);
+    return 1;
+}
+
+/* Lay out route r after the last one; 1 if laid, 0 if unusual (not after the last one, or
+ * overlapping it, or its id repeated), -1 on error. */
+static int
+lay_route(Layout *layout, IdIndex *ids, const Laid *r, Last *last)
+{
+    int joined = 0;
+    if (last->has) {
+        if (last->end == NULL ||
+            compare_raw(last->start, last->start_length, r->start, r->start_length) >= 0) {
+            return 0;
+        }
+        int c = compare_raw(last->end, last->end_length, r->start, r->start_length);
+        if (c > 0) {
+            return 0;
+        }
+        joined = c == 0;
+    }
+    int added = index_set(ids, r->id, prefix_raw(r->start, r->start_length), r->parent);
+    if (added <= 0) {
+        return added;
+    }
+    if (!joined && push_raw(layout, r->start, r->start_length) < 0) {
+        return -1;
+    }
+    Py_ssize_t m = layout->m;
+    layout->ids[m] = r->id;
+    layout->groups[m] = r->group;
+    layout->states[m] = (unsigned char)r->state;
+    if (r->end != NULL) {
+        if (push_raw(layout, r->end, r->end_length) < 0) {
+            return -1;
+        }
+        m = layout->m;
+        layout->ids[m] = layout->groups[m] = 0;
+        layout->states[m] = 0;
+    }
+    last->has = 1;
+    last->start = r->start;
+    last->start_length = r->start_length;
+    last->end = r->end;
+    last->end_length = r->end_length;
+    return 1;
 }
 
 /* Request the memory of descriptor items[i + AHEAD]'s tuple, of the fields of a nearer one, and
@@ -1709,60 +2147,18 @@ pacer_tick(Pacer *pacer)
 static int
 lay_out(PyObject *const *items, Py_ssize_t n, Layout *layout, IdIndex *ids, Pacer *pacer)
 {
-    PyObject *prev_start = NULL, *prev_end = NULL;
-    layout->m = 0;
-    layout->offset[0] = 0;
-    layout->ids[0] = layout->groups[0] = 0;
-    layout->states[0] = 0;
+    Last last = {0};
     for (Py_ssize_t i = 0; i < n; i++) {
         pacer_tick(pacer);
         prefetch_ahead(items, i, n, ids);
-        PyObject *d = items[i];
-        uint64_t id, group, parent;
-        if (Py_TYPE(d) != descriptor_type || PyTuple_GET_SIZE(d) != 6 ||
-            u64_of(PyTuple_GET_ITEM(d, 0), &id) < 0 || id == 0 ||
-            u64_of(PyTuple_GET_ITEM(d, 3), &group) < 0 || group == 0 ||
-            u64_of(PyTuple_GET_ITEM(d, 5), &parent) < 0) {
+        Laid r;
+        if (!read_descriptor(items[i], &r)) {
             return 0;
         }
-        PyObject *start = PyTuple_GET_ITEM(d, 1), *end = PyTuple_GET_ITEM(d, 2);
-        int state = state_of(PyTuple_GET_ITEM(d, 4));
-        if (state < 0 || !PyBytes_CheckExact(start) ||
-            (end != Py_None && (!PyBytes_CheckExact(end) || compare_bytes(start, end) >= 0))) {
-            return 0;
+        int laid = lay_route(layout, ids, &r, &last);
+        if (laid <= 0) {
+            return laid;
         }
-        int joined = 0;
-        if (i) {
-            if (prev_end == Py_None || compare_bytes(prev_start, start) >= 0) {
-                return 0;
-            }
-            int c = compare_bytes(prev_end, start);
-            if (c > 0) {
-                return 0;
-            }
-            joined = c == 0;
-        }
-        int added = index_set(ids, id, prefix_of(start), parent);
-        if (added <= 0) {
-            return added;
-        }
-        if (!joined && push_bound(layout, start) < 0) {
-            return -1;
-        }
-        Py_ssize_t m = layout->m;
-        layout->ids[m] = id;
-        layout->groups[m] = group;
-        layout->states[m] = (unsigned char)state;
-        if (end != Py_None) {
-            if (push_bound(layout, end) < 0) {
-                return -1;
-            }
-            m = layout->m;
-            layout->ids[m] = layout->groups[m] = 0;
-            layout->states[m] = 0;
-        }
-        prev_start = start;
-        prev_end = end;
     }
     return 1;
 }
@@ -1879,22 +2275,15 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *const *items = &PyTuple_GET_ITEM(routes, 0);
     PyObject *result = NULL;
     Layout layout;
-    size_t cells = 2 * (size_t)n + 1;
-    void *memory = PyMem_Malloc(cells * (4 * sizeof(uint64_t) + 1));
-    layout.arena_size = 16 * n + 64;
-    layout.arena = PyMem_Malloc((size_t)layout.arena_size);
-    IdIndex *ids = index_alloc(n);
-    if (memory == NULL || layout.arena == NULL || ids == NULL) {
-        if (memory == NULL || layout.arena == NULL) {
-            PyErr_NoMemory();
-        }
+    IdIndex *ids = NULL;
+    if (layout_alloc(&layout, n) < 0) {
+        Py_DECREF(routes);
+        return NULL;
+    }
+    ids = index_alloc(n);
+    if (ids == NULL) {
         goto done;
     }
-    layout.ids = memory;
-    layout.groups = layout.ids + cells;
-    layout.prefix = layout.groups + cells;
-    layout.offset = (Py_ssize_t *)(layout.prefix + cells);
-    layout.states = (unsigned char *)(layout.offset + cells);
     Pacer pacer;
     pacer_start(&pacer, 64);
     int usual = lay_out(items, n, &layout, ids, &pacer);
@@ -1911,8 +2300,7 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
 done:
     Py_DECREF(routes);
-    PyMem_Free(memory);
-    PyMem_Free(layout.arena);
+    layout_free(&layout);
     Py_XDECREF(ids);
     return result;
 }
@@ -2235,6 +2623,204 @@ digest(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return signed_of(value);
 }
 
+/* Old route i of chunk as a Laid, its parent from ids; 0, or -1 with SystemError if its id is
+ * not in ids. */
+static int
+read_slot_route(const Chunk *chunk, Py_ssize_t i, const IdIndex *ids, Laid *r)
+{
+    const uint64_t *cell = index_find(ids, chunk->ids[i]);
+    if (cell == NULL) {
+        PyErr_SetString(PyExc_SystemError, "a catalog route of the table is not in the IdIndex");
+        return -1;
+    }
+    r->id = chunk->ids[i];
+    r->group = chunk->groups[i];
+    r->state = chunk->states[i];
+    r->parent = cell[2];
+    if (i) {
+        r->start = bound_at(chunk, i - 1, &r->start_length);
+    }
+    else {
+        r->start = PyBytes_AS_STRING(chunk->lower);
+        r->start_length = PyBytes_GET_SIZE(chunk->lower);
+    }
+    r->end_length = 0;
+    if (i < chunk->n) {
+        r->end = bound_at(chunk, i, &r->end_length);
+    }
+    else if (chunk->upper != NULL) {
+        r->end = PyBytes_AS_STRING(chunk->upper);
+        r->end_length = PyBytes_GET_SIZE(chunk->upper);
+    }
+    else {
+        r->end = NULL;
+    }
+    return 0;
+}
+
+static uint64_t
+laid_hash(const Laid *r)
+{
+    return record_hash(r->id, r->start, r->start_length, r->end, r->end_length, r->group,
+                       (unsigned char)r->state, r->parent);
+}
+
+PyDoc_STRVAR(merge_doc,
+"merge(table, ids, dropped, upserts, chunk_size, /)\n--\n\n"
+"``(table, ids, hashes)``: the table whose routes are those of ``table`` whose id is not in the\n"
+"list ``dropped``, and the RouteDescriptors ``upserts`` (sorted by start), built as build()\n"
+"builds a table from them all (``ids`` gives the kept routes' parents); ``hashes`` maps the id\n"
+"of each route dropped to its hash in the catalog digest. None if ``table`` holds an ephemeral\n"
+"route, or if build() would return None. O(routes + upserts), one pass over both.");
+
+static PyObject *
+merge(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Chunk *index;
+    PyObject *chunks;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "merge() takes exactly 5 arguments");
+        return NULL;
+    }
+    if (unpack_table(args[0], &index, &chunks) < 0) {
+        return NULL;
+    }
+    if (!Py_IS_TYPE(args[1], &IdIndexType) || !PyList_CheckExact(args[2]) ||
+        !PyList_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "merge() takes a table, an IdIndex and two lists");
+        return NULL;
+    }
+    const IdIndex *old_ids = (const IdIndex *)args[1];
+    Py_ssize_t chunk_size = PyLong_AsSsize_t(args[4]);
+    if (chunk_size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (chunk_size < 1) {
+        PyErr_SetString(PyExc_ValueError, "chunk_size must be positive");
+        return NULL;
+    }
+    PyObject *dropped = args[2];
+    IdIndex *drop = index_alloc(PyList_GET_SIZE(dropped));
+    if (drop == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(dropped); i++) {
+        uint64_t id;
+        if (id_arg(PyList_GET_ITEM(dropped, i), &id) < 0 || (id && index_set(drop, id, 0, 0) < 0)) {
+            Py_DECREF(drop);
+            return NULL;
+        }
+    }
+    /* Tuples of our own: the merge lets other threads run now and then. */
+    PyObject *upserts = PyList_AsTuple(args[3]);
+    PyObject *held = PyList_AsTuple(chunks);
+    PyObject *hashes = PyDict_New();
+    PyObject *result = NULL;
+    IdIndex *ids = NULL;
+    Layout layout = {0};
+    int laid_out = 0;
+    if (upserts == NULL || held == NULL || hashes == NULL) {
+        goto done;
+    }
+    Py_ssize_t routes = PyTuple_GET_SIZE(upserts), k = PyTuple_GET_SIZE(held);
+    for (Py_ssize_t c = 0; c < k; c++) {
+        PyObject *chunk = PyTuple_GET_ITEM(held, c);
+        if (!Py_IS_TYPE(chunk, &ChunkType)) {
+            PyErr_SetString(PyExc_SystemError,
+                            "routing table is malformed: a chunk is not a Chunk");
+            goto done;
+        }
+        routes += ((Chunk *)chunk)->n + 1;
+    }
+    if (layout_alloc(&layout, routes) < 0) {
+        goto done;
+    }
+    laid_out = 1;
+    ids = index_alloc(routes);
+    if (ids == NULL) {
+        goto done;
+    }
+    Pacer pacer;
+    pacer_start(&pacer, 64);
+    Last last = {0};
+    Py_ssize_t u = 0, n_upserts = PyTuple_GET_SIZE(upserts);
+    Laid next;
+    int usual = 1;
+    if (n_upserts && !read_descriptor(PyTuple_GET_ITEM(upserts, 0), &next)) {
+        usual = 0;
+    }
+    for (Py_ssize_t c = 0; c < k && usual > 0; c++) {
+        const Chunk *chunk = (const Chunk *)PyTuple_GET_ITEM(held, c);
+        for (Py_ssize_t i = 0; i <= chunk->n && usual > 0; i++) {
+            pacer_tick(&pacer);
+            if (chunk->groups[i] == 0) {
+                continue;
+            }
+            if (chunk->ids[i] == 0) {
+                usual = 0;
+                break;
+            }
+            Laid old;
+            if (read_slot_route(chunk, i, old_ids, &old) < 0) {
+                goto done;
+            }
+            if (index_find(drop, old.id) != NULL) {
+                PyObject *id = PyLong_FromUnsignedLongLong(old.id);
+                PyObject *hash = signed_of(laid_hash(&old));
+                int failed = id == NULL || hash == NULL || PyDict_SetItem(hashes, id, hash) < 0;
+                Py_XDECREF(id);
+                Py_XDECREF(hash);
+                if (failed) {
+                    goto done;
+                }
+                continue;
+            }
+            while (usual > 0 && u < n_upserts &&
+                   compare_raw(next.start, next.start_length, old.start, old.start_length) < 0) {
+                usual = lay_route(&layout, ids, &next, &last);
+                if (usual > 0 && ++u < n_upserts &&
+                    !read_descriptor(PyTuple_GET_ITEM(upserts, u), &next)) {
+                    usual = 0;
+                }
+            }
+            if (usual > 0) {
+                usual = lay_route(&layout, ids, &old, &last);
+            }
+        }
+    }
+    while (usual > 0 && u < n_upserts) {
+        pacer_tick(&pacer);
+        usual = lay_route(&layout, ids, &next, &last);
+        if (usual > 0 && ++u < n_upserts &&
+            !read_descriptor(PyTuple_GET_ITEM(upserts, u), &next)) {
+            usual = 0;
+        }
+    }
+    if (usual < 0) {
+        goto done;
+    }
+    if (usual == 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    pacer.stride = 1;
+    PyObject *table = cut_into_chunks(&layout, chunk_size, &pacer);
+    if (table != NULL) {
+        result = PyTuple_Pack(3, table, (PyObject *)ids, hashes);
+        Py_DECREF(table);
+    }
+done:
+    if (laid_out) {
+        layout_free(&layout);
+    }
+    Py_XDECREF(ids);
+    Py_XDECREF(hashes);
+    Py_XDECREF(held);
+    Py_XDECREF(upserts);
+    Py_DECREF(drop);
+    return result;
+}
+
 PyDoc_STRVAR(usual_route_doc,
 "usual_route(route, /)\n--\n\n"
 "True if ``route`` is exactly a RouteDescriptor whose fields have their exact types and valid\n"
@@ -2271,6 +2857,7 @@ static PyMethodDef lookup_methods[] = {
     {"make_index", (PyCFunction)make_index, METH_O, make_index_doc},
     {"route_hash", (PyCFunction)(void (*)(void))route_hash, METH_FASTCALL, route_hash_doc},
     {"digest", (PyCFunction)(void (*)(void))digest, METH_FASTCALL, digest_doc},
+    {"merge", (PyCFunction)(void (*)(void))merge, METH_FASTCALL, merge_doc},
     {NULL, NULL, 0, NULL},
 };
 

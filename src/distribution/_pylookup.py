@@ -33,6 +33,7 @@ __all__ = [
     "find",
     "group",
     "make_index",
+    "merge",
     "route_hash",
     "usual_route",
 ]
@@ -53,6 +54,7 @@ _Table: TypeAlias = tuple[list[bytes], Any, list[Any]]
 _ONLY_BYTES = frozenset({bytes})
 
 _parent_of = attrgetter("parent_route_id")
+_start_of = attrgetter("start")
 
 
 class Chunk:
@@ -203,6 +205,21 @@ class Reader:
         found: Route | None = table[3].find(table, key)
         return found
 
+    def _group(self, keys: list[bytes]) -> list[tuple[Route, list[bytes]]]:
+        """``group(_table, keys)``: the groups of a list of bytes ``keys``. O(k log k) for k keys,
+        plus O(log routes) per group.
+
+        >>> from distribution import _pylookup
+        >>> route = Route(1, b"a", None, 1, RouteState.ACTIVE, 0)
+        >>> reader = Reader()
+        >>> reader._table = ([], [], [Chunk([b"a"], [None, route], None, None)], _pylookup)
+        >>> reader._group([b"b", b"0"]) == [(route, [b"b"])]
+        True
+        """
+        table = self._table
+        groups: list[tuple[Route, list[bytes]]] = table[3].group(table, keys)
+        return groups
+
 
 def make_index(tops: list[bytes]) -> list[bytes]:
     """The search index over ``tops``: here the list itself. O(1).
@@ -343,6 +360,46 @@ def digest(table: _Table, ids: dict[int, tuple[int, int]], /) -> int:
                 route_id, start, end, group_id, state, _ = route
                 value ^= route_hash(route_id, start, end, group_id, state, ids[route_id][1])
     return value
+
+
+def merge(
+    table: _Table,
+    ids: dict[int, tuple[int, int]],
+    dropped: list[int],
+    upserts: list[RouteDescriptor],
+    chunk_size: int,
+    /,
+) -> tuple[_Table, dict[int, tuple[int, int]], dict[int, int]] | None:
+    """``(table, ids, hashes)``: :func:`build` of the table's routes (parents from ``ids``) but
+    those whose id is in ``dropped``, and of ``upserts`` (sorted by start); ``hashes`` maps the
+    id of each route dropped to its hash in the catalog digest. None if the table holds an
+    ephemeral route, or if :func:`build` would return None. O(routes + upserts).
+
+    >>> table, ids = build((RouteDescriptor(1, b"a", None, 1),), 1024)
+    >>> merged, ids, hashes = merge(table, ids, [1], [RouteDescriptor(2, b"b", None, 1)], 1024)
+    >>> list(ids), hashes == {1: route_hash(1, b"a", None, 1, RouteState.ACTIVE, 0)}
+    ([2], True)
+    """
+    drop = set(dropped)
+    kept: list[RouteDescriptor] = []
+    hashes: dict[int, int] = {}
+    for chunk in table[2]:
+        for r in chunk._slots:
+            if r is None:
+                continue
+            if not r.route_id:
+                return None
+            d = RouteDescriptor(r.route_id, r.start, r.end, r.group_id, r.state, ids[r.route_id][1])
+            if d.route_id in drop:
+                hashes[d.route_id] = route_hash(*d)
+            else:
+                kept.append(d)
+    # Stable: a kept route sharing its start with an upsert comes first, as in the C merge.
+    routes = sorted(kept + upserts, key=_start_of)
+    built = build(routes, chunk_size)
+    if built is None:
+        return None
+    return built[0], built[1], hashes
 
 
 def prefix(key: bytes) -> int:
