@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
-from standby import StreamingPair, streaming_pair
+from standby import StreamingPair, free_port, streaming_pair
 from waiting import wait_until
 
 from distribution import CatalogSnapshot, Engine, RouteDescriptor
@@ -395,3 +395,30 @@ def test_a_standing_failure_is_read_again_without_notifications(store: CatalogSt
         syncs = watcher.syncs
         time.sleep(2.5)
         assert watcher.syncs == syncs
+
+
+def test_a_verification_that_fails_is_retried_after_a_backoff_not_at_once(
+    database_url: str, store: CatalogStore
+) -> None:
+    """Versions taken from notifications whose confirmation fails (the read engine down, say):
+    the confirmation is retried after the backoff, not again and again with no wait (its
+    deadline, long past, must not keep the loop from sleeping)."""
+    seed(store)
+    engine = Engine()
+    engine.apply_snapshot(store.snapshot())
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    with (
+        CatalogStore.from_url(database_url, read_url=down) as split_store,
+        CatalogWatcher(split_store, engine, interval=0.05, heartbeat=3600) as watcher,
+    ):
+        wait_until(lambda: watcher.listening)
+        written = split(store)
+        wait_until(lambda: engine.version == written, "the change the notification carries")
+        wait_until(lambda: watcher.errors["CatalogUnavailableError"] >= 2, "the confirmation")
+        errors = watcher.errors["CatalogUnavailableError"]
+        time.sleep(3)
+        attempts = watcher.errors["CatalogUnavailableError"] - errors
+        # Backing off from 0.05 s up to MAX_BACKOFF: about 6 attempts in 3 s; with no wait,
+        # thousands (a refused connection fails in well under a millisecond).
+        assert attempts <= 20, attempts
+        assert watcher.verified_version < written

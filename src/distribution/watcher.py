@@ -824,13 +824,15 @@ class CatalogWatcher:
 
     def _check_due(self) -> float | None:
         """When the catalog's HEAD is to be read next while listening: a retry after a failure,
-        or the confirmation of unverified versions (a trailing debounce: once notifications
+        else the confirmation of unverified versions (a trailing debounce: once notifications
         pause, or once the oldest is old enough); None when nothing is due."""
-        due = self._retry_at
+        if self._retry_at is not None:
+            # The retry confirms them too; a confirmation that failed is long due, and must not
+            # cut the backoff short.
+            return self._retry_at
         if self._unverified_from is not None:
-            verify = min(self._notified_at + VERIFY_QUIET, self._unverified_since + VERIFY_MAX)
-            due = verify if due is None else min(due, verify)
-        return due
+            return min(self._notified_at + VERIFY_QUIET, self._unverified_since + VERIFY_MAX)
+        return None
 
     def _slice_end(self, source: NotificationSource, now: float) -> float:
         """When a wait must end so that a stop is seen: after a short slice, unless
