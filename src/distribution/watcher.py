@@ -92,6 +92,7 @@ from typing import Self
 
 import sqlalchemy as sa
 
+from distribution._retry import Backoff, Outage
 from distribution.catalog import (
     DEFAULT_CHANGES_LIMIT,
     NOTIFY_CHANNEL,
@@ -172,29 +173,6 @@ def _read_head(sa_engine: sa.Engine) -> CatalogHead:
     with single_statement(sa_engine) as connection:
         version, digest, standby = connection.execute(statements.HEAD).one()
     return CatalogHead(version, digest, standby)
-
-
-class _Backoff:
-    """Waits between attempts: full jitter between ``base`` and ``base * 2**attempt``, capped at
-    :data:`MAX_BACKOFF`."""
-
-    def __init__(self, base: float) -> None:
-        self._base = base
-        self._attempt = 0
-
-    def next(self) -> float:
-        """The wait before the next attempt; O(1)."""
-        ceiling = min(MAX_BACKOFF, self._base * 2.0 ** min(self._attempt, 64))
-        self._attempt += 1
-        return random.uniform(self._base, max(self._base, ceiling))
-
-    @property
-    def attempts(self) -> int:
-        """The waits drawn since the last :meth:`reset`. O(1)."""
-        return self._attempt
-
-    def reset(self) -> None:
-        self._attempt = 0
 
 
 class CatalogWatcher:
@@ -296,8 +274,8 @@ class CatalogWatcher:
         self._source: NotificationSource | None = None
         self._reader: CatalogStore | None = None
         # Backoffs: of connecting (or subscribing), and of reads an unreachable catalog failed.
-        self._link_retry = _Backoff(self._interval)
-        self._read_retry = _Backoff(self._interval)
+        self._link_retry = Backoff(self._interval, cap=MAX_BACKOFF)
+        self._read_retry = Backoff(self._interval, cap=MAX_BACKOFF)
         self._linked_at = 0.0
         self._next_connect = 0.0
         self._next_poll = 0.0
@@ -312,8 +290,8 @@ class CatalogWatcher:
         self._standby = False
         self._told_standby = False
         self._listen_refused = False
-        # When the running outage began (``time.monotonic()``) and its failed attempts so far.
-        self._outage: tuple[float, int] | None = None
+        # The catalog (or the source of notifications) unreachable: logged when it begins and ends.
+        self._outage = Outage()
 
     @property
     def logger(self) -> logging.Logger:
@@ -1046,25 +1024,20 @@ class CatalogWatcher:
         self.last_error = exc
         self.errors[type(exc).__name__] += 1
         if isinstance(exc, ConnectionError):
-            first = self._outage is None
-            began, attempts = self._outage or (time.monotonic(), 0)
-            self._outage = (began, attempts + 1)
+            first = self._outage.failed()
         else:
             first = previous is None or isinstance(previous, EngineDivergedError)
         self._logger.log(logging.WARNING if first else logging.DEBUG, "%s: %s", what, exc)
 
     def _end_outage(self) -> None:
         """The catalog (or the source of notifications) answers again: say so once, at INFO."""
-        if self._outage is None:
-            return
-        began, attempts = self._outage
-        self._outage = None
-        self._logger.info(
-            "catalog watcher reached the catalog again after an outage of %.1fs "
-            "(%d failed attempts)",
-            time.monotonic() - began,
-            attempts,
-        )
+        ended = self._outage.end()
+        if ended is not None:
+            self._logger.info(
+                "catalog watcher reached the catalog again after an outage of %.1fs "
+                "(%d failed attempts)",
+                *ended,
+            )
 
 
 def run_catalog_watcher(
