@@ -579,7 +579,9 @@ class CatalogWatcher:
         """Connect, sync, then keep the Engine in step until ``stop`` is set, then return.
 
         Read and apply failures are logged, recorded in :attr:`last_error`, and retried; they
-        never end the loop.
+        never end the loop. Setting ``stop`` ends a sleep at once, and a wait for notifications
+        within a second (:meth:`stop` interrupts it at once for a run it started).
+        O(changes applied) a sync; nothing is sent while idle but the heartbeat.
         """
         self._halt = stop
         reads_over_connection = self._holds_connection and self._catalog.reads_from_primary
@@ -871,7 +873,8 @@ class CatalogWatcher:
         )
 
     def start(self) -> None:
-        """Run the watcher on a background thread named ``distribution-catalog-watcher``."""
+        """Run the watcher on a background thread named ``distribution-catalog-watcher``; a
+        RuntimeError if it runs already. Each run opens its connection anew. O(1)."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("the watcher is already running")
         # Each run has its own stop event, so a run still winding down is never revived.
@@ -882,10 +885,17 @@ class CatalogWatcher:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the background thread and wait for it (up to ``timeout`` seconds)."""
+        """Stop the background thread and wait for it (up to ``timeout`` seconds).
+
+        Any thread may call it: it interrupts the wait for notifications in progress (the
+        source's ``interrupt()``, which only wakes the waiting thread, so it is safe on a
+        connection that thread is reading over), and the watcher's sleeps end at once. A read
+        under way finishes first. O(1) besides the join.
+        """
         self._stop.set()
         # The thread may be waiting for notifications with no deadline but its next heartbeat.
-        source = self._source or self._connection
+        # (None compared: a source that defines __len__ is false while empty.)
+        source = self._source if self._source is not None else self._connection
         # Sources written before interrupt() joined the protocol lack it: their waits are sliced.
         interrupt = getattr(source, "interrupt", None)
         if interrupt is not None:
@@ -1046,5 +1056,6 @@ def run_catalog_watcher(
     logger: logging.Logger | None = None,
     stop: threading.Event | None = None,
 ) -> None:
-    """Run a :class:`CatalogWatcher` in the calling thread until ``stop`` is set (or forever)."""
+    """Run a :class:`CatalogWatcher` in the calling thread until ``stop`` is set (or forever);
+    see :meth:`CatalogWatcher.run`."""
     CatalogWatcher(catalog, engine, logger=logger).run(stop or threading.Event())
