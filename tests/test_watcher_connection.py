@@ -8,6 +8,7 @@ from the primary. Faults are real: ``CONNECTION LIMIT``, ``pg_terminate_backend`
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -422,3 +423,49 @@ def test_a_verification_that_fails_is_retried_after_a_backoff_not_at_once(
         # thousands (a refused connection fails in well under a millisecond).
         assert attempts <= 20, attempts
         assert watcher.verified_version < written
+
+
+def test_stop_from_another_thread_ends_the_run_whatever_it_is_doing(
+    store: CatalogStore, admin: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    """stop() races the watcher's thread at random moments (connecting, reading over its
+    connection while writes flow, waiting with no deadline for an hour once they stop,
+    reconnecting after its backend was terminated): every run ends, none misses its interrupt,
+    and the Engine still follows the catalog on the next start."""
+    seed(store)
+    engine = Engine()
+    watcher = CatalogWatcher(store, engine, heartbeat=3600, read_jitter=0)
+    rng = random.Random(17)
+    for run in range(12):
+        writing = threading.Event()
+        writing.set()
+
+        def write(writing: threading.Event = writing) -> None:
+            while writing.is_set():
+                split(store)
+                time.sleep(0.005)
+
+        writer = threading.Thread(target=write, name="writer")
+        writer.start()
+        try:
+            watcher.start()
+            time.sleep(rng.uniform(0, 0.3))
+            if run % 3 == 2:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name LIKE 'distribution-watcher%'"
+                )
+            if run % 2:
+                # Writes stop: only stop() can end the wait the watcher falls into.
+                writing.clear()
+                writer.join()
+                time.sleep(rng.uniform(0, 0.3))
+            watcher.stop(timeout=20)
+        finally:
+            writing.clear()
+            writer.join()
+        assert watcher._thread is None, f"run {run} did not end"
+        assert not watcher.listening
+    with watcher:
+        wait_until(lambda: engine.version == store.version(), "following after the races")
+    assert mirrors(engine, store.snapshot())
