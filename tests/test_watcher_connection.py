@@ -8,6 +8,7 @@ from the primary. Faults are real: ``CONNECTION LIMIT``, ``pg_terminate_backend`
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
-from standby import StreamingPair, streaming_pair
+from standby import StreamingPair, free_port, streaming_pair
 from waiting import wait_until
 
 from distribution import CatalogSnapshot, Engine, RouteDescriptor
@@ -395,3 +396,76 @@ def test_a_standing_failure_is_read_again_without_notifications(store: CatalogSt
         syncs = watcher.syncs
         time.sleep(2.5)
         assert watcher.syncs == syncs
+
+
+def test_a_verification_that_fails_is_retried_after_a_backoff_not_at_once(
+    database_url: str, store: CatalogStore
+) -> None:
+    """Versions taken from notifications whose confirmation fails (the read engine down, say):
+    the confirmation is retried after the backoff, not again and again with no wait (its
+    deadline, long past, must not keep the loop from sleeping)."""
+    seed(store)
+    engine = Engine()
+    engine.apply_snapshot(store.snapshot())
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    with (
+        CatalogStore.from_url(database_url, read_url=down) as split_store,
+        CatalogWatcher(split_store, engine, interval=0.05, heartbeat=3600) as watcher,
+    ):
+        wait_until(lambda: watcher.listening)
+        written = split(store)
+        wait_until(lambda: engine.version == written, "the change the notification carries")
+        wait_until(lambda: watcher.errors["CatalogUnavailableError"] >= 2, "the confirmation")
+        errors = watcher.errors["CatalogUnavailableError"]
+        time.sleep(3)
+        attempts = watcher.errors["CatalogUnavailableError"] - errors
+        # Backing off from 0.05 s up to MAX_BACKOFF: about 6 attempts in 3 s; with no wait,
+        # thousands (a refused connection fails in well under a millisecond).
+        assert attempts <= 20, attempts
+        assert watcher.verified_version < written
+
+
+def test_stop_from_another_thread_ends_the_run_whatever_it_is_doing(
+    store: CatalogStore, admin: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    """stop() races the watcher's thread at random moments (connecting, reading over its
+    connection while writes flow, waiting with no deadline for an hour once they stop,
+    reconnecting after its backend was terminated): every run ends, none misses its interrupt,
+    and the Engine still follows the catalog on the next start."""
+    seed(store)
+    engine = Engine()
+    watcher = CatalogWatcher(store, engine, heartbeat=3600, read_jitter=0)
+    rng = random.Random(17)
+    for run in range(12):
+        writing = threading.Event()
+        writing.set()
+
+        def write(writing: threading.Event = writing) -> None:
+            while writing.is_set():
+                split(store)
+                time.sleep(0.005)
+
+        writer = threading.Thread(target=write, name="writer")
+        writer.start()
+        try:
+            watcher.start()
+            time.sleep(rng.uniform(0, 0.3))
+            if run % 3 == 2:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name LIKE 'distribution-watcher%'"
+                )
+            if run % 2:
+                # Writes stop: only stop() can end the wait the watcher falls into.
+                writing.clear()
+                writer.join()
+                time.sleep(rng.uniform(0, 0.3))
+            watcher.stop(timeout=20)
+        finally:
+            writing.clear()
+            writer.join()
+        assert watcher._thread is None, f"run {run} did not end"
+        assert not watcher.listening
+    with watcher:
+        wait_until(lambda: engine.version == store.version(), "following after the races")
+    assert mirrors(engine, store.snapshot())

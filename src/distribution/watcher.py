@@ -92,6 +92,7 @@ from typing import Self
 
 import sqlalchemy as sa
 
+from distribution._retry import Backoff, Outage
 from distribution.catalog import (
     DEFAULT_CHANGES_LIMIT,
     NOTIFY_CHANNEL,
@@ -172,29 +173,6 @@ def _read_head(sa_engine: sa.Engine) -> CatalogHead:
     with single_statement(sa_engine) as connection:
         version, digest, standby = connection.execute(statements.HEAD).one()
     return CatalogHead(version, digest, standby)
-
-
-class _Backoff:
-    """Waits between attempts: full jitter between ``base`` and ``base * 2**attempt``, capped at
-    :data:`MAX_BACKOFF`."""
-
-    def __init__(self, base: float) -> None:
-        self._base = base
-        self._attempt = 0
-
-    def next(self) -> float:
-        """The wait before the next attempt; O(1)."""
-        ceiling = min(MAX_BACKOFF, self._base * 2.0 ** min(self._attempt, 64))
-        self._attempt += 1
-        return random.uniform(self._base, max(self._base, ceiling))
-
-    @property
-    def attempts(self) -> int:
-        """The waits drawn since the last :meth:`reset`. O(1)."""
-        return self._attempt
-
-    def reset(self) -> None:
-        self._attempt = 0
 
 
 class CatalogWatcher:
@@ -296,8 +274,8 @@ class CatalogWatcher:
         self._source: NotificationSource | None = None
         self._reader: CatalogStore | None = None
         # Backoffs: of connecting (or subscribing), and of reads an unreachable catalog failed.
-        self._link_retry = _Backoff(self._interval)
-        self._read_retry = _Backoff(self._interval)
+        self._link_retry = Backoff(self._interval, cap=MAX_BACKOFF)
+        self._read_retry = Backoff(self._interval, cap=MAX_BACKOFF)
         self._linked_at = 0.0
         self._next_connect = 0.0
         self._next_poll = 0.0
@@ -312,8 +290,8 @@ class CatalogWatcher:
         self._standby = False
         self._told_standby = False
         self._listen_refused = False
-        # When the running outage began (``time.monotonic()``) and its failed attempts so far.
-        self._outage: tuple[float, int] | None = None
+        # The catalog (or the source of notifications) unreachable: logged when it begins and ends.
+        self._outage = Outage()
 
     @property
     def logger(self) -> logging.Logger:
@@ -601,7 +579,9 @@ class CatalogWatcher:
         """Connect, sync, then keep the Engine in step until ``stop`` is set, then return.
 
         Read and apply failures are logged, recorded in :attr:`last_error`, and retried; they
-        never end the loop.
+        never end the loop. Setting ``stop`` ends a sleep at once, and a wait for notifications
+        within a second (:meth:`stop` interrupts it at once for a run it started).
+        O(changes applied) a sync; nothing is sent while idle but the heartbeat.
         """
         self._halt = stop
         reads_over_connection = self._holds_connection and self._catalog.reads_from_primary
@@ -824,13 +804,15 @@ class CatalogWatcher:
 
     def _check_due(self) -> float | None:
         """When the catalog's HEAD is to be read next while listening: a retry after a failure,
-        or the confirmation of unverified versions (a trailing debounce: once notifications
+        else the confirmation of unverified versions (a trailing debounce: once notifications
         pause, or once the oldest is old enough); None when nothing is due."""
-        due = self._retry_at
+        if self._retry_at is not None:
+            # The retry confirms them too; a confirmation that failed is long due, and must not
+            # cut the backoff short.
+            return self._retry_at
         if self._unverified_from is not None:
-            verify = min(self._notified_at + VERIFY_QUIET, self._unverified_since + VERIFY_MAX)
-            due = verify if due is None else min(due, verify)
-        return due
+            return min(self._notified_at + VERIFY_QUIET, self._unverified_since + VERIFY_MAX)
+        return None
 
     def _slice_end(self, source: NotificationSource, now: float) -> float:
         """When a wait must end so that a stop is seen: after a short slice, unless
@@ -891,7 +873,8 @@ class CatalogWatcher:
         )
 
     def start(self) -> None:
-        """Run the watcher on a background thread named ``distribution-catalog-watcher``."""
+        """Run the watcher on a background thread named ``distribution-catalog-watcher``; a
+        RuntimeError if it runs already. Each run opens its connection anew. O(1)."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("the watcher is already running")
         # Each run has its own stop event, so a run still winding down is never revived.
@@ -902,10 +885,17 @@ class CatalogWatcher:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the background thread and wait for it (up to ``timeout`` seconds)."""
+        """Stop the background thread and wait for it (up to ``timeout`` seconds).
+
+        Any thread may call it: it interrupts the wait for notifications in progress (the
+        source's ``interrupt()``, which only wakes the waiting thread, so it is safe on a
+        connection that thread is reading over), and the watcher's sleeps end at once. A read
+        under way finishes first. O(1) besides the join.
+        """
         self._stop.set()
         # The thread may be waiting for notifications with no deadline but its next heartbeat.
-        source = self._source or self._connection
+        # (None compared: a source that defines __len__ is false while empty.)
+        source = self._source if self._source is not None else self._connection
         # Sources written before interrupt() joined the protocol lack it: their waits are sliced.
         interrupt = getattr(source, "interrupt", None)
         if interrupt is not None:
@@ -1044,25 +1034,20 @@ class CatalogWatcher:
         self.last_error = exc
         self.errors[type(exc).__name__] += 1
         if isinstance(exc, ConnectionError):
-            first = self._outage is None
-            began, attempts = self._outage or (time.monotonic(), 0)
-            self._outage = (began, attempts + 1)
+            first = self._outage.failed()
         else:
             first = previous is None or isinstance(previous, EngineDivergedError)
         self._logger.log(logging.WARNING if first else logging.DEBUG, "%s: %s", what, exc)
 
     def _end_outage(self) -> None:
         """The catalog (or the source of notifications) answers again: say so once, at INFO."""
-        if self._outage is None:
-            return
-        began, attempts = self._outage
-        self._outage = None
-        self._logger.info(
-            "catalog watcher reached the catalog again after an outage of %.1fs "
-            "(%d failed attempts)",
-            time.monotonic() - began,
-            attempts,
-        )
+        ended = self._outage.end()
+        if ended is not None:
+            self._logger.info(
+                "catalog watcher reached the catalog again after an outage of %.1fs "
+                "(%d failed attempts)",
+                *ended,
+            )
 
 
 def run_catalog_watcher(
@@ -1071,5 +1056,6 @@ def run_catalog_watcher(
     logger: logging.Logger | None = None,
     stop: threading.Event | None = None,
 ) -> None:
-    """Run a :class:`CatalogWatcher` in the calling thread until ``stop`` is set (or forever)."""
+    """Run a :class:`CatalogWatcher` in the calling thread until ``stop`` is set (or forever);
+    see :meth:`CatalogWatcher.run`."""
     CatalogWatcher(catalog, engine, logger=logger).run(stop or threading.Event())

@@ -259,7 +259,7 @@ class CatalogListener:
             self._waker.send(b"\0")
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (a later :meth:`interrupt` does nothing). O(1)."""
         self._connection.close()
         self._wake.close()
         self._waker.close()

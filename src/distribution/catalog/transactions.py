@@ -109,7 +109,8 @@ def driver_cursor(connection: sa.Connection) -> psycopg.Cursor[Any]:
 
 
 def dedicated_connection(sa_engine: sa.Engine) -> psycopg.Connection[Any]:
-    """A psycopg connection taken out of the pool for good, in autocommit (to LISTEN on)."""
+    """A psycopg connection taken out of the pool for good, in autocommit (to LISTEN on): one
+    connection attempt (or none, taken from the pool), one rollback. O(1)."""
     with translated_errors():
         pooled = sa_engine.raw_connection()
         # Read the driver connection now: once detached, the pooled proxy no longer reports it.
