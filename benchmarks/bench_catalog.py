@@ -3,7 +3,9 @@
 * floor A: a bare psycopg round trip (``SELECT 1``);
 * floor B: the bare compare-and-set transaction on a raw psycopg connection (the conditional
   ``UPDATE distribution_meta … WHERE version = %s`` and a commit);
-* ``snapshot()`` beside a bare binary fetch of the same rows as plain tuples (target <= 2x);
+* ``snapshot()`` beside a bare binary fetch of the same rows as plain tuples (target <= 2x),
+  and the reset ``changes_since`` answers a version behind the history window with, beside
+  ``snapshot()`` (the same read);
 * ``save()`` of the whole catalog with one route changed, beside ``snapshot()`` (target <= 2x):
   from the version the store has just read (it sends only the change), and from a store behind
   (stores take turns, each saving from a version another wrote: it reads the catalog first);
@@ -229,6 +231,21 @@ def snapshot_case(store: CatalogStore) -> Case:
     return case
 
 
+def reset_case(store: CatalogStore) -> Case:
+    """``changes_since(0)`` on a catalog whose history window starts after version 0: a reset
+    carrying every live route."""
+
+    def case() -> float:
+        started = time.perf_counter_ns()
+        answer = store.changes_since(0)
+        took = _micros(started)
+        assert answer.reset is not None
+        del answer
+        return took
+
+    return case
+
+
 class _Catalog:
     """The routes the save cases of one catalog share, with the version they saved last."""
 
@@ -244,17 +261,20 @@ class _Catalog:
 
 def save_case(catalog: Catalog, shared: _Catalog, seed: int) -> Case:
     """Save the whole catalog with one route changed (a different route each time), as a
-    service does: from the version it has just read, through the store that read it, which
-    then sends only the change."""
+    service does: from the snapshot it has just read and still holds, through the store that
+    read it, which then sends only the change."""
     store = catalog.store
     rng = random.Random(seed)
 
     def case() -> float:
-        shared.version = store.snapshot().version
+        snapshot = store.snapshot()
+        shared.version = snapshot.version
         shared.change_one(rng)
         started = time.perf_counter_ns()
         shared.version = store.save(shared.version, shared.routes, actor="bench").version
-        return _micros(started)
+        took = _micros(started)
+        del snapshot
+        return took
 
     return case
 
@@ -357,11 +377,17 @@ def _snapshot_rows(plan: Plan, catalogs: dict[int, Catalog], stack: ExitStack) -
     for size in plan.snapshot_sizes:
         catalog = catalogs[size]
         repeats = plan.bulk_rounds[size]
-        progress(f"catalog: snapshot() of {_label(size)} ({repeats} interleaved repetitions)")
+        progress(
+            f"catalog: snapshot() and a reset of {_label(size)} "
+            f"({repeats} interleaved repetitions)"
+        )
+        # Version 0 falls out of the history window: changes_since(0) answers with a reset.
+        catalog.store.prune_history(keep_versions=1)
         result = _measure(
             {
                 "bare": bare_fetch_case(catalog.url, stack),
                 "snapshot": snapshot_case(catalog.store),
+                "reset": reset_case(catalog.store),
             },
             repeats,
             warmup=2,
@@ -374,6 +400,16 @@ def _snapshot_rows(plan: Plan, catalogs: dict[int, Catalog], stack: ExitStack) -
                 "ms",
                 "bare fetch (target <= 2x)",
                 result["bare"].median / 1000,
+            )
+        )
+        rows.append(
+            Row(
+                "catalog changes_since() reset",
+                _label(size),
+                result["reset"].median / 1000,
+                "ms",
+                "snapshot()",
+                result["snapshot"].median / 1000,
             )
         )
     return rows

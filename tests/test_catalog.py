@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime
 import functools
+import gc
 import hashlib
 import importlib
 import json
@@ -18,6 +19,7 @@ import logging
 import operator
 import random
 import threading
+import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -250,6 +252,76 @@ def test_close_leaves_a_callers_engine_alone(database_url: str) -> None:
         assert CatalogStore(engine).version() == 0
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("read_sa_engine", "message"),
+    [
+        ("postgresql://postgres@127.0.0.1/catalog", "read_sa_engine must be a SQLAlchemy Engine"),
+        (sa.create_engine("sqlite://"), "got sqlite"),
+    ],
+    ids=["a url", "sqlite"],
+)
+def test_store_refuses_a_read_engine_it_cannot_use(
+    database_url: str, read_sa_engine: Any, message: str
+) -> None:
+    engine = create_engine(database_url)
+    try:
+        with pytest.raises(TypeError, match=message):
+            CatalogStore(engine, read_sa_engine=read_sa_engine)
+    finally:
+        engine.dispose()
+
+
+def test_from_url_refuses_another_database_to_read_from(database_url: str, tmp_path: Any) -> None:
+    with pytest.raises(ValueError):
+        CatalogStore.from_url(database_url, read_url=f"sqlite:///{tmp_path}/catalog.db")
+
+
+def test_a_store_without_a_read_engine_reads_from_the_primary(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        for store in (CatalogStore(engine), CatalogStore(engine, read_sa_engine=engine)):
+            assert store.reads_from_primary
+            assert store.read_sa_engine is store.sa_engine is engine
+            assert store.primary is store
+    finally:
+        engine.dispose()
+
+
+def test_close_disposes_both_engines_from_url_made(database_url: str) -> None:
+    """Reads check connections out of the read engine's pool alone; writes out of the
+    primary's; close() empties both."""
+    with CatalogStore.from_url(database_url, read_url=database_url) as store:
+        assert not store.reads_from_primary
+        assert store.read_sa_engine is not store.sa_engine
+        primary = store.primary
+        assert primary is store.primary and primary.reads_from_primary
+        assert primary.sa_engine is primary.read_sa_engine is store.sa_engine
+        assert store.snapshot() == EMPTY and store.head() == CatalogHead(0, 0)
+        assert (store.version(), store.next_route_id(), store.history()) == (0, 1, [])
+        assert store.changes_since(0) == CatalogChangeSet(head=CatalogHead(0, 0))
+        assert store.sa_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+        assert store.read_sa_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+        store.save(0, chain(3))
+        assert store.sa_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+        primary.close()  # a no-op: the store's engines stay
+        assert store.sa_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+        assert primary.snapshot().routes == store.snapshot().routes == tuple(chain(3))
+    assert store.sa_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+    assert store.read_sa_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+
+
+def test_close_leaves_a_callers_read_engine_alone(database_url: str) -> None:
+    engine, read_engine = create_engine(database_url), create_engine(database_url)
+    try:
+        with CatalogStore(engine, read_sa_engine=read_engine) as store:
+            assert store.read_sa_engine is read_engine
+            assert store.snapshot() == EMPTY
+        assert read_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
+        read_engine.dispose()
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,6 +717,10 @@ def test_u64_values_keep_their_whole_range(store: CatalogStore, value: int) -> N
     assert store.snapshot().routes == tuple(routes)
     assert store.snapshot_at(1).routes == tuple(routes)
     assert store.changes_since(0).changes[0].upserts == tuple(routes)
+    store.save(1, routes)
+    store.prune_history(keep_versions=1)
+    reset = store.changes_since(0).reset
+    assert reset is not None and reset.routes == tuple(routes)
 
 
 CATALOG_LOGGER = "distribution.catalog"
@@ -666,8 +742,13 @@ def save_paths(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         "all" if "sent all" in record.getMessage() else "change"
         for record in caplog.records
-        if record.name == CATALOG_LOGGER and record.getMessage().startswith("save from")
+        if record.name == CATALOG_LOGGER
+        and record.getMessage().startswith("save from")
+        and ": sent " in record.getMessage()
     ]
+
+
+READ_FIRST = "reading the live routes first"
 
 
 def test_the_digest_follows_every_kind_of_write(
@@ -822,11 +903,11 @@ def test_routes_changed_behind_the_store_are_caught_by_the_digest(
     """A restore from another backup, say: the database refuses such writes from anyone but an
     owner who turns its guards off."""
     caplog.set_level(logging.DEBUG, logger=CATALOG_LOGGER)
-    version = store.save(0, chain(10)).version
+    held = store.save(0, chain(10))  # held: the store compares with what it wrote
     params = [u64_to_db(5)] if "%s" in behind_the_store else []
     unguarded(behind_the_store, params)
     wanted = replace(chain(10), 7, group_id=2)
-    saved = store.save(version, wanted)
+    saved = store.save(held.version, wanted)
     assert save_paths(caplog) == ["all", "all"]
     assert store.snapshot().routes == saved.routes == tuple(wanted)
     assert scalar(raw, "SELECT digest FROM distribution_meta") == expected_digest(wanted)
@@ -842,7 +923,7 @@ def test_a_catalog_changed_behind_the_store_is_saved_whole(
     rebuilt, since the store read it) gets every route: the change alone would keep the
     stranger's routes."""
     caplog.set_level(logging.DEBUG, logger=CATALOG_LOGGER)
-    version = store.save(0, chain(100)).version
+    held = store.save(0, chain(100))  # held: the store compares with what it wrote
     # An owner rewrites route 5 in place, keeping the version (the guards off): no library write
     # does that.
     unguarded(
@@ -850,11 +931,62 @@ def test_a_catalog_changed_behind_the_store_is_saved_whole(
         [u64_to_db(9), u64_to_db(5)],
     )
     wanted = replace(chain(100), 7, group_id=2)
-    saved = store.save(version, wanted)
+    saved = store.save(held.version, wanted)
     assert save_paths(caplog) == ["all", "all"]
     assert "holds other routes than this store read" in caplog.text
     assert store.snapshot().routes == saved.routes == tuple(wanted)
     assert scalar(raw, "SELECT digest FROM distribution_meta") == expected_digest(wanted)
+
+
+def test_a_save_from_a_held_snapshot_reads_nothing_first(
+    store: CatalogStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer that holds the snapshot it saves from (read or written) sends the change alone;
+    once it drops it, a save reads the live routes first, and still sends the change alone."""
+    caplog.set_level(logging.DEBUG, logger=CATALOG_LOGGER)
+    store.save(0, chain(1000))  # dropped at once
+    snapshot = store.snapshot()
+    caplog.clear()
+    saved = store.save(snapshot.version, replace(snapshot.routes, 7, group_id=2))
+    again = store.save(saved.version, replace(saved.routes, 8, group_id=2))
+    assert READ_FIRST not in caplog.text
+    assert save_paths(caplog) == ["change", "change"]
+    version = again.version
+    del snapshot, saved, again
+    gc.collect()
+    caplog.clear()
+    routes = replace(chain(1000), 9, group_id=2)
+    assert store.save(version, routes).routes == by_start(routes)
+    assert READ_FIRST in caplog.text
+    assert save_paths(caplog) == ["change"]
+    assert "sent 3 new or changed and 0 retired of 1000 routes" in caplog.text
+
+
+def test_a_store_keeps_no_copy_of_a_snapshot_its_caller_dropped(
+    store: CatalogStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A service that only reads (it builds its Engine from a snapshot and drops it) holds no
+    second copy of the routes in its store; a writer holding its snapshot still saves the
+    change alone."""
+    caplog.set_level(logging.DEBUG, logger=CATALOG_LOGGER)
+    store.save(0, chain(100_000))
+    gc.collect()
+    caplog.clear()
+    tracemalloc.start()
+    try:
+        snapshot = store.snapshot()
+        routes = replace(snapshot.routes, 70_000, group_id=2)
+        saved = store.save(snapshot.version, routes)
+        held = tracemalloc.get_traced_memory()[0]
+        del snapshot, routes, saved
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert READ_FIRST not in caplog.text
+    assert "sent 1 new or changed and 0 retired of 100000 routes" in caplog.text
+    assert held > 10_000_000, f"{held:,} bytes"  # the 100,000 routes: the measure sees them
+    assert kept < 1_000_000, f"the store keeps {kept:,} bytes"
 
 
 def replace_at(routes: list[RouteDescriptor], index: int, **changes: Any) -> list[Any]:
@@ -1133,6 +1265,24 @@ def test_changes_since_resets_after_pruning(store: CatalogStore) -> None:
     assert [c.version for c in store.changes_since(5).changes] == [6, 7]
     with pytest.raises(CatalogVersionAheadError):
         store.changes_since(8)
+
+
+def test_a_reset_is_the_snapshot_of_the_head_it_comes_with(store: CatalogStore) -> None:
+    """Read as a snapshot is (column arrays), in the same transaction as the head: the same
+    routes, version, read_ts and digest, for a catalog of many routes and for an emptied one."""
+    version = store.save(0, list(reversed(chain(2000)))).version
+    version = store.split_route(700, key(699) + b"m", version).version
+    store.prune_history(keep_versions=1)
+    answer = store.changes_since(0)
+    snapshot = store.snapshot()
+    assert answer.changes == () and answer.reset == snapshot
+    assert answer.reset.digest == snapshot.digest == routes_digest(snapshot.routes)
+    assert answer.head == CatalogHead(version, routes_digest(snapshot.routes))
+    store.save(version, [])
+    store.prune_history(keep_versions=1)
+    assert store.changes_since(0) == CatalogChangeSet(
+        reset=CatalogSnapshot(version + 1, (), version + 1), head=CatalogHead(version + 1, 0)
+    )
 
 
 def test_history_has_one_entry_per_write(store: CatalogStore) -> None:

@@ -107,13 +107,14 @@ class Route(NamedTuple):
     load: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class CatalogSnapshot:
     """A consistent point-in-time view of the catalog.
 
     ``read_ts`` is the catalog version the snapshot was read at. ``digest`` is the catalog's route
     digest at ``version`` (see :func:`distribution.codec.routes_digest`) when the snapshot was
-    read with it, else None.
+    read with it, else None. Weakly referenceable: a catalog store remembers the snapshot it
+    last returned only while its caller holds it.
     """
 
     version: int

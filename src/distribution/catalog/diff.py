@@ -1,9 +1,9 @@
 """What a save sends: the routes it is given, validated, compared with the routes the store knows.
 
-A store keeps the routes of the version it last read or wrote (:class:`KnownRoutes`). Saving from
-that version, it sends only the routes that changed (:func:`change_from`), once the catalog's
-digest shows the catalog still holds the known routes; otherwise it sends every route and the
-server diffs them.
+A store knows the routes of the version it last read or wrote, while its caller holds the
+snapshot it returned (or else reads them first). Saving from that version, it sends only the
+routes that changed (:func:`change_from`), once the catalog's digest shows the catalog still
+holds the known routes; otherwise it sends every route and the server diffs them.
 """
 
 from __future__ import annotations
@@ -22,22 +22,13 @@ from distribution.types import (
     validate_route_table,
 )
 
-__all__ = ["Change", "KnownRoutes", "KnownRoutesStale", "catalog_table", "change_from"]
+__all__ = ["Change", "KnownRoutesStale", "catalog_table", "change_from"]
 
 #: Above this many changed routes (or this fraction of them), sending every route is as cheap.
 CHANGE_LIMIT = 1024
 CHANGE_FRACTION = 8
 
 _route_id = attrgetter("route_id")
-
-
-@dataclass(frozen=True, slots=True)
-class KnownRoutes:
-    """The routes of the catalog at ``version``, whose digest was then ``digest``."""
-
-    version: int
-    digest: int
-    routes: tuple[RouteDescriptor, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +77,16 @@ def catalog_table(routes: Iterable[RouteDescriptor]) -> tuple[RouteDescriptor, .
     return table
 
 
-def change_from(known: KnownRoutes, table: tuple[RouteDescriptor, ...]) -> Change | None:
-    """The change from ``known`` to a valid ``table``, or None when too many routes changed.
+def change_from(
+    known: tuple[RouteDescriptor, ...], table: tuple[RouteDescriptor, ...]
+) -> Change | None:
+    """The change from the ``known`` routes to a valid ``table``, or None when too many routes
+    changed.
 
     A route equal to the known route with its id is unchanged (its fields' types were checked,
     so equal means the same values). O(n), C-level passes only.
     """
-    known_by_id = dict(zip(map(_route_id, known.routes), known.routes, strict=True))
+    known_by_id = dict(zip(map(_route_id, known), known, strict=True))
     route_ids = list(map(_route_id, table))
     previous = map(known_by_id.get, route_ids)
     upserts = tuple(compress(table, map(ne, table, previous)))

@@ -33,8 +33,9 @@ def ensure_catalog_snapshot(catalog: CatalogStore | None, engine: Engine | None)
 
     An empty catalog (version 0, no routes) is seeded from the Engine's routes in key order, with
     ids 1, 2, 3, … (group and state kept, parent 0), as version 1. An existing catalog is left
-    alone. When two services seed at once, one wins and the other adopts the winner's catalog.
-    Either way the result is applied to the Engine.
+    alone. When two services seed at once, one wins and the other adopts the winner's catalog,
+    read from the primary (a store's read engine, a standby, may not have it yet). Either way the
+    result is applied to the Engine.
     """
     catalog, engine = check_catalog_and_engine(catalog, engine)
     snapshot = catalog.snapshot()
@@ -52,6 +53,6 @@ def ensure_catalog_snapshot(catalog: CatalogStore | None, engine: Engine | None)
         try:
             snapshot = catalog.save(0, seed, actor="ensure_catalog_snapshot")
         except CatalogVersionMismatchError:
-            snapshot = catalog.snapshot()
+            snapshot = catalog.primary.snapshot()
     engine.apply_snapshot(snapshot)
     return snapshot

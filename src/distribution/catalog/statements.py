@@ -31,7 +31,6 @@ __all__ = [
     "HISTORY",
     "HISTORY_DIGESTS",
     "HISTORY_NEWEST_FIRST",
-    "LIVE_ROUTES",
     "LIVE_SNAPSHOT",
     "META",
     "META_FOR_UPDATE",
@@ -68,8 +67,9 @@ _route_start = attrgetter("start")
 
 # -- hot paths: text SQL on the psycopg connection ---------------------------------------------
 
-#: snapshot(): the version, the digest of the live routes, and the live routes as six arrays, one
-#: per column, in one statement (one result, so an error comes alone) pipelined with the BEGIN.
+#: snapshot() and a reset of changes_since(): the version, the digest of the live routes, and the
+#: live routes as six arrays, one per column, in one statement (one result, so an error comes
+#: alone; snapshot() pipelines it with the BEGIN).
 #: Fetching columns skips building a tuple per row and transposing the rows afterwards; the six
 #: aggregates run in one pass over the same rows, so the arrays stay aligned whatever order the
 #: rows come in. u64 columns come with their sign bit flipped: that gives the u64 itself as a
@@ -167,8 +167,6 @@ META_FOR_UPDATE = META.with_for_update()
 NEXT_ROUTE_ID_AT = sa.select(_history.c.next_route_id).where(
     _history.c.version == sa.bindparam("read_ts")
 )
-#: The live routes, in key order.
-LIVE_ROUTES = sa.select(*_route_columns).where(RouteRecord.live_at()).order_by(_routes.c.start)
 #: The routes live at version ``read_ts``, in key order.
 ROUTES_AT = (
     sa.select(*_route_columns)

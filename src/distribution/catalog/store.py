@@ -15,8 +15,8 @@ an id, read the catalog (its version and :meth:`CatalogStore.history`) before wr
 blind retry of a write that did commit fails with a version mismatch, or, with a newer expected
 version, writes twice.
 
-A snapshot fetches the routes as six column arrays; a save sends only the routes that changed
-when the store knows the version it saves from (see :mod:`~distribution.catalog.diff`), and
+A snapshot (and a reset of the change feed) fetches the routes as six column arrays; a save
+sends only the routes that changed when few did (see :mod:`~distribution.catalog.diff`), and
 otherwise copies every route to the server, which diffs them; the operations (split, merge,
 state, move) are one call to a server-side function each, whatever the catalog's size.
 """
@@ -24,6 +24,7 @@ state, move) are one call to a server-side function each, whatever the catalog's
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Self
@@ -35,7 +36,6 @@ from distribution.bulk import paused_gc
 from distribution.catalog import statements
 from distribution.catalog.diff import (
     Change,
-    KnownRoutes,
     KnownRoutesStale,
     catalog_table,
     change_from,
@@ -84,10 +84,23 @@ class CatalogStore(CatalogOperations):
     engine's pool for the duration of one transaction (see
     :mod:`~distribution.catalog.transactions`).
 
-    The store keeps the routes of the last version it read or wrote (the tuple its last
-    snapshot or save returned): a save compares its routes with those, and sends only the routes
-    that changed, after checking the catalog's digest (the database keeps a hash of its live
-    routes, so a change is applied only to the routes it was computed from).
+    Reads may run elsewhere than writes. Given ``read_sa_engine`` (or :meth:`from_url`'s
+    ``read_url``): a hot standby, or a PgBouncer in front of several, the reads
+    (:meth:`snapshot`, :meth:`snapshot_at`, :meth:`head`, :meth:`version`,
+    :meth:`next_route_id`, :meth:`next_route_id_at`, :meth:`changes_since`, :meth:`history`)
+    run there, and lag behind the primary as the standby does (a head read there says
+    ``standby``). Writes, a save's own read of the live routes, :meth:`prune_history` and
+    :meth:`listen` run on ``sa_engine``, the primary; :attr:`primary` reads there too, for a read
+    that must not lag. A write sent to a standby (``sa_engine`` on one) raises
+    :class:`~distribution.CatalogReadOnlyError` having changed nothing.
+
+    A save from the version of the snapshot this store last returned (by :meth:`snapshot` or
+    :meth:`save`), while its caller still holds that snapshot, compares its routes with the
+    snapshot's and sends only the routes that changed, after checking the catalog's digest (the
+    database keeps a hash of its live routes, so a change is applied only to the routes it was
+    computed from); a save from any other version reads the live routes from the primary first.
+    The store keeps only a weak reference to that snapshot: a service that only reads holds no
+    second copy of the routes once it drops the snapshot (having built its Engine, say).
     """
 
     def __init__(
@@ -103,8 +116,11 @@ class CatalogStore(CatalogOperations):
         # front of several), or the primary itself.
         self._read_sa_engine = read_sa_engine or sa_engine
         self._owns_sa_engine = False
-        #: The routes of the version this store last read or wrote (replaced in one assignment).
-        self._known: KnownRoutes | None = None
+        # The snapshot this store last returned, while its caller holds it (replaced in one
+        # assignment): what a save from its version compares the new routes with.
+        self._known: weakref.ref[CatalogSnapshot] | None = None
+        # What `primary` returns when it is not this store.
+        self._primary = None if self.reads_from_primary else CatalogStore(sa_engine)
 
     @classmethod
     def from_url(cls, url: str, *, read_url: str | None = None, **engine_options: Any) -> Self:
@@ -112,7 +128,7 @@ class CatalogStore(CatalogOperations):
 
         ``read_url``, when given, is where the store reads (a hot standby, or a PgBouncer in
         front of several): writes, and LISTEN, stay on ``url``, the primary. Both engines take
-        ``engine_options``.
+        ``engine_options``, and :meth:`close` disposes both.
         """
         sa_engine = create_engine(url, **engine_options)
         read_sa_engine = None if read_url is None else create_engine(read_url, **engine_options)
@@ -138,11 +154,9 @@ class CatalogStore(CatalogOperations):
     @property
     def primary(self) -> CatalogStore:
         """This store when it reads from the primary; else a store on the same primary engine
-        that reads there too (for a read a standby cannot answer yet). Closing it is a no-op.
-        O(1)."""
-        if self.reads_from_primary:
-            return self
-        return CatalogStore(self._sa_engine)
+        that reads there too (for a read a standby cannot answer yet), always the same one.
+        Closing it is a no-op. O(1)."""
+        return self if self._primary is None else self._primary
 
     def close(self) -> None:
         """Dispose of the SQLAlchemy engines if the store created them; a no-op otherwise."""
@@ -172,17 +186,16 @@ class CatalogStore(CatalogOperations):
         return self._remember(self._read_live(self._read_sa_engine))
 
     @staticmethod
-    def _read_live(sa_engine: sa.Engine) -> KnownRoutes:
+    def _read_live(sa_engine: sa.Engine) -> CatalogSnapshot:
         """The version, digest and live routes, read in one REPEATABLE READ transaction."""
-        with transaction(sa_engine, read_only=True) as connection:
-            cursor = driver_cursor(connection)
+        with (
+            transaction(sa_engine, read_only=True) as connection,
+            driver_cursor(connection) as cursor,
+        ):
             # Pipelined: BEGIN and the query travel in one round trip.
             with cursor.connection.pipeline():
                 cursor.execute(statements.LIVE_SNAPSHOT)
-            with paused_gc():
-                version, digest, *columns = _fetch_one(cursor)
-                routes = statements.column_descriptors(columns)
-        return KnownRoutes(u64_from_db(version), digest, routes)
+            return _live_snapshot(cursor)
 
     def snapshot_at(self, read_ts: int) -> CatalogSnapshot:
         """Read the catalog exactly as it was at version ``read_ts``; O(rows kept in history).
@@ -237,8 +250,9 @@ class CatalogStore(CatalogOperations):
         read in the same transaction.
 
         When ``version`` predates the history window, the answer is a ``reset`` carrying a full
-        snapshot instead. Raises :class:`~distribution.CatalogVersionAheadError` for a version the
-        catalog has not reached. O(routes changed in the versions returned).
+        snapshot instead, read as :meth:`snapshot` reads it (O(n)). Raises
+        :class:`~distribution.CatalogVersionAheadError` for a version the catalog has not
+        reached. O(routes changed in the versions returned).
         """
         check_u64("version", version)
         _check_count("limit", limit, minimum=1)
@@ -253,16 +267,11 @@ class CatalogStore(CatalogOperations):
                 # Nothing newer (a watcher's safety poll, most often): no more queries.
                 return CatalogChangeSet(head=head)
             if version < floor:
-                with paused_gc():
-                    routes = statements.descriptors(
-                        connection.execute(statements.LIVE_ROUTES).all()
-                    )
-                return CatalogChangeSet(
-                    reset=CatalogSnapshot(
-                        version=current, routes=routes, read_ts=current, digest=digest
-                    ),
-                    head=head,
-                )
+                # The live routes as column arrays, as a snapshot reads them, in this
+                # transaction: the same version and digest as the head.
+                with driver_cursor(connection) as cursor:
+                    cursor.execute(statements.LIVE_SNAPSHOT)
+                    return CatalogChangeSet(reset=_live_snapshot(cursor), head=head)
             last = min(current, version + limit)
             bounds = {"after": version, "last": last}
             opened = connection.execute(statements.OPENED_ROUTES, bounds).all()
@@ -322,9 +331,10 @@ class CatalogStore(CatalogOperations):
         descriptors in place of the given ones).
 
         What travels: the store compares ``routes`` (C-level, by id) with the catalog at
-        ``expected_version``, as it last read or wrote it, or else as it reads it first, and sends
-        only the routes that changed, once the catalog's digest shows it still holds the routes
-        compared against. When many routes changed, every route is copied to the server and
+        ``expected_version``, as the snapshot it last returned holds it (while the caller holds
+        that snapshot), or else as it reads it first from the primary, and sends only the routes
+        that changed, once the catalog's digest shows it still holds the routes compared
+        against. When many routes changed, every route is copied to the server and
         diffed there. O(n) in the number of routes, with little Python work per route, and
         O(changes) written.
 
@@ -343,15 +353,19 @@ class CatalogStore(CatalogOperations):
             table = catalog_table(routes)
         check_route_bounds(table)
         request = Request.of(request_id, "save", [expected_version, actor, next_route_id, *table])
-        known = self._known
+        known = None if self._known is None else self._known()
         if known is None or known.version != expected_version:
             # Reading the live routes and sending what changed costs far less than sending
             # every route for the server to diff.
+            _logger.debug(
+                "save from version %d: reading the live routes first (no snapshot of that "
+                "version held)",
+                expected_version,
+            )
             known = self._read_live(self._sa_engine)
-            self._known = known
         if known.version == expected_version:
             with paused_gc():
-                change = change_from(known, table)
+                change = change_from(known.routes, table)
             if change is not None:
                 try:
                     return self._save_change(
@@ -386,12 +400,12 @@ class CatalogStore(CatalogOperations):
             cursor.execute(statements.SAVE_DESIRED, [written, actor])
             digest = _fetch_one(cursor.execute(statements.DIGEST))[0]
         _logger.debug("save from version %d: sent all %d routes", expected_version, len(table))
-        return self._remember(KnownRoutes(u64_from_db(written), digest, table))
+        return self._remember(_snapshot(u64_from_db(written), digest, table))
 
     def _save_change(
         self,
         expected_version: int,
-        known: KnownRoutes,
+        known: CatalogSnapshot,
         change: Change,
         actor: str | None,
         next_route_id: int | None,
@@ -424,14 +438,13 @@ class CatalogStore(CatalogOperations):
             len(change.deletes),
             len(change.table),
         )
-        return self._remember(KnownRoutes(u64_from_db(written), digest, change.table))
+        return self._remember(_snapshot(u64_from_db(written), digest, change.table))
 
-    def _remember(self, known: KnownRoutes) -> CatalogSnapshot:
-        """Keep ``known`` as the catalog this store last read or wrote; return it as a snapshot."""
-        self._known = known
-        return CatalogSnapshot(
-            version=known.version, routes=known.routes, read_ts=known.version, digest=known.digest
-        )
+    def _remember(self, snapshot: CatalogSnapshot) -> CatalogSnapshot:
+        """Remember ``snapshot`` as the catalog this store last read or wrote, for as long as
+        its caller holds it; return it."""
+        self._known = weakref.ref(snapshot)
+        return snapshot
 
     def prune_history(self, keep_versions: int = DEFAULT_HISTORY_VERSIONS) -> int:
         """Drop history older than the newest ``keep_versions`` versions; returns the new floor.
@@ -486,13 +499,27 @@ def _begin_write(cursor: psycopg.Cursor[Any], expected_version: int) -> int:
     return written
 
 
-def _saved(connection: sa.Connection, stored_version: int, digest: int) -> KnownRoutes:
+def _snapshot(version: int, digest: int, routes: tuple[RouteDescriptor, ...]) -> CatalogSnapshot:
+    """The catalog at ``version``, whose digest was then ``digest``, read or written by a store."""
+    return CatalogSnapshot(version=version, routes=routes, read_ts=version, digest=digest)
+
+
+def _live_snapshot(cursor: psycopg.Cursor[Any]) -> CatalogSnapshot:
+    """The snapshot :data:`~distribution.catalog.statements.LIVE_SNAPSHOT`, just run on
+    ``cursor``, read: O(n), with C-level passes over its column arrays."""
+    with paused_gc():
+        version, digest, *columns = _fetch_one(cursor)
+        routes = statements.column_descriptors(columns)
+    return _snapshot(u64_from_db(version), digest, routes)
+
+
+def _saved(connection: sa.Connection, stored_version: int, digest: int) -> CatalogSnapshot:
     """The routes a save named by a request id wrote earlier, at the version it wrote."""
     version = u64_from_db(stored_version)
     with paused_gc():
         rows = connection.execute(statements.ROUTES_AT, {"read_ts": version}).all()
         routes = statements.descriptors(rows)
-    return KnownRoutes(version, digest, routes)
+    return _snapshot(version, digest, routes)
 
 
 def _raise_next_route_id(cursor: psycopg.Cursor[Any], next_route_id: int | None) -> None:
