@@ -25,7 +25,7 @@ reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
   connections on the standby too;
 * idle catalog transactions a second on the primary (and on the standby), over 10 s with nothing
   written (``pg_stat_database.xact_commit``, whose delta counts every statement outside an
-  explicit transaction and each transaction once; our own read subtracted), started 10 s after the
+  explicit transaction and each transaction once; our own read subtracted), started 11 s after the
   last write so that statistics a backend holds back (PostgreSQL flushes them at most once a
   second, else after 10 s idle) are in; and the server's "too many clients" log lines a second;
 * over 50 writes (one-route splits) about a second apart (0.9 to 1.1 s, at a random phase
@@ -84,14 +84,15 @@ _WATCHERS_PER_PROCESS = 50
 _WRITE_GAP = 1.0
 #: How many routes the reset storm's write moves: far too many for one notification (8000 bytes).
 _STORM_ROUTES = 1_000
-# PostgreSQL flushes a backend's statistics at most once a second, or after 10 s idle.
-_STATS_FLUSH = 10.0
+# PostgreSQL flushes a backend's statistics at most once a second, or after 10 s idle: the idle
+# window starts this long after the last statement, so that it counts none from before.
+_STATS_FLUSH = 11.0
 # How long the benchmark waits for one more process to become ready before it goes on anyway.
 _SETTLE = 120.0
 # How many processes start at once.
 _BATCH = 10
 _SERVICE_ROLE = "bench_service"
-_FLEET_NAMES = ("bench-watcher", "bench-probe")
+_FLEET = "fleet"
 _RELAY_NAME = "distribution-relay"
 
 
@@ -215,14 +216,16 @@ def _one(url: str, query: str) -> list[tuple[object, ...]]:
         return cursor.fetchall() if cursor.description else []
 
 
+# The fleet (its watchers and the probe) is every connection of the services' role: a watcher's
+# listening connection renames itself for the fleet roll call.
 _CONNECTIONS = (
-    "SELECT application_name, count(*) FROM pg_stat_activity "
-    "WHERE datname = current_database() GROUP BY 1"
+    f"SELECT CASE WHEN usename = '{_SERVICE_ROLE}' THEN '{_FLEET}' ELSE application_name END, "
+    "count(*) FROM pg_stat_activity WHERE datname = current_database() GROUP BY 1"
 )
 # Catalog reads running now on the server the fleet reads from.
 _READS_RUNNING = (
     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-    f"AND state = 'active' AND application_name IN {_FLEET_NAMES!r}"
+    f"AND state = 'active' AND usename = '{_SERVICE_ROLE}'"
 )
 
 
@@ -377,7 +380,7 @@ def _measure(
             _wait_all(fleet, first, config.watchers, 30.0)
             following = len(_held(fleet, first))
             # Idle: nothing written, once the statistics of what came before are flushed.
-            time.sleep(min(idle, _STATS_FLUSH))
+            time.sleep(_STATS_FLUSH)
             log_before = _too_many_clients(servers.log)
             commits_before = _commits(servers.url)
             standby_before = _commits(servers.reads_url) if servers.read_url else 0
@@ -440,7 +443,7 @@ def _measure(
     rows = [
         Row(f"{label}: watchers following", size, following, "watchers"),
         Row(f"{label}: fleet connections on the primary, peak", size,
-            primary.peak(_FLEET_NAMES), "conn", per_watcher, following),
+            primary.peak([_FLEET]), "conn", per_watcher, following),
         Row(f"{label}: idle transactions on the primary", size, commits / elapsed, "/s",
             per_watcher, following),
         Row(f"{label}: commit-to-visible, probe p50", size, probe_ms.median, "ms"),
@@ -463,7 +466,7 @@ def _measure(
             Row(f"{label}: relay connections on the primary, peak", "2 relays",
                 primary.peak([_RELAY_NAME]), "conn"),
             Row(f"{label}: fleet connections on the standby, peak", size,
-                reading.peak(_FLEET_NAMES), "conn", per_watcher, following),
+                reading.peak([_FLEET]), "conn", per_watcher, following),
         ]
         rows.insert(5, Row(f"{label}: idle transactions on the standby", size,
                            standby_commits / elapsed, "/s", per_watcher, following))
