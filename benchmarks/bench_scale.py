@@ -35,9 +35,10 @@ reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
 * the CPU the fleet's processes spent per write, over the writes (idle work included), beside
   what they spend a second while idle;
 * a reset storm: one write moving 1,000 routes (far too large for a notification, so every
-  watcher reads the change from the catalog): the time until the last watcher holds it, how many
-  watchers finished in the busiest 100 ms, and the peak of catalog reads running at once on the
-  server the fleet reads from (sampled every 50 ms).
+  watcher reads the change from the catalog): the time until the last watcher holds it, and
+  until half of them do, how many watchers finished in the busiest 100 ms (the count for every
+  100 ms goes to stderr), and the peak of catalog reads running at once on the server the fleet
+  reads from (sampled every 50 ms).
 
 ``--quick``: 10 direct watchers and 20 on NATS over a 1,000-route catalog, 5 writes. The NATS
 rows are left out, saying so, when no NATS server answers on 127.0.0.1:4222.
@@ -438,6 +439,9 @@ def _measure(
     probe_ms = summarize(probe_latency or [math.nan])
     last_ms = summarize(last_latency or [math.nan])
     buckets = Counter(int((when - storm_commit) * 10) for when in storm_finished)
+    progress(f"scale: {config.path} {config.watchers}: reset storm, watchers done per 100 ms: "
+             + " ".join(str(buckets[i]) for i in range(max(buckets, default=-1) + 1)))
+    storm_ms = summarize([(when - storm_commit) * 1e3 for when in storm_finished] or [math.nan])
     per_watcher = "per watcher following"
     storm = f"{label}: reset storm, {len(moved):,} routes moved"
     rows = [
@@ -454,6 +458,7 @@ def _measure(
         Row(f"{label}: fleet CPU while idle", size, idle_cpu / elapsed * 1e3, "ms/s"),
         Row(f"{storm}: duration", size,
             math.nan if storm_done is None else storm_done - storm_commit, "s"),
+        Row(f"{storm}: half the watchers done after", size, storm_ms.median / 1e3, "s"),
         Row(f"{storm}: watchers done in the busiest 100 ms", size,
             max(buckets.values(), default=0), "watchers", "watchers following", following),
         Row(f"{storm}: reads running at once, peak", size, running.peak_count(), "reads"),
