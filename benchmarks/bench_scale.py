@@ -32,8 +32,9 @@ reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
   against the watchers' timers), commit-to-visible at p50 and p99 for a probe watcher in its own
   process, and for the last watcher of the fleet to hold each write: from the writer's call
   returning to the watcher's Engine holding the version;
-* the CPU the fleet's processes spent per write, over the writes (idle work included), beside
-  what they spend a second while idle;
+* the CPU the fleet's processes spent per write, over the writes (idle work included), and what
+  they spend a second while idle; on the NATS path, the transactions on the standby per write
+  (the reads the fleet makes for them);
 * a reset storm: one write moving 1,000 routes (far too large for a notification, so every
   watcher reads the change from the catalog): the time until the last watcher holds it, and
   until half of them do, how many watchers finished in the busiest 100 ms (the count for every
@@ -400,6 +401,7 @@ def _measure(
             primary = _Sampler(servers.url, _CONNECTIONS, 0.5)
             reading = _Sampler(servers.reads_url, _CONNECTIONS, 0.5) if servers.read_url else None
             cpu_before = sum(p.cpu_seconds() for p in fleet)
+            reads_before = _commits(servers.reads_url) if servers.read_url else 0
             commits_at: dict[int, float] = {}
             for _ in range(writes):
                 time.sleep(random.uniform(0.9, 1.1) * _WRITE_GAP)
@@ -407,6 +409,7 @@ def _measure(
                 commits_at[version] = time.time()
             _wait_all(fleet, max(commits_at), following, 30.0)
             cpu = sum(p.cpu_seconds() for p in fleet) - cpu_before
+            reads = _commits(servers.reads_url) - reads_before - 2 if servers.read_url else 0
             probe_latency = _latencies(commits_at, [probe], 1)
             last_latency = _latencies(commits_at, fleet, following)
             # The reset storm: a change no notification carries, read by every watcher.
@@ -475,6 +478,8 @@ def _measure(
         ]
         rows.insert(5, Row(f"{label}: idle transactions on the standby", size,
                            standby_commits / elapsed, "/s", per_watcher, following))
+        rows.insert(11, Row(f"{label}: transactions on the standby per write", size,
+                            reads / writes, "/write", per_watcher, following))
     return rows
 
 
