@@ -533,6 +533,9 @@ def cmd_watch(session: Session) -> int:
             nats = None
             if args.nats:
                 nats = stack.enter_context(open_nats(session, "distribution-watch"))
+                # Connecting is under way; a watcher started before it ends would warn that it
+                # cannot subscribe, and back off.
+                nats.wait_connected(_WATCH_LISTEN_SECONDS)
             watcher = CatalogWatcher(
                 watcher_store,
                 engine,
