@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -450,6 +451,28 @@ def test_subscription_skips_messages_that_are_not_notifications(
         wait_until(lambda: bool(received.extend(subscription.wait(0.1)) or received), "the 7")
         assert received == [CatalogNotification(7, None)]
         subscription.close()
+
+
+def test_closing_a_subscription_wakes_the_thread_waiting_on_it(
+    nats_url: str, subject: str
+) -> None:
+    # A watcher stopping closes its source from another thread: its wait must not last its
+    # whole timeout.
+    with NatsNotifications(nats_url, subject) as nats:
+        assert nats.wait_connected(_TIMEOUT)
+        subscription = nats.subscribe()
+        returned: list[list[CatalogNotification]] = []
+        waiting = threading.Thread(
+            target=lambda: returned.append(subscription.wait(3600)), daemon=True
+        )
+        waiting.start()
+        subscription.close()
+        waiting.join(_TIMEOUT)
+        assert not waiting.is_alive()
+        assert returned == [[]]
+        # Closed, it returns at once, whatever is published.
+        nats.publish(b"7")
+        assert subscription.wait(3600) == []
 
 
 def test_subscribing_without_a_nats_server_fails_clearly(subject: str) -> None:

@@ -95,6 +95,8 @@ _WAIT_SLICE = 0.2
 _RECONNECT_WAIT = 0.5
 # What a subscription's queue holds after its connection dropped: what follows may be missing.
 _LOST: Final = object()
+# What a subscription's queue holds once it is closed: wakes a thread waiting on it.
+_CLOSED: Final = object()
 # How the relay reads the catalog's version on its listening connection (so that a relay holds
 # one connection on the primary): the version, stored shifted as every u64 is.
 _READ_VERSION = "SELECT version FROM distribution_meta"
@@ -138,15 +140,19 @@ class NatsSubscription:
         self._owner = owner
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._handle: Subscription | None = None
+        self._closed = False
 
     def wait(self, timeout: float) -> list[CatalogNotification]:
         """Wait up to ``timeout`` seconds for messages; return the notifications they carry.
 
         Returns as soon as one arrives, with any others already received; messages that are not
-        catalog notifications are logged and skipped. Raises
-        :class:`~distribution.NotificationsUnavailableError` once the connection dropped (what
-        was published meanwhile never arrives). O(messages).
+        catalog notifications are logged and skipped. Returns at once, with nothing more, once
+        the subscription is closed (:meth:`close`, from any thread, wakes a wait in progress).
+        Raises :class:`~distribution.NotificationsUnavailableError` once the connection dropped
+        (what was published meanwhile never arrives). O(messages).
         """
+        if self._closed:
+            return []
         try:
             received = [self._queue.get(timeout=timeout)]
         except queue.Empty:
@@ -158,6 +164,8 @@ class NatsSubscription:
                 break
         parsed = []
         for item in received:
+            if item is _CLOSED:
+                break
             if item is _LOST:
                 raise NotificationsUnavailableError("lost the NATS connection")
             try:
@@ -169,7 +177,10 @@ class NatsSubscription:
         return parsed
 
     def close(self) -> None:
-        """Unsubscribe (a no-op once the connection dropped or closed); O(1), not waiting."""
+        """Unsubscribe (a no-op once the connection dropped or closed), and wake a thread waiting
+        in :meth:`wait`, which returns; any thread may call it. O(1), not waiting."""
+        self._closed = True
+        self._queue.put(_CLOSED)
         self._owner._unsubscribe(self)
 
     def __enter__(self) -> Self:
