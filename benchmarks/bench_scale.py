@@ -473,12 +473,14 @@ def _measure(
         rows[2:2] = [
             Row(f"{label}: relay connections on the primary, peak", "2 relays",
                 primary.peak([_RELAY_NAME]), "conn"),
+            Row(f"{label}: fleet and relay connections on the primary, peak", size,
+                primary.peak([_FLEET, _RELAY_NAME]), "conn"),
             Row(f"{label}: fleet connections on the standby, peak", size,
                 reading.peak([_FLEET]), "conn", per_watcher, following),
         ]
-        rows.insert(5, Row(f"{label}: idle transactions on the standby", size,
+        rows.insert(6, Row(f"{label}: idle transactions on the standby", size,
                            standby_commits / elapsed, "/s", per_watcher, following))
-        rows.insert(11, Row(f"{label}: transactions on the standby per write", size,
+        rows.insert(12, Row(f"{label}: transactions on the standby per write", size,
                             reads / writes, "/write", per_watcher, following))
     return rows
 
