@@ -30,7 +30,7 @@ import psycopg
 
 from distribution.migrator import migrate
 
-__all__ = ["StreamingPair", "binaries_of", "streaming_pair"]
+__all__ = ["StreamingPair", "binaries_of", "free_port", "server_user", "streaming_pair"]
 
 _DATABASE = "catalog"
 _TIMEOUT = 60.0
@@ -70,15 +70,17 @@ def binaries_of(server_url: str) -> Path | None:
     return debian if (debian / "pg_basebackup").exists() else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
 
 
-def _server_user() -> str | None:
-    """PostgreSQL refuses to run as root: the system user to run it as then (None: as we are)."""
+def server_user() -> str | None:
+    """PostgreSQL (and PgBouncer) refuse to run as root: the system user to run them as then
+    (None: as we are)."""
     if os.geteuid() != 0:
         return None
     for name in ("postgres", "embedded_postgres"):
@@ -94,9 +96,9 @@ class StreamingPair:
     def __init__(self, binaries: Path, folder: Path) -> None:
         self._binaries = binaries
         self._folder = folder
-        self._user = _server_user()
-        self.primary_port = _free_port()
-        self.standby_port = _free_port()
+        self._user = server_user()
+        self.primary_port = free_port()
+        self.standby_port = free_port()
         self._running: list[Path] = []
 
     @classmethod
