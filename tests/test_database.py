@@ -6,19 +6,31 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 from distribution import (
     CatalogDataError,
+    CatalogStore,
     CatalogUnavailableError,
     DistributionError,
 )
 from distribution.catalog.transactions import driver_cursor, driver_transaction, transaction
 from distribution.database import create_engine, translate_error
+
+if TYPE_CHECKING:
+    from conftest import NewRole
+
+#: What a reader is granted (README.md, "Roles and privileges"), as NewRole grants.
+READER_GRANTS = (
+    'GRANT CONNECT ON DATABASE "{database}" TO "{role}"',
+    'GRANT USAGE ON SCHEMA public TO "{role}"',
+    'GRANT SELECT ON distribution_meta, distribution_routes, distribution_history TO "{role}"',
+)
 
 #: Past PostgreSQL's B-tree row limit (about 2,700 bytes), once random: it does not compress.
 PAST_THE_INDEX = 3000
@@ -121,3 +133,22 @@ def test_a_refused_connection_is_unavailability(database_url: str) -> None:
     with pytest.raises(psycopg.OperationalError) as raised:
         psycopg.connect(database_url, port=1, connect_timeout=5)
     assert isinstance(translate_error(raised.value), CatalogUnavailableError)
+
+
+def test_too_many_connections_is_unavailability(database_url: str, new_role: NewRole) -> None:
+    """A full server, or a role at its connection limit (SQLSTATE 53300): trying again later
+    may succeed, as after any refused connection."""
+    url = new_role("tier1_limited", database_url, READER_GRANTS)
+    role = make_url(url).username
+    with psycopg.connect(database_url, autocommit=True) as owner:
+        owner.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
+    with pytest.raises(psycopg.OperationalError) as raised:
+        psycopg.connect(url)
+    assert "too many connections" in str(raised.value)
+    assert isinstance(translate_error(raised.value), CatalogUnavailableError)
+    with CatalogStore.from_url(url) as store, pytest.raises(CatalogUnavailableError):
+        store.version()
+    # With its SQLSTATE, as a server sends it after the session began (a pooler, say).
+    refused = psycopg.errors.TooManyConnections("sorry, too many clients already")
+    assert refused.sqlstate == "53300"
+    assert isinstance(translate_error(refused), CatalogUnavailableError)

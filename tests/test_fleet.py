@@ -157,7 +157,8 @@ def test_a_watcher_that_lost_its_listener_answers_again_once_reconnected(
         first = roll_call(store).watchers[0].backend_pid
         with psycopg.connect(database_url, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", [first])
-        wait_until(lambda: roll_call(store).watchers[0].backend_pid != first)
+        # Until it has reconnected, a roll call may find no watcher at all.
+        wait_until(lambda: any(w.backend_pid != first for w in roll_call(store).watchers))
         report = roll_call(store)
         assert names(report.watchers) == ["a"]
         assert report.watchers[0].answered

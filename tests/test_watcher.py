@@ -46,6 +46,8 @@ def test_requires_catalog_and_engine(store: CatalogStore) -> None:
 def test_defaults_and_logger(store: CatalogStore) -> None:
     watcher = CatalogWatcher(store, Engine())
     assert watcher.interval == 0.1
+    assert watcher.heartbeat == 30.0
+    assert watcher.read_jitter == 0.25
     assert watcher.logger is logging.getLogger("distribution.watcher")
     mine = logging.getLogger("mine")
     assert CatalogWatcher(store, Engine(), logger=mine).logger is mine
@@ -146,7 +148,7 @@ def test_run_propagates_saves_by_notification(store: CatalogStore) -> None:
         store.split_route(1, b"f", 1)
         wait_until(lambda: engine.version == 2)
         # The small change came inside the notification: no catalog read was needed (but for
-        # the once-a-second safety poll, which may have run meanwhile).
+        # the check of the versions taken from notifications, a second after the first).
         assert watcher.notifications >= 2
         assert watcher.syncs - syncs <= int(time.monotonic() - started) + 1
         assert watcher.lag == 0

@@ -34,7 +34,7 @@ from distribution import (
     routes_digest,
 )
 from distribution.catalog import CatalogStore
-from distribution.watcher import CatalogWatcher
+from distribution.watcher import VERIFY_MAX, VERIFY_QUIET, CatalogWatcher
 
 if TYPE_CHECKING:
     from conftest import NewRole
@@ -133,12 +133,20 @@ class Fleet:
     snapshot reached the listeners."""
 
     def __init__(
-        self, store: CatalogStore, stack: ExitStack, *, trust_notifications: bool = True
+        self,
+        store: CatalogStore,
+        stack: ExitStack,
+        *,
+        trust_notifications: bool = True,
+        heartbeat: float = 30.0,
     ) -> None:
         self.store = store
         self.engines = [Engine() for _ in range(WATCHERS)]
         self.watchers = [
-            CatalogWatcher(store, e, trust_notifications=trust_notifications) for e in self.engines
+            CatalogWatcher(
+                store, e, trust_notifications=trust_notifications, heartbeat=heartbeat
+            )
+            for e in self.engines
         ]
         self.heard: list[list[CatalogChange | CatalogSnapshot]] = [[] for _ in self.watchers]
         self.diverged_seen = [0] * WATCHERS
@@ -268,8 +276,9 @@ def test_a_chain_of_a_thousand_lies_among_real_writes_is_undone(
 def test_lies_that_keep_coming_do_not_hold_off_the_safety_poll(
     store: CatalogStore, reader_url: str
 ) -> None:
-    """A forger sending a chain of lies one by one, without pause: the watchers read the catalog
-    and go back to it while the lies still arrive, not after."""
+    """A forger sending a chain of lies one by one, never pausing long enough for the watchers'
+    trailing check (VERIFY_QUIET): the watchers read the catalog and go back to it while the lies
+    still arrive, once the oldest unverified version is VERIFY_MAX old, not after."""
     store.save(0, routes(b"", b"g", b"t"))
     with ExitStack() as stack:
         fleet = Fleet(store, stack)
@@ -279,13 +288,14 @@ def test_lies_that_keep_coming_do_not_hold_off_the_safety_poll(
         before = fleet.repairs()
         started = time.monotonic()
         sent = 0
-        while time.monotonic() - started < UNDO_BOUND + 0.5:
+        while time.monotonic() - started < VERIFY_MAX + UNDO_BOUND:
             forger.send([forger.regroup()])
             sent += 1
+            time.sleep(VERIFY_QUIET / 10)
         assert all(r > b for r, b in zip(fleet.repairs(), before, strict=True)), (
-            f"no watcher repaired while {sent} lies arrived in {UNDO_BOUND + 0.5} s"
+            f"no watcher repaired while {sent} lies arrived in {VERIFY_MAX + UNDO_BOUND} s"
         )
-        fleet.undone_by(time.monotonic() + UNDO_BOUND, before)
+        fleet.undone_by(time.monotonic() + VERIFY_QUIET + UNDO_BOUND, before)
 
 
 def test_a_change_that_does_not_leave_its_digest_is_not_applied(
@@ -320,10 +330,12 @@ def test_a_raw_sql_change_at_the_same_version_is_repaired_at_the_next_read(
     """Routes changed under the catalog's version, as a database restored or rebuilt outside the
     library would hold them: the table owner writes with triggers off (as ``pg_restore
     --disable-triggers`` does, so whatever guards the tables does not run) and sets the digest
-    of the routes it left, as a restore brings it along."""
+    of the routes it left, as a restore brings it along. No notification tells of it: the
+    watchers' heartbeat (one statement once their connection has been quiet that long, here
+    half a second) finds it."""
     store.save(0, routes(b"", b"g", b"t"))
     with ExitStack() as stack:
-        fleet = Fleet(store, stack)
+        fleet = Fleet(store, stack, heartbeat=0.5)
         snapshot = fleet.settle()
         before = fleet.repairs()
         with psycopg.connect(database_url) as owner:
@@ -339,7 +351,7 @@ def test_a_raw_sql_change_at_the_same_version_is_repaired_at_the_next_read(
             )
         changed = store.snapshot()
         assert changed.version == snapshot.version and changed.digest != snapshot.digest
-        # Undone by the next safety poll, at most a second away.
+        # Undone by the next heartbeat, at most 0.75 s away.
         final = fleet.undone_by(time.monotonic() + UNDO_BOUND, before)
         assert [r.group_id for r in final.routes] == [1, 6, 1]
         wait_until(lambda: all(w.last_error is None for w in fleet.watchers))
@@ -422,7 +434,8 @@ def test_a_watcher_never_goes_back_behind_the_version_it_was_given(
         finally:
             forger.close()
         assert watcher.verified_version == 3
-        # The safety poll finds the catalog (at 1) behind the version given: the Engine stays.
+        # The check of the unverified version finds the catalog (at 1) behind the version
+        # given: the Engine stays.
         wait_until(lambda: isinstance(watcher.last_error, CatalogVersionAheadError))
         assert ahead.version == 4 and watcher.repairs == 0
         for version in range(1, 4):
@@ -457,9 +470,13 @@ def test_a_failure_to_read_the_catalog_stays_reported_while_notifications_are_ap
     database_url: str, store: CatalogStore, reader_url: str
 ) -> None:
     """Applying what notifications carry says nothing of the catalog: the watcher keeps reporting
-    that it cannot read it, between its failed reads as after them."""
+    that it cannot read it, between its failed reads as after them. (A short heartbeat makes the
+    idle watcher read, and find out, soon after the privilege goes.)"""
     store.save(0, routes(b"", b"g", b"t"))
-    with CatalogStore.from_url(reader_url) as reader, CatalogWatcher(reader, Engine()) as watcher:
+    with (
+        CatalogStore.from_url(reader_url) as reader,
+        CatalogWatcher(reader, Engine(), heartbeat=0.5) as watcher,
+    ):
         wait_until(lambda: watcher.listening and watcher.applied_version == 1)
         with psycopg.connect(database_url, autocommit=True) as owner:
             owner.execute(

@@ -86,8 +86,9 @@ _CONSTRAINT_ERRORS: Mapping[str, type[DistributionError]] = {
 
 
 # SQLSTATEs a server sends as it ends or refuses a session (administrator command, crash,
-# start-up or shut-down in progress, idle-session timeout): the connection is gone, as in class 08.
-_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P05"})
+# start-up or shut-down in progress, idle-session timeout, too many connections: to the server or
+# for the role): the connection is gone, as in class 08, and trying again later may succeed.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P05", "53300"})
 # SQLSTATE classes of values the server refuses: a data exception, a program limit exceeded
 # (a key too long for an index, a string past 1 GB). Sending the same value again fails again.
 _DATA_CLASSES = frozenset({"22", "54"})
@@ -136,8 +137,10 @@ def translate_error(exc: psycopg.Error) -> DistributionError:
     a refused privilege (:class:`~distribution.CatalogPermissionError`); a serialization
     failure (:class:`~distribution.CatalogVersionMismatchError`); a refused value, SQLSTATE
     class 22 or 54 (:class:`~distribution.CatalogDataError`, carrying the SQLSTATE); a lost or
-    refused connection: class 08, a session the server ended (57P01, 57P02, 57P03, 57P05), or a
-    driver error with no SQLSTATE (:class:`~distribution.CatalogUnavailableError`). Anything else
+    refused connection: class 08, a session the server ended (57P01, 57P02, 57P03, 57P05), too
+    many connections (53300: the server's ``max_connections``, or the role's ``CONNECTION
+    LIMIT``), or a driver error with no SQLSTATE (:class:`~distribution.CatalogUnavailableError`).
+    Anything else
     is a plain :class:`~distribution.DistributionError` naming its SQLSTATE: only a connection
     problem is unavailability, which callers retry.
 
@@ -146,6 +149,8 @@ def translate_error(exc: psycopg.Error) -> DistributionError:
     >>> translate_error(psycopg.errors.NumericValueOutOfRange("integer out of range")).sqlstate
     '22003'
     >>> type(translate_error(psycopg.OperationalError("server closed the connection")))
+    <class 'distribution.errors.CatalogUnavailableError'>
+    >>> type(translate_error(psycopg.errors.TooManyConnections("too many clients already")))
     <class 'distribution.errors.CatalogUnavailableError'>
     """
     sqlstate = exc.sqlstate or ""

@@ -1,11 +1,12 @@
 """Where a :class:`~distribution.CatalogWatcher` takes its notifications from.
 
-By default a watcher LISTENs on the catalog's own database (:meth:`CatalogStore.listen
-<distribution.CatalogStore.listen>`): one connection per service on the primary. A watcher may be
-given any other source of the same notifications instead, such as a NATS subscription fed by
-``distribution relay`` (:mod:`distribution.fanout`): it then holds no connection to the primary
-for them, and reads the catalog only for its first snapshot, after a gap, and for changes too
-large for one message.
+By default a watcher LISTENs on the catalog's own database, on the one connection it holds there
+(a :class:`~distribution.catalog.CatalogListener`, over which it also reads the catalog unless the
+store reads from a separate read engine): one connection per service on the primary. A watcher
+may be given any other source of the same notifications instead, such as a NATS subscription fed
+by ``distribution relay`` (:mod:`distribution.fanout`): it then holds no connection to the primary
+for them, and reads the catalog (through its store) only for its first snapshot, after a gap, for
+changes too large for one message, and to confirm the versions it took from notifications.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ class NotificationSource(Protocol):
     def wait(self, timeout: float) -> list[CatalogNotification]:
         """Wait up to ``timeout`` seconds; return the notifications that arrived (maybe none).
         O(notifications)."""
+        ...
+
+    def interrupt(self) -> None:
+        """Wake the thread blocked in :meth:`wait` (else the next wait), which returns ``[]`` at
+        once; the source stays usable. Any thread may call it, even once the source is closed.
+        A watcher's :meth:`~distribution.CatalogWatcher.stop` calls it. O(1)."""
         ...
 
     def close(self) -> None:

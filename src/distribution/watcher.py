@@ -4,9 +4,44 @@ The watcher LISTENs for the notification every catalog write sends on commit. A 
 carries its change in the payload and is applied with no query at all; otherwise the watcher
 asks :meth:`~distribution.CatalogStore.changes_since` for what it missed and applies it
 incrementally, falling back to a full snapshot (a reset) when the history no longer reaches back
-far enough or the changes do not continue from the Engine's version. Polling stays as the safety
-net, since notifications are lost while disconnected: at most once a second while listening, every
-``interval`` while not. A lost connection is retried with capped exponential backoff.
+far enough or the changes do not continue from the Engine's version.
+
+One connection per service. Following its catalog's own database, a watcher opens one dedicated
+connection and holds it: it LISTENs there, answers the fleet's roll calls there, and reads the
+catalog there, its first snapshot included (notifications that arrive during a read wait for the
+next wait). Its :class:`~distribution.CatalogStore`'s pool is never used by it. When the store
+reads from a separate read engine (``CatalogStore.from_url(url, read_url=...)``: a hot standby,
+or a PgBouncer before several), only LISTEN is on the primary and the reads go to the store; a
+watcher given another source of notifications (``notifications=``, NATS say) holds no connection
+of its own and reads through the store.
+
+No statement while idle. A listening watcher sends nothing while nothing happens: liveness comes
+from TCP keepalives (see :func:`~distribution.database.create_engine`) and, once its connection
+has been quiet (no notification received, no statement sent) for ``heartbeat`` seconds
+(:data:`DEFAULT_HEARTBEAT`, drawn anew between ``heartbeat`` and 1.5 times that so that a fleet
+spreads), a heartbeat of one statement: the catalog's version, digest and recovery state
+(``HEAD``). Its answer is also a check of the Engine, as below. A watcher that cannot listen
+(``listen=False``, a hot standby, or its source of notifications unavailable) polls every
+``interval`` seconds with that one statement, and reads more only when the catalog's version or
+digest differs from the Engine's. A watcher whose connection turns out to be to a hot standby
+(where LISTEN cannot run) says so once, at INFO, and polls.
+
+Outages. A connection lost after a while is opened again at once; from then on, connecting and
+the polls of an unreachable catalog back off: each wait is drawn at random between ``interval``
+and ``interval * 2**attempt`` seconds, capped at :data:`MAX_BACKOFF`, so that a fleet that lost
+its server (or found it full: "too many clients") does not come back all at once nor flood the
+server's log. A listening watcher waits for notifications until its next deadline (a heartbeat,
+a check), and :meth:`CatalogWatcher.stop` interrupts the wait. An outage is logged once,
+as a WARNING when it starts, and once at INFO when it ends (its duration and the attempts it
+took); the attempts in between are DEBUG lines, and counted in :attr:`CatalogWatcher.errors`.
+
+Reads many watchers would make at once (those a notification calls for: a change it did not
+carry, or a reset) wait a random delay of up to ``read_jitter`` seconds first
+(:data:`DEFAULT_READ_JITTER`), which spreads a fleet's reads; the first read at start does not.
+A read from a separate read engine (a standby), or from a hot standby, that is behind the newest
+version notified is tried again after 20 ms, then 40 ms and so on, for :data:`STANDBY_WAIT`
+seconds in all, then made on the primary (:attr:`CatalogStore.primary
+<distribution.CatalogStore.primary>`) when the store has a separate read engine.
 
 Every catalog read brings the catalog's route digest (see :func:`~distribution.codec.routes_digest`)
 with its version, and the Engine keeps the digest of the routes it holds. At equal versions, a
@@ -20,26 +55,34 @@ Anyone who can connect to the catalog database can NOTIFY its channel, so a noti
 claim, never the truth. The watcher applies a change carried in a notification only when it moves
 the Engine's version by exactly one, as a write does, and leaves the digest the notification
 claims (the Engine refuses it otherwise, and the watcher reads the catalog instead). A version
-applied that way is *unverified* until a catalog read confirms it, which the safety poll does
-within a second. :attr:`verified_version` is the newest version confirmed (the Engine's version
-when the watcher was given it counts as confirmed). A forged notification is therefore undone at
-the next catalog read: a lie at a version the catalog then reaches differs in digest, and when the
-catalog is behind an unverified version (a chain of lies ran ahead), the watcher goes back to the
-catalog, a repair as above. A hot standby behind an unverified version may only be lagging (the
-watcher reads from it while notifications come from the primary or a relay), so there the
-watcher keeps the Engine, as below, and checks those versions once the standby has replayed them. With ``trust_notifications=False`` the watcher applies nothing a
+applied that way is *unverified* until a catalog read confirms it: once no notification has
+arrived for :data:`VERIFY_QUIET` seconds, or, in a steady stream of them, once the oldest
+unverified version is :data:`VERIFY_MAX` seconds old, the watcher reads the catalog's ``HEAD``
+(one statement) and checks them all at once; an idle watcher reads nothing. (In a stream of
+writes a forgery is found sooner: the real write of its version comes with another digest.)
+:attr:`verified_version` is the newest version confirmed (the Engine's version when the watcher
+was given it counts as confirmed). A forged notification is therefore undone at the next catalog
+read: a lie at a version the catalog then reaches differs in digest, and when the catalog is
+behind an unverified version (a chain of lies ran ahead), the watcher goes back to the catalog, a
+repair as above. A hot standby behind an unverified version may only be lagging (the watcher
+reads from it while notifications come from the primary or a relay), so there the watcher keeps
+the Engine, as below, and checks those versions once the standby has replayed them (or, with a
+primary to ask, on the primary). With ``trust_notifications=False`` the watcher applies nothing a
 notification carries: notifications only wake it, and it reads every change from the catalog (one
 read for a burst of them).
 
 The Engine never goes back behind :attr:`verified_version`: a watcher pointed at a lagging replica
 (or a catalog restored from an older backup) applies nothing older, and reports the catalog behind
 it in :attr:`last_error` until the catalog passes the Engine's version again (then, should the
-catalog hold other routes at the Engine's version, a repair as above).
+catalog hold other routes at the Engine's version, a repair as above). While a failure stands,
+the watcher reads the catalog's ``HEAD`` again every :data:`RETRY_DELAY` seconds (backing off
+instead while the catalog cannot be reached).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import Counter
@@ -47,17 +90,24 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
 
+import sqlalchemy as sa
+
 from distribution.catalog import (
     DEFAULT_CHANGES_LIMIT,
+    NOTIFY_CHANNEL,
     CatalogListener,
     CatalogNotification,
     CatalogStore,
     check_catalog_and_engine,
+    statements,
 )
 from distribution.catalog.fleet import FleetMember, WatcherStatus
+from distribution.catalog.transactions import single_statement
 from distribution.engine import Engine
 from distribution.errors import (
+    CatalogUnavailableError,
     CatalogVersionAheadError,
+    DistributionError,
     EngineDigestMismatchError,
     EngineDivergedError,
     EngineSnapshotVersionGapError,
@@ -66,7 +116,19 @@ from distribution.errors import (
 from distribution.sources import NotificationSource, NotificationSourceFactory
 from distribution.types import CatalogChange, CatalogHead, CatalogSnapshot
 
-__all__ = ["DEFAULT_INTERVAL", "CatalogWatcher", "ChangeListener", "run_catalog_watcher"]
+__all__ = [
+    "DEFAULT_HEARTBEAT",
+    "DEFAULT_INTERVAL",
+    "DEFAULT_READ_JITTER",
+    "MAX_BACKOFF",
+    "RETRY_DELAY",
+    "STANDBY_WAIT",
+    "VERIFY_MAX",
+    "VERIFY_QUIET",
+    "CatalogWatcher",
+    "ChangeListener",
+    "run_catalog_watcher",
+]
 
 #: A callback told of what the watcher applied to the Engine: each change applied incrementally,
 #: in version order, or the snapshot applied whole (the first load of a fresh Engine, or a reset).
@@ -74,14 +136,65 @@ ChangeListener = Callable[[CatalogChange | CatalogSnapshot], None]
 
 _logger = logging.getLogger(__name__)
 
-#: How often the watcher polls while it cannot listen, in seconds (the seed's 100 ms).
+#: How often the watcher polls while it cannot listen, in seconds (the seed's 100 ms), and the
+#: first wait of its backoff.
 DEFAULT_INTERVAL = 0.1
-#: How often the watcher polls while listening: the safety net for lost notifications.
-LISTENING_POLL_INTERVAL = 1.0
-#: The longest wait between two attempts to reconnect the listener.
-MAX_RECONNECT_BACKOFF = 5.0
-# How long one wait for notifications lasts at most, so that a stop is seen promptly.
-_WAIT_SLICE = 0.2
+#: Seconds of quiet on a listening connection before a heartbeat (one statement), at least.
+DEFAULT_HEARTBEAT = 30.0
+#: The longest random delay, in seconds, before a read a notification calls for.
+DEFAULT_READ_JITTER = 0.25
+#: Seconds without a notification after which the versions applied from notifications are
+#: confirmed by a catalog read (one statement).
+VERIFY_QUIET = 1.5
+#: The age, in seconds, of the oldest unconfirmed version at which a steady stream of
+#: notifications no longer puts off its confirmation.
+VERIFY_MAX = 15.0
+#: Seconds between two catalog reads while a failure stands (a repair included, which a clean read
+#: clears), the catalog reachable.
+RETRY_DELAY = 1.0
+#: The longest wait between two attempts to reach an unreachable catalog, in seconds.
+MAX_BACKOFF = 10.0
+#: How long, in seconds, a read from a standby behind the newest version notified is retried
+#: before it is made on the primary.
+STANDBY_WAIT = 1.0
+# The first retry of such a read, in seconds; each next one waits twice as long.
+_STANDBY_FIRST_RETRY = 0.02
+# How long one wait for notifications lasts at most when a stop cannot interrupt it (a run given
+# its own stop event, or a source without interrupt()).
+_WAIT_SLICE = 1.0
+# How long one wait lasts at most otherwise (it ends at the next deadline, most often, or when
+# interrupted).
+_MAX_WAIT = 3600.0
+
+
+def _read_head(sa_engine: sa.Engine) -> CatalogHead:
+    """The catalog's version, digest and recovery state, in one statement (no transaction)."""
+    with single_statement(sa_engine) as connection:
+        version, digest, standby = connection.execute(statements.HEAD).one()
+    return CatalogHead(version, digest, standby)
+
+
+class _Backoff:
+    """Waits between attempts: full jitter between ``base`` and ``base * 2**attempt``, capped at
+    :data:`MAX_BACKOFF`."""
+
+    def __init__(self, base: float) -> None:
+        self._base = base
+        self._attempt = 0
+
+    def next(self) -> float:
+        """The wait before the next attempt; O(1)."""
+        ceiling = min(MAX_BACKOFF, self._base * 2.0 ** min(self._attempt, 64))
+        self._attempt += 1
+        return random.uniform(self._base, max(self._base, ceiling))
+
+    @property
+    def attempts(self) -> int:
+        """The waits drawn since the last :meth:`reset`. O(1)."""
+        return self._attempt
+
+    def reset(self) -> None:
+        self._attempt = 0
 
 
 class CatalogWatcher:
@@ -107,6 +220,11 @@ class CatalogWatcher:
     catalog's database (see :mod:`distribution.sources`); the catalog is still read for the first
     snapshot, gaps and changes too large for one notification.
 
+    ``heartbeat`` (seconds, :data:`DEFAULT_HEARTBEAT`) is the quiet a listening connection keeps
+    before one statement checks it (and the Engine); ``read_jitter`` (seconds,
+    :data:`DEFAULT_READ_JITTER`; 0 turns it off) spreads the reads notifications call for; the
+    module's docstring tells the whole connection model.
+
     Listeners added with :meth:`add_listener` are told of every change the watcher applies, on
     the watcher's thread, once the Engine holds it.
     """
@@ -122,22 +240,35 @@ class CatalogWatcher:
         trust_notifications: bool = True,
         name: str | None = None,
         notifications: NotificationSourceFactory | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        read_jitter: float = DEFAULT_READ_JITTER,
     ) -> None:
         catalog, engine = check_catalog_and_engine(catalog, engine)
         self._fleet = FleetMember(name)
-        if not 0 < interval <= threading.TIMEOUT_MAX:
+        for what, value in (("interval", interval), ("heartbeat", heartbeat)):
+            if not 0 < value <= threading.TIMEOUT_MAX:
+                raise ValueError(
+                    f"{what} must be positive and at most {threading.TIMEOUT_MAX:g} s, "
+                    f"got {value!r}"
+                )
+        if not 0 <= read_jitter <= threading.TIMEOUT_MAX:
             raise ValueError(
-                f"interval must be positive and at most {threading.TIMEOUT_MAX:g} s, got {interval!r}"
+                f"read_jitter must be in 0..{threading.TIMEOUT_MAX:g} s, got {read_jitter!r}"
             )
         self._catalog = catalog
         self._engine = engine
         self._interval = float(interval)
+        self._heartbeat = float(heartbeat)
+        self._read_jitter = float(read_jitter)
         self._logger = logger or _logger
         self._listen = listen
         self._trust_notifications = trust_notifications
         # Where notifications come from: LISTEN on the catalog's database unless told otherwise
         # (a NATS subscription, say: see distribution.fanout).
-        self._notifications: NotificationSourceFactory = notifications or catalog.listen
+        self._factory = notifications
+        # Following its own database, the watcher holds one connection of its own, to read the
+        # catalog over or to LISTEN on (on the primary, when reads go to a read engine).
+        self._holds_connection = notifications is None and (listen or catalog.reads_from_primary)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.catalog_version = 0
@@ -158,6 +289,31 @@ class CatalogWatcher:
         self._created = time.monotonic()
         # Notified each time the watcher applies something: wakes wait_for.
         self._applied = threading.Condition()
+        # The running loop's state, touched by its thread only (see run; stop() only reads which
+        # source to interrupt).
+        self._halt = threading.Event()
+        self._connection: CatalogListener | None = None
+        self._source: NotificationSource | None = None
+        self._reader: CatalogStore | None = None
+        # Backoffs: of connecting (or subscribing), and of reads an unreachable catalog failed.
+        self._link_retry = _Backoff(self._interval)
+        self._read_retry = _Backoff(self._interval)
+        self._linked_at = 0.0
+        self._next_connect = 0.0
+        self._next_poll = 0.0
+        # When a catalog read is due again after a failure; None: none is.
+        self._retry_at: float | None = None
+        # When the last notification arrived, and when the Engine took its oldest unverified
+        # version (``time.monotonic()``).
+        self._notified_at = 0.0
+        self._unverified_since = 0.0
+        self._quiet_since = 0.0
+        self._quiet_for = self._heartbeat
+        self._standby = False
+        self._told_standby = False
+        self._listen_refused = False
+        # When the running outage began (``time.monotonic()``) and its failed attempts so far.
+        self._outage: tuple[float, int] | None = None
 
     @property
     def logger(self) -> logging.Logger:
@@ -166,8 +322,18 @@ class CatalogWatcher:
 
     @property
     def interval(self) -> float:
-        """Seconds between polls while the watcher cannot listen."""
+        """Seconds between polls while the watcher cannot listen (and its backoff's first wait)."""
         return self._interval
+
+    @property
+    def heartbeat(self) -> float:
+        """Seconds of quiet on the watcher's connection before a heartbeat, at least."""
+        return self._heartbeat
+
+    @property
+    def read_jitter(self) -> float:
+        """The longest random delay, in seconds, before a read a notification calls for."""
+        return self._read_jitter
 
     @property
     def trust_notifications(self) -> bool:
@@ -213,8 +379,9 @@ class CatalogWatcher:
             return self._applied.wait_for(lambda: self._engine.version >= version, timeout)
 
     def wait_caught_up(self, timeout: float | None = None) -> bool:
-        """Wait until the Engine holds the version the catalog has now (one catalog read), as
-        :meth:`wait_for` does. Catalog errors propagate. O(1) reads.
+        """Wait until the Engine holds the version the catalog has now (one catalog read, through
+        the store's pool, on the calling thread), as :meth:`wait_for` does. Catalog errors
+        propagate. O(1) reads.
         """
         began = time.monotonic()
         version = self._catalog.version()
@@ -254,7 +421,8 @@ class CatalogWatcher:
     def sync_once(self) -> None:
         """Apply what the catalog has that the Engine lacks, and check the Engine against it.
 
-        One catalog read when nothing changed (loads are kept): the catalog's version and digest,
+        Reads through the store given (its pool), whatever the running watcher holds. One
+        catalog read when nothing changed (loads are kept): the catalog's version and digest,
         compared with the Engine's in O(1). Changes are applied incrementally; a reset applies a
         full snapshot. An Engine found holding other routes than the catalog is reset from a
         snapshot (a repair, see the module's docstring), as is one whose unverified versions the
@@ -263,32 +431,29 @@ class CatalogWatcher:
         :class:`~distribution.CatalogVersionAheadError` when the catalog is behind
         :attr:`verified_version` (the Engine then keeps its version).
         """
+        self._sync(self._catalog)
+
+    def _sync(self, catalog: CatalogStore) -> None:
+        """:meth:`sync_once`, reading ``catalog``."""
         while True:
             version = self._engine.version
             self.syncs += 1
             if version == 0:
                 # A fresh Engine takes the catalog whole rather than replaying its history.
-                snapshot = self._catalog.snapshot()
+                snapshot = catalog.snapshot()
                 self.catalog_version = snapshot.version
                 if snapshot.version > 0:
                     self._apply_snapshot(snapshot, reset=False)
                 return
             try:
-                answer = self._catalog.changes_since(version, limit=DEFAULT_CHANGES_LIMIT)
+                answer = catalog.changes_since(version, limit=DEFAULT_CHANGES_LIMIT)
             except CatalogVersionAheadError:
                 self.syncs += 1
-                head = self._catalog.head()
+                head = catalog.head()
                 self.catalog_version = head.version
                 if head.version >= version:
                     continue  # the catalog moved on meanwhile
-                if head.version < self.verified_version or head.standby:
-                    # A lagging replica, or a restored backup: keep what was read. A standby
-                    # behind notified versions may only lag: they are checked once it has them.
-                    raise
-                self._repair(
-                    f"the catalog is at version {head.version}, behind the version {version} "
-                    "the engine took from notifications: going back to the catalog"
-                )
+                self._behind(catalog, head)
                 return
             if answer.reset is not None:
                 self._apply_snapshot(answer.reset, reset=True)
@@ -296,8 +461,9 @@ class CatalogWatcher:
             if answer.head is not None:
                 # Read just now: the catalog holds nothing newer, whatever a notification said.
                 self.catalog_version = answer.head.version
+                self._standby = answer.head.standby
             if not answer.changes:
-                self._check(answer.head)
+                self._check(catalog, answer.head)
                 return
             try:
                 self._apply_changes(answer.changes)
@@ -306,35 +472,74 @@ class CatalogWatcher:
             except EngineSnapshotVersionGapError:
                 # Another writer of the Engine moved it meanwhile: start over from a snapshot.
                 self.syncs += 1
-                self._apply_snapshot(self._catalog.snapshot(), reset=True)
+                self._apply_snapshot(catalog.snapshot(), reset=True)
                 return
             except (EngineDigestMismatchError, ValueError) as exc:
                 # The catalog's own changes do not fit the routes the Engine holds.
-                self._repair(f"the catalog's changes after version {version} do not apply: {exc}")
+                self._repair(
+                    catalog, f"the catalog's changes after version {version} do not apply: {exc}"
+                )
                 return
             if answer.changes[-1].digest is not None:
                 # The Engine checked each change's digest: it holds what the catalog held then.
                 self._unverified_from = None
             if len(answer.changes) < DEFAULT_CHANGES_LIMIT:
-                self._check(answer.head)
+                self._check(catalog, answer.head)
                 return
 
-    def _check(self, head: CatalogHead | None) -> None:
+    def _check_head(self, catalog: CatalogStore) -> None:
+        """Read ``catalog``'s HEAD (one statement) and act on it (see :meth:`_follow`)."""
+        self.syncs += 1
+        self._follow(catalog, _read_head(catalog.read_sa_engine))
+
+    def _follow(self, catalog: CatalogStore, head: CatalogHead) -> None:
+        """Bring the Engine to the catalog's ``head``, just read: nothing more to read when the
+        Engine holds its version and digest; else its changes, a repair, or an error when the
+        catalog is behind what the Engine may keep."""
+        self._standby = head.standby
+        version = self._engine.version
+        self.catalog_version = head.version
+        if head.version > version:
+            self._sync(catalog)
+        elif head.version == version:
+            self._check(catalog, head)
+        else:
+            self._behind(catalog, head)
+
+    def _behind(self, catalog: CatalogStore, head: CatalogHead) -> None:
+        """The catalog's ``head`` is behind the Engine: keep the Engine (raising
+        CatalogVersionAheadError) when the catalog may only lag, else go back to the catalog."""
+        version = self._engine.version
+        if head.version < self.verified_version or head.standby:
+            # A lagging replica, or a restored backup: keep what was read. A standby behind
+            # notified versions may only lag: they are checked once it has them.
+            raise CatalogVersionAheadError(
+                f"catalog version {version} has not been reached: the catalog is at version "
+                f"{head.version}"
+            )
+        self._repair(
+            catalog,
+            f"the catalog is at version {head.version}, behind the version {version} "
+            "the engine took from notifications: going back to the catalog",
+        )
+
+    def _check(self, catalog: CatalogStore, head: CatalogHead | None) -> None:
         """Compare the Engine with the catalog's ``head``, just read; repair it if they differ."""
         if head is None or head.version != self._engine.version:
             return  # nothing to compare with, or another writer of the Engine moved it meanwhile
         if head.digest != self._engine.digest:
             self._repair(
+                catalog,
                 f"the engine holds other routes than the catalog at version {head.version} "
-                f"(digest {self._engine.digest}, the catalog's {head.digest})"
+                f"(digest {self._engine.digest}, the catalog's {head.digest})",
             )
             return
         self._unverified_from = None
 
-    def _repair(self, reason: str) -> None:
+    def _repair(self, catalog: CatalogStore, reason: str) -> None:
         """Reset the Engine from a snapshot of the catalog: it held routes the catalog does not."""
         self.syncs += 1
-        snapshot = self._catalog.snapshot()
+        snapshot = catalog.snapshot()
         if snapshot.version < self.verified_version:
             raise CatalogVersionAheadError(
                 f"catalog version {self.verified_version} has not been reached: the catalog is "
@@ -351,49 +556,339 @@ class CatalogWatcher:
         self._logger.warning("catalog watcher repaired the engine: %s", self.last_error)
         self._tell(snapshot)
 
+    def _read(self, step: Callable[[CatalogStore], None]) -> None:
+        """Run ``step`` (a read and what follows it) on the watcher's reader.
+
+        A reader on a separate read engine, or on a hot standby, that is behind the newest
+        version seen when the read began is tried again, waiting 20 ms, then twice as long each
+        time, for :data:`STANDBY_WAIT` seconds in all; then ``step`` reads from the primary when
+        the store knows one (else the last failure, if any, propagates). The Engine never goes
+        back meanwhile (a standby behind it raises, and is tried again).
+        """
+        reader = self._reader
+        assert reader is not None, "a read with no way to read"
+        target = self.catalog_version
+        if reader.reads_from_primary and not self._standby:
+            step(reader)
+            return
+        waited, delay = 0.0, _STANDBY_FIRST_RETRY
+        while True:
+            failure = None
+            try:
+                step(reader)
+                if self._engine.version >= target:
+                    return
+            except CatalogVersionAheadError as exc:
+                failure = exc  # behind the Engine: lagging, or the primary will say
+            if waited >= STANDBY_WAIT:
+                break
+            if self._halt.wait(delay):
+                return  # stopping
+            waited += delay
+            delay = min(delay * 2, max(STANDBY_WAIT - waited, _STANDBY_FIRST_RETRY))
+        if reader.reads_from_primary:
+            if failure is not None:
+                raise failure
+            return  # a standby with no primary to ask: its next read will tell
+        self._logger.debug(
+            "the catalog's read engine is behind version %d after %.2fs: reading the primary",
+            target,
+            waited,
+        )
+        step(reader.primary)
+
     def run(self, stop: threading.Event) -> None:
-        """Sync at once, then keep the Engine in step until ``stop`` is set, then return.
+        """Connect, sync, then keep the Engine in step until ``stop`` is set, then return.
 
         Read and apply failures are logged, recorded in :attr:`last_error`, and retried; they
         never end the loop.
         """
-        self._guarded(self.sync_once)
-        listener: NotificationSource | None = None
-        backoff = self._interval
-        next_connect = 0.0
-        next_poll = time.monotonic() + LISTENING_POLL_INTERVAL
+        self._halt = stop
+        reads_over_connection = self._holds_connection and self._catalog.reads_from_primary
+        self._reader = None if reads_over_connection else self._catalog
+        self._link_retry.reset()
+        self._read_retry.reset()
+        self._next_connect = self._next_poll = 0.0
+        self._retry_at = None
         try:
             while not stop.is_set():
-                now = time.monotonic()
-                if self._listen and listener is None and now >= next_connect:
-                    listener = self._connect()
-                    if listener is None:
-                        next_connect = now + backoff
-                        backoff = min(backoff * 2, MAX_RECONNECT_BACKOFF)
-                    else:
-                        backoff = self._interval
-                        self._guarded(self.sync_once)  # catch up on what was missed meanwhile
-                        next_poll = time.monotonic() + LISTENING_POLL_INTERVAL
-                if listener is None:
-                    stop.wait(self._interval)
-                    self._guarded(self.sync_once)
-                    continue
-                try:
-                    received = listener.wait(min(_WAIT_SLICE, max(0.0, next_poll - now)))
-                except Exception as exc:
-                    self._record(exc, "lost the catalog notification connection")
-                    self._disconnect(listener)
-                    listener = None
-                    continue
-                if received:
-                    self._guarded(self._on_notifications, received)
-                if time.monotonic() >= next_poll:
-                    self._guarded(self.sync_once)
-                    next_poll = time.monotonic() + LISTENING_POLL_INTERVAL
-                self._answer_roll_calls(listener)
+                if self._wants_link() and time.monotonic() >= self._next_connect:
+                    self._link()
+                if self._source is None:
+                    self._poll()
+                else:
+                    self._follow_source(self._source)
         finally:
-            if listener is not None:
-                self._disconnect(listener, stopping=True)
+            self._unlink(stopping=True)
+
+    def _wants_link(self) -> bool:
+        """Whether the watcher lacks its connection, or its source of notifications."""
+        if self._holds_connection:
+            return self._connection is None
+        return self._factory is not None and self._source is None
+
+    def _link(self) -> None:
+        """Open what :meth:`_wants_link` says is missing, then read what was missed meanwhile."""
+        try:
+            if self._holds_connection:
+                self._connect()
+            else:
+                self._source = self._open_source()
+        except Exception as exc:
+            self._record(exc, "cannot reach the catalog")
+            self._next_connect = time.monotonic() + self._link_retry.next()
+            return
+        self._linked_at = time.monotonic()
+        self._end_outage()
+        if self._source is not None:
+            self.listening = True
+            self._logger.info("catalog watcher connected: listening for catalog notifications")
+        self._quiet()
+        if self._reader is not None:
+            # The first sync, or what was missed meanwhile.
+            self._read_guarded(self._read, self._check_head)
+            self._next_poll = time.monotonic() + self._interval
+
+    def _connect(self) -> None:
+        """Open the watcher's own connection: read the catalog's HEAD there, then LISTEN unless
+        the server is a hot standby (where LISTEN cannot run)."""
+        connection = CatalogListener.open(self._catalog.sa_engine)
+        try:
+            head = _read_head(connection.sa_engine)
+            if head.standby:
+                self._say_standby()
+            elif self._listen:
+                self._try_listen(connection)
+        except BaseException:
+            self._source = None
+            connection.close()
+            raise
+        self._connection = connection
+        self._standby = head.standby
+        if self._catalog.reads_from_primary:
+            self._reader = CatalogStore(connection.sa_engine)
+
+    def _try_listen(self, connection: CatalogListener) -> None:
+        """LISTEN on ``connection`` and join the fleet there. Refused (for another reason than a
+        lost connection, which propagates), the watcher polls over the connection meanwhile,
+        and tries again after a backoff; the first refusal is a WARNING, repeats DEBUG."""
+        try:
+            connection.listen(NOTIFY_CHANNEL)
+            self._fleet.join(connection)
+        except CatalogUnavailableError:
+            raise
+        except DistributionError as exc:
+            self.errors[type(exc).__name__] += 1
+            self._logger.log(
+                logging.DEBUG if self._listen_refused else logging.WARNING,
+                "catalog watcher cannot listen for catalog notifications (%s): following the "
+                "catalog by polling every %.3fs",
+                exc,
+                self._interval,
+            )
+            self._listen_refused = True
+            self._next_connect = time.monotonic() + self._link_retry.next()
+            return
+        self._listen_refused = False
+        self._source = connection
+
+    def _say_standby(self) -> None:
+        if not self._told_standby:
+            self._told_standby = True
+            self._logger.info(
+                "catalog watcher is connected to a hot standby, where LISTEN cannot run: "
+                "following the catalog by polling every %.3fs",
+                self._interval,
+            )
+
+    def _open_source(self) -> NotificationSource:
+        """The source of notifications the watcher was given; a LISTENing one also answers roll
+        calls (a watcher following another source holds no connection to answer on)."""
+        assert self._factory is not None
+        source = self._factory()
+        if isinstance(source, CatalogListener):
+            try:
+                self._fleet.join(source)
+            except BaseException:
+                source.close()
+                raise
+        return source
+
+    def _unlink(self, *, stopping: bool = False) -> None:
+        """Close the watcher's connection and source of notifications, if open."""
+        was_listening = self.listening
+        self.listening = False
+        opened: list[NotificationSource] = [] if self._source is None else [self._source]
+        if self._connection is not None and self._connection is not self._source:
+            opened.append(self._connection)
+        for source in opened:
+            try:
+                source.close()
+            except Exception as exc:
+                # Dropped either way; a failure to close must not end the loop.
+                self._logger.debug("catalog watcher could not close its connection: %s", exc)
+        self._source = self._connection = None
+        if self._holds_connection and self._catalog.reads_from_primary:
+            self._reader = None
+        if stopping:
+            self._logger.info("catalog watcher stopped")
+        elif was_listening:
+            self._logger.info("catalog watcher disconnected: reconnecting, backing off")
+
+    def _lost(self) -> None:
+        """The connection (or source) was lost: drop it, and connect again at once the first
+        time, then backing off (so that a server that keeps dropping the watcher is not flooded
+        with connections) until a connection lives :data:`MAX_BACKOFF` seconds."""
+        self._unlink()
+        now = time.monotonic()
+        if now - self._linked_at >= MAX_BACKOFF:
+            self._link_retry.reset()
+        delay = self._link_retry.next()
+        self._next_connect = now + (delay if self._link_retry.attempts > 1 else 0.0)
+
+    def _poll(self) -> None:
+        """Not listening: read the catalog's HEAD every ``interval`` (backing off while it cannot
+        be reached), and sleep until the next poll or connection attempt."""
+        now = time.monotonic()
+        if self._reader is not None and now >= self._next_poll:
+            error = self._read_guarded(self._read, self._check_head)
+            now = time.monotonic()
+            if isinstance(error, CatalogUnavailableError):
+                self._next_poll = now + self._read_retry.next()
+            else:
+                self._next_poll = now + self._interval
+                if (
+                    error is None
+                    and self._listen
+                    and not self._standby
+                    and self._connection is not None
+                    and self._source is None
+                    and now >= self._next_connect
+                ):
+                    self._listen_again(self._connection)
+        wakes = [self._next_poll] if self._reader is not None else []
+        if self._wants_link():
+            wakes.append(self._next_connect)
+        self._halt.wait(max(0.0, min(wakes, default=now + _WAIT_SLICE) - now))
+
+    def _listen_again(self, connection: CatalogListener) -> None:
+        """The server the watcher polls may LISTEN now (a standby promoted, or a refusal that
+        passed): try again."""
+        try:
+            self._try_listen(connection)
+        except Exception as exc:
+            self._record(exc, "cannot listen for catalog notifications")
+            self._lost()
+            return
+        if self._source is None:
+            return
+        self.listening = True
+        self._logger.info("catalog watcher connected: listening for catalog notifications")
+        self._read_guarded(self._read, self._check_head)
+
+    def _follow_source(self, source: NotificationSource) -> None:
+        """Listening: wait for notifications (or for a check or heartbeat that falls due), take
+        them, then make the check or heartbeat due, and answer roll calls."""
+        if self._halt.is_set():
+            return  # stop() may have looked for a source to interrupt before this one opened
+        now = time.monotonic()
+        connection = self._connection
+        heartbeat_at = None if connection is None else self._quiet_since + self._quiet_for
+        deadlines = (self._check_due(), heartbeat_at, self._slice_end(source, now))
+        due = min(t for t in deadlines if t is not None)
+        try:
+            received = source.wait(max(0.0, due - now))
+        except Exception as exc:
+            self._record(exc, "lost the catalog notification connection")
+            self._lost()
+            return
+        error = None
+        if received:
+            self._quiet()
+            self._notified_at = time.monotonic()
+            error = self._read_guarded(self._on_notifications, received)
+        now = time.monotonic()
+        check_at = self._check_due()
+        if error is None and check_at is not None and now >= check_at:
+            self._retry_at = None
+            error = self._read_guarded(self._read, self._check_head)
+        elif (
+            error is None
+            and connection is not None
+            and heartbeat_at is not None
+            and now >= heartbeat_at
+        ):
+            error = self._read_guarded(self._beat, connection)
+        if self._source is not None:  # else the connection was lost reading
+            self._answer_roll_calls(self._source)
+
+    def _check_due(self) -> float | None:
+        """When the catalog's HEAD is to be read next while listening: a retry after a failure,
+        or the confirmation of unverified versions (a trailing debounce: once notifications
+        pause, or once the oldest is old enough); None when nothing is due."""
+        due = self._retry_at
+        if self._unverified_from is not None:
+            verify = min(self._notified_at + VERIFY_QUIET, self._unverified_since + VERIFY_MAX)
+            due = verify if due is None else min(due, verify)
+        return due
+
+    def _slice_end(self, source: NotificationSource, now: float) -> float:
+        """When a wait must end so that a stop is seen: after a short slice, unless
+        :meth:`stop` can interrupt it (a run under :meth:`start`)."""
+        if self._halt is self._stop and hasattr(source, "interrupt"):
+            return now + _MAX_WAIT
+        return now + _WAIT_SLICE
+
+    def _beat(self, connection: CatalogListener) -> None:
+        """The heartbeat: the catalog's HEAD over the watcher's quiet connection (one statement),
+        which also checks the Engine (read over the reader when it differs)."""
+        self.syncs += 1
+        head = _read_head(connection.sa_engine)
+        if self._reader is not None and self._reads_over_connection():
+            self._follow(self._reader, head)
+        elif head.version != self._engine.version or head.digest != self._engine.digest:
+            self.catalog_version = max(self.catalog_version, head.version)
+            self._read(self._check_head)
+
+    def _quiet(self) -> None:
+        """The watcher's connection was used just now: the heartbeat waits again (a fresh draw,
+        so that a fleet spreads)."""
+        self._quiet_since = time.monotonic()
+        self._quiet_for = random.uniform(self._heartbeat, 1.5 * self._heartbeat)
+
+    def _read_guarded(self, step: Callable[..., None], *args: object) -> BaseException | None:
+        """Run a step that may read the catalog, guarded (see :meth:`_guarded`); return its
+        failure. A connection found lost is dropped, the loop reconnecting after a backoff."""
+        syncs = self.syncs
+        error = self._guarded(step, *args)
+        now = time.monotonic()
+        if self.syncs != syncs:
+            self._quiet()
+        if error is None:
+            if self.syncs != syncs:
+                self._read_retry.reset()
+                if not self._wants_link():
+                    self._end_outage()
+        elif (
+            isinstance(error, CatalogUnavailableError)
+            and self._connection is not None
+            and (self._connection.lost or self._reads_over_connection())
+        ):
+            self._lost()
+            return error  # reconnecting reads again
+        if isinstance(error, CatalogUnavailableError):
+            self._retry_at = now + self._read_retry.next()
+        elif error is not None or (self.last_error is not None and self._retry_at is None):
+            # A failure (a repair included, to be cleared by a clean read) is read again.
+            self._retry_at = now + RETRY_DELAY
+        return error
+
+    def _reads_over_connection(self) -> bool:
+        return (
+            self._connection is not None
+            and self._reader is not None
+            and self._reader.read_sa_engine is self._connection.sa_engine
+        )
 
     def start(self) -> None:
         """Run the watcher on a background thread named ``distribution-catalog-watcher``."""
@@ -409,6 +904,12 @@ class CatalogWatcher:
     def stop(self, timeout: float | None = None) -> None:
         """Stop the background thread and wait for it (up to ``timeout`` seconds)."""
         self._stop.set()
+        # The thread may be waiting for notifications with no deadline but its next heartbeat.
+        source = self._source or self._connection
+        # Sources written before interrupt() joined the protocol lack it: their waits are sliced.
+        interrupt = getattr(source, "interrupt", None)
+        if interrupt is not None:
+            interrupt()
         if self._thread is not None:
             self._thread.join(timeout)
             if not self._thread.is_alive():
@@ -427,15 +928,19 @@ class CatalogWatcher:
         self.stop()
 
     def _on_notifications(self, received: Sequence[CatalogNotification]) -> None:
-        """Take what the notifications carry, then read the catalog once if any calls for it."""
+        """Take what the notifications carry, then read the catalog once if any calls for it
+        (after a random delay of up to ``read_jitter``, so that a fleet spreads its reads)."""
         read = False
         for notification in received:
             self.notifications += 1
             self.catalog_version = max(self.catalog_version, notification.version)
             # Once a read is due, it brings whatever the rest carry: they are only counted.
             read = read or not self._take(notification)
-        if read:
-            self.sync_once()
+        if not read:
+            return
+        if self._read_jitter > 0 and self._halt.wait(random.uniform(0, self._read_jitter)):
+            return  # stopping
+        self._read(self._sync)
 
     def _take(self, notification: CatalogNotification) -> bool:
         """Apply the change ``notification`` carries if trusted and it fits; False when only a
@@ -463,6 +968,7 @@ class CatalogWatcher:
             return False  # moved meanwhile, or a change that does not fit (a forgery, say)
         if self._unverified_from is None:
             self._unverified_from = version
+            self._unverified_since = time.monotonic()
         return True
 
     def _apply_changes(self, changes: Sequence[CatalogChange]) -> None:
@@ -500,51 +1006,18 @@ class CatalogWatcher:
         with self._applied:
             self._applied.notify_all()
 
-    def _open_listener(self) -> NotificationSource:
-        """The source of notifications; LISTENing on the catalog's database, it also answers
-        roll calls (a watcher following another source holds no connection to answer on)."""
-        listener = self._notifications()
-        if isinstance(listener, CatalogListener):
-            try:
-                self._fleet.join(listener)
-            except BaseException:
-                listener.close()
-                raise
-        return listener
-
-    def _answer_roll_calls(self, listener: NotificationSource) -> None:
-        if not isinstance(listener, CatalogListener):
+    def _answer_roll_calls(self, source: NotificationSource) -> None:
+        if not isinstance(source, CatalogListener):
             return
         try:
-            self._fleet.answer(listener, lambda: self.status(listener.backend_pid))
+            self._fleet.answer(source, lambda: self.status(source.backend_pid))
         except Exception as exc:
             # A lost connection shows at the next wait, which reconnects.
             self._logger.debug("catalog watcher could not answer a roll call: %s", exc)
 
-    def _connect(self) -> NotificationSource | None:
-        try:
-            listener = self._open_listener()
-        except Exception as exc:
-            self._record(exc, "cannot listen for catalog notifications")
-            return None
-        self.listening = True
-        self._logger.info("catalog watcher connected: listening for catalog notifications")
-        return listener
-
-    def _disconnect(self, listener: NotificationSource, *, stopping: bool = False) -> None:
-        self.listening = False
-        try:
-            listener.close()
-        except Exception as exc:
-            # The source is dropped either way; a failure to close it must not end the loop.
-            self._logger.debug("catalog watcher could not close its notification source: %s", exc)
-        if stopping:
-            self._logger.info("catalog watcher stopped")
-        else:
-            self._logger.info("catalog watcher disconnected: polling every %.3fs", self._interval)
-
-    def _guarded(self, step: Callable[..., None], *args: object) -> None:
-        """Run one step of the loop; log and record a failure instead of ending the loop.
+    def _guarded(self, step: Callable[..., None], *args: object) -> BaseException | None:
+        """Run one step of the loop; log and record a failure (returned) instead of ending the
+        loop.
 
         A failure (a repair too) stays in :attr:`last_error` until a later step reads the catalog
         cleanly: a step that only took notifications says nothing of the catalog (it may still be
@@ -556,19 +1029,40 @@ class CatalogWatcher:
             step(*args)
         except Exception as exc:
             self._record(exc, "catalog sync failed; will retry")
-            return
+            return exc
         if self.repairs != repairs or (self.syncs == syncs and self.last_error is not None):
-            return
+            return None
         if self.last_error is not None or (lag_before and not self.lag):
             self._logger.info("catalog watcher caught up at version %d", self.applied_version)
         self.last_error = None
+        return None
 
     def _record(self, exc: BaseException, what: str) -> None:
-        first = self.last_error is None or isinstance(self.last_error, EngineDivergedError)
+        """Keep ``exc`` in :attr:`last_error` and count it; log the first failure of a run of
+        them as a WARNING (an outage, for an unreachable catalog or source), repeats at DEBUG."""
+        previous = self.last_error
         self.last_error = exc
         self.errors[type(exc).__name__] += 1
-        # The first failure of a run of them is a warning; repeats of an outage stay quiet.
+        if isinstance(exc, ConnectionError):
+            first = self._outage is None
+            began, attempts = self._outage or (time.monotonic(), 0)
+            self._outage = (began, attempts + 1)
+        else:
+            first = previous is None or isinstance(previous, EngineDivergedError)
         self._logger.log(logging.WARNING if first else logging.DEBUG, "%s: %s", what, exc)
+
+    def _end_outage(self) -> None:
+        """The catalog (or the source of notifications) answers again: say so once, at INFO."""
+        if self._outage is None:
+            return
+        began, attempts = self._outage
+        self._outage = None
+        self._logger.info(
+            "catalog watcher reached the catalog again after an outage of %.1fs "
+            "(%d failed attempts)",
+            time.monotonic() - began,
+            attempts,
+        )
 
 
 def run_catalog_watcher(

@@ -8,17 +8,24 @@ small, a JSON body carrying it follows (see :func:`parse_notification`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
+import math
+import select
+import socket
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
 import psycopg
 import psycopg.sql
+import sqlalchemy as sa
 
+from distribution.catalog.transactions import connection_engine, dedicated_connection
 from distribution.codec import decode_route_descriptor
 from distribution.database import translate_error
+from distribution.errors import CatalogUnavailableError
 from distribution.types import CatalogChange, check_u64
 
 __all__ = [
@@ -31,6 +38,9 @@ __all__ = [
 
 # One logger for the whole package, as applications configure it: "distribution.catalog".
 _logger = logging.getLogger(__package__)
+# The longest single wait on a listening connection's socket, in seconds (poll takes an int of
+# milliseconds).
+_MAX_WAIT = 3600.0
 
 #: The channel every catalog write notifies, on commit.
 NOTIFY_CHANNEL = "distribution_catalog"
@@ -109,22 +119,61 @@ def receive_notifies(connection: psycopg.Connection[Any], timeout: float) -> lis
 
 
 class CatalogListener:
-    """A dedicated connection listening on :data:`NOTIFY_CHANNEL`; see
-    :meth:`~distribution.CatalogStore.listen`."""
+    """A dedicated connection to the catalog's database, in autocommit, listening on
+    :data:`NOTIFY_CHANNEL` (see :meth:`~distribution.CatalogStore.listen`), or made by
+    :meth:`open` to listen once told to.
+
+    The connection may carry the catalog's reads too: :attr:`sa_engine` is a SQLAlchemy engine
+    over it alone, for a :class:`~distribution.CatalogStore` (so that a service that only watches
+    holds one connection). Notifications that arrive during a read wait for the next
+    :meth:`wait`. One thread at a time uses a listener; any thread may :meth:`interrupt` it.
+    """
 
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
         self._connection = connection
         #: Payloads received on the other channels this connection LISTENs on, by channel.
         self._others: dict[str, list[str]] = {}
+        self._sa_engine: sa.Engine | None = None
+        # Written to by interrupt(): a wait watches it beside the connection's socket.
+        self._wake, self._waker = socket.socketpair()
+        self._wake.setblocking(False)
+        # poll, not select: a process may hold more than FD_SETSIZE descriptors.
+        self._poller = select.poll()
+        for fd in (connection.fileno(), self._wake.fileno()):
+            self._poller.register(fd, select.POLLIN)
+
+    @classmethod
+    def open(cls, sa_engine: sa.Engine) -> Self:
+        """A connection of ``sa_engine``'s taken out of its pool for good, LISTENing on nothing
+        yet (see :meth:`listen`): one connection attempt.
+
+        Raises :class:`~distribution.CatalogUnavailableError` when the database cannot be reached.
+        """
+        return cls(dedicated_connection(sa_engine))
 
     @property
     def backend_pid(self) -> int:
         """The server process of the listening connection. O(1)."""
         return self._connection.info.backend_pid
 
-    def listen(self, channel: str, *, application_name: str | None = None) -> None:
-        """LISTEN on ``channel`` too (its payloads wait for :meth:`take`), and set the
-        connection's ``application_name`` when given. One round trip.
+    @property
+    def lost(self) -> bool:
+        """Whether the connection is closed, or was found broken. O(1)."""
+        return self._connection.closed or self._connection.broken
+
+    @property
+    def sa_engine(self) -> sa.Engine:
+        """A SQLAlchemy engine whose one connection is this listener's (see
+        :func:`~distribution.catalog.transactions.connection_engine`); made on first use. O(1).
+        """
+        if self._sa_engine is None:
+            self._sa_engine = connection_engine(self._connection)
+        return self._sa_engine
+
+    def listen(self, *channels: str, application_name: str | None = None) -> None:
+        """LISTEN on ``channels`` too (the payloads of channels other than
+        :data:`NOTIFY_CHANNEL` wait for :meth:`take`), and set the connection's
+        ``application_name`` when given. One round trip.
 
         Raises :class:`~distribution.CatalogUnavailableError` when the connection is lost.
         """
@@ -134,12 +183,15 @@ class CatalogListener:
                     self._connection.execute(
                         "SELECT set_config('application_name', %s, false)", [application_name]
                     )
-                self._connection.execute(
-                    psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel))
-                )
+                for channel in channels:
+                    self._connection.execute(
+                        psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel))
+                    )
         except psycopg.Error as exc:
             raise translate_error(exc) from exc
-        self._others.setdefault(channel, [])
+        for channel in channels:
+            if channel != NOTIFY_CHANNEL:
+                self._others.setdefault(channel, [])
 
     def take(self, channel: str) -> list[str]:
         """The payloads received on ``channel`` (see :meth:`listen`) since the last call. O(1)."""
@@ -171,9 +223,8 @@ class CatalogListener:
         :class:`~distribution.CatalogUnavailableError` when the connection is lost.
         O(notifications received).
         """
-        received = receive_notifies(self._connection, timeout)
         parsed = []
-        for notify in received:
+        for notify in self._receive(timeout):
             if notify.channel != NOTIFY_CHANNEL and notify.channel in self._others:
                 self._others[notify.channel].append(notify.payload)
                 continue
@@ -184,9 +235,34 @@ class CatalogListener:
                 _logger.warning("ignored a malformed catalog notification: %s", exc)
         return parsed
 
+    def _receive(self, timeout: float) -> list[psycopg.Notify]:
+        """What arrived already (during a read, say), else what arrives within ``timeout``
+        seconds, unless :meth:`interrupt` is called first."""
+        received = receive_notifies(self._connection, 0)
+        if received or timeout <= 0:
+            return received
+        try:
+            ready = {fd for fd, _ in self._poller.poll(math.ceil(min(timeout, _MAX_WAIT) * 1000))}
+        except OSError as exc:
+            raise CatalogUnavailableError(f"the catalog database is unavailable: {exc}") from exc
+        if self._wake.fileno() in ready:
+            with contextlib.suppress(BlockingIOError):
+                while self._wake.recv(64):
+                    pass
+            return []
+        return receive_notifies(self._connection, 0) if ready else []
+
+    def interrupt(self) -> None:
+        """Make the :meth:`wait` in progress on another thread (else the next one) return at
+        once, with nothing. Thread-safe; a no-op once closed. O(1)."""
+        with contextlib.suppress(OSError):
+            self._waker.send(b"\0")
+
     def close(self) -> None:
         """Close the connection."""
         self._connection.close()
+        self._wake.close()
+        self._waker.close()
 
     def __enter__(self) -> Self:
         return self

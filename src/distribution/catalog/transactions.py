@@ -9,7 +9,8 @@ transaction; the pool restores them when it takes the connection back.
 Cold paths run SQLAlchemy statements on the connection. The measured hot paths (a snapshot's
 pipelined read, a save's COPY) use its psycopg connection, in the same transaction, through
 :func:`driver_cursor`; the one-call operations run on a pooled psycopg connection alone
-(:func:`driver_transaction`). Every database error leaves as the library's own (see
+(:func:`driver_transaction`); a single statement needs no transaction around it
+(:func:`single_statement`). Every database error leaves as the library's own (see
 :func:`~distribution.database.translated_errors`), the psycopg error as its ``__cause__``.
 """
 
@@ -21,11 +22,19 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+import sqlalchemy.pool
 from psycopg.pq import TransactionStatus
 
 from distribution.database import translated_errors
 
-__all__ = ["dedicated_connection", "driver_cursor", "driver_transaction", "transaction"]
+__all__ = [
+    "connection_engine",
+    "dedicated_connection",
+    "driver_cursor",
+    "driver_transaction",
+    "single_statement",
+    "transaction",
+]
 
 _READ_ONLY: dict[str, Any] = {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
 _READ_WRITE: dict[str, Any] = {"isolation_level": "READ COMMITTED"}
@@ -47,10 +56,23 @@ def transaction(sa_engine: sa.Engine, *, read_only: bool = False) -> Iterator[sa
             try:
                 yield connection
             except BaseException:
-                if not connection.invalidated:  # else SQLAlchemy saw the disconnect itself
-                    driver: psycopg.Connection[Any] = connection.connection.driver_connection  # type: ignore[assignment]
-                    _discard_if_unusable(sa_engine, driver, connection.invalidate)
+                _discard_connection_if_unusable(sa_engine, connection)
                 raise
+
+
+@contextmanager
+def single_statement(sa_engine: sa.Engine) -> Iterator[sa.Connection]:
+    """A pooled connection in autocommit, for one statement: no ``BEGIN`` or ``COMMIT`` travels
+    (one round trip in all), and the statement, a transaction of its own, sees one version of
+    the catalog. Errors and unusable connections are handled as in :func:`transaction`.
+    """
+    with translated_errors(), sa_engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            yield connection
+        except BaseException:
+            _discard_connection_if_unusable(sa_engine, connection)
+            raise
 
 
 @contextmanager
@@ -100,6 +122,30 @@ def dedicated_connection(sa_engine: sa.Engine) -> psycopg.Connection[Any]:
             connection.close()
             raise
         return connection
+
+
+def connection_engine(connection: psycopg.Connection[Any]) -> sa.Engine:
+    """A SQLAlchemy engine whose one connection is ``connection`` (a :func:`dedicated_connection`,
+    say): a :class:`~distribution.CatalogStore` on it reads over that connection alone.
+
+    Between transactions the connection is in autocommit, as SQLAlchemy restores it after each
+    (so a LISTEN or a NOTIFY sent on it directly is never held in a transaction). Only one
+    thread may use the engine at a time. Creating it opens nothing; the first use sends
+    SQLAlchemy's few dialect queries. O(1).
+    """
+    return sa.create_engine(
+        "postgresql+psycopg://",
+        creator=lambda: connection,
+        poolclass=sqlalchemy.pool.StaticPool,
+        isolation_level="AUTOCOMMIT",
+    )
+
+
+def _discard_connection_if_unusable(sa_engine: sa.Engine, connection: sa.Connection) -> None:
+    """:func:`_discard_if_unusable` for a SQLAlchemy ``connection`` an error interrupted."""
+    if not connection.invalidated:  # else SQLAlchemy saw the disconnect itself
+        driver: psycopg.Connection[Any] = connection.connection.driver_connection  # type: ignore[assignment]
+        _discard_if_unusable(sa_engine, driver, connection.invalidate)
 
 
 def _discard_if_unusable(

@@ -1,0 +1,397 @@
+"""The watcher's connection model on a real PostgreSQL: one connection per watcher, held; nothing
+sent while idle but a heartbeat after a quiet spell; polls of one statement; outages (a refused
+role, a terminated backend) retried with a bounded number of attempts and logged once; a watcher
+on a hot standby that polls without trying LISTEN; reads a lagging standby cannot answer taken
+from the primary. Faults are real: ``CONNECTION LIMIT``, ``pg_terminate_backend``,
+``pg_wal_replay_pause()`` on a streaming standby (tests/standby.py)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+from standby import StreamingPair, streaming_pair
+from waiting import wait_until
+
+from distribution import CatalogSnapshot, Engine, RouteDescriptor
+from distribution.catalog import CatalogStore
+from distribution.watcher import CatalogWatcher
+
+if TYPE_CHECKING:
+    from conftest import NewRole
+
+#: What a reader is granted (README.md, "Roles and privileges"), as NewRole grants.
+READER_GRANTS = (
+    'GRANT CONNECT ON DATABASE "{database}" TO "{role}"',
+    'GRANT USAGE ON SCHEMA public TO "{role}"',
+    'GRANT SELECT ON distribution_meta, distribution_routes, distribution_history TO "{role}"',
+)
+#: The statement of a heartbeat or poll, as pg_stat_activity shows it.
+HEAD_QUERY = "pg_is_in_recovery()"
+
+
+def seed(store: CatalogStore) -> int:
+    return store.save(0, [RouteDescriptor(route_id=1, start=b"", end=None, group_id=1)]).version
+
+
+def split(store: CatalogStore) -> int:
+    """A write: split the last route at a key after its start."""
+    snapshot = store.snapshot()
+    last = snapshot.routes[-1]
+    return store.split_route(last.route_id, last.start + b"\x80", snapshot.version).version
+
+
+def mirrors(engine: Engine, snapshot: CatalogSnapshot) -> bool:
+    return engine.version == snapshot.version and [
+        (r.route_id, r.start, r.end, r.group_id) for r in engine.stats()
+    ] == [(r.route_id, r.start, r.end, r.group_id) for r in snapshot.routes]
+
+
+def backends(admin: psycopg.Connection[tuple[object, ...]], role: str) -> int:
+    row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", [role]).fetchone()
+    assert row is not None
+    return int(row[0])  # type: ignore[call-overload]
+
+
+def activity(
+    admin: psycopg.Connection[tuple[object, ...]], application_name: str
+) -> list[tuple[object, str]]:
+    """(query_start, query) of each session of ``application_name``."""
+    return [
+        (start, str(query))
+        for start, query in admin.execute(
+            "SELECT query_start, query FROM pg_stat_activity WHERE application_name = %s",
+            [application_name],
+        ).fetchall()
+    ]
+
+
+@pytest.fixture
+def admin(database_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        yield connection
+
+
+def test_a_watch_only_service_holds_one_connection(
+    store: CatalogStore,
+    database_url: str,
+    new_role: NewRole,
+    admin: psycopg.Connection[tuple[object, ...]],
+) -> None:
+    """Its first snapshot, its reads and LISTEN share one connection, before and after a
+    reconnect; the store's pool (sized for a service that only watches) is never used."""
+    url = new_role("tier1_watch", database_url, READER_GRANTS)
+    role = make_url(url).username
+    assert role is not None
+    seed(store)
+    engine = Engine()
+    counts: list[int] = []
+    with (
+        CatalogStore.from_url(url, pool_size=1, max_overflow=0) as own,
+        CatalogWatcher(own, engine, trust_notifications=False, read_jitter=0) as watcher,
+    ):
+        wait_until(lambda: watcher.listening and engine.version == 1, "the first snapshot")
+        counts.append(backends(admin, role))
+        for _ in range(20):  # each read from the catalog (the notifications are not trusted)
+            split(store)
+            counts.append(backends(admin, role))
+        wait_until(lambda: mirrors(engine, store.snapshot()), "the 20 writes")
+        counts.append(backends(admin, role))
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
+        )
+        written = [split(store) for _ in range(3)]  # while it reconnects
+        wait_until(lambda: watcher.listening and engine.version == written[-1], "catching up")
+        wait_until(lambda: mirrors(engine, store.snapshot()), "the routes")
+        counts.append(backends(admin, role))
+        assert watcher.errors["CatalogUnavailableError"] >= 1
+    assert counts == [1] * len(counts), counts
+
+
+def test_an_idle_listening_watcher_sends_nothing_until_its_heartbeat(
+    store: CatalogStore, admin: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    seed(store)
+    quiet = CatalogWatcher(store, Engine(), name="quiet", heartbeat=3600)
+    beating = CatalogWatcher(store, Engine(), name="beating", heartbeat=0.3)
+    with quiet, beating:
+        wait_until(lambda: quiet.listening and beating.listening)
+        wait_until(lambda: quiet.applied_version == beating.applied_version == 1)
+        time.sleep(0.5)  # the start's statements are behind
+        quiet_before = activity(admin, "distribution-watcher quiet")
+        beating_before = activity(admin, "distribution-watcher beating")
+        syncs = quiet.syncs
+        time.sleep(3)
+        assert len(quiet_before) == 1 and activity(admin, "distribution-watcher quiet") == (
+            quiet_before
+        )
+        assert quiet.syncs == syncs
+        beating_after = activity(admin, "distribution-watcher beating")
+        assert beating_after[0][0] != beating_before[0][0]  # type: ignore[index]
+        assert HEAD_QUERY in beating_after[0][1]
+        # The heartbeat is also a check: the Engine holds the catalog's version and digest.
+        assert beating.last_error is None and beating.verified_version == 1
+
+
+def test_a_polling_watcher_sends_one_statement_a_poll(
+    store: CatalogStore, database_url: str, admin: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    """``listen=False``: the catalog's HEAD alone, in autocommit (no BEGIN or COMMIT), every
+    ``interval``; more only when it differs from the Engine."""
+    seed(store)
+    engine = Engine()
+    with (
+        CatalogStore.from_url(
+            database_url, connect_args={"application_name": "tier1-poller"}
+        ) as own,
+        CatalogWatcher(own, engine, listen=False, interval=0.05) as watcher,
+    ):
+        wait_until(lambda: engine.version == 1)
+        time.sleep(0.3)  # the first snapshot's statements are behind
+        seen: set[str] = set()
+        sessions: set[int] = set()
+        began = time.monotonic()
+        while time.monotonic() - began < 1.5:
+            for _, query in activity(admin, "tier1-poller"):
+                seen.add(query)
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tier1-poller'"
+            ).fetchone()
+            assert row is not None
+            sessions.add(int(row[0]))  # type: ignore[call-overload]
+            time.sleep(0.003)
+        assert len(seen) == 1 and HEAD_QUERY in seen.pop(), seen
+        assert sessions == {1}
+        assert not watcher.listening
+        polls = watcher.syncs
+        written = split(store)
+        wait_until(lambda: engine.version == written)
+        assert watcher.resets == 0 and watcher.syncs > polls
+
+
+def test_a_refused_role_is_retried_with_bounded_attempts_and_one_warning(
+    store: CatalogStore,
+    database_url: str,
+    new_role: NewRole,
+    admin: psycopg.Connection[tuple[object, ...]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``too many connections for role`` (SQLSTATE 53300) while the role is at its limit: the
+    watcher backs off (a few attempts in seconds, not one every ``interval``), says so once, and
+    catches up on the writes made meanwhile once the limit is lifted."""
+    caplog.set_level(logging.DEBUG, logger="distribution.watcher")
+    url = new_role("tier1_limited", database_url, READER_GRANTS)
+    role = make_url(url).username
+    seed(store)
+    engine = Engine()
+    with (
+        CatalogStore.from_url(url) as own,
+        CatalogWatcher(own, engine, interval=0.05) as watcher,
+    ):
+        wait_until(lambda: watcher.listening and engine.version == 1)
+        admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
+        )
+        wait_until(lambda: not watcher.listening)
+        written = [split(store) for _ in range(3)]
+        began, errors = time.monotonic(), sum(watcher.errors.values())
+        time.sleep(4)
+        attempts = sum(watcher.errors.values()) - errors
+        # Polling every interval would be 80; the backoff's expected count is about 7.
+        assert 1 <= attempts <= 20, attempts
+        assert engine.version == 1 and watcher.last_error is not None
+        assert "too many connections" in str(watcher.last_error)
+        admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
+        wait_until(lambda: engine.version == written[-1] and watcher.listening, "catching up")
+        assert mirrors(engine, store.snapshot())
+    elapsed = time.monotonic() - began
+    records = [r for r in caplog.records if r.name == "distribution.watcher"]
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    ended = [r.getMessage() for r in records if "reached the catalog again" in r.getMessage()]
+    assert len(ended) == 1 and r"failed attempts" in ended[0], ended
+    repeats = [r for r in records if r.levelno == logging.DEBUG and "too many" in r.getMessage()]
+    assert len(repeats) >= attempts - 1 and elapsed > 4
+
+
+def test_constructor_refuses_bad_heartbeats_and_jitters(store: CatalogStore) -> None:
+    for heartbeat in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="heartbeat"):
+            CatalogWatcher(store, Engine(), heartbeat=heartbeat)
+    for jitter in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="read_jitter"):
+            CatalogWatcher(store, Engine(), read_jitter=jitter)
+    CatalogWatcher(store, Engine(), read_jitter=0)
+
+
+def test_the_first_read_is_not_jittered(store: CatalogStore) -> None:
+    """Only the reads notifications call for wait: a watcher starts at once."""
+    version = seed(store)
+    engine = Engine()
+    with CatalogWatcher(store, engine, read_jitter=3600) as watcher:
+        assert watcher.wait_for(version, 20)
+
+
+# -- hot standbys ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(server_url: str) -> Iterator[StreamingPair]:
+    yield from streaming_pair(server_url)
+
+
+def _server_log(pair: StreamingPair, server: str) -> str:
+    # StreamingPair keeps each server's log in its data folder.
+    return (pair._folder / server / "server.log").read_text(errors="replace")
+
+
+def test_a_watcher_on_a_standby_polls_and_never_tries_listen(
+    pair: StreamingPair, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="distribution.watcher")
+    pair.resume_replay()
+    log_before = len(_server_log(pair, "standby"))
+    with (
+        CatalogStore.from_url(pair.primary_url) as primary,
+        CatalogStore.from_url(
+            pair.standby_url, connect_args={"application_name": "tier1-standby"}
+        ) as standby,
+        psycopg.connect(pair.standby_url, autocommit=True) as spy,
+    ):
+        if primary.version() == 0:
+            seed(primary)
+        engine = Engine()
+        with CatalogWatcher(standby, engine, interval=0.05) as watcher:
+            pair.wait_replayed()
+            wait_until(lambda: engine.version == primary.version(), "the first snapshot")
+            written = [split(primary) for _ in range(3)]
+            wait_until(lambda: engine.version == written[-1], "following by polls")
+            time.sleep(0.3)  # the reads of the writes are behind
+            seen = set()
+            for _ in range(100):
+                seen.update(query for _, query in activity(spy, "tier1-standby"))
+                time.sleep(0.005)
+            assert not watcher.listening
+            assert not watcher.errors, watcher.errors
+        assert len(seen) == 1 and HEAD_QUERY in seen.pop(), seen
+    assert mirrors(engine, primary.snapshot())
+    said = [r.getMessage() for r in caplog.records if "hot standby" in r.getMessage()]
+    assert len(said) == 1 and "polling every 0.050s" in said[0], said
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    log = _server_log(pair, "standby")[log_before:]
+    assert "LISTEN" not in log and "ERROR" not in log, log
+
+
+def test_a_read_behind_the_notified_version_is_taken_from_the_primary(
+    pair: StreamingPair,
+) -> None:
+    """Reads from the standby, LISTEN on the primary, every change read (none trusted from a
+    notification): with replay paused, the standby cannot answer, and after a bounded wait the
+    primary does. The Engine never goes back."""
+    pair.resume_replay()
+    with CatalogStore.from_url(pair.primary_url, read_url=pair.standby_url) as store:
+        if store.primary.version() == 0:
+            seed(store.primary)
+        pair.wait_replayed()
+        engine = Engine()
+        versions: list[int] = []
+        watcher = CatalogWatcher(store, engine, trust_notifications=False, read_jitter=0)
+        watcher.add_listener(lambda applied: versions.append(applied.version))
+        with watcher:
+            wait_until(lambda: watcher.listening and engine.version == store.primary.version())
+            pair.pause_replay()
+            try:
+                lagged = store.version()
+                written = split(store.primary)
+                wait_until(
+                    lambda: engine.version == written, "the write, from the primary", timeout=5
+                )
+                assert store.version() == lagged < written  # the standby is still behind
+                again = split(store.primary)
+                wait_until(lambda: engine.version == again, "the next write", timeout=5)
+            finally:
+                pair.resume_replay()
+            pair.wait_replayed()
+            after = split(store.primary)
+            wait_until(lambda: engine.version == after, "a write once the standby replays")
+        assert mirrors(engine, store.primary.snapshot())
+        assert versions == sorted(versions), versions
+        assert watcher.repairs == 0
+
+
+def test_reads_wait_for_a_lagging_standby_before_asking_the_primary(
+    pair: StreamingPair,
+) -> None:
+    """A standby that catches up within the bounded wait answers itself: the primary is not
+    asked. (The watcher's reads of the primary would show in its sessions there.)"""
+    pair.resume_replay()
+    with CatalogStore.from_url(
+        pair.primary_url,
+        read_url=pair.standby_url,
+        connect_args={"application_name": "tier1-reads"},
+    ) as store:
+        if store.primary.version() == 0:
+            seed(store.primary)
+        pair.wait_replayed()
+        engine = Engine()
+        with CatalogWatcher(store, engine, trust_notifications=False, read_jitter=0) as watcher:
+            wait_until(lambda: watcher.listening and engine.version == store.primary.version())
+            pair.pause_replay()
+            resumed = threading.Timer(0.1, pair.resume_replay)
+            written = split(store.primary)
+            resumed.start()
+            wait_until(lambda: engine.version == written, "the write")
+            resumed.join()
+        with psycopg.connect(pair.primary_url, autocommit=True) as spy:
+            # Only the LISTEN connection (now closed) was on the primary; the store's own pool
+            # there has the writes' connections, never a watcher read (which would be a HEAD).
+            queries = [
+                str(q)
+                for (q,) in spy.execute(
+                    "SELECT query FROM pg_stat_activity WHERE application_name = 'tier1-reads'"
+                ).fetchall()
+            ]
+        assert not [q for q in queries if HEAD_QUERY in q], queries
+
+
+@pytest.mark.parametrize("source", ["own connection", "given source"])
+def test_stop_interrupts_a_wait_with_no_deadline(store: CatalogStore, source: str) -> None:
+    """A listening watcher waits for notifications until its next deadline (none here for an
+    hour), with no slice: stop() interrupts the wait, on its own connection as on a source it
+    was given."""
+    seed(store)
+    factory = store.listen if source == "given source" else None
+    watcher = CatalogWatcher(store, Engine(), heartbeat=3600, notifications=factory)
+    watcher.start()
+    wait_until(lambda: watcher.listening and watcher.applied_version == 1)
+    time.sleep(0.2)  # waiting by now
+    watcher.stop(timeout=20)
+    assert watcher._thread is None, "the watcher's thread is still waiting"
+    assert not watcher.listening
+
+
+def test_a_standing_failure_is_read_again_without_notifications(store: CatalogStore) -> None:
+    """The catalog behind the Engine it was given (a restored backup, say): no notification
+    comes, yet the watcher reads again every RETRY_DELAY while the failure stands, and stops
+    reading once it is gone."""
+    seed(store)
+    ahead = Engine()
+    ahead.apply_snapshot(
+        CatalogSnapshot(version=3, routes=(RouteDescriptor(1, b"", None, 1),), read_ts=3)
+    )
+    with CatalogWatcher(store, ahead, heartbeat=3600) as watcher:
+        wait_until(lambda: watcher.errors["CatalogVersionAheadError"] >= 3, "reads again")
+        assert ahead.version == 3
+        store.set_route_state(1, 1, 1)  # fenced, then active again: the routes given at 3
+        store.set_route_state(1, 0, 2)
+        wait_until(lambda: watcher.last_error is None, "the catalog reaching the Engine")
+        syncs = watcher.syncs
+        time.sleep(2.5)
+        assert watcher.syncs == syncs
