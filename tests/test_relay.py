@@ -453,25 +453,36 @@ def test_subscription_skips_messages_that_are_not_notifications(
         subscription.close()
 
 
-def test_closing_a_subscription_wakes_the_thread_waiting_on_it(
+def test_interrupt_and_close_wake_the_thread_waiting_on_a_subscription(
     nats_url: str, subject: str
 ) -> None:
-    # A watcher stopping closes its source from another thread: its wait must not last its
+    # A watcher stopping interrupts its source from another thread: its wait must not last its
     # whole timeout.
     with NatsNotifications(nats_url, subject) as nats:
         assert nats.wait_connected(_TIMEOUT)
         subscription = nats.subscribe()
-        returned: list[list[CatalogNotification]] = []
-        waiting = threading.Thread(
-            target=lambda: returned.append(subscription.wait(3600)), daemon=True
-        )
-        waiting.start()
-        subscription.close()
-        waiting.join(_TIMEOUT)
-        assert not waiting.is_alive()
-        assert returned == [[]]
-        # Closed, it returns at once, whatever is published.
+
+        def wait_in_a_thread(then: Callable[[], None]) -> list[CatalogNotification] | None:
+            returned: list[list[CatalogNotification]] = []
+            waiting = threading.Thread(
+                target=lambda: returned.append(subscription.wait(3600)), daemon=True
+            )
+            waiting.start()
+            then()
+            waiting.join(_TIMEOUT)
+            return returned[0] if returned else None
+
+        assert wait_in_a_thread(subscription.interrupt) == []
+        # Interrupted, it stays usable: what is published next arrives.
         nats.publish(b"7")
+        assert subscription.wait(_TIMEOUT) == [CatalogNotification(7, None)]
+        # An interrupt before the wait makes the next wait return at once.
+        subscription.interrupt()
+        assert subscription.wait(3600) == []
+        assert wait_in_a_thread(subscription.close) == []
+        # Closed, it returns at once, whatever is published; interrupting it is harmless.
+        nats.publish(b"8")
+        subscription.interrupt()
         assert subscription.wait(3600) == []
 
 
