@@ -26,7 +26,8 @@ reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
 * idle catalog transactions a second on the primary (and on the standby), over 10 s with nothing
   written (``pg_stat_database.xact_commit``, whose delta counts every statement outside an
   explicit transaction and each transaction once; our own read subtracted), started 11 s after the
-  last write so that statistics a backend holds back (PostgreSQL flushes them at most once a
+  watchers' confirmation of the last write (a read once notifications pause, ``VERIFY_QUIET``
+  after it), so that statistics a backend holds back (PostgreSQL flushes them at most once a
   second, else after 10 s idle) are in; and the server's "too many clients" log lines a second;
 * over 50 writes (one-route splits) about a second apart (0.9 to 1.1 s, at a random phase
   against the watchers' timers), commit-to-visible at p50 and p99 for a probe watcher in its own
@@ -75,6 +76,7 @@ from benchmarks.bench_catalog import make_routes
 from benchmarks.bench_watcher import Splitter
 from benchmarks.harness import Row, progress, summarize
 from distribution import CatalogStore
+from distribution.watcher import VERIFY_QUIET
 from tests.standby import StreamingPair, binaries_of
 
 __all__ = ["run"]
@@ -381,8 +383,9 @@ def _measure(
             first = splitter.split()
             _wait_all(fleet, first, config.watchers, 30.0)
             following = len(_held(fleet, first))
-            # Idle: nothing written, once the statistics of what came before are flushed.
-            time.sleep(_STATS_FLUSH)
+            # Idle: nothing written, once the watchers have confirmed that write (a catalog read
+            # once notifications pause) and the statistics of what came before are flushed.
+            time.sleep(VERIFY_QUIET + _STATS_FLUSH)
             log_before = _too_many_clients(servers.log)
             commits_before = _commits(servers.url)
             standby_before = _commits(servers.reads_url) if servers.read_url else 0
