@@ -1,27 +1,49 @@
-"""Scale benchmark: many services following one catalog, on a default PostgreSQL.
+"""Scale benchmark: many services following one catalog, directly or through NATS.
 
-It starts its own embedded PostgreSQL (``max_connections = 100``, the default) and runs, against
-one catalog, N watcher services as separate processes:
+Two layouts, each against one catalog (``--quick``: 1,000 routes), with N watcher services in
+processes of their own:
 
-* the direct path (today's watcher: LISTEN on the database, the store's pool beside it), one
-  watcher a process, N = 25, 50, 90;
-* the NATS path: two ``distribution relay`` processes publish every write on the NATS server at
-  127.0.0.1:4222 and the watchers follow NATS (``notifications=NatsNotifications(...).subscribe``),
-  several a process (each its own Engine and subscription; one NATS connection and one store pool
-  of two connections a process), N = 100, 1,000.
+* the direct path, on an embedded PostgreSQL the benchmark starts with its defaults
+  (``max_connections = 100``): each watcher LISTENs on the catalog's database and reads it there,
+  one watcher a process, N = 25, 50, 90, over 10,000 routes (its goals are connections and
+  statements; a smaller catalog spares the memory of 90 processes);
+* the NATS path, on a primary and a hot standby streaming from it (``tests/standby.py``'s
+  :class:`StreamingPair`, started from the same PostgreSQL binaries with ``pg_basebackup -R``):
+  two ``distribution relay`` processes LISTEN on the primary and publish every write on the NATS
+  server at 127.0.0.1:4222; the watchers follow NATS
+  (``notifications=NatsNotifications(...).subscribe``) and read from the standby
+  (``CatalogStore.from_url(primary, read_url=standby)``), N = 100, 1,000, 50 a process (each its own
+  Engine and NATS subscription; one NATS connection and a pool of one connection a process), over
+  100,000 routes.
 
-For each it reports: how many watchers follow the catalog (hold a write made once all started);
-connections on the server, the fleet's and the relays'; idle transactions a second
-(``pg_stat_database.xact_commit``, whose delta counts every statement outside an explicit
-transaction and each transaction once; our own two reads subtracted), and the server's "too many
-clients" log lines a second, over an idle window; commit-to-visible at p50 and p99 for a probe
-watcher in its own process, and for the last watcher of the fleet to hold each write; the CPU the
-fleet spent per write; and a reset storm: one write moving every route (too large for a
-notification, so every watcher reads the whole change) and the time until the last watcher holds
-it.
+The services connect as a role that is not a superuser, so that the benchmark's writer and its own
+reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
 
-``--quick``: 10 direct watchers and 20 on NATS over a 1,000-route catalog, a few writes.
-The NATS rows are left out, saying so, when no NATS server answers on 127.0.0.1:4222.
+* how many watchers follow the catalog (hold a write made once all started);
+* connections on the primary, the fleet's (watchers and the probe) and the relays', each the peak
+  sampled every 0.5 s over the writes and the reset storm; on the NATS path, the fleet's
+  connections on the standby too;
+* idle catalog transactions a second on the primary (and on the standby), over 10 s with nothing
+  written (``pg_stat_database.xact_commit``, whose delta counts every statement outside an
+  explicit transaction and each transaction once; our own read subtracted), started 11 s after the
+  watchers' confirmation of the last write (a read once notifications pause, ``VERIFY_QUIET``
+  after it), so that statistics a backend holds back (PostgreSQL flushes them at most once a
+  second, else after 10 s idle) are in; and the server's "too many clients" log lines a second;
+* over 50 writes (one-route splits) about a second apart (0.9 to 1.1 s, at a random phase
+  against the watchers' timers), commit-to-visible at p50 and p99 for a probe watcher in its own
+  process, and for the last watcher of the fleet to hold each write: from the writer's call
+  returning to the watcher's Engine holding the version;
+* the CPU the fleet's processes spent per write, over the writes (idle work included), and what
+  they spend a second while idle; on the NATS path, the transactions on the standby per write
+  (the reads the fleet makes for them);
+* a reset storm: one write moving 1,000 routes (far too large for a notification, so every
+  watcher reads the change from the catalog): the time until the last watcher holds it, and
+  until half of them do, how many watchers finished in the busiest 100 ms (the count for every
+  100 ms goes to stderr), and the peak of catalog reads running at once on the server the fleet
+  reads from (sampled every 50 ms).
+
+``--quick``: 10 direct watchers and 20 on NATS over a 1,000-route catalog, 5 writes. The NATS
+rows are left out, saying so, when no NATS server answers on 127.0.0.1:4222.
 
 Workers are this module run as ``python -m benchmarks.bench_scale worker ...``: they print one
 line per version each watcher applies (``INDEX VERSION UNIX-TIME``), ``ready`` once every watcher
@@ -32,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import random
 import socket
@@ -41,6 +64,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,18 +76,51 @@ from benchmarks.bench_catalog import make_routes
 from benchmarks.bench_watcher import Splitter
 from benchmarks.harness import Row, progress, summarize
 from distribution import CatalogStore
+from distribution.watcher import VERIFY_QUIET
+from tests.standby import StreamingPair, binaries_of
 
 __all__ = ["run"]
 
 _REPO = Path(__file__).resolve().parent.parent
 _NATS_HOST, _NATS_PORT = "127.0.0.1", 4222
 _WATCHERS_PER_PROCESS = 50
-_WRITE_GAP = 0.25
+#: Seconds between two writes, on average (each gap drawn from 0.9 to 1.1 times this).
+_WRITE_GAP = 1.0
+#: How many routes the reset storm's write moves: far too many for one notification (8000 bytes).
+_STORM_ROUTES = 1_000
+# PostgreSQL flushes a backend's statistics at most once a second, or after 10 s idle: the idle
+# window starts this long after the last statement, so that it counts none from before.
+_STATS_FLUSH = 11.0
 # How long the benchmark waits for one more process to become ready before it goes on anyway.
-_SETTLE = 60.0
+_SETTLE = 120.0
 # How many processes start at once.
 _BATCH = 10
 _SERVICE_ROLE = "bench_service"
+_FLEET = "fleet"
+_RELAY_NAME = "distribution-relay"
+
+
+@dataclass(frozen=True)
+class _Servers:
+    """Where a layout's catalog lives: its primary, and where its services read."""
+
+    #: The primary, as a superuser (the writer, the relays, the benchmark's own reads).
+    url: str
+    #: The primary, as the services' role.
+    service_url: str
+    #: The standby the services read from, as their role; None: they read from the primary.
+    read_url: str | None
+    #: The primary's log, for "too many clients" (None: not counted).
+    log: Path | None
+
+    @property
+    def reads_url(self) -> str:
+        """The server the fleet reads from, as a superuser."""
+        if self.read_url is None:
+            return self.url
+        return make_url(self.read_url).set(username="postgres").render_as_string(
+            hide_password=False
+        )
 
 
 @dataclass(frozen=True)
@@ -75,19 +132,39 @@ class _Config:
 
 @dataclass
 class _Process:
-    """A child process whose stdout lines are collected by a thread."""
+    """A child process whose stdout lines (``INDEX VERSION UNIX-TIME``) a thread collects."""
 
     popen: subprocess.Popen[str]
-    lines: list[str] = field(default_factory=list)
+    #: Watcher index -> {version applied: when}.
+    applied: dict[int, dict[int, float]] = field(default_factory=dict)
     ready: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def collect(self) -> None:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
             if line.startswith("ready"):
                 self.ready.set()
-            else:
-                self.lines.append(line)
+                continue
+            index, version, when = line.split()
+            with self._lock:
+                self.applied.setdefault(int(index), {})[int(version)] = float(when)
+
+    def held(self, version: int) -> list[float]:
+        """When each watcher holding ``version`` applied it (or a later one, in one go)."""
+        with self._lock:
+            seen = [dict(versions) for versions in self.applied.values()]
+        held = []
+        for versions in seen:
+            at = [when for v, when in versions.items() if v >= version]
+            if at:
+                held.append(min(at))
+        return held
+
+    def holding(self, version: int) -> int:
+        """How many watchers hold ``version``; O(watchers)."""
+        with self._lock:
+            return sum(max(versions) >= version for versions in self.applied.values())
 
     def cpu_seconds(self) -> float:
         import psutil
@@ -127,9 +204,14 @@ def _spawn(args: Sequence[str], *, stdin: bool = True) -> _Process:
     return process
 
 
-def _worker_args(url: str, name: str, count: int, nats: str | None, subject: str) -> list[str]:
-    args = ["-m", "benchmarks.bench_scale", "worker", url, name, str(count), subject]
-    return [*args, nats] if nats else args
+def _worker_args(
+    servers: _Servers, name: str, count: int, nats: str | None, subject: str
+) -> list[str]:
+    args = ["-m", "benchmarks.bench_scale", "worker", servers.service_url, "--name", name,
+            "--count", str(count), "--subject", subject]
+    if servers.read_url is not None:
+        args += ["--read-url", servers.read_url]
+    return [*args, "--nats", nats] if nats else args
 
 
 def _one(url: str, query: str) -> list[tuple[object, ...]]:
@@ -138,13 +220,17 @@ def _one(url: str, query: str) -> list[tuple[object, ...]]:
         return cursor.fetchall() if cursor.description else []
 
 
-def _connections(url: str) -> dict[str, int]:
-    rows = _one(
-        url,
-        "SELECT application_name, count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() GROUP BY 1",
-    )
-    return {str(name): int(str(count)) for name, count in rows}
+# The fleet (its watchers and the probe) is every connection of the services' role: a watcher's
+# listening connection renames itself for the fleet roll call.
+_CONNECTIONS = (
+    f"SELECT CASE WHEN usename = '{_SERVICE_ROLE}' THEN '{_FLEET}' ELSE application_name END, "
+    "count(*) FROM pg_stat_activity WHERE datname = current_database() GROUP BY 1"
+)
+# Catalog reads running now on the server the fleet reads from.
+_READS_RUNNING = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    f"AND state = 'active' AND usename = '{_SERVICE_ROLE}'"
+)
 
 
 def _commits(url: str) -> int:
@@ -152,14 +238,43 @@ def _commits(url: str) -> int:
     return int(str(rows[0][0]))
 
 
-def _applied(processes: Sequence[_Process]) -> dict[tuple[int, int], dict[int, float]]:
-    """(process, watcher) -> {version: when it was applied}."""
-    seen: dict[tuple[int, int], dict[int, float]] = {}
-    for p_index, process in enumerate(processes):
-        for line in list(process.lines):
-            index, version, when = line.split()
-            seen.setdefault((p_index, int(index)), {})[int(version)] = float(when)
-    return seen
+class _Sampler:
+    """Runs ``query`` on ``url`` every ``interval`` seconds on a thread, keeping the rows."""
+
+    def __init__(self, url: str, query: str, interval: float) -> None:
+        self.samples: list[tuple[float, list[tuple[object, ...]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(url, query, interval), name="bench-scale-sampler", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, url: str, query: str, interval: float) -> None:
+        with psycopg.connect(url, autocommit=True) as connection:
+            while not self._stop.is_set():
+                rows = connection.execute(query).fetchall()
+                self.samples.append((time.time(), rows))
+                self._stop.wait(interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self, names: Sequence[str]) -> int:
+        """The largest sum of the counts of ``names`` in one sample (rows: name, count)."""
+        return max(
+            (sum(int(str(n)) for name, n in rows if name in names) for _, rows in self.samples),
+            default=0,
+        )
+
+    def peak_count(self) -> int:
+        """The largest count in one sample (rows: one count)."""
+        return max((int(str(rows[0][0])) for _, rows in self.samples), default=0)
+
+
+def _held(processes: Sequence[_Process], version: int) -> list[float]:
+    """When each watcher of ``processes`` that holds ``version`` applied it."""
+    return [when for process in processes for when in process.held(version)]
 
 
 def _wait_all(
@@ -168,10 +283,9 @@ def _wait_all(
     """Wait until ``watchers`` watchers hold ``version``; return when the last did (or None)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        held = [seen[version] for seen in _applied(processes).values() if version in seen]
-        if held and len(held) >= watchers:
-            return max(held)
-        time.sleep(0.05)
+        if sum(process.holding(version) for process in processes) >= watchers > 0:
+            return max(_held(processes, version))
+        time.sleep(0.1)
     return None
 
 
@@ -187,8 +301,21 @@ def _wait_ready(processes: Sequence[_Process]) -> int:
     return ready
 
 
+def _wait_relays_listening(url: str, relays: int) -> None:
+    """Wait until ``relays`` relays have LISTENed (each then reads the version: any statement)."""
+    deadline = time.monotonic() + _SETTLE
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        f"AND application_name = '{_RELAY_NAME}' AND query <> ''"
+    )
+    while int(str(_one(url, query)[0][0])) < relays:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the relays did not start listening")
+        time.sleep(0.1)
+
+
 def _start_fleet(
-    service_url: str, config: _Config, nats: str | None, subject: str, fleet: list[_Process]
+    servers: _Servers, config: _Config, nats: str | None, subject: str, fleet: list[_Process]
 ) -> int:
     """Start the fleet's processes a batch at a time (all at once, 90 interpreters starting on
     2 cores starve each other for minutes), each batch once the previous one is ready or stalled.
@@ -199,29 +326,33 @@ def _start_fleet(
         batch = []
         while remaining and len(batch) < _BATCH:
             count = min(config.per_process, remaining)
-            batch.append(_spawn(_worker_args(service_url, "bench-watcher", count, nats, subject)))
+            batch.append(_spawn(_worker_args(servers, "bench-watcher", count, nats, subject)))
             remaining -= count
         fleet += batch
         _wait_ready(batch)
     return sum(p.ready.is_set() for p in fleet)
 
 
+def _latencies(commits_at: dict[int, float], processes: Sequence[_Process], watchers: int
+               ) -> list[float]:
+    """Milliseconds from each write's commit until the last of ``watchers`` held it."""
+    values = []
+    for version, committed in commits_at.items():
+        held = _held(processes, version)
+        if held and len(held) >= watchers:
+            values.append(max(0.0, max(held) - committed) * 1e3)
+    return values
+
+
 def _measure(
-    url: str,
-    service_url: str,
-    log: Path,
-    config: _Config,
-    nats: str | None,
-    writes: int,
-    idle: float,
-    routes: int,
+    servers: _Servers, config: _Config, nats: str | None, writes: int, idle: float, routes: int
 ) -> list[Row]:
     subject = f"distribution.bench.{uuid.uuid4().hex[:8]}"
     label = f"scale {config.path}"
-    size = f"{config.watchers:,} watchers"
+    size = f"{config.watchers:,} watchers, {routes // 1000:,}k routes"
     relays = [
         _spawn(
-            ["-m", "distribution", "relay", "--database-url", url, "--nats", nats,
+            ["-m", "distribution", "relay", "--database-url", servers.url, "--nats", nats,
              "--subject", subject],
             stdin=False,
         )
@@ -229,21 +360,20 @@ def _measure(
     ]
     probe: _Process | None = None
     fleet: list[_Process] = []
+    primary: _Sampler | None = None
     try:
-        # The relays need a moment to LISTEN before anything is published.
-        time.sleep(2.0 if nats else 0)
-        probe = _spawn(_worker_args(service_url, "bench-probe", 1, nats, subject))
-        probe.ready.wait(2 * _SETTLE)
-        ready = _start_fleet(service_url, config, nats, subject, fleet)
+        _wait_relays_listening(servers.url, len(relays))
+        probe = _spawn(_worker_args(servers, "bench-probe", 1, nats, subject))
+        probe.ready.wait(_SETTLE)
+        ready = _start_fleet(servers, config, nats, subject, fleet)
         progress(
             f"scale: {config.path} {config.watchers}: {ready} of {len(fleet)} processes ready "
             f"(load average {os.getloadavg()[0]:.1f})"
         )
-        time.sleep(2.0)
         # One connection for the writer: with the benchmark's own reads, within the slots
         # PostgreSQL keeps for superusers when the services' role has taken all the others.
         with CatalogStore.from_url(
-            url,
+            servers.url,
             pool_size=1,
             max_overflow=0,
             connect_args={"application_name": "bench-writer"},
@@ -251,45 +381,56 @@ def _measure(
             splitter = Splitter(store)
             # Who follows: the watchers holding a write made once all have started.
             first = splitter.split()
-            _wait_all(fleet, first, config.watchers, 10.0)
-            following = sum(first in seen for seen in _applied(fleet).values())
-            # Idle: nothing written.
-            log_before = log.read_text(errors="replace").count("too many clients")
-            commits_before = _commits(url)
+            _wait_all(fleet, first, config.watchers, 30.0)
+            following = len(_held(fleet, first))
+            # Idle: nothing written, once the watchers have confirmed that write (a catalog read
+            # once notifications pause) and the statistics of what came before are flushed.
+            time.sleep(VERIFY_QUIET + _STATS_FLUSH)
+            log_before = _too_many_clients(servers.log)
+            commits_before = _commits(servers.url)
+            standby_before = _commits(servers.reads_url) if servers.read_url else 0
+            idle_cpu_before = sum(p.cpu_seconds() for p in fleet)
             started = time.monotonic()
             time.sleep(idle)
-            commits = _commits(url) - commits_before - 1  # our own first read
             elapsed = time.monotonic() - started
-            too_many = log.read_text(errors="replace").count("too many clients") - log_before
-            connections = _connections(url)
-            fleet_connections = connections.get("bench-watcher", 0)
-            relay_connections = connections.get("distribution-relay", 0)
-            # Writes, one every ~0.25 s at a random phase.
+            idle_cpu = sum(p.cpu_seconds() for p in fleet) - idle_cpu_before
+            # Our own first read counts twice: its connection's start-up, and its query.
+            commits = _commits(servers.url) - commits_before - 2
+            standby_commits = (
+                _commits(servers.reads_url) - standby_before - 2 if servers.read_url else 0
+            )
+            too_many = _too_many_clients(servers.log) - log_before
+            # Connections, sampled from now on.
+            primary = _Sampler(servers.url, _CONNECTIONS, 0.5)
+            reading = _Sampler(servers.reads_url, _CONNECTIONS, 0.5) if servers.read_url else None
             cpu_before = sum(p.cpu_seconds() for p in fleet)
+            reads_before = _commits(servers.reads_url) if servers.read_url else 0
             commits_at: dict[int, float] = {}
             for _ in range(writes):
-                time.sleep(random.uniform(0.5, 1.5) * _WRITE_GAP)
+                time.sleep(random.uniform(0.9, 1.1) * _WRITE_GAP)
                 version = splitter.split()
                 commits_at[version] = time.time()
-            last = max(commits_at)
-            _wait_all(fleet, last, following, 30.0)
+            _wait_all(fleet, max(commits_at), following, 30.0)
             cpu = sum(p.cpu_seconds() for p in fleet) - cpu_before
-            probe_seen = _applied([probe]).get((0, 0), {})
-            probe_latency = [
-                max(0.0, probe_seen[v] - t) * 1e3 for v, t in commits_at.items() if v in probe_seen
-            ]
-            everyone = _applied(fleet)
-            last_latency = []
-            for version, committed in commits_at.items():
-                held = [seen[version] for seen in everyone.values() if version in seen]
-                if len(held) >= following and held:
-                    last_latency.append(max(0.0, max(held) - committed) * 1e3)
-            # A reset storm: every route moved, a change no notification carries.
+            reads = _commits(servers.reads_url) - reads_before - 2 if servers.read_url else 0
+            probe_latency = _latencies(commits_at, [probe], 1)
+            last_latency = _latencies(commits_at, fleet, following)
+            # The reset storm: a change no notification carries, read by every watcher.
             snapshot = store.snapshot()
-            moved = [r._replace(group_id=r.group_id % 5 + 1) for r in snapshot.routes]
-            storm_version = store.save(snapshot.version, moved, actor="bench").version
+            moved = {r.route_id for r in random.sample(snapshot.routes, min(routes, _STORM_ROUTES))}
+            storm_routes = [
+                r._replace(group_id=r.group_id % 5 + 1) if r.route_id in moved else r
+                for r in snapshot.routes
+            ]
+            running = _Sampler(servers.reads_url, _READS_RUNNING, 0.05)
+            storm_version = store.save(snapshot.version, storm_routes, actor="bench").version
             storm_commit = time.time()
-            storm_done = _wait_all(fleet, storm_version, following, 120.0)
+            storm_done = _wait_all(fleet, storm_version, following, 300.0)
+            running.stop()
+            storm_finished = _held(fleet, storm_version)
+        primary.stop()
+        if reading is not None:
+            reading.stop()
     finally:
         workers = [*fleet, *([probe] if probe else [])]
         for process in workers:
@@ -299,31 +440,62 @@ def _measure(
         for relay in relays:
             relay.popen.terminate()
             relay.popen.wait(30)
-    probe_ms = summarize(probe_latency or [float("nan")])
-    last_ms = summarize(last_latency or [float("nan")])
+        if primary is not None:
+            primary.stop()
+    probe_ms = summarize(probe_latency or [math.nan])
+    last_ms = summarize(last_latency or [math.nan])
+    buckets = Counter(int((when - storm_commit) * 10) for when in storm_finished)
+    progress(f"scale: {config.path} {config.watchers}: reset storm, watchers done per 100 ms: "
+             + " ".join(str(buckets[i]) for i in range(max(buckets, default=-1) + 1)))
+    storm_ms = summarize([(when - storm_commit) * 1e3 for when in storm_finished] or [math.nan])
     per_watcher = "per watcher following"
+    storm = f"{label}: reset storm, {len(moved):,} routes moved"
     rows = [
         Row(f"{label}: watchers following", size, following, "watchers"),
-        Row(f"{label}: fleet connections on the server", size, fleet_connections, "conn",
+        Row(f"{label}: fleet connections on the primary, peak", size,
+            primary.peak([_FLEET]), "conn", per_watcher, following),
+        Row(f"{label}: idle transactions on the primary", size, commits / elapsed, "/s",
             per_watcher, following),
-        Row(f"{label}: idle transactions", size, commits / elapsed, "/s", per_watcher, following),
-        Row(f"{label}: 'too many clients' log lines", size, too_many / elapsed, "/s"),
         Row(f"{label}: commit-to-visible, probe p50", size, probe_ms.median, "ms"),
         Row(f"{label}: commit-to-visible, probe p99", size, probe_ms.p99, "ms"),
         Row(f"{label}: commit-to-visible, last watcher p50", size, last_ms.median, "ms"),
         Row(f"{label}: commit-to-visible, last watcher p99", size, last_ms.p99, "ms"),
         Row(f"{label}: fleet CPU per write", size, cpu / writes * 1e3, "ms"),
-        Row(
-            f"{label}: reset storm, {routes:,} routes moved",
-            size,
-            float("nan") if storm_done is None else (storm_done - storm_commit),
-            "s",
-        ),
+        Row(f"{label}: fleet CPU while idle", size, idle_cpu / elapsed * 1e3, "ms/s"),
+        Row(f"{storm}: duration", size,
+            math.nan if storm_done is None else storm_done - storm_commit, "s"),
+        Row(f"{storm}: half the watchers done after", size, storm_ms.median / 1e3, "s"),
+        Row(f"{storm}: watchers done in the busiest 100 ms", size,
+            max(buckets.values(), default=0), "watchers", "watchers following", following),
+        Row(f"{storm}: reads running at once, peak", size, running.peak_count(), "reads"),
     ]
-    if nats:
-        rows.insert(2, Row(f"{label}: relay connections on the server", "2 relays",
-                           relay_connections, "conn"))
+    if servers.log is not None:
+        rows.insert(3, Row(f"{label}: 'too many clients' log lines", size, too_many / elapsed, "/s"))
+    if servers.read_url is not None:
+        assert reading is not None
+        rows[2:2] = [
+            Row(f"{label}: relay connections on the primary, peak", "2 relays",
+                primary.peak([_RELAY_NAME]), "conn"),
+            Row(f"{label}: fleet and relay connections on the primary, peak", size,
+                primary.peak([_FLEET, _RELAY_NAME]), "conn"),
+            Row(f"{label}: fleet connections on the standby, peak", size,
+                reading.peak([_FLEET]), "conn", per_watcher, following),
+        ]
+        rows.insert(6, Row(f"{label}: idle transactions on the standby", size,
+                           standby_commits / elapsed, "/s", per_watcher, following))
+        rows.insert(12, Row(f"{label}: transactions on the standby per write", size,
+                            reads / writes, "/write", per_watcher, following))
     return rows
+
+
+def _too_many_clients(log: Path | None) -> int:
+    if log is None:
+        return 0
+    return sum(
+        path.read_text(errors="replace").count("too many clients")
+        for path in ([log] if log.is_file() else log.glob("*"))
+        if path.is_file()
+    )
 
 
 @contextlib.contextmanager
@@ -347,59 +519,78 @@ def _nats_answers() -> bool:
     return True
 
 
+def _as_service(url: str) -> str:
+    return make_url(url).set(username=_SERVICE_ROLE).render_as_string(hide_password=False)
+
+
+def _prepare(url: str, routes: int) -> None:
+    """The services' role (not a superuser, as they should be), and the catalog's routes."""
+    for statement in (
+        f"CREATE ROLE {_SERVICE_ROLE} LOGIN",
+        f"GRANT USAGE ON SCHEMA public TO {_SERVICE_ROLE}",
+        f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {_SERVICE_ROLE}",
+    ):
+        _one(url, statement)
+    with CatalogStore.from_url(url) as store:
+        store.save(0, make_routes(routes), actor="bench")
+
+
 def run(quick: bool) -> list[Row]:
     """Measure N watchers on the direct path and on the NATS path; see the module docstring."""
     from distribution.migrator import migrate
 
-    routes = 1_000 if quick else 10_000
-    writes = 5 if quick else 30
-    idle = 5.0 if quick else 10.0
+    # The direct path's goals are connections and statements: a smaller catalog spares the
+    # memory of its 90 processes.
+    direct_routes = 1_000 if quick else 10_000
+    routes = 1_000 if quick else 100_000
+    writes = 5 if quick else 50
+    idle = 3.0 if quick else 10.0
     direct = [10] if quick else [25, 50, 90]
     fanout = [20] if quick else [100, 1_000]
     rows: list[Row] = []
     with _embedded() as (server_url, log):
+        binaries = binaries_of(server_url)
         url = make_url(server_url).set(database="scale").render_as_string(hide_password=False)
         _one(server_url, "CREATE DATABASE scale")
         migrate(url)
-        # The services connect as a reader role (not a superuser, as they should be), so that the
-        # benchmark's writer and probes keep the slots reserved for superusers.
-        for statement in (
-            f"CREATE ROLE {_SERVICE_ROLE} LOGIN",
-            f"GRANT USAGE ON SCHEMA public TO {_SERVICE_ROLE}",
-            f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {_SERVICE_ROLE}",
-        ):
-            _one(url, statement)
-        service_url = make_url(url).set(username=_SERVICE_ROLE).render_as_string(
-            hide_password=False
-        )
+        _prepare(url, direct_routes)
         max_connections = _one(url, "SHOW max_connections")[0][0]
         progress(f"scale: embedded PostgreSQL, max_connections = {max_connections}, "
-                 f"{routes:,} routes")
-        with CatalogStore.from_url(url) as store:
-            store.save(0, make_routes(routes), actor="bench")
+                 f"{direct_routes:,} routes")
+        servers = _Servers(url, _as_service(url), None, log)
         for count in direct:
             progress(f"scale: direct path, {count} watcher processes")
-            rows += _measure(
-                url, service_url, log, _Config("direct", count, 1), None, writes, idle, routes
-            )
-        if not _nats_answers():
-            progress(f"scale: no NATS server on {_NATS_HOST}:{_NATS_PORT}: NATS rows left out")
-            return rows
-        nats = f"nats://{_NATS_HOST}:{_NATS_PORT}"
+            config = _Config("direct", count, 1)
+            rows += _measure(servers, config, None, writes, idle, direct_routes)
+    if not _nats_answers():
+        progress(f"scale: no NATS server on {_NATS_HOST}:{_NATS_PORT}: NATS rows left out")
+        return rows
+    assert binaries is not None, "the embedded server's binaries are on this machine"
+    nats = f"nats://{_NATS_HOST}:{_NATS_PORT}"
+    with StreamingPair.start(binaries) as pair:
+        _prepare(pair.primary_url, routes)
+        pair.wait_replayed()
+        progress(f"scale: a primary and a hot standby streaming from it, {routes:,} routes")
+        servers = _Servers(
+            pair.primary_url, _as_service(pair.primary_url), _as_service(pair.standby_url), None
+        )
         for count in fanout:
             per_process = min(count, _WATCHERS_PER_PROCESS)
             progress(f"scale: NATS path, {count} watchers, {per_process} a process")
             config = _Config("NATS", count, per_process)
-            rows += _measure(url, service_url, log, config, nats, writes, idle, routes)
+            rows += _measure(servers, config, nats, writes, idle, routes)
     return rows
 
 
 def _worker(argv: Sequence[str]) -> None:
     """Run ``count`` watchers until stdin closes; print what each applies, and when."""
     parser = argparse.ArgumentParser()
-    for name in ("url", "name", "count", "subject"):
-        parser.add_argument(name)
-    parser.add_argument("nats", nargs="?")
+    parser.add_argument("url")
+    parser.add_argument("--read-url")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--subject", required=True)
+    parser.add_argument("--nats")
     args = parser.parse_args(argv)
 
     def exit_with_the_benchmark() -> None:
@@ -426,13 +617,16 @@ def _worker(argv: Sequence[str]) -> None:
     with contextlib.ExitStack() as stack:
         nats: NatsNotifications | None = None
         if args.nats:
-            # Watchers of one process share a pool of two connections for their reads.
-            options.update(pool_size=2, max_overflow=0)
+            # The watchers of one process share one connection for their reads (a pool of one
+            # on the standby; and on the primary, should a standby lag too long).
+            options.update(pool_size=1, max_overflow=0, pool_timeout=300)
             nats = stack.enter_context(NatsNotifications(args.nats, args.subject))
             nats.wait_connected(30)
-        store = stack.enter_context(CatalogStore.from_url(args.url, **options))
+        store = stack.enter_context(
+            CatalogStore.from_url(args.url, read_url=args.read_url, **options)
+        )
         watchers = []
-        for index in range(int(args.count)):
+        for index in range(args.count):
             engine = Engine()
             watcher = CatalogWatcher(
                 store, engine, notifications=nats.subscribe if nats is not None else None

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -261,6 +262,46 @@ def test_two_relays_each_version_applied_once(
             _assert_correct(store, [e for _, e, _ in running])
 
 
+def test_watch_command_follows_nats(
+    database_url: str, nats_url: str, subject: str, relays: Callable[[], Relay], probe: Probe
+) -> None:
+    with CatalogStore.from_url(database_url) as store:
+        _seed(store)
+        relays()
+        probe.take(_catch_up(1), "the relay's catch-up")
+        command = [
+            sys.executable, "-m", "distribution", "--database-url", database_url, "watch",
+            "--nats", nats_url, "--subject", subject, "--count", "2", "--timeout", "60",
+        ]
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as watch:
+            try:
+                assert watch.stderr is not None
+                banner = watch.stderr.readline()
+                assert "watching the catalog after version 1" in banner, banner
+                # It follows NATS: no connection of the command LISTENs on the catalog's database.
+                with psycopg.connect(database_url) as connection:
+                    row = connection.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND application_name = 'distribution-cli' AND query ILIKE 'LISTEN%'"
+                    ).fetchone()
+                assert row == (0,)
+                versions = [_split(store) for _ in range(2)]
+                out, err = watch.communicate(timeout=_TIMEOUT)
+            finally:
+                watch.kill()
+    assert watch.returncode == 0, err
+    printed = [line.split(":")[0] for line in out.splitlines() if line.startswith("version ")]
+    assert printed == [f"version {v}" for v in versions]
+    # A bad subject is refused before the watcher starts.
+    bad = subprocess.run(
+        [*command[:6], "--nats", nats_url, "--subject", "a.*"],
+        capture_output=True, text=True, timeout=_TIMEOUT, check=False,
+    )
+    assert bad.returncode == 1 and "invalid NATS subject" in bad.stderr, bad.stderr
+
+
 def test_relay_restart_publishes_a_catch_up(
     database_url: str, nats_url: str, subject: str, relays: Callable[[], Relay], probe: Probe
 ) -> None:
@@ -410,6 +451,39 @@ def test_subscription_skips_messages_that_are_not_notifications(
         wait_until(lambda: bool(received.extend(subscription.wait(0.1)) or received), "the 7")
         assert received == [CatalogNotification(7, None)]
         subscription.close()
+
+
+def test_interrupt_and_close_wake_the_thread_waiting_on_a_subscription(
+    nats_url: str, subject: str
+) -> None:
+    # A watcher stopping interrupts its source from another thread: its wait must not last its
+    # whole timeout.
+    with NatsNotifications(nats_url, subject) as nats:
+        assert nats.wait_connected(_TIMEOUT)
+        subscription = nats.subscribe()
+
+        def wait_in_a_thread(then: Callable[[], None]) -> list[CatalogNotification] | None:
+            returned: list[list[CatalogNotification]] = []
+            waiting = threading.Thread(
+                target=lambda: returned.append(subscription.wait(3600)), daemon=True
+            )
+            waiting.start()
+            then()
+            waiting.join(_TIMEOUT)
+            return returned[0] if returned else None
+
+        assert wait_in_a_thread(subscription.interrupt) == []
+        # Interrupted, it stays usable: what is published next arrives.
+        nats.publish(b"7")
+        assert subscription.wait(_TIMEOUT) == [CatalogNotification(7, None)]
+        # An interrupt before the wait makes the next wait return at once.
+        subscription.interrupt()
+        assert subscription.wait(3600) == []
+        assert wait_in_a_thread(subscription.close) == []
+        # Closed, it returns at once, whatever is published; interrupting it is harmless.
+        nats.publish(b"8")
+        subscription.interrupt()
+        assert subscription.wait(3600) == []
 
 
 def test_subscribing_without_a_nats_server_fails_clearly(subject: str) -> None:

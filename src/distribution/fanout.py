@@ -95,6 +95,8 @@ _WAIT_SLICE = 0.2
 _RECONNECT_WAIT = 0.5
 # What a subscription's queue holds after its connection dropped: what follows may be missing.
 _LOST: Final = object()
+# What interrupt() puts in a subscription's queue: wakes the thread waiting on it.
+_INTERRUPT: Final = object()
 # How the relay reads the catalog's version on its listening connection (so that a relay holds
 # one connection on the primary): the version, stored shifted as every u64 is.
 _READ_VERSION = "SELECT version FROM distribution_meta"
@@ -138,15 +140,19 @@ class NatsSubscription:
         self._owner = owner
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._handle: Subscription | None = None
+        self._closed = False
 
     def wait(self, timeout: float) -> list[CatalogNotification]:
         """Wait up to ``timeout`` seconds for messages; return the notifications they carry.
 
         Returns as soon as one arrives, with any others already received; messages that are not
-        catalog notifications are logged and skipped. Raises
-        :class:`~distribution.NotificationsUnavailableError` once the connection dropped (what
-        was published meanwhile never arrives). O(messages).
+        catalog notifications are logged and skipped. :meth:`interrupt` makes it return at once
+        (with what was received, usually nothing); once the subscription is closed it returns
+        ``[]`` at once. Raises :class:`~distribution.NotificationsUnavailableError` once the
+        connection dropped (what was published meanwhile never arrives). O(messages).
         """
+        if self._closed:
+            return []
         try:
             received = [self._queue.get(timeout=timeout)]
         except queue.Empty:
@@ -158,6 +164,8 @@ class NatsSubscription:
                 break
         parsed = []
         for item in received:
+            if item is _INTERRUPT:
+                continue
             if item is _LOST:
                 raise NotificationsUnavailableError("lost the NATS connection")
             try:
@@ -168,8 +176,16 @@ class NatsSubscription:
                 _logger.warning("ignored a malformed catalog notification from NATS: %s", exc)
         return parsed
 
+    def interrupt(self) -> None:
+        """Wake the thread blocked in :meth:`wait` (else the next wait), which returns at once;
+        the subscription stays usable. Any thread may call it, even once it is closed. O(1)."""
+        self._queue.put(_INTERRUPT)
+
     def close(self) -> None:
-        """Unsubscribe (a no-op once the connection dropped or closed); O(1), not waiting."""
+        """Unsubscribe (a no-op once the connection dropped or closed), and :meth:`interrupt`
+        a wait in progress; any thread may call it. O(1), not waiting."""
+        self._closed = True
+        self.interrupt()
         self._owner._unsubscribe(self)
 
     def __enter__(self) -> Self:

@@ -8,6 +8,7 @@ and an exit code (see :mod:`distribution.cli.errors`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import queue
 import time
@@ -37,7 +38,7 @@ from distribution.cli.output import (
     write_result_lines,
     write_result_to_json,
 )
-from distribution.cli.relay import cmd_relay
+from distribution.cli.relay import cmd_relay, open_nats
 from distribution.cli.session import Session, redact
 from distribution.cli.transfer import cmd_export, cmd_import
 from distribution.errors import (
@@ -525,27 +526,42 @@ def cmd_watch(session: Session) -> int:
             applied.put(change)
     seen = 0
     try:
-        with session.open_store() as watcher_store:
-            watcher = CatalogWatcher(watcher_store, engine, name=args.name)
+        with contextlib.ExitStack() as stack:
+            watcher_store = stack.enter_context(session.open_store())
+            # Following NATS (``distribution relay`` publishes there), the watcher holds no
+            # listening connection on the catalog's database.
+            nats = None
+            if args.nats:
+                nats = stack.enter_context(open_nats(session, "distribution-watch"))
+                # Connecting is under way; a watcher started before it ends would warn that it
+                # cannot subscribe, and back off.
+                nats.wait_connected(_WATCH_LISTEN_SECONDS)
+            watcher = CatalogWatcher(
+                watcher_store,
+                engine,
+                name=args.name,
+                notifications=None if nats is None else nats.subscribe,
+            )
             watcher.add_listener(applied.put)
-            with watcher, serving_metrics(watcher, args.metrics_port):
-                # Ready once the watcher listens (it polls meanwhile, and if it cannot listen).
-                ready = time.monotonic() + _WATCH_LISTEN_SECONDS
-                while not watcher.listening and time.monotonic() < ready:
-                    time.sleep(0.01)
-                session.note(f"watching the catalog after version {start} (Ctrl-C to stop)")
-                while args.count is None or seen < args.count:
-                    wait = _WATCH_WAKE_SECONDS
-                    if deadline is not None:
-                        wait = min(wait, deadline - time.monotonic())
-                        if wait <= 0:
-                            break
-                    try:
-                        event = applied.get(timeout=wait)
-                    except queue.Empty:
-                        continue
-                    _print_applied(session, event)
-                    seen += 1
+            stack.enter_context(watcher)
+            stack.enter_context(serving_metrics(watcher, args.metrics_port))
+            # Ready once the watcher listens (it polls meanwhile, and if it cannot listen).
+            ready = time.monotonic() + _WATCH_LISTEN_SECONDS
+            while not watcher.listening and time.monotonic() < ready:
+                time.sleep(0.01)
+            session.note(f"watching the catalog after version {start} (Ctrl-C to stop)")
+            while args.count is None or seen < args.count:
+                wait = _WATCH_WAKE_SECONDS
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        break
+                try:
+                    event = applied.get(timeout=wait)
+                except queue.Empty:
+                    continue
+                _print_applied(session, event)
+                seen += 1
     except KeyboardInterrupt:
         return EXIT_OK
     if args.count is not None and seen < args.count:

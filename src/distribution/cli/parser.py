@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 from distribution.cli.errors import UsageError
 from distribution.cli.output import parse_state
-from distribution.cli.relay import add_relay_arguments
+from distribution.cli.relay import add_nats_arguments, add_relay_arguments
 from distribution.types import UINT64_MAX, RouteState
 
 __all__ = ["EPILOG", "MAX_INIT_GROUPS", "build_parser", "default_actor", "positive_int", "u64"]
@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="the name the watcher answers roll calls with (default: program@host:pid)",
     )
+    # Without --nats the watcher LISTENs on the catalog's database.
+    add_nats_arguments(watch, required=False, verb="follow, instead of LISTEN, with --nats")
     watch.add_argument(
         "--metrics-port",
         metavar="PORT",

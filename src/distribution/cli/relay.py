@@ -22,29 +22,48 @@ from distribution.cli.errors import EXIT_OK, CommandError
 
 if TYPE_CHECKING:
     from distribution.cli.session import Session
+    from distribution.fanout import NatsNotifications
 
-__all__ = ["add_relay_arguments", "cmd_relay"]
+__all__ = ["add_nats_arguments", "add_relay_arguments", "cmd_relay", "open_nats"]
 
 # The defaults, repeated here so that ``--help`` does not import the database layers.
 _DEFAULT_SUBJECT = "distribution.catalog"
 _DEFAULT_HEARTBEAT = 30.0
 
 
-def add_relay_arguments(relay: argparse.ArgumentParser) -> None:
-    """The ``relay`` command's own options."""
-    relay.add_argument(
+def add_nats_arguments(parser: argparse.ArgumentParser, *, required: bool, verb: str) -> None:
+    """``--nats`` and ``--subject``, as ``relay`` (``verb``: publish) and ``watch`` (follow)
+    take them."""
+    parser.add_argument(
         "--nats",
         metavar="URL",
         action="append",
-        required=True,
+        required=required,
         help="a NATS server, nats://HOST:PORT (repeat for a cluster's other servers)",
     )
-    relay.add_argument(
+    parser.add_argument(
         "--subject",
         metavar="S",
         default=_DEFAULT_SUBJECT,
-        help=f"the subject to publish on (default: {_DEFAULT_SUBJECT})",
+        help=f"the subject to {verb} (default: {_DEFAULT_SUBJECT})",
     )
+
+
+def open_nats(session: Session, name: str) -> NatsNotifications:
+    """The NATS connection ``--nats`` and ``--subject`` name; a CommandError without the extra."""
+    import importlib.util
+
+    from distribution.fanout import NatsNotifications, check_subject
+
+    if importlib.util.find_spec("nats") is None:
+        raise CommandError("--nats needs the nats extra: pip install 'distribution[nats]'")
+    check_subject(session.args.subject)
+    return NatsNotifications(session.args.nats, session.args.subject, name=name)
+
+
+def add_relay_arguments(relay: argparse.ArgumentParser) -> None:
+    """The ``relay`` command's own options."""
+    add_nats_arguments(relay, required=True, verb="publish on")
     relay.add_argument(
         "--heartbeat",
         metavar="SECONDS",
@@ -83,17 +102,12 @@ def _stopped_by_signals(stop: threading.Event) -> Iterator[None]:
 
 def cmd_relay(session: Session) -> int:
     """Relay catalog notifications from the primary to NATS until SIGTERM or SIGINT."""
-    import importlib.util
-
     import sqlalchemy as sa
 
     from distribution.catalog import CatalogStore
-    from distribution.fanout import CatalogRelay, NatsNotifications, check_subject
+    from distribution.fanout import CatalogRelay
 
-    if importlib.util.find_spec("nats") is None:
-        raise CommandError("the relay needs the nats extra: pip install 'distribution[nats]'")
     args = session.args
-    check_subject(args.subject)
     if not 0 < args.heartbeat <= threading.TIMEOUT_MAX:
         raise CommandError(
             f"--heartbeat must be positive seconds, at most {threading.TIMEOUT_MAX:g}, "
@@ -114,7 +128,7 @@ def cmd_relay(session: Session) -> int:
                 poolclass=sa.pool.NullPool,
                 connect_args={"application_name": "distribution-relay"},
             ) as store,
-            NatsNotifications(args.nats, args.subject, name="distribution-relay") as fanout,
+            open_nats(session, "distribution-relay") as fanout,
         ):
             session.note(
                 f"relaying catalog writes to NATS subject {args.subject} (SIGTERM or Ctrl-C stops)"
