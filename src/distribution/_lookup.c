@@ -129,6 +129,7 @@ typedef struct {
     unsigned char *states; /* n + 1 */
     char *arena;           /* offset[n] bytes */
     void *memory;          /* the one allocation holding every array */
+    size_t size;           /* its bytes */
 } Chunk;
 
 static PyTypeObject ChunkType;
@@ -141,16 +142,45 @@ summary_size(Py_ssize_t n)
 
 /* A chunk of n bounds with arena bytes of keys, its arrays allocated, not filled (fill the
  * prefixes, then call chunk_summarize). */
+/* Freeing a large block gives its pages back to the system, which takes about as long as
+ * touching them: a million routes' arrays take 15-25 ms to free. Blocks of at least
+ * LARGE_BLOCK bytes come from the raw allocator (usable without the GIL) and are freed with
+ * the GIL let go, so that dropping a large table does not stall the lookups of other threads
+ * (while the GIL is let go, a thread that asked for it takes it). */
+#define LARGE_BLOCK ((size_t)1 << 15)
+
+static void *
+block_alloc(size_t size, int zeroed)
+{
+    if (size < LARGE_BLOCK) {
+        return zeroed ? PyMem_Calloc(size, 1) : PyMem_Malloc(size);
+    }
+    return zeroed ? PyMem_RawCalloc(size, 1) : PyMem_RawMalloc(size);
+}
+
+/* Free a block of size bytes from block_alloc; called holding the GIL. */
+static void
+block_free(void *block, size_t size)
+{
+    if (size < LARGE_BLOCK) {
+        PyMem_Free(block);
+        return;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    PyMem_RawFree(block);
+    Py_END_ALLOW_THREADS
+}
+
 static Chunk *
 chunk_alloc(Py_ssize_t n, Py_ssize_t arena)
 {
     size_t words = (size_t)summary_size(n) + (size_t)n + 3 * ((size_t)n + 1);
-    size_t size = words * 8 + ((size_t)n + 1) + (size_t)arena + 1;
     Chunk *chunk = PyObject_New(Chunk, &ChunkType);
     if (chunk == NULL) {
         return NULL;
     }
-    chunk->memory = PyMem_Malloc(size);
+    chunk->size = words * 8 + ((size_t)n + 1) + (size_t)arena + 1;
+    chunk->memory = block_alloc(chunk->size, 0);
     chunk->lower = NULL;
     chunk->upper = NULL;
     chunk->n = n;
@@ -176,7 +206,9 @@ chunk_dealloc(Chunk *chunk)
 {
     Py_XDECREF(chunk->lower);
     Py_XDECREF(chunk->upper);
-    PyMem_Free(chunk->memory);
+    if (chunk->memory != NULL) {
+        block_free(chunk->memory, chunk->size);
+    }
     PyObject_Free(chunk);
 }
 
@@ -863,7 +895,7 @@ index_alloc(Py_ssize_t expected)
     }
     index->used = 0;
     index->mask = capacity - 1;
-    index->cells = PyMem_Calloc(capacity, CELL * sizeof(uint64_t));
+    index->cells = block_alloc(capacity * CELL * sizeof(uint64_t), 1);
     if (index->cells == NULL) {
         Py_DECREF(index);
         PyErr_NoMemory();
@@ -875,7 +907,9 @@ index_alloc(Py_ssize_t expected)
 static void
 index_dealloc(IdIndex *index)
 {
-    PyMem_Free(index->cells);
+    if (index->cells != NULL) {
+        block_free(index->cells, (index->mask + 1) * CELL * sizeof(uint64_t));
+    }
     PyObject_Free(index);
 }
 
@@ -916,7 +950,7 @@ index_grow(IdIndex *index)
 {
     size_t old_capacity = index->mask + 1;
     uint64_t *old_cells = index->cells;
-    uint64_t *cells = PyMem_Calloc(2 * old_capacity, CELL * sizeof(uint64_t));
+    uint64_t *cells = block_alloc(2 * old_capacity * CELL * sizeof(uint64_t), 1);
     if (cells == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -929,7 +963,7 @@ index_grow(IdIndex *index)
             memcpy(index_cell(index, old[0]), old, CELL * sizeof(uint64_t));
         }
     }
-    PyMem_Free(old_cells);
+    block_free(old_cells, old_capacity * CELL * sizeof(uint64_t));
     return 0;
 }
 
