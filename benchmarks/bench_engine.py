@@ -42,7 +42,8 @@ Clustered ``group_keys`` is compared with ``get_route`` on random keys of the sa
 never wait for a snapshot being applied: the longest gap between two answers of a thread looking
 keys up while another applies the snapshot stands beside the same wait while the other thread
 runs plain Python code for as long (a thread waits about a switch interval, 5 ms by default, for
-the GIL behind any Python code; the build lets it go about every one and a half intervals).
+the GIL behind any Python code; the build lets it go every half interval, pausing long enough
+for a waiting thread to take it, and frees a dropped table's arrays without it).
 """
 
 from __future__ import annotations

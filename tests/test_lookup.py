@@ -498,3 +498,57 @@ def test_merge_is_build_of_the_routes_it_leaves(search: ModuleType, seed: int) -
     table_e = (*with_ephemeral[0][:2], [*with_ephemeral[0][2][:-1], spliced])
     if bounds or last_chunk.lower is not None:
         assert search.merge(table_e, with_ephemeral[1], [], [], chunk_size) is None
+
+
+def _tied_pool(rng: random.Random) -> list[bytes]:
+    """Keys tied on their first 8 and first 16 bytes, of every length around 8 and 16, some
+    ending in zero bytes (which the zero-padded prefixes of shorter keys hold too)."""
+    base = b"tenant-0001/abcdefgh"
+    suffixes = [b"", b"\x00", b"\x00\x00", b"\x01", b"a", b"\xff", b"\xff\xff\x00"]
+    pool = {b"", b"\x00", b"\xff" * 20}
+    for cut in (0, 1, 4, 7, 8, 9, 15, 16, 17, 20):
+        for suffix in suffixes:
+            pool.add(base[:cut] + suffix)
+    pool |= {base[: rng.choice((8, 16))] + rng.randbytes(rng.randrange(6)) for _ in range(60)}
+    return sorted(pool)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_group_of_keys_tied_on_their_first_8_and_16_bytes(search: ModuleType, seed: int) -> None:
+    """Grouping sorts keys on their first 8 bytes, then their next 8, and compares them whole
+    only where both tie: batches of such keys (duplicates, the empty key, keys past the last
+    route and in gaps, all in one route, clustered and shuffled) group as bisect says."""
+    rng = random.Random(seed)
+    pool = _tied_pool(rng)
+    bounds = sorted(rng.sample(pool[1:-1], rng.choice((1, 2, 9, 40, len(pool) - 2))))
+    slots: list[Route | None] = [
+        None if i == 0 or rng.random() < 0.3
+        else Route(i, bounds[i - 1], bounds[i] if i < len(bounds) else None, 1,
+                   RouteState.ACTIVE, 0)
+        for i in range(len(bounds) + 1)
+    ]
+    chunk = search.Chunk(bounds, slots, None, None)
+    table = ([], search.make_index([]), [chunk], search)
+    inside = [key for key in pool if slots[bisect_right(bounds, key)] is not None]
+    one_route = [key for key in inside if bisect_right(bounds, key) == bisect_right(bounds, inside[0])]
+    batches = [
+        [rng.choice(pool) for _ in range(size)] for size in (0, 1, 2, 63, 64, 65, 300, 3000)
+    ]
+    batches.append([rng.choice(one_route) for _ in range(500)])
+    batches.append([b""] * 70 + [b"\xff" * 20] * 70)
+    clustered = [key for key in rng.sample(pool, 20) for _ in range(10)]
+    rng.shuffle(clustered)
+    batches.append(clustered)
+    for batch in batches:
+        want = _expected(bounds, slots, batch)
+        assert search.group(table, batch) == want
+        assert search.group(table, sorted(batch, reverse=True)) == want
+
+
+def test_group_of_a_huge_batch(search: ModuleType) -> None:
+    """A batch far larger than the table (more buckets than the sort keeps on the stack)."""
+    rng = random.Random(7)
+    engine, bounds, slots = _engine(rng, 300)
+    keys = [_random_key(rng) for _ in range(20_000)]
+    keys += [rng.randbytes(rng.randrange(20)) for _ in range(100_000)]
+    assert search.group(engine._table, keys) == _expected(bounds, slots, keys)

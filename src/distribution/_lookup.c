@@ -129,6 +129,7 @@ typedef struct {
     unsigned char *states; /* n + 1 */
     char *arena;           /* offset[n] bytes */
     void *memory;          /* the one allocation holding every array */
+    size_t size;           /* its bytes */
 } Chunk;
 
 static PyTypeObject ChunkType;
@@ -141,16 +142,45 @@ summary_size(Py_ssize_t n)
 
 /* A chunk of n bounds with arena bytes of keys, its arrays allocated, not filled (fill the
  * prefixes, then call chunk_summarize). */
+/* Freeing a large block gives its pages back to the system, which takes about as long as
+ * touching them: a million routes' arrays take 15-25 ms to free. Blocks of at least
+ * LARGE_BLOCK bytes come from the raw allocator (usable without the GIL) and are freed with
+ * the GIL let go, so that dropping a large table does not stall the lookups of other threads
+ * (while the GIL is let go, a thread that asked for it takes it). */
+#define LARGE_BLOCK ((size_t)1 << 15)
+
+static void *
+block_alloc(size_t size, int zeroed)
+{
+    if (size < LARGE_BLOCK) {
+        return zeroed ? PyMem_Calloc(size, 1) : PyMem_Malloc(size);
+    }
+    return zeroed ? PyMem_RawCalloc(size, 1) : PyMem_RawMalloc(size);
+}
+
+/* Free a block of size bytes from block_alloc; called holding the GIL. */
+static void
+block_free(void *block, size_t size)
+{
+    if (size < LARGE_BLOCK) {
+        PyMem_Free(block);
+        return;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    PyMem_RawFree(block);
+    Py_END_ALLOW_THREADS
+}
+
 static Chunk *
 chunk_alloc(Py_ssize_t n, Py_ssize_t arena)
 {
     size_t words = (size_t)summary_size(n) + (size_t)n + 3 * ((size_t)n + 1);
-    size_t size = words * 8 + ((size_t)n + 1) + (size_t)arena + 1;
     Chunk *chunk = PyObject_New(Chunk, &ChunkType);
     if (chunk == NULL) {
         return NULL;
     }
-    chunk->memory = PyMem_Malloc(size);
+    chunk->size = words * 8 + ((size_t)n + 1) + (size_t)arena + 1;
+    chunk->memory = block_alloc(chunk->size, 0);
     chunk->lower = NULL;
     chunk->upper = NULL;
     chunk->n = n;
@@ -176,7 +206,9 @@ chunk_dealloc(Chunk *chunk)
 {
     Py_XDECREF(chunk->lower);
     Py_XDECREF(chunk->upper);
-    PyMem_Free(chunk->memory);
+    if (chunk->memory != NULL) {
+        block_free(chunk->memory, chunk->size);
+    }
     PyObject_Free(chunk);
 }
 
@@ -863,7 +895,7 @@ index_alloc(Py_ssize_t expected)
     }
     index->used = 0;
     index->mask = capacity - 1;
-    index->cells = PyMem_Calloc(capacity, CELL * sizeof(uint64_t));
+    index->cells = block_alloc(capacity * CELL * sizeof(uint64_t), 1);
     if (index->cells == NULL) {
         Py_DECREF(index);
         PyErr_NoMemory();
@@ -875,7 +907,9 @@ index_alloc(Py_ssize_t expected)
 static void
 index_dealloc(IdIndex *index)
 {
-    PyMem_Free(index->cells);
+    if (index->cells != NULL) {
+        block_free(index->cells, (index->mask + 1) * CELL * sizeof(uint64_t));
+    }
     PyObject_Free(index);
 }
 
@@ -916,7 +950,7 @@ index_grow(IdIndex *index)
 {
     size_t old_capacity = index->mask + 1;
     uint64_t *old_cells = index->cells;
-    uint64_t *cells = PyMem_Calloc(2 * old_capacity, CELL * sizeof(uint64_t));
+    uint64_t *cells = block_alloc(2 * old_capacity * CELL * sizeof(uint64_t), 1);
     if (cells == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -929,7 +963,7 @@ index_grow(IdIndex *index)
             memcpy(index_cell(index, old[0]), old, CELL * sizeof(uint64_t));
         }
     }
-    PyMem_Free(old_cells);
+    block_free(old_cells, old_capacity * CELL * sizeof(uint64_t));
     return 0;
 }
 
@@ -1485,18 +1519,39 @@ static PyTypeObject ReaderType = {
 
 /* -- group -------------------------------------------------------------------------------- */
 
-/* A key and the big-endian value of its first 8 bytes (zero-padded). Prefixes order keys as
- * their bytes do wherever they differ: only equal prefixes need the full comparison. */
+/* A key and the big-endian values of its first 8 bytes and of the next 8 (zero-padded).
+ * They order keys as their bytes do wherever they differ, so keys are compared whole only where
+ * both tie and one key is longer than 16 bytes: the keys of a batch that share a route usually
+ * share their first 8 bytes too, and sorting them would otherwise compare them whole. */
 typedef struct {
     uint64_t prefix;
+    uint64_t second;
     PyObject *key;
 } Entry;
+
+static inline void
+entry_set(Entry *entry, PyObject *key)
+{
+    const char *s = PyBytes_AS_STRING(key);
+    Py_ssize_t n = PyBytes_GET_SIZE(key);
+    entry->key = key;
+    entry->prefix = prefix_raw(s, n);
+    entry->second = n > 8 ? prefix_raw(s + 8, n - 8) : 0;
+}
 
 static inline int
 entry_less(const Entry *a, const Entry *b)
 {
     if (a->prefix != b->prefix) {
         return a->prefix < b->prefix;
+    }
+    if (a->second != b->second) {
+        return a->second < b->second;
+    }
+    Py_ssize_t la = PyBytes_GET_SIZE(a->key), lb = PyBytes_GET_SIZE(b->key);
+    if (la <= 16 && lb <= 16) {
+        /* Equal up to the shorter, and zeros after it in the longer: the shorter is less. */
+        return la < lb;
     }
     return compare_bytes(a->key, b->key) < 0;
 }
@@ -1580,18 +1635,19 @@ insertion_sort(Entry *entries, Py_ssize_t n)
 #define MAX_BUCKET_BITS 16
 #define SMALL_BUCKETS 2048
 
-/* Sort n entries by key (stably: equal keys keep their order); tmp holds n. A bucket sort on the
+/* Sort n entries by key (stably: equal keys keep their order); tmp holds n. Returns entries
+ * or tmp, whichever holds the sorted entries. A bucket sort on the
  * prefixes: the bits every prefix shares are skipped (as with keys sharing a text prefix), the
  * next ones, about log2(n) of them, name a bucket, so that a bucket holds a key or two of
  * uniform keys; then each bucket is sorted on whole keys (an insertion sort, a merge sort if it
  * is large). Two passes over the keys: for a thousand keys several times faster than a radix
  * sort on all 8 bytes, or than comparing keys. */
-static void
+static Entry *
 sort_entries(Entry *entries, Entry *tmp, Py_ssize_t n)
 {
     if (n <= 64) {
         merge_sort(entries, tmp, n);
-        return;
+        return entries;
     }
     uint64_t first = entries[0].prefix, differ = 0;
     for (Py_ssize_t i = 1; i < n; i++) {
@@ -1599,7 +1655,7 @@ sort_entries(Entry *entries, Entry *tmp, Py_ssize_t n)
     }
     if (differ == 0) {
         merge_sort(entries, tmp, n);
-        return;
+        return entries;
     }
     int lead = 0;
     while (!(differ >> (63 - lead) & 1)) {
@@ -1619,7 +1675,7 @@ sort_entries(Entry *entries, Entry *tmp, Py_ssize_t n)
                             : PyMem_Malloc(((size_t)buckets + 1) * sizeof(Py_ssize_t));
     if (start == NULL) {
         merge_sort(entries, tmp, n);
-        return;
+        return entries;
     }
     memset(start, 0, ((size_t)buckets + 1) * sizeof(Py_ssize_t));
 #define BUCKET(prefix) ((Py_ssize_t)(((prefix) << lead) >> (64 - bits)))
@@ -1649,7 +1705,7 @@ sort_entries(Entry *entries, Entry *tmp, Py_ssize_t n)
     if (start != small) {
         PyMem_Free(start);
     }
-    memcpy(entries, tmp, (size_t)n * sizeof(Entry));
+    return tmp;
 }
 
 /* Append (route, [the n keys of entries]) to groups. 0 on success. */
@@ -1811,16 +1867,13 @@ group_table(Reader *reader, Chunk *index, PyObject *chunks, PyObject *keys)
             not_bytes(key);
             goto done;
         }
-        entries[i].key = key;
-        entries[i].prefix = prefix_of(key);
+        entry_set(&entries[i], key);
         if (i && sorted && entry_less(&entries[i], &entries[i - 1])) {
             sorted = 0;
         }
     }
-    if (!sorted) {
-        sort_entries(entries, entries + n, n);
-    }
-    groups = group_sorted(reader, index, chunks, entries, n);
+    groups = group_sorted(reader, index, chunks,
+                          sorted ? entries : sort_entries(entries, entries + n, n), n);
 done:
     PyMem_Free(entries);
     Py_DECREF(held);
@@ -2080,16 +2133,20 @@ prefetch_ahead(PyObject *const *items, Py_ssize_t i, Py_ssize_t n, const IdIndex
  *
  * A thread waiting for the GIL asks the holder to let go only when a whole switch interval
  * (sys.getswitchinterval()) ends without a release waking it; a release that wakes it but is
- * taken back before it runs restarts that wait. So a build releasing the GIL more often than
- * the interval starves the waiting lookups for the whole build. A Pacer releases it once per
- * interval and a half: by then a waiting thread has asked, and the release hands it over. A
- * lookup then waits about two intervals at most (10 ms by default), as behind any Python code. */
+ * taken back before it runs restarts that wait. So a bare release-and-retake does not hand the
+ * GIL over: the woken thread has not run yet when the build takes it back. A Pacer releases it
+ * every half interval and stays out a moment (PAUSE_US), long enough for a woken thread to take
+ * it. A lookup then waits half an interval or so, less than behind Python code (which lets go
+ * only once a waiting thread has asked, a whole interval on); a build alone loses a pause per
+ * half interval (about 2%). */
 typedef struct {
     uint64_t spacing; /* microseconds between two releases */
     uint64_t next;    /* when the next release is due */
     unsigned stride;  /* calls to pacer_tick between two readings of the clock */
     unsigned count;   /* calls since the clock was last read */
 } Pacer;
+
+#define PAUSE_US 20
 
 static uint64_t
 monotonic_us(void)
@@ -2100,6 +2157,18 @@ monotonic_us(void)
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     return (uint64_t)now.tv_sec * 1000000u + (uint64_t)now.tv_nsec / 1000u;
+#endif
+}
+
+/* Stay out of the GIL for about PAUSE_US microseconds (called without it). */
+static void
+pause_briefly(void)
+{
+#ifdef _WIN32
+    Sleep(0);
+#else
+    struct timespec pause = {0, PAUSE_US * 1000L};
+    nanosleep(&pause, NULL);
 #endif
 }
 
@@ -2118,7 +2187,7 @@ pacer_start(Pacer *pacer, unsigned stride)
     if (!(interval > 0.0 && interval < 1.0)) {
         interval = 0.005;
     }
-    pacer->spacing = (uint64_t)(interval * 1.5e6) + 1;
+    pacer->spacing = (uint64_t)(interval * 0.5e6) + 1;
     pacer->next = monotonic_us() + pacer->spacing;
     pacer->stride = stride;
     pacer->count = 0;
@@ -2138,6 +2207,7 @@ pacer_tick(Pacer *pacer)
         return;
     }
     Py_BEGIN_ALLOW_THREADS
+    pause_briefly();
     Py_END_ALLOW_THREADS
     pacer->next = monotonic_us() + pacer->spacing;
 }

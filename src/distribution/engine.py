@@ -336,8 +336,9 @@ class Engine(_Reader):
 
         Keys are sorted within a group, duplicates are kept, keys no route holds are left out.
         O(k log k) for k keys (a radix sort on their first 8 bytes, then a comparison sort of the
-        keys those leave tied), plus O(log routes) per group: a batch whose keys share routes
-        costs far less per key than one :meth:`get_route` each. No lock.
+        keys those leave tied, on their next 8 bytes, whole keys only where both tie), plus
+        O(log routes) per group: a batch whose keys share routes costs far less per key than one
+        :meth:`get_route` each. No lock.
 
         >>> engine = Engine()
         >>> engine.update_route(b"a", b"m", 1)
