@@ -23,7 +23,7 @@ from waiting import wait_until
 from distribution import CatalogSnapshot, CatalogVersionAheadError, Engine, RouteDescriptor
 from distribution.catalog import CatalogStore
 from distribution.catalog.fleet import WATCHER_APPLICATION_NAME
-from distribution.watcher import STANDBY_WAIT, CatalogWatcher
+from distribution.watcher import RETRY_DELAY, STANDBY_WAIT, VERIFY_MAX, CatalogWatcher
 
 if TYPE_CHECKING:
     from conftest import NewRole
@@ -490,6 +490,44 @@ def test_a_standby_with_no_primary_is_read_again_until_it_has_the_notified_versi
             wait_until(lambda: engine.version == written and watcher.last_error is None)
             assert watcher.lag == 0
         assert mirrors(engine, primary.snapshot())
+
+
+def test_a_notified_version_a_standby_never_reaches_is_given_up_after_verify_max(
+    pair: StreamingPair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forged version-only notification, and a store with no primary: the watcher reads the
+    standby again while it may only lag, then, VERIFY_MAX after the notification, takes what the
+    standby says (one WARNING) and stops reading. The Engine is left alone."""
+    caplog.set_level(logging.INFO, logger="distribution")
+    pair.resume_replay()
+    with (
+        CatalogStore.from_url(pair.primary_url) as primary,
+        CatalogStore.from_url(pair.standby_url) as standby,
+        psycopg.connect(pair.primary_url, autocommit=True) as forger,
+    ):
+        if primary.version() == 0:
+            seed(primary)
+        pair.wait_replayed()
+        engine = Engine()
+        with CatalogWatcher(standby, engine, notifications=primary.listen) as watcher:
+            head = primary.version()
+            wait_until(lambda: watcher.listening and engine.version == head)
+            forger.execute("SELECT pg_notify('distribution_catalog', %s)", [str(head + 5)])
+            wait_until(lambda: isinstance(watcher.last_error, CatalogVersionAheadError))
+            assert watcher.catalog_version == head + 5
+            began, syncs = time.monotonic(), watcher.syncs
+            wait_until(lambda: watcher.last_error is None, "giving up", timeout=VERIFY_MAX + 10)
+            assert watcher.catalog_version == head and watcher.lag == 0
+            assert time.monotonic() - began > VERIFY_MAX / 2 and watcher.syncs > syncs + 2
+            syncs = watcher.syncs
+            time.sleep(2 * RETRY_DELAY + STANDBY_WAIT)
+            assert watcher.syncs == syncs, "still reading after giving up"
+        assert engine.version == head and watcher.repairs == 0 and watcher.resets == 0
+    # The failure when it begins (the standby behind), then giving up; the reads between: DEBUG.
+    warnings = [m for level, m in said(caplog.records) if level == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert f"catalog version {head + 5} was notified" in warnings[0], warnings
+    assert f"gave up waiting for version {head + 5}" in warnings[1], warnings
 
 
 @pytest.mark.parametrize("source", ["own connection", "given source"])

@@ -32,8 +32,9 @@ and ``interval * 2**attempt`` seconds, capped at :data:`MAX_BACKOFF`, so that a 
 its server (or found it full: "too many clients") does not come back all at once nor flood the
 server's log. A listening watcher waits for notifications until its next deadline (a heartbeat,
 a check), and :meth:`CatalogWatcher.stop` interrupts the wait. An outage is logged once,
-as a WARNING when it starts, and once at INFO when it ends (its duration and the attempts it
-took); the attempts in between are DEBUG lines, and counted in :attr:`CatalogWatcher.errors`.
+as a WARNING when it starts (what failed), and once at INFO when it ends (its duration, the
+attempts it took, and how the watcher follows the catalog now); the first connection at start is
+one INFO line, later ones DEBUG; the attempts in between are DEBUG lines, and counted in :attr:`CatalogWatcher.errors`.
 
 Reads many watchers would make at once (those a notification calls for: a change it did not
 carry, or a reset) wait a random delay of up to ``read_jitter`` seconds first
@@ -41,7 +42,12 @@ carry, or a reset) wait a random delay of up to ``read_jitter`` seconds first
 A read from a separate read engine (a standby), or from a hot standby, that is behind the newest
 version notified is tried again after 20 ms, then 40 ms and so on, for :data:`STANDBY_WAIT`
 seconds in all, then made on the primary (:attr:`CatalogStore.primary
-<distribution.CatalogStore.primary>`) when the store has a separate read engine.
+<distribution.CatalogStore.primary>`) when the store has a separate read engine. A store that
+reads from a hot standby only has no primary to ask: the watcher keeps the notified version as
+:attr:`~CatalogWatcher.catalog_version` (so :attr:`~CatalogWatcher.lag` shows the Engine behind),
+reports the standby behind it in :attr:`~CatalogWatcher.last_error`, and reads again every
+:data:`RETRY_DELAY` seconds until the standby has it; a notification the standby never reaches (a
+forged one, say) is given up :data:`VERIFY_MAX` seconds after it came, with a WARNING.
 
 Every catalog read brings the catalog's route digest (see :func:`~distribution.codec.routes_digest`)
 with its version, and the Engine keeps the digest of the routes it holds. At equal versions, a
@@ -600,7 +606,7 @@ class CatalogWatcher:
         if time.monotonic() < self._newest_notified_at + VERIFY_MAX:
             raise CatalogVersionAheadError(
                 f"catalog version {target} was notified but the hot standby read is at version "
-                f"{self._catalog_version} after {waited:.2f}s; reading it again"
+                f"{self._catalog_version} after {waited:.2f}s"
             )
         self._awaited = 0
         self._logger.warning(
