@@ -20,9 +20,10 @@ from sqlalchemy.engine import make_url
 from standby import StreamingPair, free_port, streaming_pair
 from waiting import wait_until
 
-from distribution import CatalogSnapshot, Engine, RouteDescriptor
+from distribution import CatalogSnapshot, CatalogVersionAheadError, Engine, RouteDescriptor
 from distribution.catalog import CatalogStore
-from distribution.watcher import CatalogWatcher
+from distribution.catalog.fleet import WATCHER_APPLICATION_NAME
+from distribution.watcher import RETRY_DELAY, STANDBY_WAIT, VERIFY_MAX, CatalogWatcher
 
 if TYPE_CHECKING:
     from conftest import NewRole
@@ -70,6 +71,15 @@ def activity(
             "SELECT query_start, query FROM pg_stat_activity WHERE application_name = %s",
             [application_name],
         ).fetchall()
+    ]
+
+
+def said(records: list[logging.LogRecord]) -> list[tuple[str, str]]:
+    """(level, message) of what the library's loggers said at INFO or above."""
+    return [
+        (r.levelname, r.getMessage())
+        for r in records
+        if r.name.startswith("distribution") and r.levelno >= logging.INFO
     ]
 
 
@@ -186,7 +196,7 @@ def test_a_refused_role_is_retried_with_bounded_attempts_and_one_warning(
     """``too many connections for role`` (SQLSTATE 53300) while the role is at its limit: the
     watcher backs off (a few attempts in seconds, not one every ``interval``), says so once, and
     catches up on the writes made meanwhile once the limit is lifted."""
-    caplog.set_level(logging.DEBUG, logger="distribution.watcher")
+    caplog.set_level(logging.DEBUG, logger="distribution")
     url = new_role("tier1_limited", database_url, READER_GRANTS)
     role = make_url(url).username
     seed(store)
@@ -196,6 +206,7 @@ def test_a_refused_role_is_retried_with_bounded_attempts_and_one_warning(
         CatalogWatcher(own, engine, interval=0.05) as watcher,
     ):
         wait_until(lambda: watcher.listening and engine.version == 1)
+        since = len(caplog.records)
         admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
         admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
@@ -210,16 +221,93 @@ def test_a_refused_role_is_retried_with_bounded_attempts_and_one_warning(
         assert engine.version == 1 and watcher.last_error is not None
         assert "too many connections" in str(watcher.last_error)
         admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
-        wait_until(lambda: engine.version == written[-1] and watcher.listening, "catching up")
+        wait_until(
+            lambda: engine.version == written[-1] and watcher.listening and not watcher.last_error,
+            "catching up",
+        )
         assert mirrors(engine, store.snapshot())
+        outage = said(caplog.records[since:])
     elapsed = time.monotonic() - began
+    # One line when the outage starts, one when it ends; the attempts between are DEBUG.
+    assert [level for level, _ in outage] == ["WARNING", "INFO"], outage
+    assert "retrying with backoff" in outage[0][1], outage
+    assert "reached the catalog again" in outage[1][1], outage
+    assert "failed attempts): listening for catalog notifications" in outage[1][1], outage
     records = [r for r in caplog.records if r.name == "distribution.watcher"]
-    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1, warnings
-    ended = [r.getMessage() for r in records if "reached the catalog again" in r.getMessage()]
-    assert len(ended) == 1 and r"failed attempts" in ended[0], ended
     repeats = [r for r in records if r.levelno == logging.DEBUG and "too many" in r.getMessage()]
     assert len(repeats) >= attempts - 1 and elapsed > 4
+
+
+def test_a_terminated_backend_is_one_warning_and_one_info(
+    store: CatalogStore,
+    admin: psycopg.Connection[tuple[object, ...]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The start is said once at INFO; the watcher's backend ended by the server is an outage:
+    one WARNING when it is lost (what failed, and that the watcher retries), one INFO once it
+    follows again (how long, how many attempts, how it follows), nothing else at INFO or above."""
+    caplog.set_level(logging.DEBUG, logger="distribution")
+    seed(store)
+    engine = Engine()
+    with CatalogWatcher(store, engine, interval=0.05, name="review2-outage") as watcher:
+        wait_until(lambda: watcher.listening and engine.version == 1)
+        started = said(caplog.records)
+        assert started == [("INFO", "catalog watcher connected: listening for catalog notifications")]
+        since = len(caplog.records)
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            [f"{WATCHER_APPLICATION_NAME} review2-outage"],
+        )
+        wait_until(lambda: watcher.errors["CatalogUnavailableError"] == 1, "the lost connection")
+        written = split(store)
+        wait_until(
+            lambda: watcher.listening and engine.version == written and not watcher.last_error
+        )
+        outage = said(caplog.records[since:])
+    assert [level for level, _ in outage] == ["WARNING", "INFO"], outage
+    assert "lost the catalog notification connection" in outage[0][1], outage
+    assert "retrying with backoff" in outage[0][1], outage
+    assert "after an outage of" in outage[1][1], outage
+    assert "(1 failed attempts): listening for catalog notifications" in outage[1][1], outage
+
+
+def test_a_failed_fleet_join_leaves_no_listen_behind(
+    store: CatalogStore,
+    database_url: str,
+    new_role: NewRole,
+    admin: psycopg.Connection[tuple[object, ...]],
+) -> None:
+    """LISTEN for the catalog and the fleet's join go in one round trip: when joining fails
+    (here a ``set_config`` the role's search_path finds first, which raises), the connection the
+    watcher then polls over LISTENs on nothing, so no notification queues there unread (to be
+    taken, late, once it listens)."""
+    url = new_role("review2_shadowed", database_url, READER_GRANTS)
+    role = make_url(url).username
+    schema = f"{role}_shadow"
+    admin.execute(f'CREATE SCHEMA "{schema}"')
+    admin.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+    admin.execute(
+        f'CREATE FUNCTION "{schema}".set_config(text, text, boolean) RETURNS text '
+        "LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'no set_config for this role'; END $$"
+    )
+    admin.execute(f'ALTER ROLE "{role}" SET search_path = "{schema}", pg_catalog, public')
+    seed(store)
+    engine = Engine()
+    with (
+        CatalogStore.from_url(url) as own,
+        CatalogWatcher(own, engine, interval=0.05) as watcher,
+    ):
+        wait_until(lambda: engine.version == 1 and watcher.errors, "a refused join")
+        assert not watcher.listening
+        written = [split(store) for _ in range(3)]
+        wait_until(lambda: engine.version == written[-1], "following by polls")
+        admin.execute(f'DROP FUNCTION "{schema}".set_config(text, text, boolean)')
+        wait_until(lambda: watcher.listening, "listening once joining works", timeout=30)
+        after = split(store)
+        wait_until(lambda: engine.version == after and watcher.notifications > 0)
+        time.sleep(0.2)
+        # Only the write made while listening: none of the three made while it polled.
+        assert watcher.notifications == 1, watcher.notifications
 
 
 def test_constructor_refuses_bad_heartbeats_and_jitters(store: CatalogStore) -> None:
@@ -360,6 +448,86 @@ def test_reads_wait_for_a_lagging_standby_before_asking_the_primary(
                 ).fetchall()
             ]
         assert not [q for q in queries if HEAD_QUERY in q], queries
+
+
+def test_a_standby_with_no_primary_is_read_again_until_it_has_the_notified_version(
+    pair: StreamingPair,
+) -> None:
+    """Reads from a hot standby only (no primary to fall back to), notifications from the
+    primary, each change read: with replay paused, the notified version stays the catalog's
+    (lag > 0) and last_error says the standby is behind it, after STANDBY_WAIT; once replay
+    resumes, the watcher catches up by itself, with no further write."""
+    pair.resume_replay()
+    with (
+        CatalogStore.from_url(pair.primary_url) as primary,
+        CatalogStore.from_url(pair.standby_url) as standby,
+    ):
+        if primary.version() == 0:
+            seed(primary)
+        pair.wait_replayed()
+        engine = Engine()
+        watcher = CatalogWatcher(
+            standby,
+            engine,
+            notifications=primary.listen,
+            trust_notifications=False,
+            read_jitter=0,
+        )
+        with watcher:
+            wait_until(lambda: watcher.listening and engine.version == primary.version())
+            pair.pause_replay()
+            try:
+                written = split(primary)
+                wait_until(lambda: watcher.last_error is not None, "the standby said behind")
+                assert isinstance(watcher.last_error, CatalogVersionAheadError)
+                assert f"catalog version {written} was notified" in str(watcher.last_error)
+                for _ in range(int(3 * STANDBY_WAIT / 0.05)):  # through a retry or two
+                    assert watcher.catalog_version == written and watcher.lag == 1
+                    time.sleep(0.05)
+                assert engine.version == written - 1 and watcher.last_error is not None
+            finally:
+                pair.resume_replay()
+            wait_until(lambda: engine.version == written and watcher.last_error is None)
+            assert watcher.lag == 0
+        assert mirrors(engine, primary.snapshot())
+
+
+def test_a_notified_version_a_standby_never_reaches_is_given_up_after_verify_max(
+    pair: StreamingPair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forged version-only notification, and a store with no primary: the watcher reads the
+    standby again while it may only lag, then, VERIFY_MAX after the notification, takes what the
+    standby says (one WARNING) and stops reading. The Engine is left alone."""
+    caplog.set_level(logging.INFO, logger="distribution")
+    pair.resume_replay()
+    with (
+        CatalogStore.from_url(pair.primary_url) as primary,
+        CatalogStore.from_url(pair.standby_url) as standby,
+        psycopg.connect(pair.primary_url, autocommit=True) as forger,
+    ):
+        if primary.version() == 0:
+            seed(primary)
+        pair.wait_replayed()
+        engine = Engine()
+        with CatalogWatcher(standby, engine, notifications=primary.listen) as watcher:
+            head = primary.version()
+            wait_until(lambda: watcher.listening and engine.version == head)
+            forger.execute("SELECT pg_notify('distribution_catalog', %s)", [str(head + 5)])
+            wait_until(lambda: isinstance(watcher.last_error, CatalogVersionAheadError))
+            assert watcher.catalog_version == head + 5
+            began, syncs = time.monotonic(), watcher.syncs
+            wait_until(lambda: watcher.last_error is None, "giving up", timeout=VERIFY_MAX + 10)
+            assert watcher.catalog_version == head and watcher.lag == 0
+            assert time.monotonic() - began > VERIFY_MAX / 2 and watcher.syncs > syncs + 2
+            syncs = watcher.syncs
+            time.sleep(2 * RETRY_DELAY + STANDBY_WAIT)
+            assert watcher.syncs == syncs, "still reading after giving up"
+        assert engine.version == head and watcher.repairs == 0 and watcher.resets == 0
+    # The failure when it begins (the standby behind), then giving up; the reads between: DEBUG.
+    warnings = [m for level, m in said(caplog.records) if level == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert f"catalog version {head + 5} was notified" in warnings[0], warnings
+    assert f"gave up waiting for version {head + 5}" in warnings[1], warnings
 
 
 @pytest.mark.parametrize("source", ["own connection", "given source"])

@@ -32,8 +32,9 @@ and ``interval * 2**attempt`` seconds, capped at :data:`MAX_BACKOFF`, so that a 
 its server (or found it full: "too many clients") does not come back all at once nor flood the
 server's log. A listening watcher waits for notifications until its next deadline (a heartbeat,
 a check), and :meth:`CatalogWatcher.stop` interrupts the wait. An outage is logged once,
-as a WARNING when it starts, and once at INFO when it ends (its duration and the attempts it
-took); the attempts in between are DEBUG lines, and counted in :attr:`CatalogWatcher.errors`.
+as a WARNING when it starts (what failed), and once at INFO when it ends (its duration, the
+attempts it took, and how the watcher follows the catalog now); the first connection at start is
+one INFO line, later ones DEBUG; the attempts in between are DEBUG lines, and counted in :attr:`CatalogWatcher.errors`.
 
 Reads many watchers would make at once (those a notification calls for: a change it did not
 carry, or a reset) wait a random delay of up to ``read_jitter`` seconds first
@@ -41,7 +42,12 @@ carry, or a reset) wait a random delay of up to ``read_jitter`` seconds first
 A read from a separate read engine (a standby), or from a hot standby, that is behind the newest
 version notified is tried again after 20 ms, then 40 ms and so on, for :data:`STANDBY_WAIT`
 seconds in all, then made on the primary (:attr:`CatalogStore.primary
-<distribution.CatalogStore.primary>`) when the store has a separate read engine.
+<distribution.CatalogStore.primary>`) when the store has a separate read engine. A store that
+reads from a hot standby only has no primary to ask: the watcher keeps the notified version as
+:attr:`~CatalogWatcher.catalog_version` (so :attr:`~CatalogWatcher.lag` shows the Engine behind),
+reports the standby behind it in :attr:`~CatalogWatcher.last_error`, and reads again every
+:data:`RETRY_DELAY` seconds until the standby has it; a notification the standby never reaches (a
+forged one, say) is given up :data:`VERIFY_MAX` seconds after it came, with a WARNING.
 
 Every catalog read brings the catalog's route digest (see :func:`~distribution.codec.routes_digest`)
 with its version, and the Engine keeps the digest of the routes it holds. At equal versions, a
@@ -249,7 +255,11 @@ class CatalogWatcher:
         self._holds_connection = notifications is None and (listen or catalog.reads_from_primary)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.catalog_version = 0
+        # The newest version a catalog read or a notification told of, and the newest notified
+        # version a hot standby with no primary to ask has yet to reach (0: none awaited): the
+        # catalog's version is the greater (see catalog_version).
+        self._catalog_version = 0
+        self._awaited = 0
         self.last_error: BaseException | None = None
         self.listening = False
         self.syncs = 0
@@ -285,10 +295,13 @@ class CatalogWatcher:
         # version (``time.monotonic()``).
         self._notified_at = 0.0
         self._unverified_since = 0.0
+        # When the newest version notified so far was first notified (``time.monotonic()``).
+        self._newest_notified_at = 0.0
         self._quiet_since = 0.0
         self._quiet_for = self._heartbeat
         self._standby = False
-        self._told_standby = False
+        # Whether the watcher said how it follows the catalog (at start, at INFO).
+        self._told_how = False
         self._listen_refused = False
         # The catalog (or the source of notifications) unreachable: logged when it begins and ends.
         self._outage = Outage()
@@ -332,6 +345,13 @@ class CatalogWatcher:
         """
         unverified_from = self._unverified_from
         return self._engine.version if unverified_from is None else unverified_from
+
+    @property
+    def catalog_version(self) -> int:
+        """The newest catalog version seen: read from the catalog, or notified and not yet
+        reached by a hot standby the watcher can only read from (for :data:`VERIFY_MAX` seconds
+        after the notification at most). O(1)."""
+        return max(self._catalog_version, self._awaited)
 
     @property
     def lag(self) -> int:
@@ -419,7 +439,7 @@ class CatalogWatcher:
             if version == 0:
                 # A fresh Engine takes the catalog whole rather than replaying its history.
                 snapshot = catalog.snapshot()
-                self.catalog_version = snapshot.version
+                self._catalog_version = snapshot.version
                 if snapshot.version > 0:
                     self._apply_snapshot(snapshot, reset=False)
                 return
@@ -428,7 +448,7 @@ class CatalogWatcher:
             except CatalogVersionAheadError:
                 self.syncs += 1
                 head = catalog.head()
-                self.catalog_version = head.version
+                self._catalog_version = head.version
                 if head.version >= version:
                     continue  # the catalog moved on meanwhile
                 self._behind(catalog, head)
@@ -438,7 +458,7 @@ class CatalogWatcher:
                 return
             if answer.head is not None:
                 # Read just now: the catalog holds nothing newer, whatever a notification said.
-                self.catalog_version = answer.head.version
+                self._catalog_version = answer.head.version
                 self._standby = answer.head.standby
             if not answer.changes:
                 self._check(catalog, answer.head)
@@ -476,7 +496,7 @@ class CatalogWatcher:
         catalog is behind what the Engine may keep."""
         self._standby = head.standby
         version = self._engine.version
-        self.catalog_version = head.version
+        self._catalog_version = head.version
         if head.version > version:
             self._sync(catalog)
         elif head.version == version:
@@ -525,7 +545,7 @@ class CatalogWatcher:
             )
         self._engine.reset(snapshot)
         self._unverified_from = None
-        self.catalog_version = snapshot.version
+        self._catalog_version = snapshot.version
         self.resets += 1
         self.repairs += 1
         self.last_error = EngineDivergedError(
@@ -540,8 +560,12 @@ class CatalogWatcher:
         A reader on a separate read engine, or on a hot standby, that is behind the newest
         version seen when the read began is tried again, waiting 20 ms, then twice as long each
         time, for :data:`STANDBY_WAIT` seconds in all; then ``step`` reads from the primary when
-        the store knows one (else the last failure, if any, propagates). The Engine never goes
-        back meanwhile (a standby behind it raises, and is tried again).
+        the store knows one. A hot standby with no primary to ask keeps the version notified as
+        the catalog's (:attr:`lag` stays honest) and raises CatalogVersionAheadError, read again
+        every :data:`RETRY_DELAY` seconds, until it reaches that version, or until
+        :data:`VERIFY_MAX` seconds after the notification (a forged one, maybe): then what the
+        standby says stands, with a WARNING. The Engine never goes back meanwhile (a standby
+        behind it raises, and is tried again).
         """
         reader = self._reader
         assert reader is not None, "a read with no way to read"
@@ -549,12 +573,16 @@ class CatalogWatcher:
         if reader.reads_from_primary and not self._standby:
             step(reader)
             return
+        if reader.reads_from_primary:
+            # No primary to ask: while it lags, the standby's version is not the catalog's.
+            self._awaited = target
         waited, delay = 0.0, _STANDBY_FIRST_RETRY
         while True:
             failure = None
             try:
                 step(reader)
                 if self._engine.version >= target:
+                    self._awaited = 0
                     return
             except CatalogVersionAheadError as exc:
                 failure = exc  # behind the Engine: lagging, or the primary will say
@@ -564,16 +592,30 @@ class CatalogWatcher:
                 return  # stopping
             waited += delay
             delay = min(delay * 2, max(STANDBY_WAIT - waited, _STANDBY_FIRST_RETRY))
-        if reader.reads_from_primary:
-            if failure is not None:
-                raise failure
-            return  # a standby with no primary to ask: its next read will tell
-        self._logger.debug(
-            "the catalog's read engine is behind version %d after %.2fs: reading the primary",
+        if not reader.reads_from_primary:
+            self._awaited = 0
+            self._logger.debug(
+                "the catalog's read engine is behind version %d after %.2fs: reading the primary",
+                target,
+                waited,
+            )
+            step(reader.primary)
+            return
+        if failure is not None:
+            raise failure
+        if time.monotonic() < self._newest_notified_at + VERIFY_MAX:
+            raise CatalogVersionAheadError(
+                f"catalog version {target} was notified but the hot standby read is at version "
+                f"{self._catalog_version} after {waited:.2f}s"
+            )
+        self._awaited = 0
+        self._logger.warning(
+            "catalog watcher gave up waiting for version %d, notified %.0fs ago: the hot standby "
+            "read is still at version %d, which stands",
             target,
-            waited,
+            time.monotonic() - self._newest_notified_at,
+            self._catalog_version,
         )
-        step(reader.primary)
 
     def run(self, stop: threading.Event) -> None:
         """Connect, sync, then keep the Engine in step until ``stop`` is set, then return.
@@ -619,10 +661,13 @@ class CatalogWatcher:
             self._next_connect = time.monotonic() + self._link_retry.next()
             return
         self._linked_at = time.monotonic()
-        self._end_outage()
         if self._source is not None:
             self.listening = True
-            self._logger.info("catalog watcher connected: listening for catalog notifications")
+        if not self._end_outage():
+            # Once at start; a reconnection with no outage before it (none failed) is routine.
+            level = logging.DEBUG if self._told_how else logging.INFO
+            self._told_how = True
+            self._logger.log(level, "catalog watcher connected: %s", self._how())
         self._quiet()
         if self._reader is not None:
             # The first sync, or what was missed meanwhile.
@@ -635,9 +680,7 @@ class CatalogWatcher:
         connection = CatalogListener.open(self._catalog.sa_engine)
         try:
             head = _read_head(connection.sa_engine)
-            if head.standby:
-                self._say_standby()
-            elif self._listen:
+            if not head.standby and self._listen:
                 self._try_listen(connection)
         except BaseException:
             self._source = None
@@ -653,8 +696,9 @@ class CatalogWatcher:
         lost connection, which propagates), the watcher polls over the connection meanwhile,
         and tries again after a backoff; the first refusal is a WARNING, repeats DEBUG."""
         try:
-            connection.listen(NOTIFY_CHANNEL)
-            self._fleet.join(connection)
+            # One round trip: a LISTEN that held while joining failed would leave notifications
+            # queueing on a connection the watcher only polls over.
+            self._fleet.join(connection, NOTIFY_CHANNEL)
         except CatalogUnavailableError:
             raise
         except DistributionError as exc:
@@ -672,14 +716,18 @@ class CatalogWatcher:
         self._listen_refused = False
         self._source = connection
 
-    def _say_standby(self) -> None:
-        if not self._told_standby:
-            self._told_standby = True
-            self._logger.info(
-                "catalog watcher is connected to a hot standby, where LISTEN cannot run: "
-                "following the catalog by polling every %.3fs",
-                self._interval,
+    def _how(self) -> str:
+        """How the watcher follows the catalog now, for its log."""
+        if self._source is not None:
+            if self._source is self._connection:
+                return "listening for catalog notifications"
+            return "following its source of notifications"
+        if self._standby:
+            return (
+                "on a hot standby, where LISTEN cannot run: following the catalog by polling "
+                f"every {self._interval:.3f}s"
             )
+        return f"following the catalog by polling every {self._interval:.3f}s"
 
     def _open_source(self) -> NotificationSource:
         """The source of notifications the watcher was given; a LISTENing one also answers roll
@@ -713,7 +761,8 @@ class CatalogWatcher:
         if stopping:
             self._logger.info("catalog watcher stopped")
         elif was_listening:
-            self._logger.info("catalog watcher disconnected: reconnecting, backing off")
+            # The failure that dropped the connection began an outage, which was said.
+            self._logger.debug("catalog watcher disconnected: reconnecting")
 
     def _lost(self) -> None:
         """The connection (or source) was lost: drop it, and connect again at once the first
@@ -829,7 +878,7 @@ class CatalogWatcher:
         if self._reader is not None and self._reads_over_connection():
             self._follow(self._reader, head)
         elif head.version != self._engine.version or head.digest != self._engine.digest:
-            self.catalog_version = max(self.catalog_version, head.version)
+            self._catalog_version = max(self._catalog_version, head.version)
             self._read(self._check_head)
 
     def _quiet(self) -> None:
@@ -923,7 +972,9 @@ class CatalogWatcher:
         read = False
         for notification in received:
             self.notifications += 1
-            self.catalog_version = max(self.catalog_version, notification.version)
+            if notification.version > self.catalog_version:
+                self._newest_notified_at = time.monotonic()
+            self._catalog_version = max(self._catalog_version, notification.version)
             # Once a read is due, it brings whatever the rest carry: they are only counted.
             read = read or not self._take(notification)
         if not read:
@@ -969,7 +1020,7 @@ class CatalogWatcher:
                 self._tell(change)
 
     def _apply_snapshot(self, snapshot: CatalogSnapshot, *, reset: bool) -> None:
-        self.catalog_version = max(self.catalog_version, snapshot.version)
+        self._catalog_version = max(self._catalog_version, snapshot.version)
         before = self._engine.version
         try:
             self._engine.apply_snapshot(snapshot)
@@ -1018,12 +1069,18 @@ class CatalogWatcher:
         try:
             step(*args)
         except Exception as exc:
-            self._record(exc, "catalog sync failed; will retry")
+            self._record(exc, "catalog sync failed")
             return exc
         if self.repairs != repairs or (self.syncs == syncs and self.last_error is not None):
             return None
         if self.last_error is not None or (lag_before and not self.lag):
-            self._logger.info("catalog watcher caught up at version %d", self.applied_version)
+            # The end of an outage is said once, with how the watcher follows the catalog.
+            outage = isinstance(self.last_error, ConnectionError)
+            self._logger.log(
+                logging.DEBUG if outage else logging.INFO,
+                "catalog watcher caught up at version %d",
+                self.applied_version,
+            )
         self.last_error = None
         return None
 
@@ -1035,19 +1092,29 @@ class CatalogWatcher:
         self.errors[type(exc).__name__] += 1
         if isinstance(exc, ConnectionError):
             first = self._outage.failed()
-        else:
-            first = previous is None or isinstance(previous, EngineDivergedError)
-        self._logger.log(logging.WARNING if first else logging.DEBUG, "%s: %s", what, exc)
-
-    def _end_outage(self) -> None:
-        """The catalog (or the source of notifications) answers again: say so once, at INFO."""
-        ended = self._outage.end()
-        if ended is not None:
-            self._logger.info(
-                "catalog watcher reached the catalog again after an outage of %.1fs "
-                "(%d failed attempts)",
-                *ended,
+            self._logger.log(
+                logging.WARNING if first else logging.DEBUG,
+                "%s: %s; retrying with backoff until it answers",
+                what,
+                exc,
             )
+            return
+        first = previous is None or isinstance(previous, EngineDivergedError)
+        self._logger.log(logging.WARNING if first else logging.DEBUG, "%s: %s; will retry", what, exc)
+
+    def _end_outage(self) -> bool:
+        """The catalog (or the source of notifications) answers again: say so once, at INFO,
+        with how the watcher follows it now; False when no outage was running."""
+        ended = self._outage.end()
+        if ended is None:
+            return False
+        self._logger.info(
+            "catalog watcher reached the catalog again after an outage of %.1fs "
+            "(%d failed attempts): %s",
+            *ended,
+            self._how(),
+        )
+        return True
 
 
 def run_catalog_watcher(

@@ -331,9 +331,14 @@ class FleetMember:
         self.id = uuid.uuid4().hex[:16]
         self._pending: dict[str, tuple[int, float]] = {}
 
-    def join(self, listener: CatalogListener) -> None:
-        """Listen for roll calls on ``listener``'s connection and name it. O(1) round trips."""
-        listener.listen(FLEET_CHANNEL, application_name=f"{WATCHER_APPLICATION_NAME} {self.name}")
+    def join(self, listener: CatalogListener, *channels: str) -> None:
+        """Listen for roll calls on ``listener``'s connection, and on ``channels`` too, and name
+        it: one round trip, in which either all of it holds or none (a LISTEN left behind by a
+        failed join would queue notifications nobody takes). O(channels).
+        """
+        listener.listen(
+            FLEET_CHANNEL, *channels, application_name=f"{WATCHER_APPLICATION_NAME} {self.name}"
+        )
 
     def answer(self, listener: CatalogListener, status: Callable[[], WatcherStatus]) -> None:
         """Answer the roll calls received, and the asks whose version the Engine now holds.
