@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -37,6 +38,9 @@ from distribution.errors import (
 )
 from distribution.fanout import NatsNotifications, NatsSubscription
 from distribution.types import CatalogChange, CatalogSnapshot, RouteDescriptor
+
+if TYPE_CHECKING:
+    from conftest import NewRole
 
 NATS_HOST, NATS_PORT = "127.0.0.1", 4222
 _TIMEOUT = 30.0
@@ -750,3 +754,32 @@ def test_a_change_larger_than_a_nats_message_is_announced_by_its_version(
             if relay is not None:
                 relay.kill()
             server.kill()
+
+
+def test_a_change_the_relay_cannot_read_is_announced_by_its_version(
+    database_url: str, nats_url: str, subject: str, probe: Probe, new_role: NewRole
+) -> None:
+    # A relay allowed to read the catalog's version, not its routes: reading a change fails.
+    relay_url = new_role(
+        "relay2_relay",
+        database_url,
+        ["GRANT USAGE ON SCHEMA public TO {role}", "GRANT SELECT ON distribution_meta TO {role}"],
+    )
+    with CatalogStore.from_url(database_url) as store:
+        _seed(store)
+        relay = Relay(relay_url, nats_url, subject)
+        try:
+            probe.take(_catch_up(1), "the relay's catch-up")
+            for group_id in (9, 10):
+                version = _save_many(store, group_id).version
+                probe.take(lambda n, v=version: n.version == v, f"version {version}")
+                # Announced all the same, by its version alone.
+                assert probe.received[-1].change is None
+            small = _split(store)
+            probe.take(lambda n: n.version == small, "the split")
+            assert probe.received[-1].change is not None
+            logged = relay.stop()
+        finally:
+            relay.kill()
+    # Logged once for the two failed reads.
+    assert logged.count("cannot read the change") == 1, logged
