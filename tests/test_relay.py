@@ -1,8 +1,8 @@
 """The relay and watchers following NATS: real relay processes, the NATS server on this machine.
 
 The NATS server is the one on 127.0.0.1:4222 (the tests skip, saying so, when none answers); the
-test that stops and restarts NATS runs its own ``nats-server`` on a free port, from the binary the
-machine has. Each test publishes on a subject of its own.
+test that stops and restarts NATS, and those that need a small ``max_payload``, run their own
+``nats-server`` on a free port, from the binary the machine has. Each test publishes on a subject of its own.
 """
 
 from __future__ import annotations
@@ -410,6 +410,22 @@ def nats_server() -> Iterator[NatsServer]:
             server.kill()
 
 
+@pytest.fixture
+def small_nats_server() -> Iterator[NatsServer]:
+    """A ``nats-server`` of the test's own whose ``max_payload`` (4,096 bytes) is too small for
+    the change of a save of a few hundred routes, large enough for a split's."""
+    binary = _nats_server_binary()
+    with tempfile.TemporaryDirectory(prefix="distribution-nats-") as folder:
+        with open(f"{folder}/small.conf", "w") as config:
+            config.write("max_payload: 4096\n")
+        server = NatsServer(binary, folder, "-c", f"{folder}/small.conf")
+        server.start()
+        try:
+            yield server
+        finally:
+            server.kill()
+
+
 def test_nats_restart_leaves_every_engine_correct_and_caught_up(
     database_url: str, nats_server: NatsServer, subject: str
 ) -> None:
@@ -556,9 +572,10 @@ def pair(server_url: str) -> Iterator[StreamingPair]:
 
 
 def test_nats_followers_reading_from_a_lagging_standby_never_go_back(
-    pair: StreamingPair, nats_url: str, subject: str
+    pair: StreamingPair, small_nats_server: NatsServer, subject: str
 ) -> None:
     """The third layout: notifications through NATS, reads from a standby, writes on the primary."""
+    nats_url = small_nats_server.url
     pair.resume_replay()
     with (
         CatalogStore.from_url(pair.primary_url) as primary,
@@ -590,7 +607,8 @@ def test_nats_followers_reading_from_a_lagging_standby_never_go_back(
                 moved = primary.save(
                     snapshot.version, [r._replace(group_id=2) for r in snapshot.routes]
                 ).version
-                # Too large for a message: the watchers read the standby, which is behind them.
+                # Too large for a message (the server's max_payload): the watchers read the
+                # standby, which is behind them.
                 wait_until(
                     lambda: all(
                         isinstance(w.last_error, CatalogVersionAheadError) for w, _, _ in running
@@ -704,56 +722,44 @@ def test_a_change_too_large_for_a_notification_travels_whole_on_nats(
 
 
 def test_a_change_larger_than_a_nats_message_is_announced_by_its_version(
-    database_url: str, subject: str
+    database_url: str, small_nats_server: NatsServer, subject: str
 ) -> None:
-    binary = _nats_server_binary()
-    with tempfile.TemporaryDirectory(prefix="distribution-nats-") as folder:
-        # Smaller than the change, larger than the small writes' notifications.
-        with open(f"{folder}/small.conf", "w") as config:
-            config.write("max_payload: 4096\n")
-        server = NatsServer(binary, folder, "-c", f"{folder}/small.conf")
-        server.start()
-        relay = None
+    url = small_nats_server.url
+    with (
+        CatalogStore.from_url(database_url) as store,
+        NatsNotifications(url, subject) as nats,
+    ):
+        _seed(store)
+        relay = Relay(database_url, url, subject)
+        probe = Probe(url, subject)
         try:
-            with (
-                CatalogStore.from_url(database_url) as store,
-                NatsNotifications(server.url, subject) as nats,
-            ):
-                _seed(store)
-                relay = Relay(database_url, server.url, subject)
-                probe = Probe(server.url, subject)
-                try:
-                    probe.take(_catch_up(1), "the relay's catch-up")
-                    with followers(store, nats, 2) as running:
-                        small = _split(store)
-                        wait_until(lambda: all(e.version == small for _, e, _ in running), "split")
-                        before = [w.syncs for w, _, _ in running]
-                        syncs = _record_syncs(running)
-                        change = _save_many(store, group_id=8)
-                        probe.take(lambda n: n.version == change.version, "the large write")
-                        # Announced by its version alone, as soon as written (not by a
-                        # heartbeat after a failed publication)...
-                        assert probe.received[-1].change is None
-                        wait_until(
-                            lambda: all(e.version == change.version for _, e, _ in running),
-                            "the watchers",
-                        )
-                        head = store.head()
-                        for (_, engine, _), seen, synced in zip(running, syncs, before, strict=True):
-                            # ... so each watcher read it.
-                            assert seen[change.version] > synced
-                            assert engine.digest == head.digest
-                        _assert_correct(store, [e for _, e, _ in running])
-                    # The small write before it travelled whole.
-                    assert any(n.version == small and n.change for n in probe.received)
-                finally:
-                    probe.close()
-                logged = relay.stop()
-                assert "cannot publish" not in logged, logged
+            probe.take(_catch_up(1), "the relay's catch-up")
+            with followers(store, nats, 2) as running:
+                small = _split(store)
+                wait_until(lambda: all(e.version == small for _, e, _ in running), "the split")
+                before = [w.syncs for w, _, _ in running]
+                syncs = _record_syncs(running)
+                change = _save_many(store, group_id=8)
+                probe.take(lambda n: n.version == change.version, "the large write")
+                # Announced by its version alone, as soon as written (not by a heartbeat after a
+                # failed publication)...
+                assert probe.received[-1].change is None
+                wait_until(
+                    lambda: all(e.version == change.version for _, e, _ in running), "watchers"
+                )
+                head = store.head()
+                for (_, engine, _), seen, synced in zip(running, syncs, before, strict=True):
+                    # ... so each watcher read it.
+                    assert seen[change.version] > synced
+                    assert engine.digest == head.digest
+                _assert_correct(store, [e for _, e, _ in running])
+            # The small write before it travelled whole.
+            assert any(n.version == small and n.change for n in probe.received)
+            logged = relay.stop()
         finally:
-            if relay is not None:
-                relay.kill()
-            server.kill()
+            probe.close()
+            relay.kill()
+    assert "cannot publish" not in logged, logged
 
 
 def test_a_change_the_relay_cannot_read_is_announced_by_its_version(
