@@ -1,8 +1,8 @@
 """The relay and watchers following NATS: real relay processes, the NATS server on this machine.
 
 The NATS server is the one on 127.0.0.1:4222 (the tests skip, saying so, when none answers); the
-test that stops and restarts NATS runs its own ``nats-server`` on a free port, from the binary the
-machine has. Each test publishes on a subject of its own.
+test that stops and restarts NATS, and those that need a small ``max_payload``, run their own
+``nats-server`` on a free port, from the binary the machine has. Each test publishes on a subject of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -28,7 +29,8 @@ pytest.importorskip("nats", reason="the nats extra (nats-py) is not installed")
 from waiting import wait_until
 
 from distribution import CatalogStore, CatalogWatcher, Engine
-from distribution.catalog import CatalogNotification
+from distribution.catalog import CatalogNotification, parse_notification
+from distribution.catalog.notifications import format_notification
 from distribution.errors import (
     CatalogVersionAheadError,
     NotificationSubjectInvalidError,
@@ -36,6 +38,9 @@ from distribution.errors import (
 )
 from distribution.fanout import NatsNotifications, NatsSubscription
 from distribution.types import CatalogChange, CatalogSnapshot, RouteDescriptor
+
+if TYPE_CHECKING:
+    from conftest import NewRole
 
 NATS_HOST, NATS_PORT = "127.0.0.1", 4222
 _TIMEOUT = 30.0
@@ -358,9 +363,10 @@ def _free_port() -> int:
 class NatsServer:
     """A ``nats-server`` of this test's own, on a free port: stopped and started at will."""
 
-    def __init__(self, binary: str, folder: str) -> None:
+    def __init__(self, binary: str, folder: str, *options: str) -> None:
         self.binary = binary
         self.folder = folder
+        self.options = options
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -370,7 +376,10 @@ class NatsServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-l", f"{self.folder}/log"],
+            [
+                self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-l", f"{self.folder}/log",
+                *self.options,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -382,13 +391,34 @@ class NatsServer:
             self.process.wait(_TIMEOUT)
 
 
-@pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
+def _nats_server_binary() -> str:
     binary = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin")
     if binary is None:
-        pytest.skip("no nats-server binary on this machine to stop and restart")
+        pytest.skip("no nats-server binary on this machine to run one of the test's own")
+    return binary
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    binary = _nats_server_binary()
     with tempfile.TemporaryDirectory(prefix="distribution-nats-") as folder:
         server = NatsServer(binary, folder)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.kill()
+
+
+@pytest.fixture
+def small_nats_server() -> Iterator[NatsServer]:
+    """A ``nats-server`` of the test's own whose ``max_payload`` (4,096 bytes) is too small for
+    the change of a save of a few hundred routes, large enough for a split's."""
+    binary = _nats_server_binary()
+    with tempfile.TemporaryDirectory(prefix="distribution-nats-") as folder:
+        with open(f"{folder}/small.conf", "w") as config:
+            config.write("max_payload: 4096\n")
+        server = NatsServer(binary, folder, "-c", f"{folder}/small.conf")
         server.start()
         try:
             yield server
@@ -542,9 +572,10 @@ def pair(server_url: str) -> Iterator[StreamingPair]:
 
 
 def test_nats_followers_reading_from_a_lagging_standby_never_go_back(
-    pair: StreamingPair, nats_url: str, subject: str
+    pair: StreamingPair, small_nats_server: NatsServer, subject: str
 ) -> None:
     """The third layout: notifications through NATS, reads from a standby, writes on the primary."""
+    nats_url = small_nats_server.url
     pair.resume_replay()
     with (
         CatalogStore.from_url(pair.primary_url) as primary,
@@ -576,7 +607,8 @@ def test_nats_followers_reading_from_a_lagging_standby_never_go_back(
                 moved = primary.save(
                     snapshot.version, [r._replace(group_id=2) for r in snapshot.routes]
                 ).version
-                # Too large for a message: the watchers read the standby, which is behind them.
+                # Too large for a message (the server's max_payload): the watchers read the
+                # standby, which is behind them.
                 wait_until(
                     lambda: all(
                         isinstance(w.last_error, CatalogVersionAheadError) for w, _, _ in running
@@ -593,3 +625,167 @@ def test_nats_followers_reading_from_a_lagging_standby_never_go_back(
             probe.close()
             relay.kill()
             pair.resume_replay()
+
+
+def test_a_notification_payload_round_trips_with_u64_extremes() -> None:
+    top = 2**64 - 1
+    routes = (
+        RouteDescriptor(top, b"", b"\x00" * 64, top, parent_route_id=top),
+        RouteDescriptor(1, b"\xff" * 64, None, 1),
+    )
+    for change in (
+        CatalogChange(top - 1, top, routes, (1, top), digest=-(2**63)),
+        CatalogChange(0, 1, (), (), digest=2**63 - 1),
+        CatalogChange(41, 42, routes, ()),
+    ):
+        parsed = parse_notification(format_notification(change))
+        assert parsed.version == change.version
+        assert parsed.change == change
+        assert parsed.change is not None and parsed.change.digest == change.digest
+    with pytest.raises(ValueError, match="one write"):
+        format_notification(CatalogChange(5, 7, routes, ()))
+
+
+# Enough routes that a save of them all is too large for a PostgreSQL notification (8,000 bytes):
+# the catalog announces it by its version alone.
+_LARGE = 500
+
+
+def _save_many(store: CatalogStore, group_id: int) -> CatalogChange:
+    """Save ``_LARGE`` routes (replacing the catalog's), returned as the change that wrote them."""
+    starts = [b""] + [i.to_bytes(2, "big") for i in range(1, _LARGE)]
+    ends: list[bytes | None] = [*starts[1:], None]
+    version = store.version()
+    routes = [
+        RouteDescriptor(1000 + i, start, end, group_id)
+        for i, (start, end) in enumerate(zip(starts, ends, strict=True))
+    ]
+    store.save(version, routes)
+    [change] = store.changes_since(version, limit=1).changes
+    assert len(format_notification(change).encode()) > 8000
+    return change
+
+
+def _record_syncs(
+    running: list[tuple[CatalogWatcher, Engine, list[int]]],
+) -> list[dict[int, int]]:
+    """For each watcher, its ``syncs`` counter when it applied each version (a read counts
+    before it applies what it read)."""
+    recorded: list[dict[int, int]] = []
+    for watcher, _, _ in running:
+        syncs: dict[int, int] = {}
+
+        def record(
+            applied: CatalogChange | CatalogSnapshot,
+            watcher: CatalogWatcher = watcher,
+            syncs: dict[int, int] = syncs,
+        ) -> None:
+            syncs[applied.version] = watcher.syncs
+
+        watcher.add_listener(record)
+        recorded.append(syncs)
+    return recorded
+
+
+def test_a_change_too_large_for_a_notification_travels_whole_on_nats(
+    database_url: str, nats_url: str, subject: str, relays: Callable[[], Relay], probe: Probe
+) -> None:
+    with (
+        CatalogStore.from_url(database_url) as store,
+        NatsNotifications(nats_url, subject) as nats,
+    ):
+        _seed(store)
+        relays()
+        probe.take(_catch_up(1), "the relay's catch-up")
+        assert nats.wait_connected(_TIMEOUT)
+        with followers(store, nats, 3) as running:
+            wait_until(lambda: all(e.version == 1 for _, e, _ in running), "the first read")
+            before = [w.syncs for w, _, _ in running]
+            syncs = _record_syncs(running)
+            change = _save_many(store, group_id=7)
+            # The relay read the change and published it whole, digest included...
+            probe.take(
+                lambda n: n.version == change.version and n.change is not None, "the large change"
+            )
+            assert probe.received[-1].change == change
+            assert probe.received[-1].change.digest == change.digest
+            wait_until(
+                lambda: all(e.version == change.version for _, e, _ in running), "the watchers"
+            )
+            head = store.head()
+            for (_, engine, applied), seen, synced in zip(running, syncs, before, strict=True):
+                # ... and the watchers applied it from the message, reading nothing.
+                assert applied[-1] == change.version
+                assert seen[change.version] == synced
+                assert engine.digest == head.digest == change.digest
+            _assert_correct(store, [e for _, e, _ in running])
+
+
+def test_a_change_larger_than_a_nats_message_is_announced_by_its_version(
+    database_url: str, small_nats_server: NatsServer, subject: str
+) -> None:
+    url = small_nats_server.url
+    with (
+        CatalogStore.from_url(database_url) as store,
+        NatsNotifications(url, subject) as nats,
+    ):
+        _seed(store)
+        relay = Relay(database_url, url, subject)
+        probe = Probe(url, subject)
+        try:
+            probe.take(_catch_up(1), "the relay's catch-up")
+            with followers(store, nats, 2) as running:
+                small = _split(store)
+                wait_until(lambda: all(e.version == small for _, e, _ in running), "the split")
+                before = [w.syncs for w, _, _ in running]
+                syncs = _record_syncs(running)
+                change = _save_many(store, group_id=8)
+                probe.take(lambda n: n.version == change.version, "the large write")
+                # Announced by its version alone, as soon as written (not by a heartbeat after a
+                # failed publication)...
+                assert probe.received[-1].change is None
+                wait_until(
+                    lambda: all(e.version == change.version for _, e, _ in running), "watchers"
+                )
+                head = store.head()
+                for (_, engine, _), seen, synced in zip(running, syncs, before, strict=True):
+                    # ... so each watcher read it.
+                    assert seen[change.version] > synced
+                    assert engine.digest == head.digest
+                _assert_correct(store, [e for _, e, _ in running])
+            # The small write before it travelled whole.
+            assert any(n.version == small and n.change for n in probe.received)
+            logged = relay.stop()
+        finally:
+            probe.close()
+            relay.kill()
+    assert "cannot publish" not in logged, logged
+
+
+def test_a_change_the_relay_cannot_read_is_announced_by_its_version(
+    database_url: str, nats_url: str, subject: str, probe: Probe, new_role: NewRole
+) -> None:
+    # A relay allowed to read the catalog's version, not its routes: reading a change fails.
+    relay_url = new_role(
+        "relay2_relay",
+        database_url,
+        ["GRANT USAGE ON SCHEMA public TO {role}", "GRANT SELECT ON distribution_meta TO {role}"],
+    )
+    with CatalogStore.from_url(database_url) as store:
+        _seed(store)
+        relay = Relay(relay_url, nats_url, subject)
+        try:
+            probe.take(_catch_up(1), "the relay's catch-up")
+            for group_id in (9, 10):
+                version = _save_many(store, group_id).version
+                probe.take(lambda n, v=version: n.version == v, f"version {version}")
+                # Announced all the same, by its version alone.
+                assert probe.received[-1].change is None
+            small = _split(store)
+            probe.take(lambda n: n.version == small, "the split")
+            assert probe.received[-1].change is not None
+            logged = relay.stop()
+        finally:
+            relay.kill()
+    # Logged once for the two failed reads.
+    assert logged.count("cannot read the change") == 1, logged

@@ -5,9 +5,11 @@ pass through PgBouncer, so a default server (``max_connections = 100``) serves a
 services. Past that, the notifications travel through NATS (the ``nats`` extra, ``nats-py``):
 
 * a relay, :class:`CatalogRelay` (``distribution relay --nats URL``), LISTENs on the primary and
-  publishes each write's notification payload, unchanged, on a NATS subject (default
+  publishes each write's notification payload on a NATS subject (default
   :data:`DEFAULT_SUBJECT`): the version, then the change and its digest as the catalog put them
-  in the payload, or the version alone when the change was too large for one notification;
+  in the payload; for a change too large for a notification, which the catalog announces by its
+  version alone, the relay reads the change once and publishes the same payload a small write's
+  would be, unless it exceeds the NATS server's ``max_payload`` (then the version alone);
 * a service follows the subject instead of LISTENing::
 
       nats = NatsNotifications("nats://127.0.0.1:4222")
@@ -16,7 +18,7 @@ services. Past that, the notifications travel through NATS (the ``nats`` extra, 
       nats.close()
 
   and reads the catalog (``store``, a standby's URL will do) only for its first snapshot, after
-  a gap, and for changes too large for one message.
+  a gap, and for changes too large for one NATS message.
 
 Delivery is best effort, and every loss ends in a read of the catalog:
 
@@ -58,8 +60,8 @@ from distribution.catalog import (
     CatalogStore,
     parse_notification,
 )
-from distribution.catalog.notifications import receive_notifies
-from distribution.catalog.transactions import dedicated_connection
+from distribution.catalog.notifications import format_notification, receive_notifies
+from distribution.catalog.transactions import connection_engine, dedicated_connection
 from distribution.database import translate_error
 from distribution.errors import NotificationSubjectInvalidError, NotificationsUnavailableError
 from distribution.models import u64_from_db
@@ -409,11 +411,15 @@ class NatsNotifications:
 class CatalogRelay:
     """LISTENs on the catalog's primary and publishes every notification on NATS.
 
-    Holds one connection on the primary, its listener, and reads the catalog's version over it
-    (one statement) each time it or the NATS connection comes back. :meth:`run` never raises:
-    failures are logged (a warning at the start of an outage, one line when it ends) and retried
-    with capped, jittered backoff. Counters: :attr:`published`, :attr:`catch_ups`,
-    :attr:`heartbeats`.
+    Holds one connection on the primary, its listener, and reads over it: the catalog's version
+    (one statement) each time it or the NATS connection comes back, and the change of a write
+    whose notification was too large for PostgreSQL (8,000 bytes), so that a message carries it
+    when it fits in the NATS server's ``max_payload`` (1 MB by default): the fleet's watchers then
+    apply it from the message, rather than each reading it from the catalog. Such a write is
+    published as its version alone when its change does not fit, or cannot be read (logged
+    once, until a read succeeds again). :meth:`run` never raises: failures are logged (a warning
+    at the start of an outage, one line when it ends) and retried with capped, jittered backoff.
+    Counters: :attr:`published`, :attr:`changes_read`, :attr:`catch_ups`, :attr:`heartbeats`.
     """
 
     def __init__(
@@ -433,15 +439,20 @@ class CatalogRelay:
         #: The newest version published (a write's, a catch-up's), 0 before the first.
         self.version = 0
         self.published = 0
+        #: How many of the writes published came with the change the relay read for them.
+        self.changes_read = 0
         self.catch_ups = 0
         self.heartbeats = 0
         self._outage: str | None = None
+        self._read_failing = False
         self._connects_seen = 0
 
     def run(self, stop: threading.Event) -> None:
         """Relay until ``stop`` is set, then close the listening connection and return. O(1)
-        work per notification."""
+        work per notification, but for a write announced by its version alone: one read of its
+        change, O(routes it changed)."""
         listener: psycopg.Connection[Any] | None = None
+        reads: CatalogStore | None = None
         backoff = _WAIT_SLICE
         next_heartbeat = time.monotonic() + self._heartbeat
         try:
@@ -455,6 +466,8 @@ class CatalogRelay:
                         backoff = min(backoff * 2, MAX_RELAY_BACKOFF)
                         continue
                     backoff = _WAIT_SLICE
+                    # Reads over the listener: the relay's one connection on the primary.
+                    reads = CatalogStore(connection_engine(listener))
                     self._connects_seen = -1  # catch up now, whatever NATS did meanwhile
                 if self._nats.connects != self._connects_seen and self._nats.connected:
                     try:
@@ -469,8 +482,9 @@ class CatalogRelay:
                     self._lost(listener, exc)
                     listener = None
                     continue
+                assert reads is not None
                 for payload in payloads:
-                    self._relay(payload)
+                    self._relay(payload, reads)
                 if time.monotonic() >= next_heartbeat:
                     next_heartbeat = time.monotonic() + self._heartbeat
                     if self.version and self._send(str(self.version).encode()):
@@ -509,16 +523,37 @@ class CatalogRelay:
         received = receive_notifies(listener, _WAIT_SLICE)
         return [notify.payload for notify in received if notify.channel == NOTIFY_CHANNEL]
 
-    def _relay(self, payload: str) -> None:
+    def _relay(self, payload: str, reads: CatalogStore) -> None:
         try:
             notification = parse_notification(payload)
         except ValueError as exc:
             # Anyone who can connect may NOTIFY the channel: what is not a write's is not relayed.
             self._logger.warning("not relayed: %s", exc)
             return
-        if self._send(payload.encode("utf-8")):
+        completed = None if notification.change else self._with_change(notification.version, reads)
+        if self._send(completed or payload.encode("utf-8")):
             self.version = max(self.version, notification.version)
             self.published += 1
+            self.changes_read += completed is not None
+
+    def _with_change(self, version: int, reads: CatalogStore) -> bytes | None:
+        """The message announcing the write of ``version`` with its change and digest, read
+        from the catalog; None when it cannot be read or does not fit in a NATS message."""
+        try:
+            answer = reads.changes_since(version - 1, limit=1)
+        except Exception as exc:
+            # The version alone still reaches the watchers, which then read the change.
+            level = logging.DEBUG if self._read_failing else logging.WARNING
+            self._read_failing = True
+            self._logger.log(level, "relay: cannot read the change of version %d: %s", version, exc)
+            return None
+        self._read_failing = False
+        change = answer.changes[0] if answer.changes else None
+        # Gone from the history window (a reset), or a write the catalog cannot vouch for.
+        if change is None or change.version != version or change.digest is None:
+            return None
+        message = format_notification(change).encode("utf-8")
+        return message if len(message) <= _max_payload(self._nats) else None
 
     def _send(self, payload: bytes) -> bool:
         """Publish; on failure log (once an outage) and return False."""
@@ -544,3 +579,8 @@ class CatalogRelay:
             self._logger.info("relay recovered (%s)", self._outage)
             self._outage = None
 
+
+def _max_payload(nats: NatsNotifications) -> int:
+    """The largest message ``nats``'s server takes, in bytes, as it told the client on connecting
+    (the client's default, 1 MB, before that); O(1)."""
+    return int(nats._client.max_payload)

@@ -2,7 +2,8 @@
 
 Every write sends ``NOTIFY distribution_catalog`` inside its transaction, so the notification is
 delivered only on commit. The payload starts with the new version in decimal; when the change was
-small, a JSON body carrying it follows (see :func:`parse_notification`).
+small, a JSON body carrying it follows (see :func:`parse_notification`, and
+:func:`format_notification` for the same payload built from a change).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import psycopg.sql
 import sqlalchemy as sa
 
 from distribution.catalog.transactions import connection_engine, dedicated_connection
-from distribution.codec import decode_route_descriptor
+from distribution.codec import decode_route_descriptor, encode_route_descriptor
 from distribution.database import translate_error
 from distribution.errors import CatalogUnavailableError
 from distribution.types import CatalogChange, check_u64
@@ -32,6 +33,7 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "CatalogListener",
     "CatalogNotification",
+    "format_notification",
     "parse_notification",
     "receive_notifies",
 ]
@@ -90,6 +92,40 @@ def parse_notification(payload: str) -> CatalogNotification:
     return CatalogNotification(
         version, CatalogChange(previous, version, upserts, deletes, digest=digest)
     )
+
+
+def format_notification(change: CatalogChange) -> str:
+    """The payload announcing ``change`` as the catalog's own notifications do (see
+    :func:`parse_notification`, which reads it back), whatever its size: the version in decimal,
+    then the JSON body, ``digest`` included when the change has one. O(change size).
+
+    Raises ValueError for a change that is not one write (``previous_version + 1 != version``),
+    which no payload can carry.
+
+    >>> format_notification(CatalogChange(6, 7, (), (3,), digest=-5))
+    '7 {"previous":6,"upserts":[],"deletes":[3],"digest":-5}'
+    >>> from distribution.types import RouteDescriptor
+    >>> change = CatalogChange(6, 7, (RouteDescriptor(2, b"k", None, 1),), (3,), digest=-5)
+    >>> back = parse_notification(format_notification(change)).change
+    >>> back == change and back.digest == change.digest
+    True
+    """
+    if change.previous_version + 1 != change.version:
+        raise ValueError(
+            f"a notification carries one write, not versions {change.previous_version} to "
+            f"{change.version}"
+        )
+    body: dict[str, object] = {
+        "previous": change.previous_version,
+        "upserts": [
+            base64.b64encode(encode_route_descriptor(route)).decode("ascii")
+            for route in change.upserts
+        ],
+        "deletes": list(change.deletes),
+    }
+    if change.digest is not None:
+        body["digest"] = change.digest
+    return f"{change.version} {json.dumps(body, separators=(',', ':'))}"
 
 
 def _check_digest(value: object) -> int | None:

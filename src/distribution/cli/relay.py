@@ -120,7 +120,8 @@ def cmd_relay(session: Session) -> int:
     logger.setLevel(logging.INFO)
     stop = threading.Event()
     try:
-        # No pool: the relay reads the version over its one listening connection.
+        # No pool: the relay reads the version, and changes too large for a notification, over
+        # its one listening connection.
         with (
             _stopped_by_signals(stop),
             CatalogStore.from_url(
