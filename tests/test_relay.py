@@ -8,6 +8,7 @@ test that stops and restarts NATS, and those that need a small ``max_payload``, 
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import signal
 import socket
@@ -227,11 +228,16 @@ def test_watchers_follow_nats_with_no_listen_connection(
             assert _listening_backends(database_url) == 0
             _assert_correct(writer, [e for _, e, _ in running])
         probe.take(lambda n: n.version == versions[-1] and n.change is not None, "the last write")
-        relayed = [n.version for n in probe.received if n.change is not None]
+        last = probe.received[-1]
+        # Heartbeats (every second here) repeat messages already relayed.
+        relayed = list(dict.fromkeys(n.version for n in probe.received if n.change is not None))
         assert relayed == versions
-        # With nothing written, the relay's heartbeat repeats the newest version (every second
-        # here), so that a watcher that missed it finds out.
-        probe.take(lambda n: n.change is None and n.version == versions[-1], "a heartbeat")
+        # With nothing written, the relay's heartbeat repeats the newest write's message, its
+        # change and digest included: a watcher that missed it finds out, and one that holds it
+        # unconfirmed checks its digest instead of reading the catalog.
+        seen = len(probe.received)
+        probe.take(lambda n: len(probe.received) > seen and n == last, "a heartbeat")
+        assert last.change is not None and last.change.digest is not None
 
 
 def test_two_relays_each_version_applied_once(
@@ -346,7 +352,8 @@ def test_relay_survives_losing_its_database_connection(
             ).fetchone()
         assert killed == (1,)  # the relay holds one connection: its listener
         missed = _split(store)
-        probe.take(_catch_up(missed), "the catch-up after the relay reconnected")
+        # The write's own message if the relay was back before it, else its catch-up.
+        probe.take(lambda n: n.version >= missed, "the write, after the relay reconnected")
         after = _split(store)
         probe.take(lambda n: n.version == after and n.change is not None, "the next write")
         assert relay.process.poll() is None
@@ -481,6 +488,45 @@ def test_subscription_skips_messages_that_are_not_notifications(
         wait_until(lambda: bool(received.extend(subscription.wait(0.1)) or received), "the 7")
         assert received == [CatalogNotification(7, None)]
         subscription.close()
+
+
+def test_subscriptions_of_one_connection_share_each_parsed_notification(
+    nats_url: str, subject: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Fifty watchers of a process must not deliver and parse every message fifty times: the
+    # connection parses it once, and every subscription gets that very object, once, even when
+    # they all subscribe at the same time from their own threads.
+    with NatsNotifications(nats_url, subject) as nats:
+        assert nats.wait_connected(_TIMEOUT)
+        subscriptions: list[NatsSubscription] = []
+        threads = [
+            threading.Thread(target=lambda: subscriptions.append(nats.subscribe()))
+            for _ in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(_TIMEOUT)
+        assert len(subscriptions) == 8
+        with caplog.at_level(logging.WARNING, logger="distribution.fanout"):
+            nats.publish(b"not a notification")
+            nats.publish(b"7")
+            received = [s.wait(_TIMEOUT) for s in subscriptions]
+        assert all(r == [CatalogNotification(7, None)] for r in received)
+        assert all(r[0] is received[0][0] for r in received)
+        malformed = [r for r in caplog.records if "malformed" in r.getMessage()]
+        assert len(malformed) == 1
+        # One closing leaves the others subscribed; all closed, a new one still receives.
+        subscriptions.pop().close()
+        nats.publish(b"8")
+        assert all(s.wait(_TIMEOUT) == [CatalogNotification(8, None)] for s in subscriptions)
+        for s in subscriptions:
+            s.close()
+        again = nats.subscribe()
+        nats.publish(b"9")
+        assert again.wait(_TIMEOUT) == [CatalogNotification(9, None)]
+        assert again.wait(0.2) == []
+        again.close()
 
 
 def test_interrupt_and_close_wake_the_thread_waiting_on_a_subscription(

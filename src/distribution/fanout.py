@@ -27,16 +27,23 @@ Delivery is best effort, and every loss ends in a read of the catalog:
 * a relay that (re)connects to the primary cannot know what it missed meanwhile: it publishes the
   catalog's version, read just after it LISTENs ("catch-up", the version alone), and watchers
   behind it read the catalog; it does the same each time its NATS connection comes back;
-* every ``heartbeat`` seconds a relay republishes the newest version it published, with no
-  statement on the primary, so a watcher that missed a message finds out within that time;
+* every ``heartbeat`` seconds a relay republishes the newest message it published (a write's
+  change and digest, or a catch-up's version), with no statement on the primary, so a watcher
+  that missed a message finds out within that time. The whole message, not the version alone: a
+  watcher that holds that version unconfirmed would otherwise read the catalog to confirm it, and
+  in a steady stream of writes every watcher holds its newest version unconfirmed, so each
+  heartbeat would make the whole fleet read at once; the digest lets it check its Engine instead;
 * a watcher's NATS connection drops: its subscription raises
   :class:`~distribution.NotificationsUnavailableError`, the watcher polls the catalog until NATS is
   back, subscribes again and reads what it missed.
 
 The NATS client is asyncio; each :class:`NatsNotifications` runs one connection on an event loop
-of its own, on a named background thread, and hands messages to the threads that wait on its
+of its own, on a named background thread, and hands notifications to the threads that wait on its
 subscriptions through thread-safe queues. Several watchers of one process share one connection,
-with a subscription each.
+with a subscription each; the connection holds one NATS subscription to the subject for all of
+them, and parses each message once: every subscription receives the same (immutable)
+:class:`~distribution.catalog.CatalogNotification`. With fifty watchers a process, delivering and
+parsing each message fifty times cost more than applying it.
 """
 
 from __future__ import annotations
@@ -85,7 +92,7 @@ _T = TypeVar("_T")
 
 #: The NATS subject catalog notifications travel on unless told otherwise.
 DEFAULT_SUBJECT = "distribution.catalog"
-#: Seconds between two heartbeats of a relay (the newest version it published, again).
+#: Seconds between two heartbeats of a relay (the newest message it published, again).
 DEFAULT_HEARTBEAT = 30.0
 #: The longest wait between two attempts of a relay to reconnect to the primary.
 MAX_RELAY_BACKOFF = 5.0
@@ -141,14 +148,14 @@ class NatsSubscription:
     def __init__(self, owner: NatsNotifications) -> None:
         self._owner = owner
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._handle: Subscription | None = None
         self._closed = False
 
     def wait(self, timeout: float) -> list[CatalogNotification]:
         """Wait up to ``timeout`` seconds for messages; return the notifications they carry.
 
         Returns as soon as one arrives, with any others already received; messages that are not
-        catalog notifications are logged and skipped. :meth:`interrupt` makes it return at once
+        catalog notifications were logged and skipped (once, by the connection, whatever the
+        number of subscriptions). :meth:`interrupt` makes it return at once
         (with what was received, usually nothing); once the subscription is closed it returns
         ``[]`` at once. Raises :class:`~distribution.NotificationsUnavailableError` once the
         connection dropped (what was published meanwhile never arrives). O(messages).
@@ -164,19 +171,13 @@ class NatsSubscription:
                 received.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-        parsed = []
+        notifications = []
         for item in received:
-            if item is _INTERRUPT:
-                continue
             if item is _LOST:
                 raise NotificationsUnavailableError("lost the NATS connection")
-            try:
-                assert isinstance(item, bytes)
-                parsed.append(parse_notification(item.decode("utf-8")))
-            except (ValueError, UnicodeDecodeError) as exc:
-                # Anyone who may publish on the subject can send anything: skip what is not ours.
-                _logger.warning("ignored a malformed catalog notification from NATS: %s", exc)
-        return parsed
+            if isinstance(item, CatalogNotification):
+                notifications.append(item)
+        return notifications
 
     def interrupt(self) -> None:
         """Wake the thread blocked in :meth:`wait` (else the next wait), which returns at once;
@@ -232,8 +233,13 @@ class NatsNotifications:
         #: How many times the connection was made, the first time included.
         self.connects = 0
         self._closing = False
-        # Touched only on the loop's thread.
+        # Touched only on the loop's thread: the subscriptions, and the one NATS subscription
+        # that feeds them all while there is any.
         self._subscriptions: set[NatsSubscription] = set()
+        self._handle: Subscription | None = None
+        # Held while the NATS subscription is made or dropped: the watchers of a process
+        # subscribe at the same time, and must neither make two nor return before it is held.
+        self._handle_lock = asyncio.Lock()
         self._client: Client = NatsClient()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="distribution-nats", daemon=True)
@@ -245,6 +251,12 @@ class NatsNotifications:
     def subject(self) -> str:
         """The subject notifications travel on; O(1)."""
         return self._subject
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message the NATS server takes, in bytes, as it told the client on
+        connecting (the client's default, 1 MB, before that); O(1)."""
+        return int(self._client.max_payload)
 
     @property
     def connected(self) -> bool:
@@ -372,7 +384,7 @@ class NatsNotifications:
             self._logger.warning("lost the NATS connection; reconnecting")
         for subscription in lost:
             subscription._queue.put(_LOST)
-            await self._unsubscribe_quietly(subscription)
+        await self._unsubscribe_quietly()
 
     async def _on_error(self, exc: Exception) -> None:
         # Reconnection attempts fail once every half second while the server is away.
@@ -381,23 +393,35 @@ class NatsNotifications:
     async def _subscribe(self, subscription: NatsSubscription) -> None:
         if not self._client.is_connected:
             raise NotificationsUnavailableError("not connected to NATS")
+        async with self._handle_lock:
+            if self._handle is None:
+                self._handle = await self._client.subscribe(self._subject, cb=self._deliver)
+                # The round trip makes the server hold the subscription before the caller reads
+                # the catalog: whatever is written after that read reaches the subscription.
+                # Once it is held, joining the set (on this thread, between two deliveries) is
+                # enough.
+                await self._client.flush(timeout=int(_CALL_TIMEOUT))
+            self._subscriptions.add(subscription)
 
-        async def deliver(message: Msg) -> None:
-            subscription._queue.put(message.data)
-
-        subscription._handle = await self._client.subscribe(self._subject, cb=deliver)
-        self._subscriptions.add(subscription)
-        # The round trip makes the server hold the subscription before the caller reads the
-        # catalog: whatever is written after that read reaches the subscription.
-        await self._client.flush(timeout=int(_CALL_TIMEOUT))
+    async def _deliver(self, message: Msg) -> None:
+        try:
+            notification = parse_notification(message.data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            # Anyone who may publish on the subject can send anything: skip what is not ours.
+            self._logger.warning("ignored a malformed catalog notification from NATS: %s", exc)
+            return
+        for subscription in self._subscriptions:
+            subscription._queue.put(notification)
 
     async def _drop(self, subscription: NatsSubscription) -> None:
         if subscription in self._subscriptions:
             self._subscriptions.discard(subscription)
-            await self._unsubscribe_quietly(subscription)
+            async with self._handle_lock:
+                if not self._subscriptions:
+                    await self._unsubscribe_quietly()
 
-    async def _unsubscribe_quietly(self, subscription: NatsSubscription) -> None:
-        handle, subscription._handle = subscription._handle, None
+    async def _unsubscribe_quietly(self) -> None:
+        handle, self._handle = self._handle, None
         if handle is not None:
             try:
                 await handle.unsubscribe()
@@ -438,6 +462,8 @@ class CatalogRelay:
         self._logger = logger or _logger
         #: The newest version published (a write's, a catch-up's), 0 before the first.
         self.version = 0
+        # The message that published it, which heartbeats repeat.
+        self._newest = b""
         self.published = 0
         #: How many of the writes published came with the change the relay read for them.
         self.changes_read = 0
@@ -487,7 +513,7 @@ class CatalogRelay:
                     self._relay(payload, reads)
                 if time.monotonic() >= next_heartbeat:
                     next_heartbeat = time.monotonic() + self._heartbeat
-                    if self.version and self._send(str(self.version).encode()):
+                    if self._newest and self._send(self._newest):
                         self.heartbeats += 1
         finally:
             if listener is not None:
@@ -513,9 +539,10 @@ class CatalogRelay:
             raise translate_error(exc) from exc
         assert row is not None, "the catalog has no metadata row"
         version = u64_from_db(row[0])
-        if self._send(str(version).encode()):
+        payload = str(version).encode()
+        if self._send(payload):
             self._connects_seen = connects
-            self.version = max(self.version, version)
+            self._published(version, payload)
             self.catch_ups += 1
             self._logger.info("relay published a catch-up at version %d", version)
 
@@ -531,8 +558,9 @@ class CatalogRelay:
             self._logger.warning("not relayed: %s", exc)
             return
         completed = None if notification.change else self._with_change(notification.version, reads)
-        if self._send(completed or payload.encode("utf-8")):
-            self.version = max(self.version, notification.version)
+        encoded = completed or payload.encode("utf-8")
+        if self._send(encoded):
+            self._published(notification.version, encoded)
             self.published += 1
             self.changes_read += completed is not None
 
@@ -553,7 +581,12 @@ class CatalogRelay:
         if change is None or change.version != version or change.digest is None:
             return None
         message = format_notification(change).encode("utf-8")
-        return message if len(message) <= _max_payload(self._nats) else None
+        return message if len(message) <= self._nats.max_payload else None
+
+    def _published(self, version: int, payload: bytes) -> None:
+        if version >= self.version:
+            self.version = version
+            self._newest = payload
 
     def _send(self, payload: bytes) -> bool:
         """Publish; on failure log (once an outage) and return False."""
@@ -578,9 +611,3 @@ class CatalogRelay:
         if self._outage is not None:
             self._logger.info("relay recovered (%s)", self._outage)
             self._outage = None
-
-
-def _max_payload(nats: NatsNotifications) -> int:
-    """The largest message ``nats``'s server takes, in bytes, as it told the client on connecting
-    (the client's default, 1 MB, before that); O(1)."""
-    return int(nats._client.max_payload)
