@@ -63,7 +63,9 @@ the Engine's version by exactly one, as a write does, and leaves the digest the 
 claims (the Engine refuses it otherwise, and the watcher reads the catalog instead). A version
 applied that way is *unverified* until a catalog read confirms it: once no notification has
 arrived for :data:`VERIFY_QUIET` seconds, or, in a steady stream of them, once the oldest
-unverified version is :data:`VERIFY_MAX` seconds old, the watcher reads the catalog's ``HEAD``
+unverified version is :data:`VERIFY_MAX` seconds old at the latest (a random age between half that
+and that, drawn for each, so that a fleet fed the same stream does not read at once), the
+watcher reads the catalog's ``HEAD``
 (one statement) and checks them all at once; an idle watcher reads nothing. (In a stream of
 writes a forgery is found sooner: the real write of its version comes with another digest.)
 :attr:`verified_version` is the newest version confirmed (the Engine's version when the watcher
@@ -154,7 +156,8 @@ DEFAULT_READ_JITTER = 0.25
 #: confirmed by a catalog read (one statement).
 VERIFY_QUIET = 1.5
 #: The age, in seconds, of the oldest unconfirmed version at which a steady stream of
-#: notifications no longer puts off its confirmation.
+#: notifications no longer puts off its confirmation, at the latest (each watcher draws an age
+#: between half this and this for each, so that a fleet spreads its reads).
 VERIFY_MAX = 15.0
 #: Seconds between two catalog reads while a failure stands (a repair included, which a clean read
 #: clears), the catalog reachable.
@@ -291,10 +294,10 @@ class CatalogWatcher:
         self._next_poll = 0.0
         # When a catalog read is due again after a failure; None: none is.
         self._retry_at: float | None = None
-        # When the last notification arrived, and when the Engine took its oldest unverified
-        # version (``time.monotonic()``).
+        # When the last notification arrived, and when the Engine's oldest unverified version is
+        # confirmed whatever notifications keep coming (``time.monotonic()``).
         self._notified_at = 0.0
-        self._unverified_since = 0.0
+        self._verify_by = 0.0
         # When the newest version notified so far was first notified (``time.monotonic()``).
         self._newest_notified_at = 0.0
         self._quiet_since = 0.0
@@ -860,7 +863,7 @@ class CatalogWatcher:
             # cut the backoff short.
             return self._retry_at
         if self._unverified_from is not None:
-            return min(self._notified_at + VERIFY_QUIET, self._unverified_since + VERIFY_MAX)
+            return min(self._notified_at + VERIFY_QUIET, self._verify_by)
         return None
 
     def _slice_end(self, source: NotificationSource, now: float) -> float:
@@ -1009,7 +1012,7 @@ class CatalogWatcher:
             return False  # moved meanwhile, or a change that does not fit (a forgery, say)
         if self._unverified_from is None:
             self._unverified_from = version
-            self._unverified_since = time.monotonic()
+            self._verify_by = time.monotonic() + random.uniform(VERIFY_MAX / 2, VERIFY_MAX)
         return True
 
     def _apply_changes(self, changes: Sequence[CatalogChange]) -> None:
