@@ -1925,3 +1925,42 @@ def test_a_change_is_rebuilt_when_large_for_its_table() -> None:
     assert rebuilds(64, 1, merged=False)
     assert not rebuilds(150, 98, merged=False)
     assert rebuilds(196, 98, merged=False)
+
+
+def test_engines_rebuilt_at_once_hold_one_table_being_built_at_a_time() -> None:
+    """Eight Engines of one process given a new catalog at once (the watchers of a process fed
+    the same change) build one table at a time: the memory they need beside their tables is one
+    table's, not eight."""
+    import tracemalloc
+
+    rng = random.Random(7)
+    keys = sorted({rng.randbytes(8) for _ in range(60_000)})
+    first = CatalogSnapshot(version=1, routes=tuple(routes_over(keys)))
+    second = CatalogSnapshot(version=2, routes=tuple(routes_over(keys[1:])))
+    engines = [Engine() for _ in range(8)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        engines[0].apply_snapshot(first)
+        one_table = tracemalloc.get_traced_memory()[0] - before
+        for engine in engines[1:]:
+            engine.apply_snapshot(first)
+        held, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        start = threading.Barrier(len(engines))
+
+        def rebuild(engine: Engine) -> None:
+            start.wait()
+            engine.apply_snapshot(second)
+
+        threads = [threading.Thread(target=rebuild, args=(e,)) for e in engines]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(engine.version == 2 for engine in engines)
+    assert peak - held < 2.5 * one_table

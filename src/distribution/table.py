@@ -29,6 +29,7 @@ touch (see :class:`distribution.Engine`).
 from __future__ import annotations
 
 import os
+import threading
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Container, Iterator, Sequence
 from functools import partial
@@ -161,6 +162,12 @@ IMPLEMENTATION: _Searches = _searches()
 _route_start = attrgetter("start")
 _first_start = itemgetter(0)
 
+# Held while a table is built or merged: one at a time in a process. A build holds its new table
+# beside the one it replaces until the swap, so Engines changed at once (the watchers of one
+# process fed the same large change) would otherwise hold one extra table each; the work is the
+# same, since builds run under the GIL. Lookups never take it.
+_BUILDING = threading.Lock()
+
 
 class RouteTable(NamedTuple):
     """The routing table: immutable; lookups need no lock. See the module docstring.
@@ -197,7 +204,8 @@ class RouteTable(NamedTuple):
         ...                                   RouteDescriptor(2, b"a", None, 1)]) is None
         True
         """
-        built = implementation.build(routes, CHUNK)
+        with _BUILDING:
+            built = implementation.build(routes, CHUNK)
         if built is None:
             return None
         (tops, index, chunks), ids = built
@@ -219,7 +227,8 @@ class RouteTable(NamedTuple):
         ([2], [1])
         """
         search = self.implementation
-        merged = search.merge(self, ids, dropped, upserts, CHUNK)
+        with _BUILDING:
+            merged = search.merge(self, ids, dropped, upserts, CHUNK)
         if merged is None:
             return None
         (tops, index, chunks), new_ids, hashes = merged
