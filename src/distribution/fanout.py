@@ -44,6 +44,13 @@ with a subscription each; the connection holds one NATS subscription to the subj
 them, and parses each message once: every subscription receives the same (immutable)
 :class:`~distribution.catalog.CatalogNotification`. With fifty watchers a process, delivering and
 parsing each message fifty times cost more than applying it.
+
+The fleet's roll calls and barrier (:mod:`distribution.catalog.fleet`) reach watchers following
+NATS on the fleet subject, :attr:`NatsNotifications.fleet_subject` (the subject and ``.fleet``):
+while a connection has subscriptions it holds one more NATS subscription, to that subject, and
+hands each ask to every subscription, whose watcher answers by publishing its status on the reply
+subject the ask names (:meth:`NatsSubscription.notify`). An asker subscribes to that reply subject
+first (:meth:`NatsNotifications.fleet_inbox`). Answering reads nothing from the catalog.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 import psycopg
 
 from distribution.catalog import (
+    FLEET_CHANNEL,
     NOTIFY_CHANNEL,
     CatalogNotification,
     CatalogStore,
@@ -82,6 +90,7 @@ __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_SUBJECT",
     "CatalogRelay",
+    "FleetInbox",
     "NatsNotifications",
     "NatsSubscription",
     "check_subject",
@@ -106,6 +115,10 @@ _RECONNECT_WAIT = 0.5
 _LOST: Final = object()
 # What interrupt() puts in a subscription's queue: wakes the thread waiting on it.
 _INTERRUPT: Final = object()
+# A subscription's queue also holds the roll calls' asks, as the str payloads they are; it keeps
+# at most this many for its watcher to take (anyone may publish asks, and a subscription whose
+# owner never takes them must not grow).
+_MAX_ASKS = 64
 # How the relay reads the catalog's version on its listening connection (so that a relay holds
 # one connection on the primary): the version, stored shifted as every u64 is.
 _READ_VERSION = "SELECT version FROM distribution_meta"
@@ -149,6 +162,8 @@ class NatsSubscription:
         self._owner = owner
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._closed = False
+        # The asks received, for take(); touched by the waiting thread only.
+        self._asks: list[str] = []
 
     def wait(self, timeout: float) -> list[CatalogNotification]:
         """Wait up to ``timeout`` seconds for messages; return the notifications they carry.
@@ -159,6 +174,7 @@ class NatsSubscription:
         (with what was received, usually nothing); once the subscription is closed it returns
         ``[]`` at once. Raises :class:`~distribution.NotificationsUnavailableError` once the
         connection dropped (what was published meanwhile never arrives). O(messages).
+        A roll call's ask wakes it too (with no notification), and is kept for :meth:`take`.
         """
         if self._closed:
             return []
@@ -177,7 +193,31 @@ class NatsSubscription:
                 raise NotificationsUnavailableError("lost the NATS connection")
             if isinstance(item, CatalogNotification):
                 notifications.append(item)
+            elif isinstance(item, str) and len(self._asks) < _MAX_ASKS:
+                self._asks.append(item)
         return notifications
+
+    def take(self, channel: str) -> list[str]:
+        """The asks of the roll calls received by :meth:`wait` since the last call, for
+        ``channel`` :data:`~distribution.catalog.FLEET_CHANNEL` (nothing else travels here): a
+        :class:`~distribution.catalog.fleet.FleetLink`. O(1).
+
+        >>> with NatsNotifications("nats://127.0.0.1:1") as nats:
+        ...     NatsSubscription(nats).take(FLEET_CHANNEL)
+        []
+        """
+        taken, self._asks = self._asks, []
+        return taken if channel == FLEET_CHANNEL else []
+
+    def notify(self, channels: list[str], payload: str) -> None:
+        """Publish ``payload`` (a roll call's reply) on the reply subject of each of
+        ``channels``, the reply channels asks name: ``FLEET_SUBJECT.CHANNEL``. O(channels).
+
+        Raises :class:`~distribution.NotificationsUnavailableError` while the connection is
+        down.
+        """
+        subjects = [f"{self._owner.fleet_subject}.{channel}" for channel in channels]
+        self._owner._call(self._owner._publish_all(subjects, payload.encode("utf-8")))
 
     def interrupt(self) -> None:
         """Wake the thread blocked in :meth:`wait` (else the next wait), which returns at once;
@@ -237,6 +277,8 @@ class NatsNotifications:
         # that feeds them all while there is any.
         self._subscriptions: set[NatsSubscription] = set()
         self._handle: Subscription | None = None
+        # The NATS subscription to the fleet subject, held beside ``_handle``.
+        self._asks_handle: Subscription | None = None
         # Held while the NATS subscription is made or dropped: the watchers of a process
         # subscribe at the same time, and must neither make two nor return before it is held.
         self._handle_lock = asyncio.Lock()
@@ -251,6 +293,16 @@ class NatsNotifications:
     def subject(self) -> str:
         """The subject notifications travel on; O(1)."""
         return self._subject
+
+    @property
+    def fleet_subject(self) -> str:
+        """The subject the fleet's roll calls travel on: the subject and ``.fleet``; O(1).
+
+        >>> with NatsNotifications("nats://127.0.0.1:1", "catalog.eu") as nats:
+        ...     nats.fleet_subject
+        'catalog.eu.fleet'
+        """
+        return f"{self._subject}.fleet"
 
     @property
     def max_payload(self) -> int:
@@ -291,6 +343,15 @@ class NatsNotifications:
         down: what is not published then is not sent later either.
         """
         self._call(self._publish(payload))
+
+    def fleet_inbox(self, channel: str) -> FleetInbox:
+        """Subscribe to the reply subject of ``channel`` (a reply channel of the fleet's), for
+        an asker of :mod:`distribution.catalog.fleet`. Raises
+        :class:`~distribution.NotificationsUnavailableError` while the connection is down. O(1).
+        """
+        inbox = FleetInbox(self, check_subject(f"{self.fleet_subject}.{channel}"))
+        inbox._handle = self._call(self._client.subscribe(inbox.subject, cb=inbox._receive))
+        return inbox
 
     def close(self) -> None:
         """Close the connection and stop its thread; subscriptions then receive nothing. O(1)."""
@@ -337,6 +398,11 @@ class NatsNotifications:
     def _unsubscribe(self, subscription: NatsSubscription) -> None:
         if self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(self._drop(subscription), self._loop)
+
+    def _release(self, handle: Subscription) -> None:
+        """Drop a fleet inbox's NATS subscription, not waiting."""
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._unsubscribe_handle(handle), self._loop)
 
     # -- on the loop's thread ------------------------------------------------------------------
 
@@ -396,6 +462,9 @@ class NatsNotifications:
         async with self._handle_lock:
             if self._handle is None:
                 self._handle = await self._client.subscribe(self._subject, cb=self._deliver)
+                self._asks_handle = await self._client.subscribe(
+                    self.fleet_subject, cb=self._deliver_ask
+                )
                 # The round trip makes the server hold the subscription before the caller reads
                 # the catalog: whatever is written after that read reaches the subscription.
                 # Once it is held, joining the set (on this thread, between two deliveries) is
@@ -413,6 +482,12 @@ class NatsNotifications:
         for subscription in self._subscriptions:
             subscription._queue.put(notification)
 
+    async def _deliver_ask(self, message: Msg) -> None:
+        # Parsed by each watcher's FleetMember, which logs what is malformed.
+        ask = message.data.decode("utf-8", "replace")
+        for subscription in self._subscriptions:
+            subscription._queue.put(ask)
+
     async def _drop(self, subscription: NatsSubscription) -> None:
         if subscription in self._subscriptions:
             self._subscriptions.discard(subscription)
@@ -421,15 +496,66 @@ class NatsNotifications:
                     await self._unsubscribe_quietly()
 
     async def _unsubscribe_quietly(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            try:
-                await handle.unsubscribe()
-            except Exception as exc:  # closed or draining: the subscription is gone anyway
-                self._logger.debug("unsubscribing failed: %r", exc)
+        handles = (self._handle, self._asks_handle)
+        self._handle = self._asks_handle = None
+        for handle in handles:
+            if handle is not None:
+                await self._unsubscribe_handle(handle)
+
+    async def _unsubscribe_handle(self, handle: Subscription) -> None:
+        try:
+            await handle.unsubscribe()
+        except Exception as exc:  # closed or draining: the subscription is gone anyway
+            self._logger.debug("unsubscribing failed: %r", exc)
 
     async def _publish(self, payload: bytes) -> None:
         await self._client.publish(self._subject, payload)
+
+    async def _publish_all(self, subjects: list[str], payload: bytes) -> None:
+        for subject in subjects:
+            await self._client.publish(subject, payload)
+
+
+class FleetInbox:
+    """The replies to one asker's roll calls: a subscription to its reply subject, made by
+    :meth:`NatsNotifications.fleet_inbox`; :meth:`receive` runs on the caller's thread."""
+
+    def __init__(self, owner: NatsNotifications, subject: str) -> None:
+        self._owner = owner
+        self.subject = subject
+        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._handle: Subscription | None = None
+
+    def ask(self, payload: str) -> None:
+        """Publish ``payload`` (an ask naming this inbox) on the fleet subject. The server holds
+        this inbox's subscription already (it was made earlier on the same connection), so no
+        reply can miss it. Raises :class:`~distribution.NotificationsUnavailableError` while the
+        connection is down. O(len(payload)).
+        """
+        subjects = [self._owner.fleet_subject]
+        self._owner._call(self._owner._publish_all(subjects, payload.encode("utf-8")))
+
+    def receive(self, timeout: float) -> list[str]:
+        """Wait up to ``timeout`` seconds for replies; return those that arrived (returning at
+        the first, with any others already received). O(replies)."""
+        try:
+            received = [self._queue.get(timeout=max(0.0, timeout))]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                received.append(self._queue.get_nowait())
+            except queue.Empty:
+                return received
+
+    def close(self) -> None:
+        """Unsubscribe (not waiting); replies then stop arriving. O(1)."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            self._owner._release(handle)
+
+    async def _receive(self, message: Msg) -> None:
+        self._queue.put(message.data.decode("utf-8", "replace"))
 
 
 class CatalogRelay:

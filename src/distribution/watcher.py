@@ -110,7 +110,7 @@ from distribution.catalog import (
     check_catalog_and_engine,
     statements,
 )
-from distribution.catalog.fleet import FleetMember, WatcherStatus
+from distribution.catalog.fleet import FleetLink, FleetMember, WatcherStatus
 from distribution.catalog.transactions import single_statement
 from distribution.engine import Engine
 from distribution.errors import (
@@ -200,7 +200,8 @@ class CatalogWatcher:
     database (anyone who can may NOTIFY its channel).
 
     The watcher has a :attr:`name` (``program@host:pid`` unless given) and answers the roll
-    calls of :mod:`distribution.catalog.fleet` while it listens; :meth:`wait_for` and
+    calls of :mod:`distribution.catalog.fleet` while it listens (over NATS when it follows a
+    :class:`~distribution.fanout.NatsSubscription`); :meth:`wait_for` and
     :meth:`wait_caught_up` let any thread wait for a version.
 
     ``notifications`` opens the source of notifications to follow instead of LISTEN on the
@@ -733,8 +734,8 @@ class CatalogWatcher:
         return f"following the catalog by polling every {self._interval:.3f}s"
 
     def _open_source(self) -> NotificationSource:
-        """The source of notifications the watcher was given; a LISTENing one also answers roll
-        calls (a watcher following another source holds no connection to answer on)."""
+        """The source of notifications the watcher was given; a LISTENing one joins the fleet
+        here (a NATS subscription brings the fleet's asks by itself)."""
         assert self._factory is not None
         source = self._factory()
         if isinstance(source, CatalogListener):
@@ -1051,10 +1052,14 @@ class CatalogWatcher:
             self._applied.notify_all()
 
     def _answer_roll_calls(self, source: NotificationSource) -> None:
-        if not isinstance(source, CatalogListener):
+        """Answer the roll calls ``source`` brought, when it brings them (a listener, a NATS
+        subscription: see :class:`~distribution.catalog.fleet.FleetLink`)."""
+        if not isinstance(source, FleetLink):
             return
+        # A source other than a listener holds no connection to the database.
+        backend_pid = source.backend_pid if isinstance(source, CatalogListener) else 0
         try:
-            self._fleet.answer(source, lambda: self.status(source.backend_pid))
+            self._fleet.answer(source, lambda: self.status(backend_pid))
         except Exception as exc:
             # A lost connection shows at the next wait, which reconnects.
             self._logger.debug("catalog watcher could not answer a roll call: %s", exc)

@@ -7,7 +7,7 @@ The package's modules are its layers, each importing only those listed before it
 * ``statements``: the SQL the client sends (SQLAlchemy Core over the mapped tables; text on the
   measured hot paths) and the decoding of what comes back;
 * ``notifications``: the NOTIFY payload and the listening connection;
-* ``fleet``: the watchers' roll call over NOTIFY, and the barrier :func:`wait_applied`;
+* ``fleet``: the watchers' roll call over NOTIFY (or NATS), and the barrier :func:`wait_applied`;
 * ``diff``: what a save sends, against the routes the store already knows;
 * ``operations``: split, merge, state changes and moves, one server-side call each;
 * ``store``: :class:`CatalogStore`, its reads and saves;

@@ -21,6 +21,20 @@ catalog's notifications do (README.md, "Roles and privileges").
 Every NOTIFY in a database wakes each listening server process of that database, so one roll call
 of N watchers costs the server O(N²) such wake-ups (each a read of the notification queue); an
 idle fleet costs nothing.
+
+Watchers following NATS (:mod:`distribution.fanout`) hold no connection to the database: they
+answer over NATS instead, with the same asks and the same replies. Their connection subscribes to
+the fleet subject (the catalog subject and ``.fleet``) beside the catalog subject; an asker given
+``nats=`` subscribes to the reply subject of its reply channel (``SUBJECT.fleet.`` and the
+channel: never the catalog subject, whatever an ask says), then publishes its ask on the fleet
+subject, and each watcher publishes its reply there. :class:`FleetLink` is what
+:meth:`FleetMember.answer` needs of either transport. NATS shows nobody who is subscribed, so
+over NATS no watcher is listed as silent: a roll call collects the answers that arrive within its
+window (and always takes all of it), and the barrier counts the watchers that answered within
+``window`` of its ask (one that never answered is not waited for; one that answered but stopped
+before reaching the version is a laggard). Answering costs a watcher no catalog read and the
+database nothing. As with NOTIFY, whoever may publish on the fleet subject may ask, and answer in
+a watcher's place: the fleet trusts those the NATS server lets publish there.
 """
 
 from __future__ import annotations
@@ -35,7 +49,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 import psycopg
 
@@ -50,6 +64,7 @@ if TYPE_CHECKING:
 
     from distribution.catalog.notifications import CatalogListener
     from distribution.catalog.store import CatalogStore
+    from distribution.fanout import NatsNotifications
 
 __all__ = [
     "DEFAULT_ROLL_CALL_WINDOW",
@@ -57,6 +72,7 @@ __all__ = [
     "MAX_WATCHER_NAME_BYTES",
     "WATCHER_APPLICATION_NAME",
     "BarrierResult",
+    "FleetLink",
     "FleetMember",
     "FleetReport",
     "WatcherStatus",
@@ -316,6 +332,22 @@ def _parse_ask(payload: str) -> _Ask:
     return _Ask(reply, version, min(max(seconds, 0.0), _MAX_ASK_SECONDS), only)
 
 
+@runtime_checkable
+class FleetLink(Protocol):
+    """Where a watcher takes roll calls and sends its replies: its
+    :class:`~distribution.catalog.CatalogListener`, or a
+    :class:`~distribution.fanout.NatsSubscription`."""
+
+    def take(self, channel: str) -> list[str]:
+        """The payloads received on ``channel`` (:data:`FLEET_CHANNEL`: the asks) since the
+        last call. O(payloads)."""
+        ...
+
+    def notify(self, channels: list[str], payload: str) -> None:
+        """Send ``payload`` to each reply channel of ``channels``. O(channels)."""
+        ...
+
+
 class FleetMember:
     """A watcher's side of the roll call: its name, and the asks it has still to answer.
 
@@ -340,13 +372,14 @@ class FleetMember:
             FLEET_CHANNEL, *channels, application_name=f"{WATCHER_APPLICATION_NAME} {self.name}"
         )
 
-    def answer(self, listener: CatalogListener, status: Callable[[], WatcherStatus]) -> None:
-        """Answer the roll calls received, and the asks whose version the Engine now holds.
+    def answer(self, link: FleetLink, status: Callable[[], WatcherStatus]) -> None:
+        """Answer the roll calls received on ``link``, and the asks whose version the Engine now
+        holds.
 
-        One ``pg_notify`` statement for all of them; nothing at all when there is nothing to
-        answer. O(asks).
+        One :meth:`FleetLink.notify` for all of them (one ``pg_notify`` statement on a
+        listener); nothing at all when there is nothing to answer. O(asks).
         """
-        asks = listener.take(FLEET_CHANNEL)
+        asks = link.take(FLEET_CHANNEL)
         if not asks and not self._pending:
             return
         current = status()
@@ -371,7 +404,7 @@ class FleetMember:
             if applied >= version or now > until:
                 del self._pending[reply]
         if replies:
-            listener.notify(sorted(replies), status_payload(current))
+            link.notify(sorted(replies), status_payload(current))
 
 
 # -- the asker's side ---------------------------------------------------------------------------
@@ -421,14 +454,7 @@ class _Asker:
         """The replies that arrive within ``timeout`` (returning at the first), each with the
         time it was read."""
         received = receive_notifies(self._connection, timeout)
-        now = time.monotonic()
-        parsed = []
-        for notify in received:
-            try:
-                parsed.append((parse_status(notify.payload), now))
-            except ValueError as exc:
-                _logger.warning("ignored a malformed roll call reply: %s", exc)
-        return parsed
+        return _parsed_replies(notify.payload for notify in received)
 
     def close(self) -> None:
         self._connection.close()
@@ -445,6 +471,48 @@ class _Asker:
         self.close()
 
 
+class _NatsAsker:
+    """A subscription to a reply subject of its own, on the fleet's NATS connection."""
+
+    def __init__(self, nats: NatsNotifications) -> None:
+        self.channel = f"{FLEET_CHANNEL}_{uuid.uuid4().hex}"
+        self._inbox = nats.fleet_inbox(self.channel)
+
+    def ask(self, version: int | None, seconds: float) -> None:
+        """Ask every watcher following the subject (the inbox already subscribed)."""
+        self._inbox.ask(_ask_payload(self.channel, version, seconds, None))
+
+    def replies(self, timeout: float) -> list[tuple[WatcherStatus, float]]:
+        """As :meth:`_Asker.replies`."""
+        return _parsed_replies(self._inbox.receive(timeout))
+
+    def close(self) -> None:
+        self._inbox.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _parsed_replies(payloads: Iterable[str]) -> list[tuple[WatcherStatus, float]]:
+    """The replies among ``payloads``, each with the time now; the others logged and skipped."""
+    now = time.monotonic()
+    parsed = []
+    for payload in payloads:
+        try:
+            parsed.append((parse_status(payload), now))
+        except ValueError as exc:
+            _logger.warning("ignored a malformed roll call reply: %s", exc)
+    return parsed
+
+
 def _sessions(rows: Iterable[tuple[Any, ...]]) -> dict[int, str]:
     return {pid: name.removeprefix(_MARKER) for pid, name in rows}
 
@@ -454,14 +522,26 @@ def _silent(sessions: dict[int, str], answers: Iterable[WatcherStatus]) -> list[
     return [silent_watcher(name, pid) for pid, name in sessions.items() if pid not in answered]
 
 
-def roll_call(store: CatalogStore, *, window: float = DEFAULT_ROLL_CALL_WINDOW) -> FleetReport:
+def roll_call(
+    store: CatalogStore,
+    *,
+    window: float = DEFAULT_ROLL_CALL_WINDOW,
+    nats: NatsNotifications | None = None,
+) -> FleetReport:
     """Ask every watcher of the catalog for its status; return them all, laggards first.
 
     Returns once every watcher connected to the database has answered, or after ``window``
     seconds with those that did not listed as silent. Nothing is written. O(watchers).
+
+    Given ``nats``, asks the watchers following its subject instead, and returns after
+    ``window`` seconds with those that answered (NATS cannot list the silent ones); the
+    catalog's version is read from ``store``. Raises
+    :class:`~distribution.NotificationsUnavailableError` while NATS cannot be reached.
     """
     if not window > 0:
         raise ValueError(f"window must be positive, got {window!r}")
+    if nats is not None:
+        return _roll_call_over_nats(store, nats, window)
     began = time.monotonic()
     with _Asker(store) as asker:
         asked = time.monotonic()
@@ -484,7 +564,28 @@ def roll_call(store: CatalogStore, *, window: float = DEFAULT_ROLL_CALL_WINDOW) 
     return FleetReport(catalog_version, _laggards_first(watchers), time.monotonic() - asked)
 
 
-def wait_applied(store: CatalogStore, version: int, timeout: float) -> BarrierResult:
+def _roll_call_over_nats(
+    store: CatalogStore, nats: NatsNotifications, window: float
+) -> FleetReport:
+    with _NatsAsker(nats) as asker:
+        catalog_version = store.version()
+        asked = time.monotonic()
+        asker.ask(None, 0.0)
+        answers: dict[str, WatcherStatus] = {}
+        while (remaining := asked + window - time.monotonic()) > 0:
+            for status, _ in asker.replies(remaining):
+                answers[status.id] = status
+    return FleetReport(catalog_version, _laggards_first(answers.values()), time.monotonic() - asked)
+
+
+def wait_applied(
+    store: CatalogStore,
+    version: int,
+    timeout: float,
+    *,
+    nats: NatsNotifications | None = None,
+    window: float = DEFAULT_ROLL_CALL_WINDOW,
+) -> BarrierResult:
     """Wait until every watcher connected to the catalog's database holds ``version``.
 
     The barrier: it asks the fleet for ``version``; each watcher answers at once, and again as
@@ -492,9 +593,19 @@ def wait_applied(store: CatalogStore, version: int, timeout: float) -> BarrierRe
     counted once it answers; one that disconnects before reaching the version is no longer
     waited for. Returns when all hold it, or after ``timeout`` seconds with the laggards (a
     silent watcher among them). Nothing is written. O(watchers) per round.
+
+    Given ``nats``, asks the watchers following its subject instead, once: those that answer
+    within ``window`` seconds of the ask (or ``timeout``, when shorter) are waited for, so the
+    barrier returns no sooner than that; a watcher that subscribes later is not asked, and one
+    that stops before reaching the version is a laggard (NATS cannot tell it left). Raises
+    :class:`~distribution.NotificationsUnavailableError` while NATS cannot be reached.
     """
     if not timeout > 0:
         raise ValueError(f"timeout must be positive, got {timeout!r}")
+    if nats is not None:
+        if not window > 0:
+            raise ValueError(f"window must be positive, got {window!r}")
+        return _wait_applied_over_nats(nats, version, timeout, window)
     began = time.monotonic()
     deadline = began + timeout
     answers: dict[str, WatcherStatus] = {}
@@ -523,10 +634,55 @@ def wait_applied(store: CatalogStore, version: int, timeout: float) -> BarrierRe
                 reached = False
                 break
             for status, at in asker.replies(min(deadline, next_check) - now):
-                answers[status.id] = status
-                if status.holds(version):
-                    arrived.setdefault(status.id, at)
+                _arrive(answers, arrived, status, at, version)
         silent = _silent(sessions, answers.values())
+    return _barrier(version, reached, asked, answers, arrived, silent)
+
+
+def _wait_applied_over_nats(
+    nats: NatsNotifications, version: int, timeout: float, window: float
+) -> BarrierResult:
+    answers: dict[str, WatcherStatus] = {}
+    arrived: dict[str, float] = {}
+    with _NatsAsker(nats) as asker:
+        asked = time.monotonic()
+        asker.ask(version, timeout)
+        deadline = asked + timeout
+        gathered = asked + min(window, timeout)
+        while True:
+            now = time.monotonic()
+            if now >= gathered and all(s.holds(version) for s in answers.values()):
+                reached = True
+                break
+            if now >= deadline:
+                reached = False
+                break
+            for status, at in asker.replies((gathered if now < gathered else deadline) - now):
+                _arrive(answers, arrived, status, at, version)
+    return _barrier(version, reached, asked, answers, arrived, [])
+
+
+def _arrive(
+    answers: dict[str, WatcherStatus],
+    arrived: dict[str, float],
+    status: WatcherStatus,
+    at: float,
+    version: int,
+) -> None:
+    """Record a barrier's reply, and when it first held ``version``."""
+    answers[status.id] = status
+    if status.holds(version):
+        arrived.setdefault(status.id, at)
+
+
+def _barrier(
+    version: int,
+    reached: bool,
+    asked: float,
+    answers: dict[str, WatcherStatus],
+    arrived: dict[str, float],
+    silent: Iterable[WatcherStatus],
+) -> BarrierResult:
     watchers = _laggards_first([*answers.values(), *silent])
     last = max(arrived, key=arrived.__getitem__, default=None)
     return BarrierResult(
