@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("nats", reason="the nats extra (nats-py) is not installed")
 
-from test_fleet import WAIT, names, seed
+from test_fleet import WAIT, _cli, _watch_process, names, seed
 from test_relay import Relay, nats_url, relays, subject
 from waiting import wait_until
 
@@ -161,3 +161,52 @@ def test_a_malformed_ask_over_nats_is_ignored_with_a_warning(
         assert sum("ignored a malformed roll call:" in m for m in warnings) == 5, warnings
         assert catalog.wait(0.2) == []
         assert not any("catalog notification" in m for m in warnings), warnings
+
+
+def test_the_cli_shows_the_nats_fleet_and_waits_for_it(
+    store: CatalogStore,
+    database_url: str,
+    nats_url: str,
+    subject: str,
+    relays: Callable[[], Relay],
+    connect: Callable[[], NatsNotifications],
+) -> None:
+    version = seed(store)
+    relays()
+    nats = ["--nats", nats_url, "--subject", subject]
+    started = [_watch_process(database_url, f"w{i}", *nats) for i in range(2)]
+    try:
+        asker = connect()
+        expected = ["w0", "w1"]
+        wait_until(
+            lambda: sorted(names(roll_call(store, nats=asker, window=0.2).watchers)) == expected,
+            "the watch processes to answer",
+            timeout=60,
+        )
+        shown = _cli(database_url, "fleet", *nats, "--json")
+        assert shown.returncode == 0, shown.stderr
+        fleet = json.loads(shown.stdout)
+        assert fleet["catalog_version"] == version
+        assert sorted(w["name"] for w in fleet["watchers"]) == ["w0", "w1"]
+        assert sorted(w["pid"] for w in fleet["watchers"]) == sorted(p.pid for p in started)
+        assert {(w["applied_version"], w["lag"], w["answered"]) for w in fleet["watchers"]} == {
+            (version, 0, True)
+        }
+        table = _cli(database_url, "fleet", *nats)
+        assert table.returncode == 0, table.stderr
+        assert f"catalog version {version}: 2 watchers, all at this version" in table.stdout
+        # Without --nats, nobody answers on the database.
+        assert "no watcher is listening" in _cli(database_url, "fleet", "--window", "0.2").stdout
+
+        written = _cli(database_url, "split", "1", "m", "--wait", *nats, "--timeout", "60")
+        assert written.returncode == 0, written.stderr
+        assert f"version {version + 1} held by all 2 watchers after" in written.stdout
+        misused = _cli(database_url, "split", "2", "x", *nats)
+        assert misused.returncode == 2 and "--nats needs --wait" in misused.stderr
+    finally:
+        for process in started:
+            process.kill()
+            process.wait(30)
+    nobody = _cli(database_url, "fleet", *nats, "--window", "0.2")
+    assert nobody.returncode == 0, nobody.stderr
+    assert f"catalog version {version + 1}: no watcher answered" in nobody.stdout

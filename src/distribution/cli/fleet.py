@@ -3,7 +3,9 @@
 ``fleet`` prints one roll call (see :mod:`distribution.catalog.fleet`): every watcher connected
 to the catalog's database, laggards first. A write given ``--wait`` then waits until every such
 watcher holds the catalog's version. Both exit with :data:`~distribution.cli.errors.EXIT_BEHIND`
-when some watcher lags.
+when some watcher lags. Given ``--nats URL`` (and ``--subject S``, as ``watch`` takes them), both
+ask the watchers following that NATS subject instead: those that answer within the window, as
+NATS cannot show the silent ones.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from typing import TYPE_CHECKING
 from distribution.catalog import BarrierResult, WatcherStatus, roll_call, wait_applied
 from distribution.cli.errors import EXIT_BEHIND, EXIT_OK, CommandError, UsageError
 from distribution.cli.output import render_table, write_json
+from distribution.cli.relay import open_nats
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from distribution.cli.session import Session
+    from distribution.fanout import NatsNotifications
     from distribution.watcher import CatalogWatcher
 
 __all__ = ["DEFAULT_WAIT_TIMEOUT", "cmd_fleet", "describe_watcher", "serving_metrics", "waiting"]
@@ -55,6 +59,22 @@ def describe_watcher(status: WatcherStatus) -> str:
     return f"{status.name} (version {status.applied_version})"
 
 
+# How long a roll call or a barrier over NATS waits for its connection to NATS, at most.
+_NATS_CONNECT_SECONDS = 10.0
+
+
+@contextlib.contextmanager
+def _asking_nats(session: Session) -> Iterator[NatsNotifications | None]:
+    """The NATS connection ``--nats`` names, for the block (None without ``--nats``)."""
+    if not session.args.nats:
+        yield None
+        return
+    with open_nats(session, "distribution-fleet") as nats:
+        # Unconnected by then, asking raises NotificationsUnavailableError, which says so.
+        nats.wait_connected(_NATS_CONNECT_SECONDS)
+        yield nats
+
+
 def _row(status: WatcherStatus, catalog_version: int) -> list[str]:
     if not status.answered:
         return [status.name, "-", "-", "-", "-", "-", "-", "(no answer)"]
@@ -73,7 +93,8 @@ def _row(status: WatcherStatus, catalog_version: int) -> list[str]:
 
 def cmd_fleet(session: Session) -> int:
     """Show every watcher of the catalog from one roll call, laggards first."""
-    report = roll_call(session.store(), window=session.args.window)
+    with _asking_nats(session) as nats:
+        report = roll_call(session.store(), window=session.args.window, nats=nats)
     laggards = report.laggards
     if session.args.json:
         write_json(
@@ -85,7 +106,8 @@ def cmd_fleet(session: Session) -> int:
             session.out,
         )
     elif not report.watchers:
-        session.print(f"catalog version {report.catalog_version}: no watcher is listening")
+        nobody = "answered" if session.args.nats else "is listening"
+        session.print(f"catalog version {report.catalog_version}: no watcher {nobody}")
     else:
         count = len(report.watchers)
         state = f"{len(laggards)} behind" if laggards else "all at this version"
@@ -127,7 +149,8 @@ def _wait(session: Session) -> None:
     """The barrier after a write: every watcher holds the catalog's version, or EXIT_BEHIND."""
     store = session.store()
     timeout: float = session.args.timeout or DEFAULT_WAIT_TIMEOUT
-    result = wait_applied(store, store.version(), timeout)
+    with _asking_nats(session) as nats:
+        result = wait_applied(store, store.version(), timeout, nats=nats)
     if not result.reached:
         raise CommandError(
             f"after {timeout:g} s, {len(result.laggards)} of {len(result.watchers)} watchers "
@@ -147,8 +170,9 @@ def waiting(command: Callable[[Session], int]) -> Callable[[Session], int]:
 
     @functools.wraps(command)
     def run(session: Session) -> int:
-        if session.args.timeout is not None and not session.args.wait:
-            raise UsageError("--timeout needs --wait")
+        for option in ("timeout", "nats"):
+            if getattr(session.args, option) is not None and not session.args.wait:
+                raise UsageError(f"--{option} needs --wait")
         code = command(session)
         if code == EXIT_OK and session.args.wait:
             _wait(session)

@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         help="how long --wait waits (default: 10)",
     )
+    # With --nats, --wait waits for the watchers following NATS instead.
+    add_nats_arguments(
+        waits, required=False, verb="wait for the watchers following, with --wait --nats"
+    )
 
     parser = _Parser(
         prog="distribution",
@@ -330,14 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
         "Ask every watcher connected to the catalog's database for its state, over a\n"
         "notification channel (nothing is written), and show them, laggards first. A watcher\n"
         "that is connected but does not answer within --window is shown as silent. Exit code 0\n"
-        "when all hold the catalog's version, 5 when some do not.",
+        "when all hold the catalog's version, 5 when some do not. With --nats, ask the\n"
+        "watchers following NATS instead: those that answer within --window (NATS cannot show\n"
+        "silent ones).",
     )
+    add_nats_arguments(fleet, required=False, verb="ask the watchers of, with --nats")
     fleet.add_argument(
         "--window",
         metavar="SECONDS",
         type=_seconds,
         default=1.0,
-        help="how long to wait for connected watchers to answer, at most (default: 1)",
+        help="how long to wait for connected watchers to answer, at most; with --nats, the "
+        "time the answers are collected for (default: 1)",
     )
     fleet.add_argument("--json", action="store_true", help="print JSON")
 
