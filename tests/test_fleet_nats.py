@@ -163,6 +163,26 @@ def test_a_malformed_ask_over_nats_is_ignored_with_a_warning(
         assert not any("catalog notification" in m for m in warnings), warnings
 
 
+def test_a_subscription_keeps_a_bounded_number_of_asks_for_its_watcher(
+    connect: Callable[[], NatsNotifications],
+) -> None:
+    subscription = connect().subscribe()
+    asker = connect()
+    inbox = asker.fleet_inbox(f"{FLEET_CHANNEL}_{uuid.uuid4().hex}")
+    for i in range(100):
+        inbox.ask(f"ask {i}")
+    # A catch-up, published after the asks by the same connection: delivered after them.
+    asker.publish(b"7")
+    received: list[int] = []
+    wait_until(lambda: bool(received.extend(n.version for n in subscription.wait(0.1)) or received))
+    assert received == [7]
+    # Nobody took the asks: the first 64 were kept for the watcher, the others dropped.
+    assert subscription.take("distribution_other") == []
+    assert subscription.take(FLEET_CHANNEL) == [f"ask {i}" for i in range(64)]
+    assert subscription.take(FLEET_CHANNEL) == []
+    inbox.close()
+
+
 def test_the_cli_shows_the_nats_fleet_and_waits_for_it(
     store: CatalogStore,
     database_url: str,

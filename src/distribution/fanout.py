@@ -206,8 +206,10 @@ class NatsSubscription:
         ...     NatsSubscription(nats).take(FLEET_CHANNEL)
         []
         """
+        if channel != FLEET_CHANNEL:
+            return []
         taken, self._asks = self._asks, []
-        return taken if channel == FLEET_CHANNEL else []
+        return taken
 
     def notify(self, channels: list[str], payload: str) -> None:
         """Publish ``payload`` (a roll call's reply) on the reply subject of each of
