@@ -206,8 +206,8 @@ class NatsSubscription:
         ...     NatsSubscription(nats).take(FLEET_CHANNEL)
         []
         """
-        if channel != FLEET_CHANNEL:
-            return []
+        if channel != FLEET_CHANNEL or not self._asks:
+            return []  # after every wait of its watcher: most often, nothing
         taken, self._asks = self._asks, []
         return taken
 

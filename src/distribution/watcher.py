@@ -89,6 +89,7 @@ instead while the catalog cannot be reached).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -96,7 +97,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Self, cast
 
 import sqlalchemy as sa
 
@@ -175,6 +176,13 @@ _WAIT_SLICE = 1.0
 # How long one wait lasts at most otherwise (it ends at the next deadline, most often, or when
 # interrupted).
 _MAX_WAIT = 3600.0
+
+
+@functools.cache
+def _brings_roll_calls(kind: type) -> bool:
+    """Whether sources of type ``kind`` are :class:`FleetLink` s: asked once a type, as a
+    protocol check costs microseconds and the watcher answers after every wait. O(1)."""
+    return issubclass(kind, FleetLink)
 
 
 def _read_head(sa_engine: sa.Engine) -> CatalogHead:
@@ -1054,12 +1062,12 @@ class CatalogWatcher:
     def _answer_roll_calls(self, source: NotificationSource) -> None:
         """Answer the roll calls ``source`` brought, when it brings them (a listener, a NATS
         subscription: see :class:`~distribution.catalog.fleet.FleetLink`)."""
-        if not isinstance(source, FleetLink):
+        if not _brings_roll_calls(type(source)):
             return
         # A source other than a listener holds no connection to the database.
         backend_pid = source.backend_pid if isinstance(source, CatalogListener) else 0
         try:
-            self._fleet.answer(source, lambda: self.status(backend_pid))
+            self._fleet.answer(cast(FleetLink, source), lambda: self.status(backend_pid))
         except Exception as exc:
             # A lost connection shows at the next wait, which reconnects.
             self._logger.debug("catalog watcher could not answer a roll call: %s", exc)
