@@ -564,7 +564,9 @@ def test_group_of_keys_of_every_length(search: ModuleType) -> None:
                    RouteState.ACTIVE, 0)
         for i in range(len(bounds) + 1)
     ]
-    table = ([], search.make_index([]), [search.Chunk(bounds, slots, None, None)], search)
+    table: tuple[object, ...] = (
+        [], search.make_index([]), [search.Chunk(bounds, slots, None, None)], search
+    )
     for size in (0, 1, 5, 64, 65, 1000):
         # New objects, half of them hashed, so that no two runs read the same bytes around them.
         batch = [bytes(bytearray(rng.choice(pool))) for _ in range(size)]
@@ -586,7 +588,9 @@ def test_group_holds_no_reference_it_does_not_return(search: ModuleType) -> None
         None,
         Route(2, b"f", None, 1, RouteState.ACTIVE, 0),
     ]
-    table = ([], search.make_index([]), [search.Chunk(bounds, slots, None, None)], search)
+    table: tuple[object, ...] = (
+        [], search.make_index([]), [search.Chunk(bounds, slots, None, None)], search
+    )
     # New objects (no interned or cached bytes): below the first route, in a route, in the gap,
     # in the last route; some repeated.
     keys = [bytes(bytearray(key)) for key in (b"aa", b"bb", b"cc", b"dd", b"ee", b"ff", b"zz")]
@@ -605,7 +609,7 @@ def test_group_holds_no_reference_it_does_not_return(search: ModuleType) -> None
     assert counts() == before
     for at in (0, 1, 50, len(batch)):
         with pytest.raises(TypeError):
-            search.group(table, [*batch[:at], bytearray(b"k"), *batch[at:]])  # type: ignore[list-item]
+            search.group(table, [*batch[:at], bytearray(b"k"), *batch[at:]])
         assert counts() == before
 
 
