@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import random
+import sys
 from bisect import bisect_left, bisect_right
 from itertools import groupby
 from types import ModuleType
@@ -543,6 +544,73 @@ def test_group_of_keys_tied_on_their_first_8_and_16_bytes(search: ModuleType, se
         want = _expected(bounds, slots, batch)
         assert search.group(table, batch) == want
         assert search.group(table, sorted(batch, reverse=True)) == want
+
+
+def test_group_of_keys_of_every_length(search: ModuleType) -> None:
+    """The C sort reads a key's first 16 bytes as two 8-byte loads ending inside the key, the
+    bytes before a short key's data masked off: keys of every length up to 24 (prefixes of one
+    another, zero and 0xff bytes at every place), hashed or not (the hash is stored just before
+    the data), group as bisect says."""
+    rng = random.Random(11)
+    pool = sorted(
+        {fill[:length] for length in range(25) for fill in (bytes(24), b"\xff" * 24)}
+        | {bytes(rng.choice(b"\x00\x01\x80\xff") for _ in range(rng.randrange(25)))
+           for _ in range(300)}
+    )
+    bounds = sorted(rng.sample(pool[1:], 40))
+    slots: list[Route | None] = [
+        None if i == 0 or i % 5 == 0
+        else Route(i, bounds[i - 1], bounds[i] if i < len(bounds) else None, 1,
+                   RouteState.ACTIVE, 0)
+        for i in range(len(bounds) + 1)
+    ]
+    table: tuple[object, ...] = (
+        [], search.make_index([]), [search.Chunk(bounds, slots, None, None)], search
+    )
+    for size in (0, 1, 5, 64, 65, 1000):
+        # New objects, half of them hashed, so that no two runs read the same bytes around them.
+        batch = [bytes(bytearray(rng.choice(pool))) for _ in range(size)]
+        for key in batch[::2]:
+            hash(key)
+        want = _expected(bounds, slots, batch)
+        assert search.group(table, batch) == want
+        assert search.group(table, sorted(batch)) == want
+
+
+def test_group_holds_no_reference_it_does_not_return(search: ModuleType) -> None:
+    """The C grouping takes a reference to each key, moves those of grouped keys into the
+    groups' lists and lets the others go (keys in gaps, below the first route), on success and
+    on a TypeError part way through the list: no key is leaked or freed early."""
+    bounds = [b"b", b"d", b"f"]
+    slots: list[Route | None] = [
+        None,
+        Route(1, b"b", b"d", 1, RouteState.ACTIVE, 0),
+        None,
+        Route(2, b"f", None, 1, RouteState.ACTIVE, 0),
+    ]
+    table: tuple[object, ...] = (
+        [], search.make_index([]), [search.Chunk(bounds, slots, None, None)], search
+    )
+    # New objects (no interned or cached bytes): below the first route, in a route, in the gap,
+    # in the last route; some repeated.
+    keys = [bytes(bytearray(key)) for key in (b"aa", b"bb", b"cc", b"dd", b"ee", b"ff", b"zz")]
+    batch = [keys[i % len(keys)] for i in range(70)] + [keys[1]] * 30
+    random.Random(3).shuffle(batch)
+
+    def counts() -> list[int]:
+        return [sys.getrefcount(keys[i]) for i in range(len(keys))]
+
+    before = counts()
+    groups = search.group(table, batch)
+    assert groups == _expected(bounds, slots, batch)
+    held = [sum(member is key for _, members in groups for member in members) for key in keys]
+    assert [count - held[i] for i, count in enumerate(counts())] == before
+    del groups
+    assert counts() == before
+    for at in (0, 1, 50, len(batch)):
+        with pytest.raises(TypeError):
+            search.group(table, [*batch[:at], bytearray(b"k"), *batch[at:]])
+        assert counts() == before
 
 
 def test_group_of_a_huge_batch(search: ModuleType) -> None:
