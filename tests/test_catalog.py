@@ -1180,6 +1180,25 @@ def test_every_read_brings_the_digest_of_the_routes_it_read(store: CatalogStore)
     assert routes_digest(snapshots[3].routes) != routes_digest(snapshots[4].routes)
 
 
+def test_a_head_is_one_statement_with_no_transaction(database_url: str) -> None:
+    """``head()`` sends the catalog's HEAD alone, in autocommit: no BEGIN or COMMIT travels (the
+    session's last statement is the HEAD), as the watcher's polls and heartbeats send it."""
+    name = "one-statement-head"
+    with (
+        CatalogStore.from_url(
+            database_url, pool_size=1, max_overflow=0, connect_args={"application_name": name}
+        ) as store,
+        psycopg.connect(database_url, autocommit=True) as admin,
+    ):
+        written = store.save(0, chain(2))  # its session's last statement is a COMMIT
+        assert store.head() == CatalogHead(written.version, written.digest)
+        rows = admin.execute(
+            "SELECT state, query FROM pg_stat_activity WHERE application_name = %s", [name]
+        ).fetchall()
+    assert len(rows) == 1 and rows[0][0] == "idle", rows
+    assert "pg_is_in_recovery()" in rows[0][1], rows
+
+
 def test_prune_history_keeps_the_last_versions(store: CatalogStore) -> None:
     snapshots, counters = _build_history(store)
     assert store.prune_history(keep_versions=3) == 5

@@ -98,8 +98,6 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
 
-import sqlalchemy as sa
-
 from distribution._retry import Backoff, Outage
 from distribution.catalog import (
     DEFAULT_CHANGES_LIMIT,
@@ -111,7 +109,6 @@ from distribution.catalog import (
     statements,
 )
 from distribution.catalog.fleet import FleetMember, WatcherStatus
-from distribution.catalog.transactions import single_statement
 from distribution.engine import Engine
 from distribution.errors import (
     CatalogUnavailableError,
@@ -175,13 +172,6 @@ _WAIT_SLICE = 1.0
 # How long one wait lasts at most otherwise (it ends at the next deadline, most often, or when
 # interrupted).
 _MAX_WAIT = 3600.0
-
-
-def _read_head(sa_engine: sa.Engine) -> CatalogHead:
-    """The catalog's version, digest and recovery state, in one statement (no transaction)."""
-    with single_statement(sa_engine) as connection:
-        version, digest, standby = connection.execute(statements.HEAD).one()
-    return CatalogHead(version, digest, standby)
 
 
 class CatalogWatcher:
@@ -491,7 +481,7 @@ class CatalogWatcher:
     def _check_head(self, catalog: CatalogStore) -> None:
         """Read ``catalog``'s HEAD (one statement) and act on it (see :meth:`_follow`)."""
         self.syncs += 1
-        self._follow(catalog, _read_head(catalog.read_sa_engine))
+        self._follow(catalog, catalog.head())
 
     def _follow(self, catalog: CatalogStore, head: CatalogHead) -> None:
         """Bring the Engine to the catalog's ``head``, just read: nothing more to read when the
@@ -682,7 +672,7 @@ class CatalogWatcher:
         the server is a hot standby (where LISTEN cannot run)."""
         connection = CatalogListener.open(self._catalog.sa_engine)
         try:
-            head = _read_head(connection.sa_engine)
+            head = statements.read_head(connection.sa_engine)
             if not head.standby and self._listen:
                 self._try_listen(connection)
         except BaseException:
@@ -877,7 +867,7 @@ class CatalogWatcher:
         """The heartbeat: the catalog's HEAD over the watcher's quiet connection (one statement),
         which also checks the Engine (read over the reader when it differs)."""
         self.syncs += 1
-        head = _read_head(connection.sa_engine)
+        head = statements.read_head(connection.sa_engine)
         if self._reader is not None and self._reads_over_connection():
             self._follow(self._reader, head)
         elif head.version != self._engine.version or head.digest != self._engine.digest:
