@@ -20,7 +20,13 @@ from sqlalchemy.engine import make_url
 from standby import StreamingPair, free_port, streaming_pair
 from waiting import wait_until
 
-from distribution import CatalogSnapshot, CatalogVersionAheadError, Engine, RouteDescriptor
+from distribution import (
+    CatalogPermissionError,
+    CatalogSnapshot,
+    CatalogVersionAheadError,
+    Engine,
+    RouteDescriptor,
+)
 from distribution.catalog import CatalogStore
 from distribution.catalog.fleet import WATCHER_APPLICATION_NAME
 from distribution.watcher import RETRY_DELAY, STANDBY_WAIT, VERIFY_MAX, CatalogWatcher
@@ -269,6 +275,72 @@ def test_a_terminated_backend_is_one_warning_and_one_info(
     assert "retrying with backoff" in outage[0][1], outage
     assert "after an outage of" in outage[1][1], outage
     assert "(1 failed attempts): listening for catalog notifications" in outage[1][1], outage
+
+
+def test_an_outage_ends_at_the_first_read_that_succeeds_not_at_the_reconnection(
+    store: CatalogStore,
+    database_url: str,
+    new_role: NewRole,
+    admin: psycopg.Connection[tuple[object, ...]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A watcher whose backend is ended, and whose role may no longer read the routes, reconnects
+    (its HEAD, on the catalog's version table, still reads) but cannot read what changed: the
+    outage goes on, ``last_error`` set all along, until the grant returns and a read succeeds;
+    then its end is said once."""
+    caplog.set_level(logging.DEBUG, logger="distribution")
+    url = new_role("tidy_revoked", database_url, READER_GRANTS)
+    role = make_url(url).username
+    seed(store)
+    engine = Engine()
+    with (
+        CatalogStore.from_url(url) as own,
+        CatalogWatcher(own, engine, interval=0.05) as watcher,
+    ):
+        wait_until(lambda: watcher.listening and engine.version == 1)
+        since = len(caplog.records)
+        seen: list[BaseException | None] = []  # last_error, sampled every millisecond
+        revoked = threading.Event()
+
+        def sample() -> None:
+            while revoked.is_set():
+                seen.append(watcher.last_error)
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample)
+        admin.execute(f'REVOKE SELECT ON distribution_routes, distribution_history FROM "{role}"')
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
+        )
+        wait_until(lambda: watcher.errors["CatalogUnavailableError"] == 1, "the lost connection")
+        revoked.set()
+        sampler.start()
+        written = split(store)
+        # Reconnected, and refused the routes more than once (reads again every RETRY_DELAY).
+        wait_until(
+            lambda: watcher.listening and watcher.errors["CatalogPermissionError"] >= 2,
+            "the refused reads after reconnecting",
+        )
+        assert backends(admin, str(role)) == 1
+        assert engine.version == 1
+        revoked.clear()
+        sampler.join()
+        refused = said(caplog.records[since:])
+        admin.execute(f'GRANT SELECT ON distribution_routes, distribution_history TO "{role}"')
+        wait_until(lambda: engine.version == written and not watcher.last_error, "the grant")
+        ended = said(caplog.records[since:])
+    # Set all along, across the reconnection: the lost connection's error, then the refusals.
+    assert seen and None not in seen
+    assert {type(error).__name__ for error in seen} <= {
+        "CatalogUnavailableError",
+        "CatalogPermissionError",
+    }
+    assert isinstance(seen[-1], CatalogPermissionError)
+    assert [level for level, _ in refused] == ["WARNING"], refused
+    assert "lost the catalog notification connection" in refused[0][1], refused
+    assert [level for level, _ in ended] == ["WARNING", "INFO"], ended
+    assert "reached the catalog again after an outage" in ended[1][1], ended
+    assert "listening for catalog notifications" in ended[1][1], ended
 
 
 def test_a_failed_fleet_join_leaves_no_listen_behind(
