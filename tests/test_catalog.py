@@ -29,6 +29,7 @@ import psycopg
 import psycopg.errors
 import pytest
 import sqlalchemy as sa
+from chains import chain, key
 from sqlalchemy.engine import make_url
 
 import distribution
@@ -73,23 +74,6 @@ U64_MAX = 2**64 - 1
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-
-def key(i: int) -> bytes:
-    return b"k%06d" % i
-
-
-def chain(n: int, *, first_id: int = 1, group: int = 1) -> list[RouteDescriptor]:
-    """``n`` contiguous routes over the whole key space: ``[b"", k1), [k1, k2), … [kn-1, ∞)``."""
-    return [
-        RouteDescriptor(
-            route_id=first_id + i,
-            start=b"" if i == 0 else key(i),
-            end=None if i == n - 1 else key(i + 1),
-            group_id=group,
-        )
-        for i in range(n)
-    ]
 
 
 def by_start(routes: Sequence[RouteDescriptor]) -> tuple[RouteDescriptor, ...]:
