@@ -410,7 +410,7 @@ def pair(server_url: str) -> Iterator[StreamingPair]:
 
 def _server_log(pair: StreamingPair, server: str) -> str:
     # StreamingPair keeps each server's log in its data folder.
-    return (pair._folder / server / "server.log").read_text(errors="replace")
+    return (pair.folder / server / "server.log").read_text(errors="replace")
 
 
 def test_a_watcher_on_a_standby_polls_and_never_tries_listen(
