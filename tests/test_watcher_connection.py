@@ -7,6 +7,7 @@ from the primary. Faults are real: ``CONNECTION LIMIT``, ``pg_terminate_backend`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -89,6 +90,30 @@ def said(records: list[logging.LogRecord]) -> list[tuple[str, str]]:
     ]
 
 
+def end_sessions(admin: psycopg.Connection[tuple[object, ...]], role: str) -> None:
+    """End every session of ``role`` (``pg_terminate_backend``)."""
+    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role])
+
+
+@contextlib.contextmanager
+def watching_as_reader(
+    store: CatalogStore, database_url: str, new_role: NewRole, prefix: str
+) -> Iterator[tuple[CatalogWatcher, str]]:
+    """A listening watcher (polling every 50 ms when it cannot) of the test catalog, seeded, that
+    logs in as a new reader role named from ``prefix``, its Engine at version 1; and that role."""
+    url = new_role(prefix, database_url, READER_GRANTS)
+    role = make_url(url).username
+    assert role is not None
+    seed(store)
+    engine = Engine()
+    with (
+        CatalogStore.from_url(url) as own,
+        CatalogWatcher(own, engine, interval=0.05) as watcher,
+    ):
+        wait_until(lambda: watcher.listening and engine.version == 1)
+        yield watcher, role
+
+
 @pytest.fixture
 def admin(database_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     with psycopg.connect(database_url, autocommit=True) as connection:
@@ -120,9 +145,7 @@ def test_a_watch_only_service_holds_one_connection(
             counts.append(backends(admin, role))
         wait_until(lambda: mirrors(engine, store.snapshot()), "the 20 writes")
         counts.append(backends(admin, role))
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
-        )
+        end_sessions(admin, role)
         written = [split(store) for _ in range(3)]  # while it reconnects
         wait_until(lambda: watcher.listening and engine.version == written[-1], "catching up")
         wait_until(lambda: mirrors(engine, store.snapshot()), "the routes")
@@ -203,20 +226,11 @@ def test_a_refused_role_is_retried_with_bounded_attempts_and_one_warning(
     watcher backs off (a few attempts in seconds, not one every ``interval``), says so once, and
     catches up on the writes made meanwhile once the limit is lifted."""
     caplog.set_level(logging.DEBUG, logger="distribution")
-    url = new_role("tier1_limited", database_url, READER_GRANTS)
-    role = make_url(url).username
-    seed(store)
-    engine = Engine()
-    with (
-        CatalogStore.from_url(url) as own,
-        CatalogWatcher(own, engine, interval=0.05) as watcher,
-    ):
-        wait_until(lambda: watcher.listening and engine.version == 1)
+    with watching_as_reader(store, database_url, new_role, "tier1_limited") as (watcher, role):
+        engine = watcher.engine
         since = len(caplog.records)
         admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
-        )
+        end_sessions(admin, role)
         wait_until(lambda: not watcher.listening)
         written = [split(store) for _ in range(3)]
         began, errors = time.monotonic(), sum(watcher.errors.values())
@@ -289,15 +303,8 @@ def test_an_outage_ends_at_the_first_read_that_succeeds_not_at_the_reconnection(
     outage goes on, ``last_error`` set all along, until the grant returns and a read succeeds;
     then its end is said once."""
     caplog.set_level(logging.DEBUG, logger="distribution")
-    url = new_role("tidy_revoked", database_url, READER_GRANTS)
-    role = make_url(url).username
-    seed(store)
-    engine = Engine()
-    with (
-        CatalogStore.from_url(url) as own,
-        CatalogWatcher(own, engine, interval=0.05) as watcher,
-    ):
-        wait_until(lambda: watcher.listening and engine.version == 1)
+    with watching_as_reader(store, database_url, new_role, "tidy_revoked") as (watcher, role):
+        engine = watcher.engine
         since = len(caplog.records)
         seen: list[BaseException | None] = []  # last_error, sampled every millisecond
         revoked = threading.Event()
@@ -309,9 +316,7 @@ def test_an_outage_ends_at_the_first_read_that_succeeds_not_at_the_reconnection(
 
         sampler = threading.Thread(target=sample)
         admin.execute(f'REVOKE SELECT ON distribution_routes, distribution_history FROM "{role}"')
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
-        )
+        end_sessions(admin, role)
         wait_until(lambda: watcher.errors["CatalogUnavailableError"] == 1, "the lost connection")
         revoked.set()
         sampler.start()
@@ -321,7 +326,7 @@ def test_an_outage_ends_at_the_first_read_that_succeeds_not_at_the_reconnection(
             lambda: watcher.listening and watcher.errors["CatalogPermissionError"] >= 2,
             "the refused reads after reconnecting",
         )
-        assert backends(admin, str(role)) == 1
+        assert backends(admin, role) == 1
         assert engine.version == 1
         revoked.clear()
         sampler.join()
