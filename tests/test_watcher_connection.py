@@ -299,9 +299,10 @@ def test_an_outage_ends_at_the_first_read_that_succeeds_not_at_the_reconnection(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A watcher whose backend is ended, and whose role may no longer read the routes, reconnects
-    (its HEAD, on the catalog's version table, still reads) but cannot read what changed: the
-    outage goes on, ``last_error`` set all along, until the grant returns and a read succeeds;
-    then its end is said once."""
+    (its HEAD, on the catalog's version table, still reads) but cannot read the write it missed:
+    the outage goes on, ``last_error`` set all along, until the grant returns and a read
+    succeeds; then its end is said once. (The role is kept out meanwhile, ``CONNECTION LIMIT
+    0``, so that the write is missed, not notified.)"""
     caplog.set_level(logging.DEBUG, logger="distribution")
     with watching_as_reader(store, database_url, new_role, "tidy_revoked") as (watcher, role):
         engine = watcher.engine
@@ -316,11 +317,13 @@ def test_an_outage_ends_at_the_first_read_that_succeeds_not_at_the_reconnection(
 
         sampler = threading.Thread(target=sample)
         admin.execute(f'REVOKE SELECT ON distribution_routes, distribution_history FROM "{role}"')
+        admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
         end_sessions(admin, role)
-        wait_until(lambda: watcher.errors["CatalogUnavailableError"] == 1, "the lost connection")
+        wait_until(lambda: watcher.errors["CatalogUnavailableError"] >= 1, "the lost connection")
         revoked.set()
         sampler.start()
         written = split(store)
+        admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
         # Reconnected, and refused the routes more than once (reads again every RETRY_DELAY).
         wait_until(
             lambda: watcher.listening and watcher.errors["CatalogPermissionError"] >= 2,
