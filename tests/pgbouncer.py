@@ -20,16 +20,14 @@ import os
 import pwd
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from standby import free_port, server_user
+from standby import Servers, free_port, server_user
 
 __all__ = ["PgBouncer", "pgbouncer", "pgbouncer_binary"]
 
@@ -52,16 +50,16 @@ def _version(binary: Path) -> tuple[int, ...]:
     return tuple(int(part) for part in first[1].split("."))
 
 
-class PgBouncer:
+class PgBouncer(Servers):
     """A PgBouncer process fronting one database; :meth:`close` stops it and deletes its folder."""
 
-    def __init__(self, binary: Path, folder: Path, target_url: str) -> None:
-        self._binary = binary
-        self._folder = folder
+    def __init__(self, binary: Path, target_url: str, pool_size: int) -> None:
         self._target = conninfo_to_dict(target_url)
         self.version = _version(binary)
+        super().__init__("distribution-pgbouncer-", self._runs_as())
+        self._binary = binary
+        self._pool_size = pool_size
         self.port = free_port()
-        self._process: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def start(cls, target_url: str, *, pool_size: int = 2) -> Self:
@@ -71,13 +69,7 @@ class PgBouncer:
         binary = pgbouncer_binary()
         if binary is None:
             raise FileNotFoundError("no pgbouncer binary on PATH or in /usr/sbin")
-        bouncer = cls(binary, Path(tempfile.mkdtemp(prefix="distribution-pgbouncer-")), target_url)
-        try:
-            bouncer._start(pool_size)
-        except BaseException:
-            bouncer.close()
-            raise
-        return bouncer
+        return cls(binary, target_url, pool_size)._started()
 
     @property
     def database(self) -> str:
@@ -89,7 +81,7 @@ class PgBouncer:
         """The fronted database, through the pooler."""
         return f"postgresql://{_CLIENT_USER}@127.0.0.1:{self.port}/{self.database}"
 
-    def _start(self, pool_size: int) -> None:
+    def _start(self) -> None:
         # The server side: the target's host (a socket folder, for an embedded server), port,
         # database and login, as libpq read them from its URL.
         server = {"port": "5432", "dbname": self.database}
@@ -105,35 +97,29 @@ class PgBouncer:
             "auth_type": "any",
             "admin_users": _CLIENT_USER,
             "pool_mode": "transaction",
-            "default_pool_size": str(pool_size),
+            "default_pool_size": str(self._pool_size),
             "max_client_conn": "200",
-            "logfile": str(self._folder / "pgbouncer.log"),
-            "pidfile": str(self._folder / "pgbouncer.pid"),
+            "logfile": str(self.folder / "pgbouncer.log"),
+            "pidfile": str(self.folder / "pgbouncer.pid"),
         }
         if self.version >= (1, 21):
             # Keep prepared statements off on the versions that can keep them.
             settings["max_prepared_statements"] = "0"
-        config = self._folder / "pgbouncer.ini"
+        config = self.folder / "pgbouncer.ini"
         config.write_text(
             "[databases]\n"
             + f"{self.database} = {' '.join(f'{k}={v}' for k, v in server.items())}\n"
             + "[pgbouncer]\n"
             + "".join(f"{name} = {value}\n" for name, value in settings.items())
         )
-        user = self._user()
-        if user is not None:
-            shutil.chown(self._folder, user)
-            shutil.chown(config, user)
-        self._process = subprocess.Popen(
-            [str(self._binary), str(config)],
-            user=user,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        if self.user is not None:
+            shutil.chown(config, self.user)
+        # SIGTERM, which close() sends, is PgBouncer's immediate shutdown.
+        process = self.spawn(str(self._binary), str(config))
         deadline = time.monotonic() + _TIMEOUT
         while True:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"pgbouncer exited ({self._process.returncode}): {self._log()}")
+            if process.poll() is not None:
+                raise RuntimeError(f"pgbouncer exited ({process.returncode}): {self._log()}")
             try:
                 self.transactions()
                 return
@@ -142,7 +128,7 @@ class PgBouncer:
                     raise TimeoutError(f"pgbouncer did not answer: {self._log()}") from None
                 time.sleep(0.02)
 
-    def _user(self) -> str | None:
+    def _runs_as(self) -> str | None:
         """Whom to run as: PgBouncer refuses root, as PostgreSQL does; a server reached through a
         socket folder (an embedded one) is reached by that folder's owner."""
         host = str(self._target.get("host") or "")
@@ -152,7 +138,7 @@ class PgBouncer:
 
     def _log(self) -> str:
         with contextlib.suppress(OSError):
-            return (self._folder / "pgbouncer.log").read_text()[-2000:]
+            return (self.folder / "pgbouncer.log").read_text()[-2000:]
         return "(no log)"
 
     def transactions(self) -> int:
@@ -172,29 +158,6 @@ class PgBouncer:
                 if stats["database"] == self.database:
                     return int(stats["total_xact_count"])
         return 0
-
-    def close(self) -> None:
-        """Stop the pooler (its clients' connections drop) and delete its folder."""
-        if self._process is not None:
-            self._process.terminate()  # SIGTERM: PgBouncer's immediate shutdown
-            try:
-                self._process.wait(_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._process = None
-        shutil.rmtree(self._folder, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def pgbouncer(target_url: str) -> Iterator[PgBouncer]:

@@ -9,6 +9,10 @@ connections. The standby is made with ``pg_basebackup -R`` and replays WAL as it
 
     with StreamingPair.start(binaries) as pair:
         pair.primary_url, pair.standby_url  # a migrated, empty catalog on both
+
+:class:`Servers`, what it is made of, is what every test server shares (PgBouncer's too, see
+tests/pgbouncer.py): a temporary folder of their own, owned by the user they run as, and the
+programs run there as that user, stopped when the folder is closed.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -30,7 +34,14 @@ import psycopg
 
 from distribution.migrator import migrate
 
-__all__ = ["StreamingPair", "binaries_of", "free_port", "server_user", "streaming_pair"]
+__all__ = [
+    "Servers",
+    "StreamingPair",
+    "binaries_of",
+    "free_port",
+    "server_user",
+    "streaming_pair",
+]
 
 _DATABASE = "catalog"
 _TIMEOUT = 60.0
@@ -90,28 +101,97 @@ def server_user() -> str | None:
     raise RuntimeError("running as root, and no postgres system user to run the servers as")
 
 
-class StreamingPair:
-    """A primary and its hot standby; :meth:`close` stops both and deletes their folder."""
+class Servers:
+    """Servers a test runs from a temporary folder of their own (:attr:`folder`), as ``user``,
+    who owns it (None: as we are): :meth:`run` and :meth:`spawn` run programs as that user, and
+    :meth:`close` stops what was started, the latest first, and deletes the folder. A subclass
+    starts its servers in :meth:`_start`; :meth:`_started` closes them all should that fail."""
 
-    def __init__(self, binaries: Path, folder: Path) -> None:
+    def __init__(self, prefix: str, user: str | None) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix=prefix))
+        self.user = user
+        if user is not None:
+            shutil.chown(self.folder, user)
+        self._stops: list[Callable[[], object]] = []
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _started(self) -> Self:
+        """:meth:`_start`; on any failure, :meth:`close` and raise it."""
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def run(self, *command: str) -> None:
+        """Run ``command`` to its end as the folder's owner; RuntimeError, with what it wrote to
+        stderr, when it fails."""
+        result = subprocess.run(
+            command, capture_output=True, text=True, user=self.user, timeout=_TIMEOUT, check=False
+        )
+        if result.returncode != 0:
+            name = Path(command[0]).name
+            raise RuntimeError(f"{name} failed ({result.returncode}): {result.stderr.strip()}")
+
+    def spawn(self, *command: str) -> subprocess.Popen[bytes]:
+        """Start ``command`` as the folder's owner, its output discarded; :meth:`close` ends it
+        (SIGTERM, then SIGKILL if it has not exited within a minute)."""
+        process = subprocess.Popen(
+            command, user=self.user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.on_close(lambda: _terminate(process))
+        return process
+
+    def on_close(self, stop: Callable[[], object]) -> None:
+        """Have :meth:`close` call ``stop``, before what was registered earlier."""
+        self._stops.append(stop)
+
+    def close(self) -> None:
+        """Stop what was started, the latest first (a failure to stop one is passed over), and
+        delete the folder."""
+        while self._stops:
+            with contextlib.suppress(Exception):
+                self._stops.pop()()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class StreamingPair(Servers):
+    """A primary and its hot standby; :meth:`close` stops both (the standby first) and deletes
+    their folder."""
+
+    def __init__(self, binaries: Path) -> None:
+        super().__init__("distribution-standby-", server_user())
         self._binaries = binaries
-        self._folder = folder
-        self._user = server_user()
         self.primary_port = free_port()
         self.standby_port = free_port()
-        self._running: list[Path] = []
 
     @classmethod
     def start(cls, binaries: Path) -> Self:
         """Start a primary holding a migrated, empty catalog, and a standby streaming from it."""
-        folder = Path(tempfile.mkdtemp(prefix="distribution-standby-"))
-        pair = cls(binaries, folder)
-        try:
-            pair._start()
-        except BaseException:
-            pair.close()
-            raise
-        return pair
+        return cls(binaries)._started()
 
     def _url(self, port: int) -> str:
         return f"postgresql://postgres@127.0.0.1:{port}/{_DATABASE}"
@@ -127,31 +207,24 @@ class StreamingPair:
         return self._url(self.standby_port)
 
     def _run(self, program: str, *args: str) -> None:
-        result = subprocess.run(
-            [str(self._binaries / program), *args],
-            capture_output=True,
-            text=True,
-            user=self._user,
-            timeout=_TIMEOUT,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{program} failed ({result.returncode}): {result.stderr.strip()}")
+        self.run(str(self._binaries / program), *args)
 
     def _pg_ctl(self, data: Path, *args: str) -> None:
         self._run("pg_ctl", "-D", str(data), "-l", str(data / "server.log"), "-w", *args)
 
+    def _start_server(self, data: Path, port: int) -> None:
+        """Start the server of ``data`` on ``port``; :meth:`close` stops it (immediate mode)."""
+        self._pg_ctl(data, "-o", f"-p {port}", "start")
+        self.on_close(lambda: self._pg_ctl(data, "-m", "immediate", "stop"))
+
     def _start(self) -> None:
-        if self._user is not None:
-            shutil.chown(self._folder, self._user)
-        primary, standby = self._folder / "primary", self._folder / "standby"
+        primary, standby = self.folder / "primary", self.folder / "standby"
         self._run("initdb", "-D", str(primary), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         with (primary / "postgresql.conf").open("a") as conf:
             for name, value in _SETTINGS.items():
                 conf.write(f"{name} = {value}\n")
-            conf.write(f"unix_socket_directories = '{self._folder}'\n")
-        self._pg_ctl(primary, "-o", f"-p {self.primary_port}", "start")
-        self._running.append(primary)
+            conf.write(f"unix_socket_directories = '{self.folder}'\n")
+        self._start_server(primary, self.primary_port)
         with psycopg.connect(self._url(self.primary_port).rsplit("/", 1)[0] + "/postgres",
                              autocommit=True) as connection:
             connection.execute(f'CREATE DATABASE "{_DATABASE}"')
@@ -160,8 +233,7 @@ class StreamingPair:
             "pg_basebackup", "-h", "127.0.0.1", "-p", str(self.primary_port), "-U", "postgres",
             "-D", str(standby), "-R", "-X", "stream", "-c", "fast",
         )
-        self._pg_ctl(standby, "-o", f"-p {self.standby_port}", "start")
-        self._running.append(standby)
+        self._start_server(standby, self.standby_port)
         self.wait_replayed()
 
     def _standby(self) -> psycopg.Connection[tuple[object, ...]]:
@@ -201,25 +273,6 @@ class StreamingPair:
                 if time.monotonic() > deadline:
                     raise TimeoutError("the standby did not replay the primary's WAL")
                 time.sleep(0.01)
-
-    def close(self) -> None:
-        """Stop both servers (the standby first) and delete their folder."""
-        for data in reversed(self._running):
-            with contextlib.suppress(Exception):
-                self._pg_ctl(data, "-m", "immediate", "stop")
-        self._running.clear()
-        shutil.rmtree(self._folder, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def streaming_pair(server_url: str) -> Iterator[StreamingPair]:

@@ -29,6 +29,7 @@ import psycopg
 import psycopg.errors
 import pytest
 import sqlalchemy as sa
+from chains import chain, key
 from sqlalchemy.engine import make_url
 
 import distribution
@@ -73,23 +74,6 @@ U64_MAX = 2**64 - 1
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-
-def key(i: int) -> bytes:
-    return b"k%06d" % i
-
-
-def chain(n: int, *, first_id: int = 1, group: int = 1) -> list[RouteDescriptor]:
-    """``n`` contiguous routes over the whole key space: ``[b"", k1), [k1, k2), … [kn-1, ∞)``."""
-    return [
-        RouteDescriptor(
-            route_id=first_id + i,
-            start=b"" if i == 0 else key(i),
-            end=None if i == n - 1 else key(i + 1),
-            group_id=group,
-        )
-        for i in range(n)
-    ]
 
 
 def by_start(routes: Sequence[RouteDescriptor]) -> tuple[RouteDescriptor, ...]:
@@ -1178,6 +1162,25 @@ def test_every_read_brings_the_digest_of_the_routes_it_read(store: CatalogStore)
     reset = store.changes_since(0).reset
     assert reset is not None and reset.digest == routes_digest(reset.routes) == current.digest
     assert routes_digest(snapshots[3].routes) != routes_digest(snapshots[4].routes)
+
+
+def test_a_head_is_one_statement_with_no_transaction(database_url: str) -> None:
+    """``head()`` sends the catalog's HEAD alone, in autocommit: no BEGIN or COMMIT travels (the
+    session's last statement is the HEAD), as the watcher's polls and heartbeats send it."""
+    name = "one-statement-head"
+    with (
+        CatalogStore.from_url(
+            database_url, pool_size=1, max_overflow=0, connect_args={"application_name": name}
+        ) as store,
+        psycopg.connect(database_url, autocommit=True) as admin,
+    ):
+        written = store.save(0, chain(2))  # its session's last statement is a COMMIT
+        assert store.head() == CatalogHead(written.version, written.digest)
+        rows = admin.execute(
+            "SELECT state, query FROM pg_stat_activity WHERE application_name = %s", [name]
+        ).fetchall()
+    assert len(rows) == 1 and rows[0][0] == "idle", rows
+    assert "pg_is_in_recovery()" in rows[0][1], rows
 
 
 def test_prune_history_keeps_the_last_versions(store: CatalogStore) -> None:

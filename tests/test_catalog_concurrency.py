@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 import psycopg.errors
 import pytest
+from chains import chain
 from sqlalchemy.engine import make_url
 
 from distribution import (
@@ -37,22 +38,6 @@ from distribution.migrator import migrate
 THREADS = 8
 ATTEMPTS = 50
 REPEATS = 10
-
-
-def key(i: int) -> bytes:
-    return b"k%06d" % i
-
-
-def chain(n: int) -> list[RouteDescriptor]:
-    return [
-        RouteDescriptor(
-            route_id=i + 1,
-            start=b"" if i == 0 else key(i),
-            end=None if i == n - 1 else key(i + 1),
-            group_id=1,
-        )
-        for i in range(n)
-    ]
 
 
 @pytest.fixture

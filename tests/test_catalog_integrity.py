@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import psycopg.errors
 import pytest
+from chains import chain
 
 from distribution import (
     CatalogDigestWriteError,
@@ -22,28 +23,11 @@ from distribution import (
     CatalogUnversionedWriteError,
     CatalogVersionStepError,
     DistributionError,
-    RouteDescriptor,
     RouteState,
 )
 from distribution.catalog import CatalogStore
 from distribution.database import translate_error
 from distribution.models import u64_to_db
-
-
-def key(i: int) -> bytes:
-    return b"k%06d" % i
-
-
-def chain(n: int) -> list[RouteDescriptor]:
-    return [
-        RouteDescriptor(
-            route_id=i + 1,
-            start=b"" if i == 0 else key(i),
-            end=None if i == n - 1 else key(i + 1),
-            group_id=1,
-        )
-        for i in range(n)
-    ]
 
 
 @pytest.fixture

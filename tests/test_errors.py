@@ -54,6 +54,7 @@ OTHER_ERRORS = {
     "RouteKeyTooLongError": DATA,
     "CatalogInvalidActorError": DATA,
     "CatalogDataError": DATA,
+    "CatalogPreparedStatementError": OTHER,
 }
 
 DATA_ERRORS = [name for name, kind in {**SPEC_ERRORS, **OTHER_ERRORS}.items() if kind == DATA]
@@ -239,6 +240,8 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
 # --------------------------------------------------------------------------------------------
 
 _RAISED_SQLSTATE = re.compile(r"ERRCODE\s*=\s*'(UD\w{3})'")
+#: The SQLSTATEs of PostgreSQL's own that have a class: psycopg's PREPARE through a pooler.
+SERVER_SQLSTATES = {"42P05": errors.CatalogPreparedStatementError}
 
 
 def sqlstate_classes() -> dict[str, type[errors.DistributionError]]:
@@ -260,12 +263,12 @@ def test_every_sqlstate_the_server_raises_has_its_class_and_back() -> None:
         for code in _RAISED_SQLSTATE.findall(path.read_text())
     }
     assert raised, "no SQLSTATE found in the server functions"
-    assert set(sqlstate_classes()) == raised
+    assert set(sqlstate_classes()) == raised | set(SERVER_SQLSTATES)
 
 
 def test_sqlstates_are_of_the_class_postgresql_leaves_to_users() -> None:
-    for code in sqlstate_classes():
-        assert re.fullmatch(r"UD\d{3}", code), code
+    for code, cls in sqlstate_classes().items():
+        assert re.fullmatch(r"UD\d{3}", code) or SERVER_SQLSTATES.get(code) is cls, code
     # Only the classes the server raises carry one; the others inherit the base's None.
     assert errors.DistributionError.sqlstate is None
     assert errors.CatalogSnapshotTooOldError.sqlstate is None
@@ -291,4 +294,7 @@ def test_a_database_error_comes_back_as_the_class_of_its_sqlstate(database_url: 
                 )
             translated = translate_error(raised.value)
             assert type(translated) is cls
-            assert str(translated) == "boom 1"
+            if code in SERVER_SQLSTATES:  # what to do about it follows the server's message
+                assert "(boom 1)" in str(translated)
+            else:
+                assert str(translated) == "boom 1"

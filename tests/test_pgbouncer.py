@@ -27,7 +27,7 @@ from waiting import WAIT, wait_until
 
 from distribution import CatalogStore, CatalogWatcher, Engine
 from distribution.codec import routes_digest
-from distribution.errors import CatalogPermissionError, DistributionError
+from distribution.errors import CatalogPermissionError, CatalogPreparedStatementError
 from distribution.types import CatalogSnapshot, RouteDescriptor
 
 if TYPE_CHECKING:
@@ -90,9 +90,12 @@ def test_default_prepare_threshold_fails_behind_pgbouncer_in_transaction_mode(
     ):
         for _ in range(_PREPARE_THRESHOLD + 1):
             assert first.head().version == seeded.version
-        with pytest.raises(DistributionError, match='prepared statement "_pg3_0" already exists'):
+        with pytest.raises(CatalogPreparedStatementError) as refused:
             for _ in range(_PREPARE_THRESHOLD + 1):
                 second.head()
+    assert refused.value.sqlstate == "42P05"
+    assert 'prepared statement "_pg3_0" already exists' in str(refused.value)
+    assert "prepare_threshold=None" in str(refused.value)
     # Unprepared, both read on, whichever server connection each transaction gets.
     with (
         CatalogStore.from_url(database_url, read_url=bouncer.url, **_UNPREPARED) as first,

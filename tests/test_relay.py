@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
-from standby import StreamingPair, streaming_pair
+from standby import StreamingPair, free_port, streaming_pair
 
 pytest.importorskip("nats", reason="the nats extra (nats-py) is not installed")
 
@@ -102,11 +102,13 @@ class Relay:
 
 
 @pytest.fixture
-def relays(database_url: str, nats_url: str, subject: str) -> Iterator[Callable[[], Relay]]:
+def relays(database_url: str, nats_url: str, subject: str) -> Iterator[Callable[..., Relay]]:
+    """Start relays of the test's catalog (or of the database URL given) to the NATS server on
+    this machine; those still running are killed at the end."""
     started: list[Relay] = []
 
-    def start() -> Relay:
-        relay = Relay(database_url, nats_url, subject)
+    def start(url: str = database_url) -> Relay:
+        relay = Relay(url, nats_url, subject)
         started.append(relay)
         return relay
 
@@ -144,6 +146,41 @@ def probe(nats_url: str, subject: str) -> Iterator[Probe]:
     p = Probe(nats_url, subject)
     yield p
     p.close()
+
+
+@pytest.fixture
+def nats(nats_url: str, subject: str) -> Iterator[NatsNotifications]:
+    """A connection to the NATS server on this machine, on the test's subject, connected."""
+    with NatsNotifications(nats_url, subject) as connection:
+        assert connection.wait_connected(_TIMEOUT)
+        yield connection
+
+
+@pytest.fixture
+def relay(store: CatalogStore, relays: Callable[..., Relay], probe: Probe) -> Relay:
+    """A relay of the test's catalog, seeded first (version 1), whose catch-up the probe has
+    received."""
+    _seed(store)
+    started = relays()
+    probe.take(_catch_up(1), "the relay's catch-up")
+    return started
+
+
+@contextlib.contextmanager
+def relay_and_probe(
+    database_url: str, nats_url: str, subject: str, version: int = 1
+) -> Iterator[tuple[Relay, Probe]]:
+    """A relay of the catalog of ``database_url``, at ``version``, to the NATS server of
+    ``nats_url`` (one of the test's own), and a probe that has received the relay's catch-up;
+    both stopped at the end."""
+    relay = Relay(database_url, nats_url, subject)
+    probe = Probe(nats_url, subject)
+    try:
+        probe.take(_catch_up(version), "the relay's catch-up")
+        yield relay, probe
+    finally:
+        probe.close()
+        relay.kill()
 
 
 def _catch_up(version: int) -> Callable[[CatalogNotification], bool]:
@@ -202,106 +239,91 @@ def _assert_correct(store: CatalogStore, engines: list[Engine]) -> None:
 
 
 def test_watchers_follow_nats_with_no_listen_connection(
-    database_url: str, nats_url: str, subject: str, relays: Callable[[], Relay], probe: Probe
+    database_url: str, store: CatalogStore, nats: NatsNotifications, relay: Relay, probe: Probe
 ) -> None:
     with (
-        CatalogStore.from_url(database_url) as writer,
         CatalogStore.from_url(
             database_url, connect_args={"application_name": "test-watchers"}
-        ) as store,
-        NatsNotifications(nats_url, subject) as nats,
+        ) as watched,
+        followers(watched, nats, 3) as running,
     ):
-        _seed(writer)
-        relays()
-        probe.take(_catch_up(1), "the relay's catch-up")
-        assert nats.wait_connected(_TIMEOUT)
-        with followers(store, nats, 3) as running:
-            versions = [_split(writer) for _ in range(10)]
-            wait_until(
-                lambda: all(e.version == versions[-1] for _, e, _ in running), "the watchers"
-            )
-            # The changes came through NATS.
-            wait_until(
-                lambda: all(w.notifications >= len(versions) for w, _, _ in running),
-                "every write's message",
-            )
-            assert _listening_backends(database_url) == 0
-            _assert_correct(writer, [e for _, e, _ in running])
-        probe.take(lambda n: n.version == versions[-1] and n.change is not None, "the last write")
-        last = probe.received[-1]
-        # Heartbeats (every second here) repeat messages already relayed.
-        relayed = list(dict.fromkeys(n.version for n in probe.received if n.change is not None))
-        assert relayed == versions
-        # With nothing written, the relay's heartbeat repeats the newest write's message, its
-        # change and digest included: a watcher that missed it finds out, and one that holds it
-        # unconfirmed checks its digest instead of reading the catalog.
-        seen = len(probe.received)
-        probe.take(lambda n: len(probe.received) > seen and n == last, "a heartbeat")
-        assert last.change is not None and last.change.digest is not None
+        versions = [_split(store) for _ in range(10)]
+        wait_until(lambda: all(e.version == versions[-1] for _, e, _ in running), "the watchers")
+        # The changes came through NATS.
+        wait_until(
+            lambda: all(w.notifications >= len(versions) for w, _, _ in running),
+            "every write's message",
+        )
+        assert _listening_backends(database_url) == 0
+        _assert_correct(store, [e for _, e, _ in running])
+    probe.take(lambda n: n.version == versions[-1] and n.change is not None, "the last write")
+    last = probe.received[-1]
+    # Heartbeats (every second here) repeat messages already relayed.
+    relayed = list(dict.fromkeys(n.version for n in probe.received if n.change is not None))
+    assert relayed == versions
+    # With nothing written, the relay's heartbeat repeats the newest write's message, its change
+    # and digest included: a watcher that missed it finds out, and one that holds it unconfirmed
+    # checks its digest instead of reading the catalog.
+    seen = len(probe.received)
+    probe.take(lambda n: len(probe.received) > seen and n == last, "a heartbeat")
+    assert last.change is not None and last.change.digest is not None
 
 
 def test_two_relays_each_version_applied_once(
-    database_url: str, nats_url: str, subject: str, relays: Callable[[], Relay], probe: Probe
+    store: CatalogStore,
+    nats: NatsNotifications,
+    relay: Relay,
+    relays: Callable[..., Relay],
+    probe: Probe,
 ) -> None:
-    with (
-        CatalogStore.from_url(database_url) as store,
-        NatsNotifications(nats_url, subject) as nats,
-    ):
-        _seed(store)
-        relays(), relays()
-        probe.take(_catch_up(1), "a relay's catch-up")
-        probe.take(_catch_up(1), "the other relay's catch-up")
-        assert nats.wait_connected(_TIMEOUT)
-        with followers(store, nats, 3) as running:
-            first = store.version()
-            wait_until(lambda: all(e.version == first for _, e, _ in running), "the first read")
-            versions = [_split(store) for _ in range(10)]
-            probe.take(
-                lambda n: n.version == versions[-1]
-                and sum(m.version == versions[-1] for m in probe.received) == 2,
-                "both relays' last message",
-            )
-            # Every write arrives twice (and the relays' heartbeats more)...
-            wait_until(
-                lambda: all(w.notifications >= 2 * len(versions) for w, _, _ in running),
-                "both copies of every write",
-            )
-            for _, engine, applied in running:
-                # ... and each was applied once, in order.
-                assert engine.version == versions[-1]
-                assert applied[applied.index(first) + 1 :] == versions
-            _assert_correct(store, [e for _, e, _ in running])
+    relays()
+    probe.take(_catch_up(1), "the other relay's catch-up")
+    with followers(store, nats, 3) as running:
+        first = store.version()
+        wait_until(lambda: all(e.version == first for _, e, _ in running), "the first read")
+        versions = [_split(store) for _ in range(10)]
+        probe.take(
+            lambda n: n.version == versions[-1]
+            and sum(m.version == versions[-1] for m in probe.received) == 2,
+            "both relays' last message",
+        )
+        # Every write arrives twice (and the relays' heartbeats more)...
+        wait_until(
+            lambda: all(w.notifications >= 2 * len(versions) for w, _, _ in running),
+            "both copies of every write",
+        )
+        for _, engine, applied in running:
+            # ... and each was applied once, in order.
+            assert engine.version == versions[-1]
+            assert applied[applied.index(first) + 1 :] == versions
+        _assert_correct(store, [e for _, e, _ in running])
 
 
 def test_watch_command_follows_nats(
-    database_url: str, nats_url: str, subject: str, relays: Callable[[], Relay], probe: Probe
+    database_url: str, nats_url: str, subject: str, store: CatalogStore, relay: Relay
 ) -> None:
-    with CatalogStore.from_url(database_url) as store:
-        _seed(store)
-        relays()
-        probe.take(_catch_up(1), "the relay's catch-up")
-        command = [
-            sys.executable, "-m", "distribution", "--database-url", database_url, "watch",
-            "--nats", nats_url, "--subject", subject, "--count", "2", "--timeout", "60",
-        ]
-        with subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        ) as watch:
-            try:
-                assert watch.stderr is not None
-                banner = watch.stderr.readline()
-                assert "watching the catalog after version 1" in banner, banner
-                # It follows NATS: no connection of the command LISTENs on the catalog's database.
-                with psycopg.connect(database_url) as connection:
-                    row = connection.execute(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                        " AND application_name = 'distribution-cli' AND query ILIKE 'LISTEN%'"
-                    ).fetchone()
-                assert row == (0,)
-                versions = [_split(store) for _ in range(2)]
-                out, err = watch.communicate(timeout=_TIMEOUT)
-            finally:
-                watch.kill()
+    command = [
+        sys.executable, "-m", "distribution", "--database-url", database_url, "watch",
+        "--nats", nats_url, "--subject", subject, "--count", "2", "--timeout", "60",
+    ]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as watch:
+        try:
+            assert watch.stderr is not None
+            banner = watch.stderr.readline()
+            assert "watching the catalog after version 1" in banner, banner
+            # It follows NATS: no connection of the command LISTENs on the catalog's database.
+            with psycopg.connect(database_url) as connection:
+                row = connection.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name = 'distribution-cli' AND query ILIKE 'LISTEN%'"
+                ).fetchone()
+            assert row == (0,)
+            versions = [_split(store) for _ in range(2)]
+            out, err = watch.communicate(timeout=_TIMEOUT)
+        finally:
+            watch.kill()
     assert watch.returncode == 0, err
     printed = [line.split(":")[0] for line in out.splitlines() if line.startswith("version ")]
     assert printed == [f"version {v}" for v in versions]
@@ -314,57 +336,42 @@ def test_watch_command_follows_nats(
 
 
 def test_relay_restart_publishes_a_catch_up(
-    database_url: str, nats_url: str, subject: str, relays: Callable[[], Relay], probe: Probe
+    store: CatalogStore,
+    nats: NatsNotifications,
+    relay: Relay,
+    relays: Callable[..., Relay],
+    probe: Probe,
 ) -> None:
-    with (
-        CatalogStore.from_url(database_url) as store,
-        NatsNotifications(nats_url, subject) as nats,
-    ):
-        _seed(store)
-        relay = relays()
-        probe.take(_catch_up(1), "the relay's catch-up")
-        assert nats.wait_connected(_TIMEOUT)
-        with followers(store, nats, 2) as running:
-            _split(store)
-            logged = relay.stop()
-            assert "relay stopped" in logged
-            missed = [_split(store) for _ in range(3)]  # no relay runs: nothing is published
-            relays()
-            # The new relay cannot know what was missed: it publishes the catalog's version.
-            probe.take(_catch_up(missed[-1]), "the restarted relay's catch-up")
-            after = _split(store)
-            probe.take(lambda n: n.version == after and n.change is not None, "the next write")
-            wait_until(lambda: all(e.version == after for _, e, _ in running), "the watchers")
-            _assert_correct(store, [e for _, e, _ in running])
+    with followers(store, nats, 2) as running:
+        _split(store)
+        logged = relay.stop()
+        assert "relay stopped" in logged
+        missed = [_split(store) for _ in range(3)]  # no relay runs: nothing is published
+        relays()
+        # The new relay cannot know what was missed: it publishes the catalog's version.
+        probe.take(_catch_up(missed[-1]), "the restarted relay's catch-up")
+        after = _split(store)
+        probe.take(lambda n: n.version == after and n.change is not None, "the next write")
+        wait_until(lambda: all(e.version == after for _, e, _ in running), "the watchers")
+        _assert_correct(store, [e for _, e, _ in running])
 
 
 def test_relay_survives_losing_its_database_connection(
-    database_url: str, nats_url: str, subject: str, relays: Callable[[], Relay], probe: Probe
+    database_url: str, store: CatalogStore, relay: Relay, probe: Probe
 ) -> None:
-    with CatalogStore.from_url(database_url) as store:
-        _seed(store)
-        relay = relays()
-        probe.take(_catch_up(1), "the relay's catch-up")
-        with psycopg.connect(database_url, autocommit=True) as admin:
-            killed = admin.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND application_name = 'distribution-relay'"
-            ).fetchone()
-        assert killed == (1,)  # the relay holds one connection: its listener
-        missed = _split(store)
-        # The write's own message if the relay was back before it, else its catch-up.
-        probe.take(lambda n: n.version >= missed, "the write, after the relay reconnected")
-        after = _split(store)
-        probe.take(lambda n: n.version == after and n.change is not None, "the next write")
-        assert relay.process.poll() is None
-        assert "lost the catalog database connection" in relay.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'distribution-relay'"
+        ).fetchone()
+    assert killed == (1,)  # the relay holds one connection: its listener
+    missed = _split(store)
+    # The write's own message if the relay was back before it, else its catch-up.
+    probe.take(lambda n: n.version >= missed, "the write, after the relay reconnected")
+    after = _split(store)
+    probe.take(lambda n: n.version == after and n.change is not None, "the next write")
+    assert relay.process.poll() is None
+    assert "lost the catalog database connection" in relay.stop()
 
 
 class NatsServer:
@@ -374,7 +381,7 @@ class NatsServer:
         self.binary = binary
         self.folder = folder
         self.options = options
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -405,165 +412,152 @@ def _nats_server_binary() -> str:
     return binary
 
 
-@pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
+def _own_nats_server(config: str = "") -> Iterator[NatsServer]:
+    """A fixture body: a ``nats-server`` of the test's own, started, with ``config`` (the lines
+    of a configuration file) if given; killed at the end."""
     binary = _nats_server_binary()
     with tempfile.TemporaryDirectory(prefix="distribution-nats-") as folder:
-        server = NatsServer(binary, folder)
+        options: tuple[str, ...] = ()
+        if config:
+            with open(f"{folder}/nats.conf", "w") as file:
+                file.write(config)
+            options = ("-c", f"{folder}/nats.conf")
+        server = NatsServer(binary, folder, *options)
         server.start()
         try:
             yield server
         finally:
             server.kill()
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    yield from _own_nats_server()
 
 
 @pytest.fixture
 def small_nats_server() -> Iterator[NatsServer]:
     """A ``nats-server`` of the test's own whose ``max_payload`` (4,096 bytes) is too small for
     the change of a save of a few hundred routes, large enough for a split's."""
-    binary = _nats_server_binary()
-    with tempfile.TemporaryDirectory(prefix="distribution-nats-") as folder:
-        with open(f"{folder}/small.conf", "w") as config:
-            config.write("max_payload: 4096\n")
-        server = NatsServer(binary, folder, "-c", f"{folder}/small.conf")
-        server.start()
-        try:
-            yield server
-        finally:
-            server.kill()
+    yield from _own_nats_server("max_payload: 4096\n")
 
 
 def test_nats_restart_leaves_every_engine_correct_and_caught_up(
-    database_url: str, nats_server: NatsServer, subject: str
+    database_url: str, store: CatalogStore, nats_server: NatsServer, subject: str
 ) -> None:
+    _seed(store)
     with (
-        CatalogStore.from_url(database_url) as store,
         NatsNotifications(nats_server.url, subject) as nats,
+        relay_and_probe(database_url, nats_server.url, subject) as (relay, probe),
     ):
-        _seed(store)
-        relay = Relay(database_url, nats_server.url, subject)
-        probe = Probe(nats_server.url, subject)
-        try:
-            probe.take(_catch_up(1), "the relay's catch-up")
-            with followers(store, nats, 3) as running:
-                _split(store)
-                nats_server.kill()
-                wait_until(lambda: not any(w.listening for w, _, _ in running), "the loss")
-                missed = [_split(store) for _ in range(3)]
-                nats_server.start()
-                wait_until(lambda: all(w.listening for w, _, _ in running), "resubscribing")
-                # The relay reconnected to NATS too, and published a catch-up.
-                assert probe.nats.wait_connected(_TIMEOUT)
-                probe.subscription = probe.nats.subscribe()
-                probe.take(_catch_up(missed[-1]), "the relay's catch-up after NATS came back")
-                before = [w.notifications for w, _, _ in running]
-                after = _split(store)
-                wait_until(lambda: all(e.version == after for _, e, _ in running), "watchers")
-                # That last write came through NATS again.
-                wait_until(
-                    lambda: all(
-                        w.notifications > n for (w, _, _), n in zip(running, before, strict=True)
-                    ),
-                    "the last write's message",
-                )
-                _assert_correct(store, [e for _, e, _ in running])
-            assert relay.process.poll() is None
-            relay.stop()
-        finally:
-            probe.close()
-            relay.kill()
+        with followers(store, nats, 3) as running:
+            _split(store)
+            nats_server.kill()
+            wait_until(lambda: not any(w.listening for w, _, _ in running), "the loss")
+            missed = [_split(store) for _ in range(3)]
+            nats_server.start()
+            wait_until(lambda: all(w.listening for w, _, _ in running), "resubscribing")
+            # The relay reconnected to NATS too, and published a catch-up.
+            assert probe.nats.wait_connected(_TIMEOUT)
+            probe.subscription = probe.nats.subscribe()
+            probe.take(_catch_up(missed[-1]), "the relay's catch-up after NATS came back")
+            before = [w.notifications for w, _, _ in running]
+            after = _split(store)
+            wait_until(lambda: all(e.version == after for _, e, _ in running), "watchers")
+            # That last write came through NATS again.
+            wait_until(
+                lambda: all(
+                    w.notifications > n for (w, _, _), n in zip(running, before, strict=True)
+                ),
+                "the last write's message",
+            )
+            _assert_correct(store, [e for _, e, _ in running])
+        assert relay.process.poll() is None
+        relay.stop()
 
 
-def test_subscription_skips_messages_that_are_not_notifications(
-    nats_url: str, subject: str
-) -> None:
-    with NatsNotifications(nats_url, subject) as nats:
-        assert nats.wait_connected(_TIMEOUT)
-        subscription = nats.subscribe()
-        assert isinstance(subscription, NatsSubscription)
-        nats.publish(b"not a notification")
-        nats.publish(b"\xff\xfe")
-        nats.publish(b"7")
-        received: list[CatalogNotification] = []
-        wait_until(lambda: bool(received.extend(subscription.wait(0.1)) or received), "the 7")
-        assert received == [CatalogNotification(7, None)]
-        subscription.close()
+def test_subscription_skips_messages_that_are_not_notifications(nats: NatsNotifications) -> None:
+    subscription = nats.subscribe()
+    assert isinstance(subscription, NatsSubscription)
+    nats.publish(b"not a notification")
+    nats.publish(b"\xff\xfe")
+    nats.publish(b"7")
+    received: list[CatalogNotification] = []
+    wait_until(lambda: bool(received.extend(subscription.wait(0.1)) or received), "the 7")
+    assert received == [CatalogNotification(7, None)]
+    subscription.close()
 
 
 def test_subscriptions_of_one_connection_share_each_parsed_notification(
-    nats_url: str, subject: str, caplog: pytest.LogCaptureFixture
+    nats: NatsNotifications, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Fifty watchers of a process must not deliver and parse every message fifty times: the
     # connection parses it once, and every subscription gets that very object, once, even when
     # they all subscribe at the same time from their own threads.
-    with NatsNotifications(nats_url, subject) as nats:
-        assert nats.wait_connected(_TIMEOUT)
-        subscriptions: list[NatsSubscription] = []
-        threads = [
-            threading.Thread(target=lambda: subscriptions.append(nats.subscribe()))
-            for _ in range(8)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(_TIMEOUT)
-        assert len(subscriptions) == 8
-        with caplog.at_level(logging.WARNING, logger="distribution.fanout"):
-            nats.publish(b"not a notification")
-            nats.publish(b"7")
-            received = [s.wait(_TIMEOUT) for s in subscriptions]
-        assert all(r == [CatalogNotification(7, None)] for r in received)
-        assert all(r[0] is received[0][0] for r in received)
-        malformed = [r for r in caplog.records if "malformed" in r.getMessage()]
-        assert len(malformed) == 1
-        # One closing leaves the others subscribed; all closed, a new one still receives.
-        subscriptions.pop().close()
-        nats.publish(b"8")
-        assert all(s.wait(_TIMEOUT) == [CatalogNotification(8, None)] for s in subscriptions)
-        for s in subscriptions:
-            s.close()
-        again = nats.subscribe()
-        nats.publish(b"9")
-        assert again.wait(_TIMEOUT) == [CatalogNotification(9, None)]
-        assert again.wait(0.2) == []
-        again.close()
+    subscriptions: list[NatsSubscription] = []
+    threads = [
+        threading.Thread(target=lambda: subscriptions.append(nats.subscribe()))
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(_TIMEOUT)
+    assert len(subscriptions) == 8
+    with caplog.at_level(logging.WARNING, logger="distribution.fanout"):
+        nats.publish(b"not a notification")
+        nats.publish(b"7")
+        received = [s.wait(_TIMEOUT) for s in subscriptions]
+    assert all(r == [CatalogNotification(7, None)] for r in received)
+    assert all(r[0] is received[0][0] for r in received)
+    malformed = [r for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(malformed) == 1
+    # One closing leaves the others subscribed; all closed, a new one still receives.
+    subscriptions.pop().close()
+    nats.publish(b"8")
+    assert all(s.wait(_TIMEOUT) == [CatalogNotification(8, None)] for s in subscriptions)
+    for s in subscriptions:
+        s.close()
+    again = nats.subscribe()
+    nats.publish(b"9")
+    assert again.wait(_TIMEOUT) == [CatalogNotification(9, None)]
+    assert again.wait(0.2) == []
+    again.close()
 
 
 def test_interrupt_and_close_wake_the_thread_waiting_on_a_subscription(
-    nats_url: str, subject: str
+    nats: NatsNotifications,
 ) -> None:
     # A watcher stopping interrupts its source from another thread: its wait must not last its
     # whole timeout.
-    with NatsNotifications(nats_url, subject) as nats:
-        assert nats.wait_connected(_TIMEOUT)
-        subscription = nats.subscribe()
+    subscription = nats.subscribe()
 
-        def wait_in_a_thread(then: Callable[[], None]) -> list[CatalogNotification] | None:
-            returned: list[list[CatalogNotification]] = []
-            waiting = threading.Thread(
-                target=lambda: returned.append(subscription.wait(3600)), daemon=True
-            )
-            waiting.start()
-            then()
-            waiting.join(_TIMEOUT)
-            return returned[0] if returned else None
+    def wait_in_a_thread(then: Callable[[], None]) -> list[CatalogNotification] | None:
+        returned: list[list[CatalogNotification]] = []
+        waiting = threading.Thread(
+            target=lambda: returned.append(subscription.wait(3600)), daemon=True
+        )
+        waiting.start()
+        then()
+        waiting.join(_TIMEOUT)
+        return returned[0] if returned else None
 
-        assert wait_in_a_thread(subscription.interrupt) == []
-        # Interrupted, it stays usable: what is published next arrives.
-        nats.publish(b"7")
-        assert subscription.wait(_TIMEOUT) == [CatalogNotification(7, None)]
-        # An interrupt before the wait makes the next wait return at once.
-        subscription.interrupt()
-        assert subscription.wait(3600) == []
-        assert wait_in_a_thread(subscription.close) == []
-        # Closed, it returns at once, whatever is published; interrupting it is harmless.
-        nats.publish(b"8")
-        subscription.interrupt()
-        assert subscription.wait(3600) == []
+    assert wait_in_a_thread(subscription.interrupt) == []
+    # Interrupted, it stays usable: what is published next arrives.
+    nats.publish(b"7")
+    assert subscription.wait(_TIMEOUT) == [CatalogNotification(7, None)]
+    # An interrupt before the wait makes the next wait return at once.
+    subscription.interrupt()
+    assert subscription.wait(3600) == []
+    assert wait_in_a_thread(subscription.close) == []
+    # Closed, it returns at once, whatever is published; interrupting it is harmless.
+    nats.publish(b"8")
+    subscription.interrupt()
+    assert subscription.wait(3600) == []
 
 
 def test_subscribing_without_a_nats_server_fails_clearly(subject: str) -> None:
-    with NatsNotifications(f"nats://127.0.0.1:{_free_port()}", subject) as nats:
+    with NatsNotifications(f"nats://127.0.0.1:{free_port()}", subject) as nats:
         assert not nats.connected
         with pytest.raises(NotificationsUnavailableError, match="not connected to NATS"):
             nats.subscribe()
@@ -576,7 +570,7 @@ def test_closing_while_still_connecting_leaves_no_task_behind(subject: str) -> N
     # at the latest when the interpreter exits.
     script = (
         "from distribution.fanout import NatsNotifications\n"
-        f"NatsNotifications('nats://127.0.0.1:{_free_port()}', {subject!r}).close()\n"
+        f"NatsNotifications('nats://127.0.0.1:{free_port()}', {subject!r}).close()\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=_TIMEOUT, check=True
@@ -636,14 +630,13 @@ def test_nats_followers_reading_from_a_lagging_standby_never_go_back(
         ]
         primary.save(current.version, routes)
         pair.wait_replayed()
-        relay = Relay(pair.primary_url, nats_url, subject)
-        probe = Probe(nats_url, subject)
+        saved = primary.version()
         try:
-            probe.take(_catch_up(primary.version()), "the relay's catch-up")
-            with followers(standby, nats, 2) as running:
-                wait_until(
-                    lambda: all(e.version == primary.version() for _, e, _ in running), "start"
-                )
+            with (
+                relay_and_probe(pair.primary_url, nats_url, subject, saved) as (relay, _),
+                followers(standby, nats, 2) as running,
+            ):
+                wait_until(lambda: all(e.version == saved for _, e, _ in running), "start")
                 pair.pause_replay()
                 lagged = standby.version()
                 split = [_split(primary) for _ in range(3)]
@@ -666,10 +659,8 @@ def test_nats_followers_reading_from_a_lagging_standby_never_go_back(
                 pair.resume_replay()
                 wait_until(lambda: all(e.version == moved for _, e, _ in running), "catching up")
                 _assert_correct(primary, [e for _, e, _ in running])
-            relay.stop()
+                relay.stop()
         finally:
-            probe.close()
-            relay.kill()
             pair.resume_replay()
 
 
@@ -734,82 +725,67 @@ def _record_syncs(
 
 
 def test_a_change_too_large_for_a_notification_travels_whole_on_nats(
-    database_url: str, nats_url: str, subject: str, relays: Callable[[], Relay], probe: Probe
+    store: CatalogStore, nats: NatsNotifications, relay: Relay, probe: Probe
 ) -> None:
-    with (
-        CatalogStore.from_url(database_url) as store,
-        NatsNotifications(nats_url, subject) as nats,
-    ):
-        _seed(store)
-        relays()
-        probe.take(_catch_up(1), "the relay's catch-up")
-        assert nats.wait_connected(_TIMEOUT)
-        with followers(store, nats, 3) as running:
-            wait_until(lambda: all(e.version == 1 for _, e, _ in running), "the first read")
-            before = [w.syncs for w, _, _ in running]
-            syncs = _record_syncs(running)
-            change = _save_many(store, group_id=7)
-            # The relay read the change and published it whole, digest included...
-            probe.take(
-                lambda n: n.version == change.version and n.change is not None, "the large change"
-            )
-            assert probe.received[-1].change == change
-            assert probe.received[-1].change.digest == change.digest
-            wait_until(
-                lambda: all(e.version == change.version for _, e, _ in running), "the watchers"
-            )
-            head = store.head()
-            for (_, engine, applied), seen, synced in zip(running, syncs, before, strict=True):
-                # ... and the watchers applied it from the message, reading nothing.
-                assert applied[-1] == change.version
-                assert seen[change.version] == synced
-                assert engine.digest == head.digest == change.digest
-            _assert_correct(store, [e for _, e, _ in running])
+    with followers(store, nats, 3) as running:
+        wait_until(lambda: all(e.version == 1 for _, e, _ in running), "the first read")
+        before = [w.syncs for w, _, _ in running]
+        syncs = _record_syncs(running)
+        change = _save_many(store, group_id=7)
+        # The relay read the change and published it whole, digest included...
+        probe.take(lambda n: n.version == change.version and n.change is not None, "the change")
+        assert probe.received[-1].change == change
+        assert probe.received[-1].change.digest == change.digest
+        wait_until(lambda: all(e.version == change.version for _, e, _ in running), "watchers")
+        head = store.head()
+        for (_, engine, applied), seen, synced in zip(running, syncs, before, strict=True):
+            # ... and the watchers applied it from the message, reading nothing.
+            assert applied[-1] == change.version
+            assert seen[change.version] == synced
+            assert engine.digest == head.digest == change.digest
+        _assert_correct(store, [e for _, e, _ in running])
 
 
 def test_a_change_larger_than_a_nats_message_is_announced_by_its_version(
-    database_url: str, small_nats_server: NatsServer, subject: str
+    database_url: str, store: CatalogStore, small_nats_server: NatsServer, subject: str
 ) -> None:
     url = small_nats_server.url
+    _seed(store)
     with (
-        CatalogStore.from_url(database_url) as store,
         NatsNotifications(url, subject) as nats,
+        relay_and_probe(database_url, url, subject) as (relay, probe),
     ):
-        _seed(store)
-        relay = Relay(database_url, url, subject)
-        probe = Probe(url, subject)
-        try:
-            probe.take(_catch_up(1), "the relay's catch-up")
-            with followers(store, nats, 2) as running:
-                small = _split(store)
-                wait_until(lambda: all(e.version == small for _, e, _ in running), "the split")
-                before = [w.syncs for w, _, _ in running]
-                syncs = _record_syncs(running)
-                change = _save_many(store, group_id=8)
-                probe.take(lambda n: n.version == change.version, "the large write")
-                # Announced by its version alone, as soon as written (not by a heartbeat after a
-                # failed publication)...
-                assert probe.received[-1].change is None
-                wait_until(
-                    lambda: all(e.version == change.version for _, e, _ in running), "watchers"
-                )
-                head = store.head()
-                for (_, engine, _), seen, synced in zip(running, syncs, before, strict=True):
-                    # ... so each watcher read it.
-                    assert seen[change.version] > synced
-                    assert engine.digest == head.digest
-                _assert_correct(store, [e for _, e, _ in running])
-            # The small write before it travelled whole.
-            assert any(n.version == small and n.change for n in probe.received)
-            logged = relay.stop()
-        finally:
-            probe.close()
-            relay.kill()
+        with followers(store, nats, 2) as running:
+            small = _split(store)
+            wait_until(lambda: all(e.version == small for _, e, _ in running), "the split")
+            before = [w.syncs for w, _, _ in running]
+            syncs = _record_syncs(running)
+            change = _save_many(store, group_id=8)
+            probe.take(lambda n: n.version == change.version, "the large write")
+            # Announced by its version alone, as soon as written (not by a heartbeat after a
+            # failed publication)...
+            assert probe.received[-1].change is None
+            wait_until(
+                lambda: all(e.version == change.version for _, e, _ in running), "watchers"
+            )
+            head = store.head()
+            for (_, engine, _), seen, synced in zip(running, syncs, before, strict=True):
+                # ... so each watcher read it.
+                assert seen[change.version] > synced
+                assert engine.digest == head.digest
+            _assert_correct(store, [e for _, e, _ in running])
+        # The small write before it travelled whole.
+        assert any(n.version == small and n.change for n in probe.received)
+        logged = relay.stop()
     assert "cannot publish" not in logged, logged
 
 
 def test_a_change_the_relay_cannot_read_is_announced_by_its_version(
-    database_url: str, nats_url: str, subject: str, probe: Probe, new_role: NewRole
+    database_url: str,
+    store: CatalogStore,
+    relays: Callable[..., Relay],
+    probe: Probe,
+    new_role: NewRole,
 ) -> None:
     # A relay allowed to read the catalog's version, not its routes: reading a change fails.
     relay_url = new_role(
@@ -817,21 +793,16 @@ def test_a_change_the_relay_cannot_read_is_announced_by_its_version(
         database_url,
         ["GRANT USAGE ON SCHEMA public TO {role}", "GRANT SELECT ON distribution_meta TO {role}"],
     )
-    with CatalogStore.from_url(database_url) as store:
-        _seed(store)
-        relay = Relay(relay_url, nats_url, subject)
-        try:
-            probe.take(_catch_up(1), "the relay's catch-up")
-            for group_id in (9, 10):
-                version = _save_many(store, group_id).version
-                probe.take(lambda n, v=version: n.version == v, f"version {version}")
-                # Announced all the same, by its version alone.
-                assert probe.received[-1].change is None
-            small = _split(store)
-            probe.take(lambda n: n.version == small, "the split")
-            assert probe.received[-1].change is not None
-            logged = relay.stop()
-        finally:
-            relay.kill()
+    _seed(store)
+    relay = relays(relay_url)
+    probe.take(_catch_up(1), "the relay's catch-up")
+    for group_id in (9, 10):
+        version = _save_many(store, group_id).version
+        probe.take(lambda n, v=version: n.version == v, f"version {version}")
+        # Announced all the same, by its version alone.
+        assert probe.received[-1].change is None
+    small = _split(store)
+    probe.take(lambda n: n.version == small, "the split")
+    assert probe.received[-1].change is not None
     # Logged once for the two failed reads.
-    assert logged.count("cannot read the change") == 1, logged
+    assert relay.stop().count("cannot read the change") == 1

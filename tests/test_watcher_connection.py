@@ -7,6 +7,7 @@ from the primary. Faults are real: ``CONNECTION LIMIT``, ``pg_terminate_backend`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -20,7 +21,13 @@ from sqlalchemy.engine import make_url
 from standby import StreamingPair, free_port, streaming_pair
 from waiting import wait_until
 
-from distribution import CatalogSnapshot, CatalogVersionAheadError, Engine, RouteDescriptor
+from distribution import (
+    CatalogPermissionError,
+    CatalogSnapshot,
+    CatalogVersionAheadError,
+    Engine,
+    RouteDescriptor,
+)
 from distribution.catalog import CatalogStore
 from distribution.catalog.fleet import WATCHER_APPLICATION_NAME
 from distribution.watcher import RETRY_DELAY, STANDBY_WAIT, VERIFY_MAX, CatalogWatcher
@@ -83,6 +90,30 @@ def said(records: list[logging.LogRecord]) -> list[tuple[str, str]]:
     ]
 
 
+def end_sessions(admin: psycopg.Connection[tuple[object, ...]], role: str) -> None:
+    """End every session of ``role`` (``pg_terminate_backend``)."""
+    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role])
+
+
+@contextlib.contextmanager
+def watching_as_reader(
+    store: CatalogStore, database_url: str, new_role: NewRole, prefix: str
+) -> Iterator[tuple[CatalogWatcher, str]]:
+    """A listening watcher (polling every 50 ms when it cannot) of the test catalog, seeded, that
+    logs in as a new reader role named from ``prefix``, its Engine at version 1; and that role."""
+    url = new_role(prefix, database_url, READER_GRANTS)
+    role = make_url(url).username
+    assert role is not None
+    seed(store)
+    engine = Engine()
+    with (
+        CatalogStore.from_url(url) as own,
+        CatalogWatcher(own, engine, interval=0.05) as watcher,
+    ):
+        wait_until(lambda: watcher.listening and engine.version == 1)
+        yield watcher, role
+
+
 @pytest.fixture
 def admin(database_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     with psycopg.connect(database_url, autocommit=True) as connection:
@@ -114,9 +145,7 @@ def test_a_watch_only_service_holds_one_connection(
             counts.append(backends(admin, role))
         wait_until(lambda: mirrors(engine, store.snapshot()), "the 20 writes")
         counts.append(backends(admin, role))
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
-        )
+        end_sessions(admin, role)
         written = [split(store) for _ in range(3)]  # while it reconnects
         wait_until(lambda: watcher.listening and engine.version == written[-1], "catching up")
         wait_until(lambda: mirrors(engine, store.snapshot()), "the routes")
@@ -197,20 +226,11 @@ def test_a_refused_role_is_retried_with_bounded_attempts_and_one_warning(
     watcher backs off (a few attempts in seconds, not one every ``interval``), says so once, and
     catches up on the writes made meanwhile once the limit is lifted."""
     caplog.set_level(logging.DEBUG, logger="distribution")
-    url = new_role("tier1_limited", database_url, READER_GRANTS)
-    role = make_url(url).username
-    seed(store)
-    engine = Engine()
-    with (
-        CatalogStore.from_url(url) as own,
-        CatalogWatcher(own, engine, interval=0.05) as watcher,
-    ):
-        wait_until(lambda: watcher.listening and engine.version == 1)
+    with watching_as_reader(store, database_url, new_role, "tier1_limited") as (watcher, role):
+        engine = watcher.engine
         since = len(caplog.records)
         admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
-        )
+        end_sessions(admin, role)
         wait_until(lambda: not watcher.listening)
         written = [split(store) for _ in range(3)]
         began, errors = time.monotonic(), sum(watcher.errors.values())
@@ -269,6 +289,66 @@ def test_a_terminated_backend_is_one_warning_and_one_info(
     assert "retrying with backoff" in outage[0][1], outage
     assert "after an outage of" in outage[1][1], outage
     assert "(1 failed attempts): listening for catalog notifications" in outage[1][1], outage
+
+
+def test_an_outage_ends_at_the_first_read_that_succeeds_not_at_the_reconnection(
+    store: CatalogStore,
+    database_url: str,
+    new_role: NewRole,
+    admin: psycopg.Connection[tuple[object, ...]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A watcher whose backend is ended, and whose role may no longer read the routes, reconnects
+    (its HEAD, on the catalog's version table, still reads) but cannot read the write it missed:
+    the outage goes on, ``last_error`` set all along, until the grant returns and a read
+    succeeds; then its end is said once. (The role is kept out meanwhile, ``CONNECTION LIMIT
+    0``, so that the write is missed, not notified.)"""
+    caplog.set_level(logging.DEBUG, logger="distribution")
+    with watching_as_reader(store, database_url, new_role, "tidy_revoked") as (watcher, role):
+        engine = watcher.engine
+        since = len(caplog.records)
+        seen: list[BaseException | None] = []  # last_error, sampled every millisecond
+        revoked = threading.Event()
+
+        def sample() -> None:
+            while revoked.is_set():
+                seen.append(watcher.last_error)
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample)
+        admin.execute(f'REVOKE SELECT ON distribution_routes, distribution_history FROM "{role}"')
+        admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')
+        end_sessions(admin, role)
+        wait_until(lambda: watcher.errors["CatalogUnavailableError"] >= 1, "the lost connection")
+        revoked.set()
+        sampler.start()
+        written = split(store)
+        admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT -1')
+        # Reconnected, and refused the routes more than once (reads again every RETRY_DELAY).
+        wait_until(
+            lambda: watcher.listening and watcher.errors["CatalogPermissionError"] >= 2,
+            "the refused reads after reconnecting",
+        )
+        assert backends(admin, role) == 1
+        assert engine.version == 1
+        revoked.clear()
+        sampler.join()
+        refused = said(caplog.records[since:])
+        admin.execute(f'GRANT SELECT ON distribution_routes, distribution_history TO "{role}"')
+        wait_until(lambda: engine.version == written and not watcher.last_error, "the grant")
+        ended = said(caplog.records[since:])
+    # Set all along, across the reconnection: the lost connection's error, then the refusals.
+    assert seen and None not in seen
+    assert {type(error).__name__ for error in seen} <= {
+        "CatalogUnavailableError",
+        "CatalogPermissionError",
+    }
+    assert isinstance(seen[-1], CatalogPermissionError)
+    assert [level for level, _ in refused] == ["WARNING"], refused
+    assert "lost the catalog notification connection" in refused[0][1], refused
+    assert [level for level, _ in ended] == ["WARNING", "INFO"], ended
+    assert "reached the catalog again after an outage" in ended[1][1], ended
+    assert "listening for catalog notifications" in ended[1][1], ended
 
 
 def test_a_failed_fleet_join_leaves_no_listen_behind(
@@ -338,7 +418,7 @@ def pair(server_url: str) -> Iterator[StreamingPair]:
 
 def _server_log(pair: StreamingPair, server: str) -> str:
     # StreamingPair keeps each server's log in its data folder.
-    return (pair._folder / server / "server.log").read_text(errors="replace")
+    return (pair.folder / server / "server.log").read_text(errors="replace")
 
 
 def test_a_watcher_on_a_standby_polls_and_never_tries_listen(

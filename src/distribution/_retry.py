@@ -52,11 +52,11 @@ class Outage:
     """A run of failed attempts to reach something: when it began and how many failed.
 
     >>> outage = Outage()
-    >>> outage.failed(), outage.failed()
-    (True, False)
+    >>> outage.running, outage.failed(), outage.failed(), outage.running
+    (False, True, False, True)
     >>> duration, attempts = outage.end()
-    >>> attempts, outage.end()
-    (2, None)
+    >>> attempts, outage.end(), outage.running
+    (2, None, False)
     """
 
     def __init__(self) -> None:
@@ -72,6 +72,11 @@ class Outage:
             self._attempts = 0
         self._attempts += 1
         return first
+
+    @property
+    def running(self) -> bool:
+        """Whether an outage is running: failed, and not ended since. O(1)."""
+        return self._began is not None
 
     def end(self) -> tuple[float, int] | None:
         """End the running outage: its duration in seconds and its failed attempts; None when

@@ -25,6 +25,7 @@ from distribution.errors import (
     CatalogInvalidRouteStateError,
     CatalogNotMigratedError,
     CatalogPermissionError,
+    CatalogPreparedStatementError,
     CatalogReadOnlyError,
     CatalogRouteIDRequiredError,
     CatalogRouteOverlapError,
@@ -58,11 +59,12 @@ _KEEPALIVES = {
 #: The environment variable naming the shared catalog database.
 DATABASE_URL_ENV = "DISTRIBUTION_DATABASE_URL"
 
-# The error classes of the SQLSTATEs the catalog's server functions raise, as each class says.
+# The error classes of the SQLSTATEs the catalog's server functions raise (class UD), as each
+# class says.
 _SQLSTATE_ERRORS: Mapping[str, type[DistributionError]] = {
     error.sqlstate: error
     for error in (getattr(errors, name) for name in errors.__all__)
-    if error.sqlstate is not None
+    if error.sqlstate is not None and error.sqlstate.startswith("UD")
 }
 
 # The catalog's own SQL names only tables, columns and functions of its schema: when one is missing,
@@ -132,8 +134,10 @@ def translate_error(exc: psycopg.Error) -> DistributionError:
 
     In order: a write refused as read-only, on a hot standby most often
     (:class:`~distribution.CatalogReadOnlyError`); the SQLSTATE of a server function's error (its class in
-    :mod:`distribution.errors`); a missing table, column or function
-    (:class:`~distribution.CatalogNotMigratedError`); an integrity constraint (its class);
+    :mod:`distribution.errors`); a prepared statement that already exists, psycopg's through a
+    pooler in transaction mode (42P05: :class:`~distribution.CatalogPreparedStatementError`,
+    whose message says to connect with ``prepare_threshold=None``); a missing table, column or
+    function (:class:`~distribution.CatalogNotMigratedError`); an integrity constraint (its class);
     a refused privilege (:class:`~distribution.CatalogPermissionError`); a serialization
     failure (:class:`~distribution.CatalogVersionMismatchError`); a refused value, SQLSTATE
     class 22 or 54 (:class:`~distribution.CatalogDataError`, carrying the SQLSTATE); a lost or
@@ -152,6 +156,9 @@ def translate_error(exc: psycopg.Error) -> DistributionError:
     <class 'distribution.errors.CatalogUnavailableError'>
     >>> type(translate_error(psycopg.errors.TooManyConnections("too many clients already")))
     <class 'distribution.errors.CatalogUnavailableError'>
+    >>> duplicate = psycopg.errors.DuplicatePreparedStatement('prepared "_pg3_0" already exists')
+    >>> type(translate_error(duplicate)), "prepare_threshold=None" in str(translate_error(duplicate))
+    (<class 'distribution.errors.CatalogPreparedStatementError'>, True)
     """
     sqlstate = exc.sqlstate or ""
     message = exc.diag.message_primary or str(exc).strip()
@@ -162,6 +169,12 @@ def translate_error(exc: psycopg.Error) -> DistributionError:
     error_class = _SQLSTATE_ERRORS.get(sqlstate)
     if error_class is not None:
         return error_class(message)
+    if sqlstate == CatalogPreparedStatementError.sqlstate:
+        return CatalogPreparedStatementError(
+            f"the catalog database refused a prepared statement ({message}): behind a pooler in "
+            "transaction mode (PgBouncer), connect with prepare_threshold=None "
+            "(connect_args={'prepare_threshold': None}; see README.md, PgBouncer)"
+        )
     if sqlstate in _SCHEMA_MISSING:
         return CatalogNotMigratedError(
             f"the catalog schema is missing or older than this library needs ({message}): "

@@ -20,6 +20,7 @@ unreachable database from :class:`ConnectionError`, so callers can catch them ei
     ├── CatalogPermissionError                (+ PermissionError)
     ├── CatalogUnavailableError               (+ ConnectionError)
     ├── CatalogReadOnlyError
+    ├── CatalogPreparedStatementError
     ├── NotificationsUnavailableError         (+ ConnectionError)
     ├── CatalogNotMigratedError
     ├── CatalogUnversionedWriteError
@@ -60,10 +61,13 @@ Arguments of the wrong type raise the built-in :class:`TypeError`; integers outs
 
 As in psycopg's ``errors`` module, a class whose error the catalog's server functions raise
 carries that error's SQLSTATE as its ``sqlstate`` attribute, and a database error with that
-SQLSTATE comes back as that class:
+SQLSTATE comes back as that class; so does the one error of PostgreSQL's own that has a class
+here, a prepared statement a pooler mixed up:
 
 >>> CatalogRouteNotFoundError.sqlstate.startswith("UD"), DistributionError.sqlstate
 (True, None)
+>>> CatalogPreparedStatementError.sqlstate
+'42P05'
 
 A value the database itself refuses (a data exception, SQLSTATE class 22, or a program limit
 exceeded, class 54, such as a key too long for an index) comes back as a
@@ -95,6 +99,7 @@ __all__ = [
     "CatalogInvalidVersionRecordError",
     "CatalogNotMigratedError",
     "CatalogPermissionError",
+    "CatalogPreparedStatementError",
     "CatalogReadOnlyError",
     "CatalogRequestMismatchError",
     "CatalogRouteGroupMismatchError",
@@ -135,7 +140,8 @@ class DistributionError(Exception):
     """Base class of every error the library raises on purpose."""
 
     #: The SQLSTATE the catalog's server functions raise this error with (class ``UD``, which
-    #: PostgreSQL leaves to users), or None for an error no server function raises. A class
+    #: PostgreSQL leaves to users), or the server's own it stands for (``42P05``, of
+    #: :class:`CatalogPreparedStatementError`), or None for an error of no SQLSTATE. A class
     #: states its own as a class argument, ``class E(DistributionError, sqlstate="UD999")``.
     #: Not a ClassVar: a :class:`CatalogDataError` carries the SQLSTATE of the database error
     #: it stands for on the instance.
@@ -354,13 +360,23 @@ class CatalogDataError(DistributionError, ValueError):
 class WatcherNameError(DistributionError, ValueError):
     """A watcher name is empty, holds a NUL character, or is longer than
     :data:`~distribution.catalog.fleet.MAX_WATCHER_NAME_BYTES` bytes of UTF-8."""
-# -- reading from standbys, notifications through NATS -------------------------------------------
+# -- reading from standbys and through poolers, notifications through NATS -------------------------
 
 
 class CatalogReadOnlyError(DistributionError):
     """The database refused a write (or a LISTEN) as read-only: a hot standby, most often.
 
     Writes go to the primary; a standby serves reads only.
+    """
+
+
+class CatalogPreparedStatementError(DistributionError, sqlstate="42P05"):
+    """The server refused a prepared statement that already exists (SQLSTATE 42P05): psycopg
+    prepares a statement once a connection has run it five times (``prepare_threshold``), and a
+    pooler in transaction mode (PgBouncer) without prepared statement support sends that
+    PREPARE to whichever server connection it gives the transaction, where another client's may
+    be. Connect with ``prepare_threshold=None``: ``connect_args={"prepare_threshold": None}``
+    (README.md, PgBouncer).
     """
 
 

@@ -32,8 +32,10 @@ and ``interval * 2**attempt`` seconds, capped at :data:`MAX_BACKOFF`, so that a 
 its server (or found it full: "too many clients") does not come back all at once nor flood the
 server's log. A listening watcher waits for notifications until its next deadline (a heartbeat,
 a check), and :meth:`CatalogWatcher.stop` interrupts the wait. An outage is logged once,
-as a WARNING when it starts (what failed), and once at INFO when it ends (its duration, the
-attempts it took, and how the watcher follows the catalog now); the first connection at start is
+as a WARNING when it starts (what failed), and once at INFO when it ends, at the first catalog
+read that succeeds, not at the connection before it (its duration, the attempts it took, and how
+the watcher follows the catalog now); until then :attr:`~CatalogWatcher.last_error` keeps the
+failure; the first connection at start is
 one INFO line, later ones DEBUG; the attempts in between are DEBUG lines, and counted in :attr:`CatalogWatcher.errors`.
 
 Reads many watchers would make at once (those a notification calls for: a change it did not
@@ -99,8 +101,6 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self, cast
 
-import sqlalchemy as sa
-
 from distribution._retry import Backoff, Outage
 from distribution.catalog import (
     DEFAULT_CHANGES_LIMIT,
@@ -112,7 +112,6 @@ from distribution.catalog import (
     statements,
 )
 from distribution.catalog.fleet import FleetLink, FleetMember, WatcherStatus
-from distribution.catalog.transactions import single_statement
 from distribution.engine import Engine
 from distribution.errors import (
     CatalogUnavailableError,
@@ -183,13 +182,6 @@ def _brings_roll_calls(kind: type) -> bool:
     """Whether sources of type ``kind`` are :class:`FleetLink` s: asked once a type, as a
     protocol check costs microseconds and the watcher answers after every wait. O(1)."""
     return issubclass(kind, FleetLink)
-
-
-def _read_head(sa_engine: sa.Engine) -> CatalogHead:
-    """The catalog's version, digest and recovery state, in one statement (no transaction)."""
-    with single_statement(sa_engine) as connection:
-        version, digest, standby = connection.execute(statements.HEAD).one()
-    return CatalogHead(version, digest, standby)
 
 
 class CatalogWatcher:
@@ -500,7 +492,7 @@ class CatalogWatcher:
     def _check_head(self, catalog: CatalogStore) -> None:
         """Read ``catalog``'s HEAD (one statement) and act on it (see :meth:`_follow`)."""
         self.syncs += 1
-        self._follow(catalog, _read_head(catalog.read_sa_engine))
+        self._follow(catalog, catalog.head())
 
     def _follow(self, catalog: CatalogStore, head: CatalogHead) -> None:
         """Bring the Engine to the catalog's ``head``, just read: nothing more to read when the
@@ -675,11 +667,11 @@ class CatalogWatcher:
         self._linked_at = time.monotonic()
         if self._source is not None:
             self.listening = True
-        if not self._end_outage():
-            # Once at start; a reconnection with no outage before it (none failed) is routine.
-            level = logging.DEBUG if self._told_how else logging.INFO
-            self._told_how = True
-            self._logger.log(level, "catalog watcher connected: %s", self._how())
+        # Once at start; a reconnection is routine. An outage ends at the first read that
+        # succeeds (a read may fail right after connecting), which says how the watcher follows.
+        level = logging.DEBUG if self._told_how or self._outage.running else logging.INFO
+        self._told_how = True
+        self._logger.log(level, "catalog watcher connected: %s", self._how())
         self._quiet()
         if self._reader is not None:
             # The first sync, or what was missed meanwhile.
@@ -691,7 +683,7 @@ class CatalogWatcher:
         the server is a hot standby (where LISTEN cannot run)."""
         connection = CatalogListener.open(self._catalog.sa_engine)
         try:
-            head = _read_head(connection.sa_engine)
+            head = statements.read_head(connection.sa_engine)
             if not head.standby and self._listen:
                 self._try_listen(connection)
         except BaseException:
@@ -886,7 +878,7 @@ class CatalogWatcher:
         """The heartbeat: the catalog's HEAD over the watcher's quiet connection (one statement),
         which also checks the Engine (read over the reader when it differs)."""
         self.syncs += 1
-        head = _read_head(connection.sa_engine)
+        head = statements.read_head(connection.sa_engine)
         if self._reader is not None and self._reads_over_connection():
             self._follow(self._reader, head)
         elif head.version != self._engine.version or head.digest != self._engine.digest:
@@ -1091,9 +1083,8 @@ class CatalogWatcher:
             return None
         if self.last_error is not None or (lag_before and not self.lag):
             # The end of an outage is said once, with how the watcher follows the catalog.
-            outage = isinstance(self.last_error, ConnectionError)
             self._logger.log(
-                logging.DEBUG if outage else logging.INFO,
+                logging.DEBUG if self._outage.running else logging.INFO,
                 "catalog watcher caught up at version %d",
                 self.applied_version,
             )
@@ -1118,19 +1109,19 @@ class CatalogWatcher:
         first = previous is None or isinstance(previous, EngineDivergedError)
         self._logger.log(logging.WARNING if first else logging.DEBUG, "%s: %s; will retry", what, exc)
 
-    def _end_outage(self) -> bool:
-        """The catalog (or the source of notifications) answers again: say so once, at INFO,
-        with how the watcher follows it now; False when no outage was running."""
+    def _end_outage(self) -> None:
+        """The catalog was read again, the connection (or the source of notifications) open:
+        end the outage running, if any, saying so once, at INFO, with how the watcher follows
+        the catalog now."""
         ended = self._outage.end()
         if ended is None:
-            return False
+            return
         self._logger.info(
             "catalog watcher reached the catalog again after an outage of %.1fs "
             "(%d failed attempts): %s",
             *ended,
             self._how(),
         )
-        return True
 
 
 def run_catalog_watcher(

@@ -5,7 +5,7 @@ The package's modules are its layers, each importing only those listed before it
 * ``transactions``: one SQLAlchemy ``Connection`` per transaction, its isolation level and
   read-only mode as execution options, every database error translated;
 * ``statements``: the SQL the client sends (SQLAlchemy Core over the mapped tables; text on the
-  measured hot paths) and the decoding of what comes back;
+  measured hot paths), the decoding of what comes back, and the head read in one statement;
 * ``notifications``: the NOTIFY payload and the listening connection;
 * ``fleet``: the watchers' roll call over NOTIFY (or NATS), and the barrier :func:`wait_applied`;
 * ``diff``: what a save sends, against the routes the store already knows;

@@ -1,5 +1,8 @@
 """The statements the catalog client sends, and the decoding of what comes back.
 
+One read is run here too, :func:`read_head` (the catalog's head in one statement), so that the
+store and the watcher send it alike.
+
 Cold paths (a version, a past snapshot, the change feed, the history, pruning) are SQLAlchemy Core
 over the mapped tables of :mod:`distribution.models`, whose types read u64 ids and states back as
 real values. Text SQL, run on the psycopg connection of the transaction, is kept for the measured
@@ -19,8 +22,9 @@ import psycopg
 import sqlalchemy as sa
 
 from distribution.bulk import make_descriptors
+from distribution.catalog.transactions import single_statement
 from distribution.models import Base, RouteRecord, u64_from_db, u64_to_db
-from distribution.types import UINT64_MAX, CatalogChange, RouteDescriptor
+from distribution.types import UINT64_MAX, CatalogChange, CatalogHead, RouteDescriptor
 
 __all__ = [
     "BEGIN_WRITE",
@@ -28,6 +32,8 @@ __all__ = [
     "DELETE_HISTORY",
     "DELETE_RETIRED_ROUTES",
     "DIGEST",
+    "HEAD",
+    "HEAD_AND_FLOOR",
     "HISTORY",
     "HISTORY_DIGESTS",
     "HISTORY_NEWEST_FIRST",
@@ -48,6 +54,7 @@ __all__ = [
     "column_descriptors",
     "descriptors",
     "operation",
+    "read_head",
     "stage",
     "stored_descriptors",
 ]
@@ -155,7 +162,7 @@ def stage(cursor: psycopg.Cursor[Any], routes: Sequence[RouteDescriptor]) -> Non
 VERSION = sa.select(_meta.c.version)
 #: The next route id the catalog will allocate.
 NEXT_ROUTE_ID = sa.select(_meta.c.next_route_id)
-#: The version and the route digest (:class:`~distribution.CatalogHead`).
+#: The version, the route digest and the recovery state (:class:`~distribution.CatalogHead`).
 HEAD = sa.select(_meta.c.version, _meta.c.digest, sa.func.pg_is_in_recovery())
 #: :data:`HEAD`, and the oldest version still readable exactly.
 HEAD_AND_FLOOR = HEAD.add_columns(_meta.c.history_floor)
@@ -211,6 +218,20 @@ DELETE_RETIRED_ROUTES = sa.delete(_routes).where(_routes.c.valid_to <= sa.bindpa
 DELETE_HISTORY = sa.delete(_history).where(_history.c.version < sa.bindparam("floor"))
 #: Record ``floor`` as the oldest version readable exactly.
 SET_HISTORY_FLOOR = sa.update(_meta).values(history_floor=sa.bindparam("floor"))
+
+
+def read_head(sa_engine: sa.Engine) -> CatalogHead:
+    """The catalog's version, route digest and recovery state (:data:`HEAD`), read in one
+    statement in autocommit on a pooled connection of ``sa_engine`` (see
+    :func:`~distribution.catalog.transactions.single_statement`): one round trip, no ``BEGIN``
+    or ``COMMIT``, and one version of the catalog. O(1).
+
+    :meth:`CatalogStore.head <distribution.CatalogStore.head>` reads it so, and so does the
+    watcher, over its own connection too.
+    """
+    with single_statement(sa_engine) as connection:
+        version, digest, standby = connection.execute(HEAD).one()
+    return CatalogHead(version, digest, standby)
 
 
 # -- decoding ------------------------------------------------------------------------------------

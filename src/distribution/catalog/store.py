@@ -1,11 +1,12 @@
 """The catalog store: :class:`CatalogStore`, its reads and its saves.
 
-Reads are single ``REPEATABLE READ`` read-only transactions. Every write is one transaction that
-starts with the compare-and-set on the catalog version (``distribution_begin_write``: a
-conditional ``UPDATE … WHERE version = :expected``), so concurrent writers queue on the metadata
-row and a loser fails with :class:`~distribution.CatalogVersionMismatchError` having written
-nothing. The version moves by exactly one per write; route rows are versioned (see
-:mod:`distribution.models`), so past versions read back exactly within the history window.
+Reads are single ``REPEATABLE READ`` read-only transactions, but for a head: one statement, in
+autocommit. Every write is one transaction that starts with the compare-and-set on the catalog
+version (``distribution_begin_write``: a conditional ``UPDATE … WHERE version = :expected``), so
+concurrent writers queue on the metadata row and a loser fails with
+:class:`~distribution.CatalogVersionMismatchError` having written nothing. The version moves by
+exactly one per write; route rows are versioned (see :mod:`distribution.models`), so past versions
+read back exactly within the history window.
 
 A write that raises :class:`~distribution.CatalogUnavailableError` has an unknown outcome: the
 connection may have been lost after the server committed (the commit's reply never arrived).
@@ -212,10 +213,10 @@ class CatalogStore(CatalogOperations):
         return CatalogSnapshot(version=read_ts, routes=routes, read_ts=read_ts)
 
     def head(self) -> CatalogHead:
-        """Read the catalog version and its route digest together; O(1)."""
-        with transaction(self._read_sa_engine, read_only=True) as connection:
-            version, digest, standby = connection.execute(statements.HEAD).one()
-        return CatalogHead(version, digest, standby)
+        """Read the catalog version, its route digest and whether the server is a hot standby,
+        together, in one statement with no transaction around it (see
+        :func:`~distribution.catalog.statements.read_head`); O(1)."""
+        return statements.read_head(self._read_sa_engine)
 
     def version(self) -> int:
         """Read the catalog version; O(1)."""
