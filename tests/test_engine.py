@@ -1963,4 +1963,6 @@ def test_engines_rebuilt_at_once_hold_one_table_being_built_at_a_time() -> None:
     finally:
         tracemalloc.stop()
     assert all(engine.version == 2 for engine in engines)
-    assert peak - held < 2.5 * one_table
+    # One table at a time, and its build's staging (about 0.7 of a table in C): an Engine that
+    # released the build before swapping its table in let the next build start beside it.
+    assert peak - held < 2 * one_table

@@ -53,7 +53,7 @@ from distribution.errors import (
     EngineSnapshotVersionGapError,
     EngineSnapshotVersionStaleError,
 )
-from distribution.table import RouteTable, _Ids, _Searches
+from distribution.table import BUILDING, RouteTable, _Ids, _Searches
 from distribution.types import (
     CatalogChange,
     CatalogSnapshot,
@@ -363,7 +363,8 @@ class Engine(_Reader):
         start, follow an unbounded route, or overlap. Loads restart at 0; ephemeral routes go.
         The snapshot's ``digest``, when not None, becomes :attr:`digest` as it is (a catalog read
         brings it from the same transaction), else the digest is computed on its first use.
-        O(routes log routes) (O(routes) when sorted), built without holding the lock.
+        O(routes log routes) (O(routes) when sorted), built without holding the lock, one build
+        at a time in a process (:data:`~distribution.table.BUILDING`).
 
         >>> from distribution import CatalogSnapshot, RouteDescriptor
         >>> engine = Engine.with_default_route()
@@ -379,11 +380,12 @@ class Engine(_Reader):
         if self._version_is_current(version):
             return
         digest = _check_digest("snapshot digest", snapshot.digest)
-        table, loads, ids = _build(self._search, snapshot.routes)
-        with self._lock:
-            if self._version_is_current(version):
-                return
-            self._publish(version, table, loads, ids, digest)
+        with BUILDING:
+            table, loads, ids = _build(self._search, snapshot.routes)
+            with self._lock:
+                if self._version_is_current(version):
+                    return
+                self._publish(version, table, loads, ids, digest)
 
     def reset(self, snapshot: CatalogSnapshot) -> None:
         """Replace every route with the snapshot's, atomically, whatever the versions.
@@ -391,7 +393,8 @@ class Engine(_Reader):
         :meth:`apply_snapshot` for an Engine that must return to the catalog: the snapshot may be
         older than, or as new as, :attr:`version` (an Engine that applied changes the catalog
         never made, say). The same validation and digest rules; on any error nothing changes.
-        O(routes log routes) (O(routes) when sorted), built without holding the lock.
+        O(routes log routes) (O(routes) when sorted), built without holding the lock, one build
+        at a time in a process (:data:`~distribution.table.BUILDING`).
 
         >>> from distribution import CatalogSnapshot, RouteDescriptor
         >>> engine = Engine()
@@ -403,9 +406,10 @@ class Engine(_Reader):
         """
         version = check_u64("version", snapshot.version)
         digest = _check_digest("snapshot digest", snapshot.digest)
-        table, loads, ids = _build(self._search, snapshot.routes)
-        with self._lock:
-            self._publish(version, table, loads, ids, digest)
+        with BUILDING:
+            table, loads, ids = _build(self._search, snapshot.routes)
+            with self._lock:
+                self._publish(version, table, loads, ids, digest)
 
     def _publish(
         self, version: int, table: RouteTable, loads: _Loads, ids: _Ids, digest: int | None
@@ -476,7 +480,12 @@ class Engine(_Reader):
                     f"engine changes are not contiguous: a change to version {prev.version} is "
                     f"followed by one from version {cur.previous_version}"
                 )
-        with self._lock:
+        # A change that may be merged builds a whole table, so it holds BUILDING (before the lock,
+        # as every build does) until its table is swapped in; the table it reads the size of may
+        # change meanwhile, and a change that finds it may not merge rewrites chunks instead.
+        changed = sum(len(change.deletes) + len(change.upserts) for change in pending)
+        may_merge = _rebuilds(changed, len(self._table.chunks), merged=True)
+        with BUILDING if may_merge else nullcontext(), self._lock:
             current = self._version
             if not pending or pending[-1].version <= current:
                 return
@@ -500,7 +509,7 @@ class Engine(_Reader):
             # as a snapshot is built if a snapshot could carry what the Engine holds, else from
             # its slots, creating a Route per route (with the collector paused, as a build).
             chunks = len(self._table.chunks)
-            if _rebuilds(len(net), chunks, merged=True):
+            if may_merge and _rebuilds(len(net), chunks, merged=True):
                 rebuilt = self._rebuilt(pending, steps, net)
                 if rebuilt is not None:
                     self._table, self._loads, self._ids, self._digest = rebuilt

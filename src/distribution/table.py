@@ -41,7 +41,7 @@ from distribution import _pylookup
 from distribution._pylookup import cut, prefix
 from distribution.types import Route, RouteDescriptor, RouteState
 
-__all__ = ["CHUNK", "IMPLEMENTATION", "RouteTable"]
+__all__ = ["BUILDING", "CHUNK", "IMPLEMENTATION", "RouteTable"]
 
 #: Target number of boundary keys per chunk: a write copies about this many entries, plus the
 #: top level (routes / CHUNK long). Near the square root of a million routes, both stay small.
@@ -162,11 +162,12 @@ IMPLEMENTATION: _Searches = _searches()
 _route_start = attrgetter("start")
 _first_start = itemgetter(0)
 
-# Held while a table is built or merged: one at a time in a process. A build holds its new table
-# beside the one it replaces until the swap, so Engines changed at once (the watchers of one
-# process fed the same large change) would otherwise hold one extra table each; the work is the
-# same, since builds run under the GIL. Lookups never take it.
-_BUILDING = threading.Lock()
+#: Held by an Engine from the start of a whole-table build or merge until the new table has
+#: replaced the one before it: one at a time in a process. A new table lives beside the one it
+#: replaces until the swap, so Engines changed at once (the watchers of one process fed the same
+#: large change) would otherwise hold one extra table each; the work is the same, since builds
+#: run under the GIL. Taken before an Engine's own lock, never after; lookups never take it.
+BUILDING = threading.Lock()
 
 
 class RouteTable(NamedTuple):
@@ -204,8 +205,7 @@ class RouteTable(NamedTuple):
         ...                                   RouteDescriptor(2, b"a", None, 1)]) is None
         True
         """
-        with _BUILDING:
-            built = implementation.build(routes, CHUNK)
+        built = implementation.build(routes, CHUNK)
         if built is None:
             return None
         (tops, index, chunks), ids = built
@@ -227,8 +227,7 @@ class RouteTable(NamedTuple):
         ([2], [1])
         """
         search = self.implementation
-        with _BUILDING:
-            merged = search.merge(self, ids, dropped, upserts, CHUNK)
+        merged = search.merge(self, ids, dropped, upserts, CHUNK)
         if merged is None:
             return None
         (tops, index, chunks), new_ids, hashes = merged
