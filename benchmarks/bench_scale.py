@@ -12,9 +12,9 @@ processes of their own:
   two ``distribution relay`` processes LISTEN on the primary and publish every write on the NATS
   server at 127.0.0.1:4222; the watchers follow NATS
   (``notifications=NatsNotifications(...).subscribe``) and read from the standby
-  (``CatalogStore.from_url(primary, read_url=standby)``), N = 100, 1,000, 50 a process (each its own
-  Engine and NATS subscription; one NATS connection and a pool of one connection a process), over
-  100,000 routes.
+  (``CatalogStore.from_url(primary, read_url=standby)``), N = 100, 1,000, 250 a process (each its
+  own Engine and NATS subscription; one NATS connection and a pool of one connection a process),
+  over 100,000 routes.
 
 The services connect as a role that is not a superuser, so that the benchmark's writer and its own
 reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
@@ -44,6 +44,10 @@ reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
 
 ``--quick``: 10 direct watchers and 20 on NATS over a 1,000-route catalog, 5 writes. The NATS
 rows are left out, saying so, when no NATS server answers on 127.0.0.1:4222.
+
+``python -m benchmarks.bench_scale nats [--watchers N] [--per-process N] [--routes N] [--writes N]``
+runs the NATS path alone (by default 200 watchers, 250 a process, 100,000 routes, 20 writes), to
+iterate on it at a size of one's choosing; it prints its rows as one table.
 
 Workers are this module run as ``python -m benchmarks.bench_scale worker ...``: they print one
 line per version each watcher applies (``INDEX VERSION UNIX-TIME``), ``ready`` once every watcher
@@ -83,7 +87,7 @@ __all__ = ["run"]
 
 _REPO = Path(__file__).resolve().parent.parent
 _NATS_HOST, _NATS_PORT = "127.0.0.1", 4222
-_WATCHERS_PER_PROCESS = 50
+_WATCHERS_PER_PROCESS = 250
 #: Seconds between two writes, on average (each gap drawn from 0.9 to 1.1 times this).
 _WRITE_GAP = 1.0
 #: How many routes the reset storm's write moves: far too many for one notification (8000 bytes).
@@ -91,8 +95,9 @@ _STORM_ROUTES = 1_000
 # PostgreSQL flushes a backend's statistics at most once a second, or after 10 s idle: the idle
 # window starts this long after the last statement, so that it counts none from before.
 _STATS_FLUSH = 11.0
-# How long the benchmark waits for one more process to become ready before it goes on anyway.
-_SETTLE = 120.0
+# How long the benchmark waits for one more process to become ready before it goes on anyway (a
+# process of 250 watchers loads 250 snapshots of 100,000 routes one at a time: minutes).
+_SETTLE = 300.0
 # How many processes start at once.
 _BATCH = 10
 _SERVICE_ROLE = "bench_service"
