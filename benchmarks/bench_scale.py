@@ -12,9 +12,9 @@ processes of their own:
   two ``distribution relay`` processes LISTEN on the primary and publish every write on the NATS
   server at 127.0.0.1:4222; the watchers follow NATS
   (``notifications=NatsNotifications(...).subscribe``) and read from the standby
-  (``CatalogStore.from_url(primary, read_url=standby)``), N = 100, 1,000, 50 a process (each its own
-  Engine and NATS subscription; one NATS connection and a pool of one connection a process), over
-  100,000 routes.
+  (``CatalogStore.from_url(primary, read_url=standby)``), N = 100, 1,000, 250 a process (each its
+  own Engine and NATS subscription; one NATS connection and a pool of one connection a process),
+  over 100,000 routes.
 
 The services connect as a role that is not a superuser, so that the benchmark's writer and its own
 reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
@@ -45,6 +45,10 @@ reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
 ``--quick``: 10 direct watchers and 20 on NATS over a 1,000-route catalog, 5 writes. The NATS
 rows are left out, saying so, when no NATS server answers on 127.0.0.1:4222.
 
+``python -m benchmarks.bench_scale nats [--watchers N] [--per-process N] [--routes N] [--writes N]``
+runs the NATS path alone (by default 200 watchers, 250 a process, 100,000 routes, 20 writes), to
+iterate on it at a size of one's choosing; it prints its rows as one table.
+
 Workers are this module run as ``python -m benchmarks.bench_scale worker ...``: they print one
 line per version each watcher applies (``INDEX VERSION UNIX-TIME``), ``ready`` once every watcher
 follows, and stop when their standard input closes.
@@ -74,7 +78,7 @@ from sqlalchemy.engine import make_url
 
 from benchmarks.bench_catalog import make_routes
 from benchmarks.bench_watcher import Splitter
-from benchmarks.harness import Row, progress, summarize
+from benchmarks.harness import Row, print_table, progress, summarize
 from distribution import CatalogStore
 from distribution.watcher import VERIFY_QUIET
 from tests.standby import StreamingPair, binaries_of
@@ -83,7 +87,7 @@ __all__ = ["run"]
 
 _REPO = Path(__file__).resolve().parent.parent
 _NATS_HOST, _NATS_PORT = "127.0.0.1", 4222
-_WATCHERS_PER_PROCESS = 50
+_WATCHERS_PER_PROCESS = 250
 #: Seconds between two writes, on average (each gap drawn from 0.9 to 1.1 times this).
 _WRITE_GAP = 1.0
 #: How many routes the reset storm's write moves: far too many for one notification (8000 bytes).
@@ -91,8 +95,9 @@ _STORM_ROUTES = 1_000
 # PostgreSQL flushes a backend's statistics at most once a second, or after 10 s idle: the idle
 # window starts this long after the last statement, so that it counts none from before.
 _STATS_FLUSH = 11.0
-# How long the benchmark waits for one more process to become ready before it goes on anyway.
-_SETTLE = 120.0
+# How long the benchmark waits for one more process to become ready before it goes on anyway (a
+# process of 250 watchers loads 250 snapshots of 100,000 routes one at a time: minutes).
+_SETTLE = 300.0
 # How many processes start at once.
 _BATCH = 10
 _SERVICE_ROLE = "bench_service"
@@ -406,6 +411,7 @@ def _measure(
             cpu_before = sum(p.cpu_seconds() for p in fleet)
             reads_before = _commits(servers.reads_url) if servers.read_url else 0
             commits_at: dict[int, float] = {}
+            progress(f"scale: {config.path} {config.watchers}: {writes} writes")
             for _ in range(writes):
                 time.sleep(random.uniform(0.9, 1.1) * _WRITE_GAP)
                 version = splitter.split()
@@ -422,6 +428,7 @@ def _measure(
                 r._replace(group_id=r.group_id % 5 + 1) if r.route_id in moved else r
                 for r in snapshot.routes
             ]
+            progress(f"scale: {config.path} {config.watchers}: reset storm")
             running = _Sampler(servers.reads_url, _READS_RUNNING, 0.05)
             storm_version = store.save(snapshot.version, storm_routes, actor="bench").version
             storm_commit = time.time()
@@ -566,6 +573,15 @@ def run(quick: bool) -> list[Row]:
         progress(f"scale: no NATS server on {_NATS_HOST}:{_NATS_PORT}: NATS rows left out")
         return rows
     assert binaries is not None, "the embedded server's binaries are on this machine"
+    return rows + _nats_path(binaries, routes, fanout, _WATCHERS_PER_PROCESS, writes, idle)
+
+
+def _nats_path(
+    binaries: Path, routes: int, fanout: Sequence[int], per_process: int, writes: int, idle: float
+) -> list[Row]:
+    """The NATS path's rows for each fleet size of ``fanout``, on a primary and a standby made
+    from ``binaries``."""
+    rows: list[Row] = []
     nats = f"nats://{_NATS_HOST}:{_NATS_PORT}"
     with StreamingPair.start(binaries) as pair:
         _prepare(pair.primary_url, routes)
@@ -575,11 +591,26 @@ def run(quick: bool) -> list[Row]:
             pair.primary_url, _as_service(pair.primary_url), _as_service(pair.standby_url), None
         )
         for count in fanout:
-            per_process = min(count, _WATCHERS_PER_PROCESS)
-            progress(f"scale: NATS path, {count} watchers, {per_process} a process")
-            config = _Config("NATS", count, per_process)
+            config = _Config("NATS", count, min(count, per_process))
+            progress(f"scale: NATS path, {count} watchers, {config.per_process} a process")
             rows += _measure(servers, config, nats, writes, idle, routes)
     return rows
+
+
+def _nats_only(argv: Sequence[str]) -> None:
+    """The NATS path alone, in a configuration of one's choosing (to iterate on it)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_scale nats")
+    parser.add_argument("--watchers", type=int, default=200)
+    parser.add_argument("--per-process", type=int, default=_WATCHERS_PER_PROCESS)
+    parser.add_argument("--routes", type=int, default=100_000)
+    parser.add_argument("--writes", type=int, default=20)
+    args = parser.parse_args(argv)
+    with _embedded() as (server_url, _):
+        binaries = binaries_of(server_url)
+    assert binaries is not None, "the embedded server's binaries are on this machine"
+    print_table(
+        _nats_path(binaries, args.routes, [args.watchers], args.per_process, args.writes, 10.0)
+    )
 
 
 def _worker(argv: Sequence[str]) -> None:
@@ -646,5 +677,10 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
         _worker(sys.argv[2:])
+    elif sys.argv[1:2] == ["nats"]:
+        _nats_only(sys.argv[2:])
     else:
-        sys.exit("usage: python -m benchmarks --only scale [--quick]")
+        sys.exit(
+            "usage: python -m benchmarks --only scale [--quick], or python -m "
+            "benchmarks.bench_scale nats [--watchers N] [--per-process N] [--routes N] [--writes N]"
+        )

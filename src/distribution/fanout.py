@@ -23,7 +23,10 @@ services. Past that, the notifications travel through NATS (the ``nats`` extra, 
 Delivery is best effort, and every loss ends in a read of the catalog:
 
 * several relays publish the same write: a watcher applies each version once (it ignores versions
-  its Engine holds), so run two or more for availability;
+  its Engine holds), so run two or more for availability; a connection hands a message identical
+  to the one it received less than :data:`DUPLICATE_WINDOW` seconds before only to the
+  subscriptions that did not get that one, so that the copies do not wake a process's watchers
+  again;
 * a relay that (re)connects to the primary cannot know what it missed meanwhile: it publishes the
   catalog's version, read just after it LISTENs ("catch-up", the version alone), and watchers
   behind it read the catalog; it does the same each time its NATS connection comes back;
@@ -89,6 +92,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_SUBJECT",
+    "DUPLICATE_WINDOW",
     "CatalogRelay",
     "FleetInbox",
     "NatsNotifications",
@@ -103,6 +107,9 @@ _T = TypeVar("_T")
 DEFAULT_SUBJECT = "distribution.catalog"
 #: Seconds between two heartbeats of a relay (the newest message it published, again).
 DEFAULT_HEARTBEAT = 30.0
+#: Seconds after a message during which the same message again (another relay's copy) reaches
+#: only the subscriptions of the connection that did not get it.
+DUPLICATE_WINDOW = 1.0
 #: The longest wait between two attempts of a relay to reconnect to the primary.
 MAX_RELAY_BACKOFF = 5.0
 # How long a call into the NATS thread (subscribe, publish, close) may take.
@@ -281,6 +288,12 @@ class NatsNotifications:
         self._handle: Subscription | None = None
         # The NATS subscription to the fleet subject, held beside ``_handle``.
         self._asks_handle: Subscription | None = None
+        # The last message received, what it carried, when it first came, and the subscriptions
+        # that got it: a copy of it soon after (the other relays') goes only to those that did not.
+        self._last_data = b""
+        self._last_at = 0.0
+        self._last: CatalogNotification | None = None
+        self._had_last: set[NatsSubscription] = set()
         # Held while the NATS subscription is made or dropped: the watchers of a process
         # subscribe at the same time, and must neither make two nor return before it is held.
         self._handle_lock = asyncio.Lock()
@@ -448,6 +461,7 @@ class NatsNotifications:
 
     async def _on_disconnected(self) -> None:
         lost, self._subscriptions = self._subscriptions, set()
+        self._had_last = set()
         if self.connects and not self._closing:
             self._logger.warning("lost the NATS connection; reconnecting")
         for subscription in lost:
@@ -475,14 +489,33 @@ class NatsNotifications:
             self._subscriptions.add(subscription)
 
     async def _deliver(self, message: Msg) -> None:
-        try:
-            notification = parse_notification(message.data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            # Anyone who may publish on the subject can send anything: skip what is not ours.
-            self._logger.warning("ignored a malformed catalog notification from NATS: %s", exc)
-            return
-        for subscription in self._subscriptions:
+        data = message.data
+        now = time.monotonic()
+        if (
+            data == self._last_data
+            and self._last is not None
+            and now - self._last_at < DUPLICATE_WINDOW
+        ):
+            # Another relay's copy of the message just received. A watcher that got it would only
+            # wake to find it holds it already: a fleet woken twice a write, at the moment it
+            # applies it, for nothing. One that subscribed since still gets it. Later copies (a
+            # heartbeat) go to all: a watcher that gave up on it (a standby that never reached
+            # its version) takes it up again.
+            notification = self._last
+            targets = self._subscriptions - self._had_last
+        else:
+            try:
+                notification = parse_notification(data.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                # Anyone who may publish on the subject can send anything: skip what is not ours.
+                self._logger.warning("ignored a malformed catalog notification from NATS: %s", exc)
+                return
+            self._last_data, self._last, self._last_at = data, notification, now
+            self._had_last = set()
+            targets = self._subscriptions
+        for subscription in targets:
             subscription._queue.put(notification)
+        self._had_last |= targets
 
     async def _deliver_ask(self, message: Msg) -> None:
         # Parsed by each watcher's FleetMember, which logs what is malformed.
@@ -491,6 +524,7 @@ class NatsNotifications:
             subscription._queue.put(ask)
 
     async def _drop(self, subscription: NatsSubscription) -> None:
+        self._had_last.discard(subscription)
         if subscription in self._subscriptions:
             self._subscriptions.discard(subscription)
             async with self._handle_lock:
