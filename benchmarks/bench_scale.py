@@ -12,7 +12,7 @@ processes of their own:
   two ``distribution relay`` processes LISTEN on the primary and publish every write on the NATS
   server at 127.0.0.1:4222; the watchers follow NATS
   (``notifications=NatsNotifications(...).subscribe``) and read from the standby
-  (``CatalogStore.from_url(primary, read_url=standby)``), N = 100, 1,000, 250 a process (each its
+  (``CatalogStore.from_url(primary, read_url=standby)``), N = 100, 1,000, 50 a process (each its
   own Engine and NATS subscription; one NATS connection and a pool of one connection a process),
   over 100,000 routes.
 
@@ -46,7 +46,7 @@ reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
 rows are left out, saying so, when no NATS server answers on 127.0.0.1:4222.
 
 ``python -m benchmarks.bench_scale nats [--watchers N] [--per-process N] [--routes N] [--writes N]``
-runs the NATS path alone (by default 200 watchers, 250 a process, 100,000 routes, 20 writes), to
+runs the NATS path alone (by default 200 watchers, 50 a process, 100,000 routes, 20 writes), to
 iterate on it at a size of one's choosing; it prints its rows as one table.
 
 Workers are this module run as ``python -m benchmarks.bench_scale worker ...``: they print one
@@ -87,7 +87,10 @@ __all__ = ["run"]
 
 _REPO = Path(__file__).resolve().parent.parent
 _NATS_HOST, _NATS_PORT = "127.0.0.1", 4222
-_WATCHERS_PER_PROCESS = 250
+# 50 watchers a process: packed 250 a process, the fleet spent 1,012 ms of CPU a write (680 ms at
+# 50) and its last watcher's p99 was 1.8 s (0.83 s), as 250 threads hand one GIL round; the probe
+# waited less (p99 61 ms, 90 ms at 50) behind 4 processes than behind 20 (2026-12-02, quiet).
+_WATCHERS_PER_PROCESS = 50
 #: Seconds between two writes, on average (each gap drawn from 0.9 to 1.1 times this).
 _WRITE_GAP = 1.0
 #: How many routes the reset storm's write moves: far too many for one notification (8000 bytes).
@@ -96,7 +99,7 @@ _STORM_ROUTES = 1_000
 # window starts this long after the last statement, so that it counts none from before.
 _STATS_FLUSH = 11.0
 # How long the benchmark waits for one more process to become ready before it goes on anyway (a
-# process of 250 watchers loads 250 snapshots of 100,000 routes one at a time: minutes).
+# process of many watchers loads their snapshots of 100,000 routes one at a time: minutes).
 _SETTLE = 300.0
 # How many processes start at once.
 _BATCH = 10
