@@ -159,6 +159,20 @@ def check_subject(subject: str) -> str:
     return subject
 
 
+def _drain(items: queue.SimpleQueue[_T], timeout: float) -> list[_T]:
+    """Wait up to ``timeout`` seconds for the first item, then take every other one already
+    there; ``[]`` if none came."""
+    try:
+        received = [items.get(timeout=max(0.0, timeout))]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            received.append(items.get_nowait())
+        except queue.Empty:
+            return received
+
+
 class NatsSubscription:
     """One subscription to the catalog subject: a :class:`~distribution.sources.NotificationSource`.
 
@@ -185,16 +199,8 @@ class NatsSubscription:
         """
         if self._closed:
             return []
-        try:
-            received = [self._queue.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                received.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
         notifications = []
+        received = _drain(self._queue, timeout)
         for item in received:
             if item is _LOST:
                 raise NotificationsUnavailableError("lost the NATS connection")
@@ -574,15 +580,7 @@ class FleetInbox:
     def receive(self, timeout: float) -> list[str]:
         """Wait up to ``timeout`` seconds for replies; return those that arrived (returning at
         the first, with any others already received). O(replies)."""
-        try:
-            received = [self._queue.get(timeout=max(0.0, timeout))]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                received.append(self._queue.get_nowait())
-            except queue.Empty:
-                return received
+        return _drain(self._queue, timeout)
 
     def close(self) -> None:
         """Unsubscribe (not waiting); replies then stop arriving. O(1)."""
