@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ import urllib.request
 
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
+from standby import free_port
 from waiting import wait_until
 
 from distribution import Engine, RouteDescriptor
@@ -87,16 +87,9 @@ def test_a_scrape_shows_the_watcher_as_it_stands(store: CatalogStore, database_u
                 server.server_close()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 def test_watch_serves_its_metrics(store: CatalogStore, database_url: str) -> None:
     store.save(0, [RouteDescriptor(route_id=1, start=b"", end=None, group_id=1)])
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,
