@@ -35,8 +35,8 @@ a check), and :meth:`CatalogWatcher.stop` interrupts the wait. An outage is logg
 as a WARNING when it starts (what failed), and once at INFO when it ends, at the first catalog
 read that succeeds, not at the connection before it (its duration, the attempts it took, and how
 the watcher follows the catalog now); until then :attr:`~CatalogWatcher.last_error` keeps the
-failure; the first connection at start is
-one INFO line, later ones DEBUG; the attempts in between are DEBUG lines, and counted in :attr:`CatalogWatcher.errors`.
+failure. The first connection at start is one INFO line, later ones DEBUG; the attempts in
+between are DEBUG lines, and counted in :attr:`CatalogWatcher.errors`.
 
 Reads many watchers would make at once (those a notification calls for: a change it did not
 carry, or a reset) wait a random delay of up to ``read_jitter`` seconds first
