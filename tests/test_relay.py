@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import random
 import shutil
 import signal
 import socket
@@ -39,7 +40,7 @@ from distribution.errors import (
     NotificationSubjectInvalidError,
     NotificationsUnavailableError,
 )
-from distribution.fanout import DUPLICATE_WINDOW, NatsNotifications, NatsSubscription
+from distribution.fanout import DUPLICATE_WINDOW, NatsNotifications, NatsSubscription, _Handoff
 from distribution.types import CatalogChange, CatalogSnapshot, RouteDescriptor
 
 if TYPE_CHECKING:
@@ -619,6 +620,78 @@ def test_interrupt_and_close_wake_the_thread_waiting_on_a_subscription(
     nats.publish(b"8")
     subscription.interrupt()
     assert subscription.wait(3600) == []
+
+
+def test_a_connection_wakes_its_waiting_subscriptions_in_turn(subject: str) -> None:
+    # Fifty watcher threads of a process woken at once by one message would contend for the GIL
+    # together: a message wakes the first subscription waiting, and each the next as its wait
+    # returns; one not waiting (its watcher busy) is passed over, its messages found at its next
+    # wait; a subscription that closes on its turn passes it on.
+    handoff = _Handoff()
+    with NatsNotifications(f"nats://127.0.0.1:{free_port()}", subject) as nats:
+        a, b, busy, d, e = (NatsSubscription(nats) for _ in range(5))
+
+        def woken() -> list[bool]:
+            return [s._ready.is_set() for s in (a, b, busy, d, e)]
+
+        for waiting in (a, b, d, e):
+            handoff.begin_wait(waiting)
+        handoff.wake([a, b, busy, d, e])
+        assert woken() == [True, False, False, False, False]
+        handoff.wake([a, b])  # another message meanwhile: still one turn at a time
+        assert woken() == [True, False, False, False, False]
+        handoff.end_wait(a)
+        assert woken() == [True, True, False, False, False]
+        handoff.end_wait(b)
+        assert woken() == [True, True, True, True, False]
+        handoff.forget(d)
+        assert woken() == [True, True, True, True, True]
+        handoff.end_wait(e)
+        # Nobody's turn now: the next message wakes the first waiting at once.
+        for s in (a, b, busy, d, e):
+            s._ready.clear()
+        handoff.begin_wait(b)
+        handoff.wake([a, b])
+        assert woken() == [True, True, False, False, False]
+
+
+def test_every_subscription_of_a_connection_receives_every_message_in_order(
+    nats: NatsNotifications,
+) -> None:
+    # Woken in turn, none may be left behind: threads racing on their waits (interrupted at
+    # random, some closing half way) each receive every message, in order, up to the last.
+    rng = random.Random(17)
+    count, messages = 16, 300
+    subscriptions = [nats.subscribe() for _ in range(count)]
+    closing = set(rng.sample(range(count), 3))
+    received: list[list[int]] = [[] for _ in range(count)]
+
+    def follow(index: int) -> None:
+        subscription = subscriptions[index]
+        while len(received[index]) < messages:
+            received[index] += [n.version for n in subscription.wait(_TIMEOUT)]
+            if index in closing and len(received[index]) >= messages // 2:
+                subscription.close()
+                return
+
+    threads = [threading.Thread(target=follow, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for version in range(1, messages + 1):
+        nats.publish(str(version).encode())
+        if rng.random() < 0.2:
+            subscriptions[rng.randrange(count)].interrupt()
+        if rng.random() < 0.1:
+            time.sleep(0.002)
+    for thread in threads:
+        thread.join(_TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads)
+    for index, versions in enumerate(received):
+        expected = list(range(1, len(versions) + 1))
+        assert versions == expected, f"subscription {index}"
+        assert len(versions) >= (messages // 2 if index in closing else messages)
+    for subscription in subscriptions:
+        subscription.close()
 
 
 def test_subscribing_without_a_nats_server_fails_clearly(subject: str) -> None:
