@@ -32,15 +32,28 @@ reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
 * over 50 writes (one-route splits) about a second apart (0.9 to 1.1 s, at a random phase
   against the watchers' timers), commit-to-visible at p50 and p99 for a probe watcher in its own
   process, and for the last watcher of the fleet to hold each write: from the writer's call
-  returning to the watcher's Engine holding the version;
+  returning to the watcher's Engine holding the version (each write's figures go to stderr);
 * the CPU the fleet's processes spent per write, over the writes (idle work included), and what
   they spend a second while idle; on the NATS path, the transactions on the standby per write
   (the reads the fleet makes for them);
-* a reset storm: one write moving 1,000 routes (far too large for a notification, so every
-  watcher reads the change from the catalog): the time until the last watcher holds it, and
-  until half of them do, how many watchers finished in the busiest 100 ms (the count for every
-  100 ms goes to stderr), and the peak of catalog reads running at once on the server the fleet
-  reads from (sampled every 50 ms).
+* reset storms: one write moving 1,000 routes (far too large for a notification: on the direct
+  path every watcher reads the change from the catalog; on the NATS path the relays read it once
+  and publish it whole), and on the NATS path a second moving 20,000 routes (too large for a
+  NATS message too: the relays announce its version alone, and every watcher reads the change
+  from the standby). For each, the time until the last watcher holds it, and until half of them
+  do, how many watchers finished in the busiest 100 ms (the count for every 100 ms goes to
+  stderr), the rows the scans of the server the fleet reads from returned meanwhile per watcher
+  (``pg_stat_database.tup_returned``, against the routes moved: about 3 rows a route moved for
+  each watcher that read the change, a few in all for one that did not), and the peak of catalog
+  reads running at once there (sampled every 50 ms).
+
+One machine plays the whole fleet, the servers and the probe, on its 2 cores. The fleet's
+processes run at nice 10, the probe, the relays and the servers at 0: a service runs beside its
+own fleet's thousand others only in this benchmark, and a probe waiting for the CPU behind 20
+processes applying the same write would measure this machine's run queue, not the path from the
+commit to a service (1,000 watchers, 2026-12-02, the fleet at nice 0 then at nice 10: the probe's
+p50 11.7 then 2.7 ms, p99 20.2 then 5.0 ms; the last watcher's p99 390 then 332 ms). A worker's watchers take the time they apply a
+version; a thread of the worker writes the lines of a write at once.
 
 ``--quick``: 10 direct watchers and 20 on NATS over a 1,000-route catalog, 5 writes. The NATS
 rows are left out, saying so, when no NATS server answers on 127.0.0.1:4222.
@@ -93,8 +106,13 @@ _NATS_HOST, _NATS_PORT = "127.0.0.1", 4222
 _WATCHERS_PER_PROCESS = 50
 #: Seconds between two writes, on average (each gap drawn from 0.9 to 1.1 times this).
 _WRITE_GAP = 1.0
-#: How many routes the reset storm's write moves: far too many for one notification (8000 bytes).
+#: How many routes the reset storm's write moves: far too many for one notification (8000 bytes),
+#: few enough for one NATS message (1 MB).
 _STORM_ROUTES = 1_000
+#: How many routes the NATS path's second storm moves: too many for one NATS message (about 70
+#: bytes a route), so that the relays announce the write by its version alone and every watcher
+#: reads the change from the standby.
+_REREAD_ROUTES = 20_000
 # PostgreSQL flushes a backend's statistics at most once a second, or after 10 s idle: the idle
 # window starts this long after the last statement, so that it counts none from before.
 _STATS_FLUSH = 11.0
@@ -248,6 +266,12 @@ _READS_RUNNING = (
 def _commits(url: str) -> int:
     rows = _one(url, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
     return int(str(rows[0][0]))
+
+
+def _rows_read(url: str) -> int:
+    """Rows the scans of ``url``'s database returned so far (``pg_stat_database``)."""
+    query = "SELECT tup_returned FROM pg_stat_database WHERE datname = current_database()"
+    return int(str(_one(url, query)[0][0]))
 
 
 class _Sampler:
@@ -430,20 +454,11 @@ def _measure(
             reads = _commits(servers.reads_url) - reads_before - 2 if servers.read_url else 0
             probe_latency = _latencies(commits_at, [probe], 1)
             last_latency = _latencies(commits_at, fleet, following)
-            # The reset storm: a change no notification carries, read by every watcher.
-            snapshot = store.snapshot()
-            moved = {r.route_id for r in random.sample(snapshot.routes, min(routes, _STORM_ROUTES))}
-            storm_routes = [
-                r._replace(group_id=r.group_id % 5 + 1) if r.route_id in moved else r
-                for r in snapshot.routes
-            ]
-            progress(f"scale: {config.path} {config.watchers}: reset storm")
-            running = _Sampler(servers.reads_url, _READS_RUNNING, 0.05)
-            storm_version = store.save(snapshot.version, storm_routes, actor="bench").version
-            storm_commit = time.time()
-            storm_done = _wait_all(fleet, storm_version, following, 300.0)
-            running.stop()
-            storm_finished = _held(fleet, storm_version)
+            storms = [_reset_storm(store, servers, config, fleet, following, _STORM_ROUTES)]
+            if servers.read_url is not None and routes >= _REREAD_ROUTES:
+                storms.append(
+                    _reset_storm(store, servers, config, fleet, following, _REREAD_ROUTES)
+                )
         primary.stop()
         if reading is not None:
             reading.stop()
@@ -463,12 +478,7 @@ def _measure(
                  "(ms): " + " ".join(f"{ms:.0f}" for ms in latencies))
     probe_ms = summarize(probe_latency or [math.nan])
     last_ms = summarize(last_latency or [math.nan])
-    buckets = Counter(int((when - storm_commit) * 10) for when in storm_finished)
-    progress(f"scale: {config.path} {config.watchers}: reset storm, watchers done per 100 ms: "
-             + " ".join(str(buckets[i]) for i in range(max(buckets, default=-1) + 1)))
-    storm_ms = summarize([(when - storm_commit) * 1e3 for when in storm_finished] or [math.nan])
     per_watcher = "per watcher following"
-    storm = f"{label}: reset storm, {len(moved):,} routes moved"
     rows = [
         Row(f"{label}: watchers following", size, following, "watchers"),
         Row(f"{label}: fleet connections on the primary, peak", size,
@@ -481,13 +491,9 @@ def _measure(
         Row(f"{label}: commit-to-visible, last watcher p99", size, last_ms.p99, "ms"),
         Row(f"{label}: fleet CPU per write", size, cpu / writes * 1e3, "ms"),
         Row(f"{label}: fleet CPU while idle", size, idle_cpu / elapsed * 1e3, "ms/s"),
-        Row(f"{storm}: duration", size,
-            math.nan if storm_done is None else storm_done - storm_commit, "s"),
-        Row(f"{storm}: half the watchers done after", size, storm_ms.median / 1e3, "s"),
-        Row(f"{storm}: watchers done in the busiest 100 ms", size,
-            max(buckets.values(), default=0), "watchers", "watchers following", following),
-        Row(f"{storm}: reads running at once, peak", size, running.peak_count(), "reads"),
     ]
+    for storm in storms:
+        rows += storm.rows(label, size, following)
     if servers.log is not None:
         rows.insert(3, Row(f"{label}: 'too many clients' log lines", size, too_many / elapsed, "/s"))
     if servers.read_url is not None:
@@ -505,6 +511,70 @@ def _measure(
         rows.insert(12, Row(f"{label}: transactions on the standby per write", size,
                             reads / writes, "/write", per_watcher, following))
     return rows
+
+
+@dataclass(frozen=True)
+class _Storm:
+    """What one reset storm measured."""
+
+    moved: int
+    committed: float
+    #: When the last watcher following held the storm's write (None: some never did).
+    done: float | None
+    #: When each watcher holding it applied it.
+    finished: list[float]
+    #: The peak of catalog reads running at once on the server the fleet reads from.
+    running: int
+    #: Rows that server's scans returned from the write until the last watcher held it, per
+    #: watcher following (each watcher reading the change reads about ``moved``).
+    rows_read: float
+
+    def rows(self, label: str, size: str, following: int) -> list[Row]:
+        buckets = Counter(int((when - self.committed) * 10) for when in self.finished)
+        name = f"{label}: reset storm, {self.moved:,} routes moved"
+        progress(f"{name}: watchers done per 100 ms: "
+                 + " ".join(str(buckets[i]) for i in range(max(buckets, default=-1) + 1)))
+        ms = summarize([(when - self.committed) * 1e3 for when in self.finished] or [math.nan])
+        return [
+            Row(f"{name}: duration", size,
+                math.nan if self.done is None else self.done - self.committed, "s"),
+            Row(f"{name}: half the watchers done after", size, ms.median / 1e3, "s"),
+            Row(f"{name}: watchers done in the busiest 100 ms", size,
+                max(buckets.values(), default=0), "watchers", "watchers following", following),
+            Row(f"{name}: rows read where the fleet reads, per watcher", size, self.rows_read,
+                "rows", "routes moved", self.moved),
+            Row(f"{name}: reads running at once, peak", size, self.running, "reads"),
+        ]
+
+
+def _reset_storm(
+    store: CatalogStore,
+    servers: _Servers,
+    config: _Config,
+    fleet: Sequence[_Process],
+    following: int,
+    moved: int,
+) -> _Storm:
+    """One write moving ``moved`` routes to other groups; wait until the fleet holds it."""
+    snapshot = store.snapshot()
+    chosen = {r.route_id for r in random.sample(snapshot.routes, min(len(snapshot.routes), moved))}
+    routes = [
+        r._replace(group_id=r.group_id % 5 + 1) if r.route_id in chosen else r
+        for r in snapshot.routes
+    ]
+    progress(f"scale: {config.path} {config.watchers}: reset storm, {len(chosen):,} routes moved")
+    running = _Sampler(servers.reads_url, _READS_RUNNING, 0.05)
+    version = store.save(snapshot.version, routes, actor="bench").version
+    committed = time.time()
+    # After the save, whose own reads are on the primary (where the direct path reads too).
+    rows_before = _rows_read(servers.reads_url)
+    done = _wait_all(fleet, version, following, 600.0)
+    running.stop()
+    time.sleep(_STATS_FLUSH)
+    rows_read = (_rows_read(servers.reads_url) - rows_before) / max(1, following)
+    return _Storm(
+        len(chosen), committed, done, _held(fleet, version), running.peak_count(), rows_read
+    )
 
 
 def _too_many_clients(log: Path | None) -> int:

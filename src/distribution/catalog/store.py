@@ -275,12 +275,13 @@ class CatalogStore(CatalogOperations):
                     return CatalogChangeSet(reset=_live_snapshot(cursor), head=head)
             last = min(current, version + limit)
             bounds = {"after": version, "last": last}
-            opened = connection.execute(statements.OPENED_ROUTES, bounds).all()
-            closed = connection.execute(statements.CLOSED_ROUTES, bounds).all()
-            digests = dict(connection.execute(statements.HISTORY_DIGESTS, bounds).all())
-        return CatalogChangeSet(
-            changes=statements.changes(version, last, opened, closed, digests), head=head
-        )
+            stored = [u64_to_db(version), u64_to_db(last)]
+            with paused_gc(), driver_cursor(connection) as cursor:
+                opened = cursor.execute(statements.OPENED_ROUTES, stored).fetchall()
+                closed = cursor.execute(statements.CLOSED_ROUTES, stored).fetchall()
+                digests = dict(connection.execute(statements.HISTORY_DIGESTS, bounds).all())
+                changes = statements.changes(version, last, opened, closed, digests)
+        return CatalogChangeSet(changes=changes, head=head)
 
     def history(
         self, since: int = 0, limit: int | None = None, *, newest_first: bool = False
