@@ -38,7 +38,7 @@ reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
   (the reads the fleet makes for them);
 * reset storms: one write moving 1,000 routes (far too large for a notification: on the direct
   path every watcher reads the change from the catalog; on the NATS path the relays read it once
-  and publish it whole), and on the NATS path a second moving 20,000 routes (too large for a
+  and publish it whole), and on the NATS path a second moving 15,000 routes (too large for a
   NATS message too: the relays announce its version alone, and every watcher reads the change
   from the standby). For each, the time until the last watcher holds it, and until half of them
   do, how many watchers finished in the busiest 100 ms (the count for every 100 ms goes to
@@ -109,10 +109,12 @@ _WRITE_GAP = 1.0
 #: How many routes the reset storm's write moves: far too many for one notification (8000 bytes),
 #: few enough for one NATS message (1 MB).
 _STORM_ROUTES = 1_000
-#: How many routes the NATS path's second storm moves: too many for one NATS message (about 70
-#: bytes a route), so that the relays announce the write by its version alone and every watcher
-#: reads the change from the standby.
-_REREAD_ROUTES = 20_000
+#: How many routes the NATS path's second storm moves: too many for one NATS message (83 bytes a
+#: route: 1.2 MB, where NATS takes 1 MB by default), so that the relays announce the write by its
+#: version alone and every watcher reads the change from the standby. Not more: each of a
+#: process's 50 watchers holds the change it read until its turn to merge it (``BUILDING``), and
+#: 20,000 routes took the 1,000 watchers within 220 MB of this machine's 24 GB.
+_REREAD_ROUTES = 15_000
 # PostgreSQL flushes a backend's statistics at most once a second, or after 10 s idle: the idle
 # window starts this long after the last statement, so that it counts none from before.
 _STATS_FLUSH = 11.0
