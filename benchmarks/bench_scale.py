@@ -25,10 +25,13 @@ reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
   connections on the standby too;
 * idle catalog transactions a second on the primary (and on the standby), over 10 s with nothing
   written (``pg_stat_database.xact_commit``, whose delta counts every statement outside an
-  explicit transaction and each transaction once; our own read subtracted), started 11 s after the
-  watchers' confirmation of the last write (a read once notifications pause, ``VERIFY_QUIET``
-  after it), so that statistics a backend holds back (PostgreSQL flushes them at most once a
-  second, else after 10 s idle) are in; and the server's "too many clients" log lines a second;
+  explicit transaction and each transaction once; our own read subtracted), started once the
+  watchers have confirmed the last write (a read once notifications pause, ``VERIFY_QUIET``
+  after it) and 11 s after the fleet's last backend went idle on either server
+  (``pg_stat_activity.state_change``), so that statistics a backend holds back (PostgreSQL
+  flushes them at most once a second, else after 10 s idle) are in: a thousand confirmations
+  through 20 connections end seconds after ``VERIFY_QUIET``; and the server's "too many clients"
+  log lines a second;
 * over 50 writes (one-route splits) about a second apart (0.9 to 1.1 s, at a random phase
   against the watchers' timers), commit-to-visible at p50 and p99 for a probe watcher in its own
   process, and for the last watcher of the fleet to hold each write: from the writer's call
@@ -116,7 +119,7 @@ _STORM_ROUTES = 1_000
 #: 20,000 routes took the 1,000 watchers within 220 MB of this machine's 24 GB.
 _REREAD_ROUTES = 15_000
 # PostgreSQL flushes a backend's statistics at most once a second, or after 10 s idle: the idle
-# window starts this long after the last statement, so that it counts none from before.
+# window starts this long after the fleet's last statement, so that it counts none from before.
 _STATS_FLUSH = 11.0
 # How long the benchmark waits for one more process to become ready before it goes on anyway (a
 # process of many watchers loads their snapshots of 100,000 routes one at a time: minutes).
@@ -258,6 +261,11 @@ _CONNECTIONS = (
     f"SELECT CASE WHEN usename = '{_SERVICE_ROLE}' THEN '{_FLEET}' ELSE application_name END, "
     "count(*) FROM pg_stat_activity WHERE datname = current_database() GROUP BY 1"
 )
+# Seconds since the fleet's backends last changed state (went idle, most often); None if none.
+_FLEET_QUIET_FOR = (
+    "SELECT extract(epoch FROM now() - max(state_change)) FROM pg_stat_activity "
+    f"WHERE datname = current_database() AND usename = '{_SERVICE_ROLE}'"
+)
 # Catalog reads running now on the server the fleet reads from.
 _READS_RUNNING = (
     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
@@ -268,6 +276,18 @@ _READS_RUNNING = (
 def _commits(url: str) -> int:
     rows = _one(url, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
     return int(str(rows[0][0]))
+
+
+def _wait_stats_flushed(urls: set[str]) -> None:
+    """Wait until the fleet's backends on each of ``urls`` have been quiet for
+    :data:`_STATS_FLUSH` seconds (at most :data:`_SETTLE`): their statistics are then in."""
+    deadline = time.monotonic() + _SETTLE
+    while time.monotonic() < deadline:
+        quiet = [_one(url, _FLEET_QUIET_FOR)[0][0] for url in urls]
+        wait = max((_STATS_FLUSH - float(str(q)) for q in quiet if q is not None), default=0.0)
+        if wait <= 0:
+            return
+        time.sleep(wait)
 
 
 def _rows_read(url: str) -> int:
@@ -425,7 +445,8 @@ def _measure(
             following = len(_held(fleet, first))
             # Idle: nothing written, once the watchers have confirmed that write (a catalog read
             # once notifications pause) and the statistics of what came before are flushed.
-            time.sleep(VERIFY_QUIET + _STATS_FLUSH)
+            time.sleep(VERIFY_QUIET)
+            _wait_stats_flushed({servers.url, servers.reads_url})
             log_before = _too_many_clients(servers.log)
             commits_before = _commits(servers.url)
             standby_before = _commits(servers.reads_url) if servers.read_url else 0

@@ -48,9 +48,9 @@ once: every subscription receives the same (immutable)
 :class:`~distribution.catalog.CatalogNotification`. With fifty watchers a process, delivering and
 parsing each message fifty times cost more than applying it. The connection wakes the threads
 waiting on its subscriptions in turn, each as the one before returns from its wait, rather than
-all at once: fifty threads woken together contend for the GIL, which on a busy machine cost the
-fleet as much CPU as applying the change (with 1,000 watchers, 50 a process, on 2 cores: the last
-watcher's p99 from 848 to 390 ms, the fleet's CPU per write from 675 to 607 ms).
+all at once: fifty threads woken together contend for the GIL, each asking its holder every 5 ms
+to drop it (with 1,000 watchers, 50 a process, on 2 cores: the last watcher's p99 from 848 to
+390 ms, the fleet's CPU per write from 675 to 607 ms).
 
 The fleet's roll calls and barrier (:mod:`distribution.catalog.fleet`) reach watchers following
 NATS on the fleet subject, :attr:`NatsNotifications.fleet_subject` (the subject and ``.fleet``):
@@ -183,9 +183,9 @@ class _Handoff:
 
     The watchers of a process woken together by one message would each wait for the GIL, and a
     thread that waits for it asks its holder to drop it every 5 ms: on a busy machine (2 cores,
-    20 such processes), fifty woken watchers a process spent as much CPU handing the GIL round
-    as applying the change. Woken in turn, two threads of a process contend at most: the one
-    taking its messages, and the next.
+    20 such processes) the GIL went round fifty threads a process while each applied its
+    change. Woken in turn, two threads of a process contend at most: the one taking its
+    messages, and the next.
 
     A subscription not waiting when its turn comes has its event set and is passed over: it
     finds its messages when it next waits. So the turn is only ever held by a thread inside its
