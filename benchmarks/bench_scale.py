@@ -30,8 +30,9 @@ reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
   after it) and 11 s after the fleet's last backend went idle on either server
   (``pg_stat_activity.state_change``), so that statistics a backend holds back (PostgreSQL
   flushes them at most once a second, else after 10 s idle) are in: a thousand confirmations
-  through 20 connections end seconds after ``VERIFY_QUIET``; and the server's "too many clients"
-  log lines a second;
+  through 20 connections end seconds after ``VERIFY_QUIET``; the benchmark's servers run with no
+  autovacuum, whose transactions would count too); and the server's "too many clients" log lines
+  a second;
 * over 50 writes (one-route splits) about a second apart (0.9 to 1.1 s, at a random phase
   against the watchers' timers), commit-to-visible at p50 and p99 for a probe watcher in its own
   process, and for the last watcher of the fleet to hold each write: from the writer's call
@@ -636,8 +637,12 @@ def _as_service(url: str) -> str:
 
 
 def _prepare(url: str, routes: int) -> None:
-    """The services' role (not a superuser, as they should be), and the catalog's routes."""
+    """The services' role (not a superuser, as they should be), and the catalog's routes; and
+    no autovacuum on the server: its workers' transactions (an ANALYZE after the writes, a few a
+    run) would count among the idle fleet's, which are to be none."""
     for statement in (
+        "ALTER SYSTEM SET autovacuum = off",
+        "SELECT pg_reload_conf()",
         f"CREATE ROLE {_SERVICE_ROLE} LOGIN",
         f"GRANT USAGE ON SCHEMA public TO {_SERVICE_ROLE}",
         f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {_SERVICE_ROLE}",
