@@ -267,9 +267,10 @@ class NatsSubscription:
     def wait(self, timeout: float) -> list[CatalogNotification]:
         """Wait up to ``timeout`` seconds for messages; return the notifications they carry.
 
-        Returns as soon as one arrives, with any others already received; messages that are not
-        catalog notifications were logged and skipped (once, by the connection, whatever the
-        number of subscriptions). :meth:`interrupt` makes it return at once
+        Returns once one arrives (the connection wakes its waiting subscriptions one after
+        another), with any others already received; messages that are not catalog
+        notifications were logged and skipped (once, by the connection, whatever the number of
+        subscriptions). :meth:`interrupt` makes it return at once
         (with what was received, usually nothing); once the subscription is closed it returns
         ``[]`` at once. Raises :class:`~distribution.NotificationsUnavailableError` once the
         connection dropped (what was published meanwhile never arrives). O(messages).
