@@ -327,8 +327,13 @@ def test_two_relays_each_version_applied_once(
         )
         # Every write reaches the subject twice (the probe saw both); the watchers' connection
         # hands the second copy, right behind the first, to none of them, which got the first.
+        # (A copy that comes behind the next write is handed on, and counted: a count alone
+        # could reach ten before the last write, so the wait is for its listener call too.)
         wait_until(
-            lambda: all(w.notifications >= len(versions) for w, _, _ in running),
+            lambda: all(
+                w.notifications >= len(versions) and applied[-1:] == versions[-1:]
+                for w, _, applied in running
+            ),
             "every write",
         )
         for _, engine, applied in running:
