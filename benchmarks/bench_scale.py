@@ -47,7 +47,7 @@ reads keep the slots PostgreSQL reserves for superusers. For each N it reports:
   from the standby). For each, the time until the last watcher holds it, and until half of them
   do, how many watchers finished in the busiest 100 ms (the count for every 100 ms goes to
   stderr), the rows the scans of the server the fleet reads from returned meanwhile per watcher
-  (``pg_stat_database.tup_returned``, against the routes moved: about 3 rows a route moved for
+  (``pg_stat_database.tup_returned``, against the routes moved: 2 to 3 rows a route moved for
   each watcher that read the change, a few in all for one that did not), and the peak of catalog
   reads running at once there (sampled every 50 ms).
 
@@ -56,8 +56,9 @@ processes run at nice 10, the probe, the relays and the servers at 0: a service 
 own fleet's thousand others only in this benchmark, and a probe waiting for the CPU behind 20
 processes applying the same write would measure this machine's run queue, not the path from the
 commit to a service (1,000 watchers, 2026-12-02, the fleet at nice 0 then at nice 10: the probe's
-p50 11.7 then 2.7 ms, p99 20.2 then 5.0 ms; the last watcher's p99 390 then 332 ms). A worker's watchers take the time they apply a
-version; a thread of the worker writes the lines of a write at once.
+p50 11.7 then 2.7 ms, p99 20.2 then 5.0 ms; the last watcher's p99 390 then 332 ms). A worker's
+watchers take the time they apply a version; a thread of the worker writes the lines of a write
+at once.
 
 ``--quick``: 10 direct watchers and 20 on NATS over a 1,000-route catalog, 5 writes. The NATS
 rows are left out, saying so, when no NATS server answers on 127.0.0.1:4222.
@@ -550,7 +551,7 @@ class _Storm:
     #: The peak of catalog reads running at once on the server the fleet reads from.
     running: int
     #: Rows that server's scans returned from the write until the last watcher held it, per
-    #: watcher following (each watcher reading the change reads about ``moved``).
+    #: watcher following (each watcher reading the change reads 2 to 3 a route ``moved``).
     rows_read: float
 
     def rows(self, label: str, size: str, following: int) -> list[Row]:
@@ -753,8 +754,8 @@ def _worker(argv: Sequence[str]) -> None:
     def report(index: int) -> Callable[[CatalogChange | CatalogSnapshot], None]:
         def tell(applied: CatalogChange | CatalogSnapshot) -> None:
             # The time is taken now; the reporter writes the lines of all the process's
-            # watchers for a write at once (a write and a flush each were a tenth of the fleet's
-            # CPU per write).
+            # watchers for a write at once (a write and a flush per watcher came to a tenth of
+            # the fleet's CPU per write).
             lines.append(f"{index} {applied.version} {time.time():.6f}\n")
             reported.set()
 

@@ -163,20 +163,6 @@ def check_subject(subject: str) -> str:
     return subject
 
 
-def _drain(items: queue.SimpleQueue[_T], timeout: float) -> list[_T]:
-    """Wait up to ``timeout`` seconds for the first item, then take every other one already
-    there; ``[]`` if none came."""
-    try:
-        received = [items.get(timeout=max(0.0, timeout))]
-    except queue.Empty:
-        return []
-    while True:
-        try:
-            received.append(items.get_nowait())
-        except queue.Empty:
-            return received
-
-
 class _Handoff:
     """Wakes the subscriptions of one connection that wait for a message in turn, each as the
     one before it returns from its wait, rather than all at once.
@@ -679,7 +665,14 @@ class FleetInbox:
     def receive(self, timeout: float) -> list[str]:
         """Wait up to ``timeout`` seconds for replies; return those that arrived (returning at
         the first, with any others already received). O(replies)."""
-        return _drain(self._queue, timeout)
+        try:
+            received = [self._queue.get(timeout=max(0.0, timeout))]
+        except queue.Empty:
+            return []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                received.append(self._queue.get_nowait())
+        return received
 
     def close(self) -> None:
         """Unsubscribe (not waiting); replies then stop arriving. O(1)."""

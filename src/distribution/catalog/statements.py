@@ -3,7 +3,7 @@
 One read is run here too, :func:`read_head` (the catalog's head in one statement), so that the
 store and the watcher send it alike.
 
-Cold paths (a version, a past snapshot, the change feed, the history, pruning) are SQLAlchemy Core
+Cold paths (a version, a past snapshot, the history, pruning) are SQLAlchemy Core
 over the mapped tables of :mod:`distribution.models`, whose types read u64 ids and states back as
 real values. Text SQL, run on the psycopg connection of the transaction, is kept for the measured
 hot paths; each says why. Their u64 columns come shifted (see :mod:`distribution.models`) and are
@@ -92,18 +92,17 @@ LIVE_SNAPSHOT = (
 #: save(): the digest checked before, and read after, sending routes (binary, no decoding).
 DIGEST = "SELECT digest FROM distribution_meta"
 #: A named write sent again: the routes its version opened, as the operations return them.
-ROUTES_OPENED_AT = (
+_OPENED_ROWS = (
     'SELECT valid_from, route_id, start, "end", group_id, state, parent_route_id '
-    "FROM distribution_routes WHERE valid_from = %s ORDER BY start"
+    "FROM distribution_routes "
 )
+ROUTES_OPENED_AT = _OPENED_ROWS + "WHERE valid_from = %s ORDER BY start"
 #: changes_since(): the route rows opened by the versions in ``(after, last]`` (the two
 #: parameters, stored), by version then start; then the ids of those the same versions closed.
 #: A change too large for a NATS message is read by every watcher of a fleet at once: decoded
 #: through the models' types, each route cost about 20 us, most of a 20,000-route change's read.
 OPENED_ROUTES = (
-    'SELECT valid_from, route_id, start, "end", group_id, state, parent_route_id '
-    "FROM distribution_routes WHERE valid_from > %s AND valid_from <= %s "
-    "ORDER BY valid_from, start"
+    _OPENED_ROWS + "WHERE valid_from > %s AND valid_from <= %s ORDER BY valid_from, start"
 )
 CLOSED_ROUTES = (
     "SELECT valid_to, route_id FROM distribution_routes WHERE valid_to > %s AND valid_to <= %s "
